@@ -1,0 +1,127 @@
+"""The ``sftrainer`` command. Each subcommand parses its arguments and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import textwrap
+from collections.abc import Sequence
+
+from sftrainer.errors import SFTrainerError
+
+TRAIN_HELP = """\
+Fine-tune a causal language model.
+
+With no CONFIG, fine-tunes the built-in tiny model on the built-in tasks (a CPU demo of a few
+minutes) and reports eval loss and exact-match accuracy before and after training.
+
+CONFIG is a YAML file: its top-level keys are SFTConfig fields (any transformers TrainingArguments
+field, plus the SFT fields below) and the sections model:, data:, lora:. Any key can be overridden
+after it as key=value, nested keys with dots. Unknown keys stop the run before any work.
+"""
+
+TRAIN_EXAMPLES = """\
+examples:
+  sftrainer train                                   # the built-in demo
+  sftrainer train output_dir=/tmp/demo num_train_epochs=1
+  sftrainer train configs/builtin-lora.yaml lora.r=32 learning_rate=1e-3
+"""
+
+
+def _keys_help() -> str:
+    from sftrainer.config import SECTIONS, SFTConfig
+
+    sft_only = [f for f in dataclasses.fields(SFTConfig) if f.name in SFTConfig.__annotations__ and f.init]
+    lines = ["SFT keys (beside the TrainingArguments ones):"]
+    lines += [f"  {f.name}: {f.metadata.get('help', '')}" for f in sft_only]
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}: keys")
+        lines += [f"  {section}.{f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(cls)]
+    return "\n".join(lines)
+
+
+def _parser(with_keys: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sftrainer",
+        description="Supervised fine-tuning of causal language models (full, LoRA/DoRA) from one YAML file.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    train = sub.add_parser(
+        "train",
+        help="fine-tune a model (no arguments: the built-in CPU demo)",
+        description=TRAIN_HELP,
+        epilog=TRAIN_EXAMPLES + ("\n" + _keys_help() if with_keys else ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    return parser
+
+
+def _version() -> str:
+    from sftrainer import __version__
+
+    return __version__
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("SFTRAINER_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_train(items: Sequence[str]) -> int:
+    from sftrainer import builtin
+    from sftrainer.config import load_config
+    from sftrainer.train import train
+
+    config = items[0] if items and "=" not in items[0] else None
+    overrides = list(items[1:] if config else items)
+    cfg = load_config(config, overrides, defaults=builtin.DEMO_CONFIG if config is None else None)
+    metrics = train(cfg)
+    print(_summary(metrics, cfg.train.output_dir))
+    return 0
+
+
+def _summary(metrics: dict[str, float], output_dir: str) -> str:
+    rows = []
+    for key in ("loss", "exact_match"):
+        before, after = metrics.get(f"eval_before_{key}"), metrics.get(f"eval_{key}")
+        if after is not None:
+            rows.append(f"  eval_{key:<12} {_fmt(before):>10} {_fmt(after):>10}")
+    table = "\n".join([f"  {'':<17} {'before':>10} {'after':>10}", *rows]) if rows else "  (no eval data)"
+    return textwrap.dedent(f"""
+        Training finished in {metrics.get("train_runtime", 0):.0f}s (train loss {metrics.get("train_loss", float("nan")):.4f}).
+        {"{table}"}
+        Saved to {output_dir}  (metrics: {os.path.join(output_dir, "all_results.json")})
+        """).replace("{table}", table)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(with_keys="-h" in argv or "--help" in argv)
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        if args.command == "train":
+            return cmd_train(args.items)
+    except SFTrainerError as err:
+        print(f"sftrainer: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sftrainer: interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2

@@ -1,0 +1,504 @@
+"""Configuration: ``SFTConfig`` (a ``TrainingArguments``) plus model, data and LoRA settings.
+
+One surface: a YAML file's top-level keys are ``SFTConfig`` fields, plus the sections ``model``,
+``data`` and ``lora``; command-line overrides use the same names (``lora.r=32``). Unknown keys and
+bad values are all reported at once, each by the name the user wrote, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import types
+import typing
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import TrainingArguments
+
+from sftrainer.data.prepare import PAIR_TEMPLATES, DataSettings
+from sftrainer.data.tokenize import TRAIN_ON
+from sftrainer.errors import ConfigError, did_you_mean
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig(TrainingArguments):
+    """``TrainingArguments`` plus the settings of supervised fine-tuning.
+
+    Drop-in for TRL's ``SFTConfig``: ``max_length``, ``dataset_text_field``, ``packing``,
+    ``completion_only_loss``, ``assistant_only_loss``, ``dataset_num_proc`` and ``model_init_kwargs``
+    mean what they mean there.
+    """
+
+    max_length: int | None = field(
+        default=1024,
+        metadata={"help": "Longest tokenized row; longer rows are truncated and counted. None: no limit."},
+    )
+    dataset_text_field: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column holding plain text. 'prompt' on prompt/response rows trains on the response."
+        },
+    )
+    train_on: str = field(
+        default="response",
+        metadata={
+            "help": "Which tokens carry loss: 'response' (responses / assistant turns + end of turn), "
+            "'last_turn' (the last assistant turn only) or 'all'."
+        },
+    )
+    pair_template: str = field(
+        default="auto",
+        metadata={
+            "help": "How prompt/response pairs are rendered: 'chat' (the chat template), 'raw' "
+            "(prompt + response + EOS) or 'auto' (raw for prompt/completion, chat otherwise)."
+        },
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "A Jinja chat template, or a path to one, replacing the tokenizer's."}
+    )
+    packing: bool = field(
+        default=False, metadata={"help": "Pack rows into full sequences (not available yet)."}
+    )
+    completion_only_loss: bool | None = field(
+        default=None, metadata={"help": "TRL name: False trains on all tokens (same as train_on='all')."}
+    )
+    assistant_only_loss: bool = field(
+        default=False,
+        metadata={"help": "TRL name: True trains on assistant turns only (already the default)."},
+    )
+    dataset_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes used to tokenize the data."}
+    )
+    skip_invalid_rows: bool = field(
+        default=False, metadata={"help": "Drop (and count) rows that cannot be used instead of failing."}
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad batches to a multiple of this."}
+    )
+    model_init_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for from_pretrained when the model is given as a path."},
+    )
+    exact_match_samples: int = field(
+        default=0,
+        metadata={
+            "help": "Score this many eval rows by greedy generation (exact match with the reference "
+            "response) at each evaluation; 0 turns it off."
+        },
+    )
+    exact_match_max_new_tokens: int = field(
+        default=64, metadata={"help": "Generation limit for exact match."}
+    )
+    max_seq_length: int | None = field(default=None, metadata={"help": "Deprecated TRL name of max_length."})
+
+    # Defaults suited to fine-tuning rather than pre-training.
+    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate (AdamW)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log the loss every N optimizer steps."})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision; default: on when the GPU supports it."}
+    )
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("Invalid SFTConfig:\n" + "\n".join(f"  {p}" for p in problems))
+        if self.max_seq_length is not None:
+            warnings.warn("max_seq_length is deprecated; use max_length.", FutureWarning, stacklevel=3)
+            self.max_length, self.max_seq_length = self.max_seq_length, None
+        if self.completion_only_loss is False:
+            self.train_on = "all"
+        if self.bf16 is None:
+            self.bf16 = bool(not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        fall_back_to_fp32(self)
+        try:
+            super().__post_init__()
+        except ValueError as err:
+            raise ConfigError(f"Invalid SFTConfig: {err}") from None
+
+    def problems(self) -> list[str]:
+        """Every invalid SFT setting, as 'key: problem'."""
+        out = []
+        if self.train_on not in TRAIN_ON:
+            out.append(
+                f"train_on: must be one of {TRAIN_ON}, got {self.train_on!r}{did_you_mean(self.train_on, TRAIN_ON)}"
+            )
+        if self.pair_template not in PAIR_TEMPLATES:
+            out.append(f"pair_template: must be one of {PAIR_TEMPLATES}, got {self.pair_template!r}")
+        for key in ("max_length", "max_seq_length", "pad_to_multiple_of"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                out.append(f"{key}: must be a positive integer or null, got {value!r}")
+        if self.completion_only_loss is True and self.train_on == "all":
+            out.append("completion_only_loss=True contradicts train_on='all'")
+        if self.assistant_only_loss and self.train_on == "all":
+            out.append("assistant_only_loss=True contradicts train_on='all'")
+        if self.packing:
+            out.append("packing: not implemented yet; leave it false")
+        if self.exact_match_samples < 0:
+            out.append(f"exact_match_samples: must be >= 0, got {self.exact_match_samples}")
+        return out
+
+    def data_settings(self, columns: Mapping[str, str] | None = None) -> DataSettings:
+        return DataSettings(
+            max_length=self.max_length,
+            train_on=self.train_on,
+            pair_template=self.pair_template,
+            text_field=self.dataset_text_field,
+            columns=dict(columns or {}),
+            num_proc=self.dataset_num_proc,
+            skip_invalid_rows=self.skip_invalid_rows,
+        )
+
+
+def fall_back_to_fp32(args: TrainingArguments) -> None:
+    """fp16/bf16 need a GPU here: without one, warn once and train in fp32 instead of failing."""
+    if not (args.fp16 or args.bf16) or torch.cuda.is_available():
+        return
+    asked = "fp16" if args.fp16 else "bf16"
+    warnings.warn(
+        f"{asked}=True needs a CUDA GPU and none is available: training in fp32 on the CPU instead.",
+        UserWarning,
+        stacklevel=4,
+    )
+    args.fp16 = args.bf16 = False
+    if hasattr(args, "mixed_precision"):
+        args.mixed_precision = "no"
+
+
+def to_sft_config(args: TrainingArguments | None, output_dir: str = "sftrainer_output") -> SFTConfig:
+    """Accept ``SFTConfig``, a plain ``TrainingArguments`` (older TRL style) or None."""
+    if args is None:
+        return SFTConfig(output_dir=output_dir)
+    if isinstance(args, SFTConfig):
+        return args
+    if not isinstance(args, TrainingArguments):
+        raise ConfigError(f"args must be SFTConfig or TrainingArguments, got {type(args).__name__}")
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    # `args` already ran __post_init__; fp16 there means the user asked for it, bf16 too.
+    return SFTConfig(**values)
+
+
+# ---- model / data / LoRA sections -------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = field(
+        default="builtin", metadata={"help": "Model directory or hub id; 'builtin': the tiny demo model."}
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (the checkpoint's own), float32, bfloat16 or float16."}
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "eager, sdpa, flash_attention_2, ..."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run model code from the checkpoint (unsafe)."}
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+
+    def problems(self) -> list[str]:
+        dtypes = ("auto", "float32", "bfloat16", "float16")
+        if self.dtype not in dtypes:
+            return [
+                f"model.dtype: must be one of {dtypes}, got {self.dtype!r}{did_you_mean(self.dtype, dtypes)}"
+            ]
+        return []
+
+
+@dataclass
+class DataConfig:
+    train: str | list[str] = field(
+        default="builtin", metadata={"help": "File(s), directory, glob or hub id; 'builtin': the demo tasks."}
+    )
+    eval: str | list[str] | None = field(
+        default=None, metadata={"help": "Evaluation file(s); 'builtin' for the demo."}
+    )
+    eval_split: float = field(
+        default=0.0, metadata={"help": "Fraction of train held out for evaluation when eval is unset."}
+    )
+    columns: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "Rename columns: {their_name: prompt}."}
+    )
+
+    def problems(self) -> list[str]:
+        if not 0.0 <= self.eval_split < 1.0:
+            return [f"data.eval_split: must be in [0, 1), got {self.eval_split}"]
+        return []
+
+
+@dataclass
+class LoraSettings:
+    r: int = field(default=16, metadata={"help": "Rank of the LoRA update."})
+    alpha: int = field(default=32, metadata={"help": "Scale: the update is multiplied by alpha / r."})
+    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: str | list[str] = field(
+        default="all-linear", metadata={"help": "'all-linear' or module names."}
+    )
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA."})
+    bias: str = field(default="none", metadata={"help": "none, all or lora_only."})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full (e.g. lm_head)."}
+    )
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.r < 1:
+            out.append(f"lora.r: must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"lora.dropout: must be in [0, 1), got {self.dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            out.append(f"lora.bias: must be none, all or lora_only, got {self.bias!r}")
+        return out
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings}
+
+
+@dataclass
+class RunConfig:
+    """Everything one `sftrainer train` run needs."""
+
+    train: SFTConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSettings | None = None
+    source: dict[str, Any] = field(default_factory=dict)  # the merged YAML + overrides, as written
+
+
+def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+
+
+def known_keys() -> list[str]:
+    keys = list(_init_fields(SFTConfig))
+    for section, cls in SECTIONS.items():
+        keys += [section] + [f"{section}.{name}" for name in _init_fields(cls)]
+    return keys
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}"
+        )
+    return data
+
+
+def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings (``lora.r=32``; ``lora=null`` removes a section). Values are YAML."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override '{item}': expected key=value")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+) -> RunConfig:
+    """YAML file (or ``defaults``) + overrides -> a validated ``RunConfig``. Raises ``ConfigError``."""
+    raw = dict(defaults or {})
+    if path is not None:
+        raw = read_yaml(path)
+    raw = apply_overrides(raw, overrides)
+    where = f"{path}: " if path is not None else ""
+    return build_config(raw, where)
+
+
+def build_config(raw: Mapping[str, Any], where: str = "") -> RunConfig:
+    problems: list[str] = []
+    train_values = _check_fields(SFTConfig, {k: v for k, v in raw.items() if k not in SECTIONS}, "", problems)
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        value = raw.get(name, {} if name != "lora" else None)
+        if value is None:
+            sections[name] = None
+            continue
+        if not isinstance(value, dict):
+            problems.append(f"{name}: must be a mapping of keys, got {value!r}")
+            continue
+        sections[name] = _check_fields(cls, value, f"{name}.", problems)
+    built: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        values = sections.get(name)
+        if values is None:
+            continue
+        try:
+            built[name] = cls(**values)
+            problems += built[name].problems()
+        except TypeError as err:
+            problems.append(f"{name}: {err}")
+    if problems:
+        raise ConfigError(
+            f"{where}{len(problems)} problem(s) in the configuration:\n"
+            + "\n".join(f"  {p}" for p in problems)
+        )
+    train_values.setdefault("output_dir", "outputs/run")
+    try:
+        train = SFTConfig(**train_values)
+    except ConfigError as err:
+        raise ConfigError(f"{where}{err}") from None
+    return RunConfig(
+        train=train,
+        model=built.get("model", ModelConfig()),
+        data=built.get("data", DataConfig()),
+        lora=built.get("lora"),
+        source=dict(raw),
+    )
+
+
+def _check_fields(cls: type, values: Mapping[str, Any], prefix: str, problems: list[str]) -> dict[str, Any]:
+    fields = _init_fields(cls)
+    hints = _type_hints(cls)
+    out = {}
+    for key, value in values.items():
+        if key not in fields:
+            problems.append(f"unknown key '{prefix}{key}'{did_you_mean(prefix + key, known_keys())}")
+            continue
+        try:
+            out[key] = coerce(value, hints.get(key, Any))
+        except (TypeError, ValueError) as err:
+            problems.append(f"{prefix}{key}: {err}")
+    return out
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            try:
+                hints.update(typing.get_type_hints(klass))
+            except Exception:  # an unresolvable annotation in a dependency: skip type checks for it
+                continue
+    return hints
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def coerce(value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a type annotation, converting strings from the command line."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any or annotation is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg)
+            except (TypeError, ValueError) as err:
+                errors.append(str(err))
+        raise ValueError(
+            errors[0] if len(errors) == 1 else f"expected {_type_name(annotation)}, got {value!r}"
+        )
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ValueError(f"must be one of {list(args)}, got {value!r}")
+    if value is None:
+        raise ValueError(f"expected {_type_name(annotation)}, got null")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(f"expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"expected a string, got {value!r}")
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        try:
+            return annotation(value)
+        except ValueError:
+            choices = [m.value for m in annotation]
+            raise ValueError(
+                f"must be one of {choices}, got {value!r}{did_you_mean(str(value), map(str, choices))}"
+            ) from None
+    if origin in (list, Sequence) or annotation is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list, got {value!r}")
+        return [coerce(v, args[0]) for v in value] if args else value
+    if origin in (dict, Mapping) or annotation is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _type_name(annotation: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args) or str(annotation)

@@ -1,0 +1,188 @@
+"""Load training data from files, Hugging Face datasets or Python lists into a ``datasets`` object.
+
+Every failure names the source: a broken JSONL line gives ``file:line``, a missing file its path.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+
+from sftrainer.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+AnyDataset = Dataset | IterableDataset
+
+
+def describe(source: Any) -> str:
+    """A short name for a data source, used in messages."""
+    if isinstance(source, str | os.PathLike):
+        return str(source)
+    if isinstance(source, list | tuple) and source and all(isinstance(s, str | os.PathLike) for s in source):
+        return ", ".join(map(str, source))
+    if isinstance(source, list):
+        return "the list of rows"
+    return type(source).__name__
+
+
+def load(source: Any, name: str = "train data") -> AnyDataset:
+    """Return a ``Dataset`` (or ``IterableDataset``) for any accepted source.
+
+    Accepted: ``Dataset``, ``IterableDataset``, a list of dicts, or path(s) to .json/.jsonl/.csv/
+    .parquet files (directories and globs expand to the supported files in them). A string that is
+    not a local path is tried as a Hugging Face dataset id.
+    """
+    if isinstance(source, Dataset | IterableDataset):
+        return source
+    if isinstance(source, DatasetDict | IterableDatasetDict):
+        raise DataError(f"{name}: pass one split of the DatasetDict (splits: {list(source)})")
+    if isinstance(source, list) and (not source or not isinstance(source[0], str | os.PathLike)):
+        return _from_rows(source, name)
+    if isinstance(source, str | os.PathLike | list | tuple):
+        return _from_files(source, name)
+    raise DataError(
+        f"{name}: cannot load a {type(source).__name__}. Pass a list of dicts, a datasets.Dataset, "
+        "or path(s) to .json, .jsonl, .csv or .parquet files."
+    )
+
+
+def _from_rows(rows: list[Any], name: str) -> Dataset:
+    if not rows:
+        raise DataError(f"{name}: the list of rows is empty")
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise DataError(f"{name}: row {i + 1} is a {type(row).__name__}, expected a dict of columns")
+    try:
+        return Dataset.from_list(list(rows))
+    except Exception as err:  # pyarrow cannot unify types across rows
+        raise DataError(f"{name}: rows do not share one schema: {_root_message(err)}") from None
+
+
+def expand_files(source: str | os.PathLike | Sequence[str | os.PathLike], name: str) -> list[str]:
+    items = [source] if isinstance(source, str | os.PathLike) else list(source)
+    files: list[str] = []
+    for item in items:
+        path = str(item)
+        if os.path.isdir(path):
+            found = sorted(str(p) for p in Path(path).rglob("*") if p.suffix.lower() in BUILDERS)
+            if not found:
+                raise DataError(f"{name}: directory {path} has no {', '.join(BUILDERS)} files")
+            files += found
+        elif any(ch in path for ch in "*?["):
+            found = sorted(glob.glob(path, recursive=True))
+            if not found:
+                raise DataError(f"{name}: no file matches {path}")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
+def _from_files(source: Any, name: str) -> AnyDataset:
+    files = expand_files(source, name)
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing and len(files) == 1 and Path(files[0]).suffix == "" and "/" in files[0]:
+        return _from_hub(files[0], name)
+    if missing:
+        raise DataError(f"{name}: file not found: {missing[0]}")
+    kinds = {BUILDERS.get(Path(f).suffix.lower()) for f in files}
+    if None in kinds:
+        bad = next(f for f in files if Path(f).suffix.lower() not in BUILDERS)
+        raise DataError(f"{name}: {bad}: unsupported file type; use {', '.join(BUILDERS)}")
+    if len(kinds) > 1:
+        raise DataError(f"{name}: mixes file types {sorted(kinds)}; use one type per data set")
+    for f in files:
+        if os.path.getsize(f) == 0:
+            raise DataError(f"{name}: {f} is empty")
+    builder = kinds.pop()
+    if builder == "json":
+        for f in files:
+            check_json_file(f)
+    try:
+        ds = datasets.load_dataset(builder, data_files=files, split="train")
+    except Exception as err:
+        raise DataError(f"{name}: could not read {', '.join(files)}: {_root_message(err)}") from None
+    if len(ds) == 0:
+        raise DataError(f"{name}: {', '.join(files)} has no rows")
+    return ds
+
+
+def check_json_file(path: str) -> None:
+    """Raise ``DataError`` with the line number of the first malformed line of a JSON/JSONL file.
+
+    Reads the file once as text; on a well-formed file this is cheap next to tokenization.
+    """
+    with open(path, encoding="utf-8") as fh:
+        head = fh.read(1 << 16).lstrip()
+    if head.startswith("["):  # one JSON array
+        with open(path, encoding="utf-8") as fh:
+            try:
+                rows = json.load(fh)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})"
+                ) from None
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path}: item {i + 1} of the array is a {type(row).__name__}, expected an object"
+                )
+        if not rows:
+            raise DataError(f"{path}: the JSON array is empty")
+        return
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno}). "
+                    "Each line of a .jsonl file must be one JSON object."
+                ) from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+
+
+def _from_hub(dataset_id: str, name: str) -> AnyDataset:
+    try:
+        return datasets.load_dataset(dataset_id, split="train")
+    except Exception as err:
+        raise DataError(
+            f"{name}: '{dataset_id}' is not a local file and could not be loaded as a Hugging Face dataset: "
+            f"{_root_message(err)}"
+        ) from None
+
+
+def split_dataset_dict(source: Any) -> tuple[Any, Any]:
+    """(train, eval) from a DatasetDict: 'train' and the first of 'test'/'validation'/'eval'."""
+    if "train" not in source:
+        raise DataError(f"the DatasetDict has no 'train' split (splits: {list(source)})")
+    eval_split = next((source[k] for k in ("test", "validation", "eval") if k in source), None)
+    return source["train"], eval_split
+
+
+def train_eval_split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    if not isinstance(ds, Dataset):
+        raise DataError("eval_split needs a map-style dataset; pass eval data for an IterableDataset")
+    if len(ds) < 2:
+        raise DataError(f"eval_split={fraction} needs at least 2 rows, the data has {len(ds)}")
+    parts = ds.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def _root_message(err: BaseException) -> str:
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return f"{type(err).__name__}: {err}"

@@ -1,0 +1,217 @@
+"""A raw data set -> tokenized rows (``input_ids``, ``labels``), with every problem counted.
+
+Rows that cannot be used are reported together (row number, field, problem) rather than one at a
+time; rows truncated to ``max_length`` are counted, and rows left with no trained token are dropped
+and counted, so nothing disappears silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from datasets import Dataset, IterableDataset
+
+from sftrainer.data.formats import Format, RowError, detect_format, normalise_row, rename_columns
+from sftrainer.data.tokenize import ExampleTokenizer, tokenize_pretokenized
+from sftrainer.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+PAIR_TEMPLATES = ("auto", "chat", "raw")
+MAX_LISTED_PROBLEMS = 5
+
+# Values of the temporary "_issue" column.
+OK, TRUNCATED, EMPTY = "", "truncated", "empty"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How rows become tokens. Mirrors the data fields of ``SFTConfig``."""
+
+    max_length: int | None = 1024
+    train_on: str = "response"
+    pair_template: str = "auto"
+    text_field: str | None = None
+    columns: Mapping[str, str] = field(default_factory=dict)
+    num_proc: int | None = None
+    skip_invalid_rows: bool = False
+
+
+@dataclass
+class PrepareStats:
+    name: str
+    format: str
+    rows: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_empty: int = 0
+    dropped_invalid: int = 0
+
+    def summary(self, max_length: int | None) -> str:
+        parts = [f"{self.name}: {self.rows} rows ({self.format}), {self.kept} kept"]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated to max_length={max_length}")
+        if self.dropped_empty:
+            parts.append(f"{self.dropped_empty} dropped: no trained token left (all -100)")
+        if self.dropped_invalid:
+            parts.append(f"{self.dropped_invalid} dropped as invalid (skip_invalid_rows=true)")
+        return ", ".join(parts)
+
+
+class _TokenizeBatch:
+    """The function given to ``Dataset.map``: a batch of raw rows -> token rows + an issue per row."""
+
+    def __init__(
+        self,
+        encoder: ExampleTokenizer,
+        fmt: Format | None,
+        settings: DataSettings,
+        formatting_func: Callable[[dict[str, Any]], Any] | None,
+    ):
+        self.encoder = encoder
+        self.fmt = fmt
+        self.settings = settings
+        self.formatting_func = formatting_func
+        self.pair_as_chat = settings.pair_template == "chat" or (
+            settings.pair_template == "auto" and fmt is not Format.PROMPT_COMPLETION
+        )
+
+    def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        keys = list(batch)
+        rows = [dict(zip(keys, values)) for values in zip(*batch.values())]
+        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "_issue": []}
+        rendered, slots = [], []
+        for k, (row, index) in enumerate(zip(rows, indices)):
+            out["input_ids"].append([])
+            out["labels"].append([])
+            out["_issue"].append(OK)
+            try:
+                if self.fmt is Format.TOKENIZED:
+                    self._put(out, k, tokenize_pretokenized(row, self.settings.max_length))
+                    continue
+                example = self._example(row)
+                rendered.append((example, self.encoder.segments(example)))
+                slots.append(k)
+            except RowError as err:
+                out["_issue"][k] = f"row {index + 1}: {err}"
+        for k, tokenized in zip(slots, self.encoder.encode(rendered)):
+            self._put(out, k, tokenized)
+        return out
+
+    def _example(self, row: dict[str, Any]) -> Any:
+        if self.formatting_func is None:
+            return normalise_row(row, self.fmt, self.settings.text_field, self.pair_as_chat)
+        formatted = self.formatting_func(row)
+        if isinstance(formatted, list) and len(formatted) == 1:  # older TRL batched style
+            formatted = formatted[0]
+        if isinstance(formatted, str):
+            return normalise_row({"text": formatted}, Format.TEXT, None, self.pair_as_chat)
+        if isinstance(formatted, Mapping):
+            fmt = detect_format(list(formatted), "formatting_func output")
+            return normalise_row(dict(formatted), fmt, None, self.pair_as_chat)
+        raise RowError("formatting_func", f"must return a str or a dict, got {type(formatted).__name__}")
+
+    @staticmethod
+    def _put(out: dict[str, list[Any]], k: int, tokenized: Any) -> None:
+        if tokenized.n_trained == 0:
+            out["_issue"][k] = EMPTY
+            return
+        out["input_ids"][k] = tokenized.input_ids
+        out["labels"][k] = tokenized.labels
+        out["_issue"][k] = TRUNCATED if tokenized.truncated else OK
+
+
+def prepare(
+    dataset: Dataset | IterableDataset,
+    tokenizer: Any,
+    settings: DataSettings,
+    name: str = "train data",
+    formatting_func: Callable[[dict[str, Any]], Any] | None = None,
+) -> tuple[Dataset | IterableDataset, PrepareStats]:
+    """Tokenize a data set. Returns rows with ``input_ids`` and ``labels`` only, and the counts."""
+    if settings.pair_template not in PAIR_TEMPLATES:
+        raise DataError(f"pair_template must be one of {PAIR_TEMPLATES}, got {settings.pair_template!r}")
+    columns = _column_names(dataset)
+    if settings.columns:
+        dataset = dataset.rename_columns(rename_columns(columns, settings.columns, name))
+        columns = _column_names(dataset)
+    fmt = None if formatting_func is not None else detect_format(columns, name, settings.text_field)
+    fmt_name = "formatting_func" if fmt is None else fmt.value
+    encoder = ExampleTokenizer(tokenizer, settings.max_length, settings.train_on)
+    fn = _TokenizeBatch(encoder, fmt, settings, formatting_func)
+    if fmt is not None and fmt is not Format.TOKENIZED and fmt is not Format.TEXT:
+        fmt_name += (
+            ", chat template" if fn.pair_as_chat or fmt in (Format.MESSAGES, Format.SHAREGPT) else ", raw"
+        )
+    stats = PrepareStats(name=name, format=fmt_name)
+
+    if isinstance(dataset, IterableDataset):
+        return _prepare_iterable(dataset, fn, columns, stats), stats
+
+    mapped = dataset.map(
+        fn,
+        batched=True,
+        with_indices=True,
+        remove_columns=columns,
+        num_proc=settings.num_proc,
+        desc=f"Tokenizing {name}",
+    )
+    issues = mapped["_issue"]
+    counts = Counter(issue if issue in (OK, TRUNCATED, EMPTY) else "invalid" for issue in issues)
+    stats.rows = len(issues)
+    stats.truncated = counts[TRUNCATED]
+    stats.dropped_empty = counts[EMPTY]
+    invalid = [issue for issue in issues if issue not in (OK, TRUNCATED, EMPTY)]
+    if invalid and not settings.skip_invalid_rows:
+        listed = "\n".join(f"  {p}" for p in invalid[:MAX_LISTED_PROBLEMS])
+        more = (
+            f"\n  ... and {len(invalid) - MAX_LISTED_PROBLEMS} more"
+            if len(invalid) > MAX_LISTED_PROBLEMS
+            else ""
+        )
+        raise DataError(
+            f"{name}: {len(invalid)} of {len(issues)} rows cannot be used ({fmt_name} format):\n{listed}{more}\n"
+            "Fix these rows, or set skip_invalid_rows=true to drop them (they are counted)."
+        )
+    stats.dropped_invalid = len(invalid)
+    if counts[OK] + counts[TRUNCATED] == 0:
+        raise DataError(f"{name}: no row has any token to train on. {stats.summary(settings.max_length)}")
+    if len(invalid) + stats.dropped_empty:
+        mapped = mapped.filter(lambda issue: issue in (OK, TRUNCATED), input_columns="_issue")
+    stats.kept = len(mapped)
+    log = logger.warning if stats.truncated or stats.dropped_empty or stats.dropped_invalid else logger.info
+    log(stats.summary(settings.max_length))
+    return mapped.remove_columns("_issue"), stats
+
+
+def _prepare_iterable(
+    dataset: IterableDataset, fn: _TokenizeBatch, columns: list[str], stats: PrepareStats
+) -> IterableDataset:
+    """Lazy version: problems surface when a bad row is reached; counts are not known up front."""
+
+    def strict(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        out = fn(batch, indices)
+        bad = [i for i in out["_issue"] if i not in (OK, TRUNCATED, EMPTY)]
+        if bad and not fn.settings.skip_invalid_rows:
+            raise DataError(f"{stats.name}: {bad[0]}")
+        return out
+
+    mapped = dataset.map(strict, batched=True, with_indices=True, remove_columns=columns)
+    mapped = mapped.filter(lambda issue: issue in (OK, TRUNCATED), input_columns="_issue")
+    logger.info(
+        "%s: streaming (%s); truncation and drop counts are not known in advance", stats.name, stats.format
+    )
+    return mapped.remove_columns("_issue")
+
+
+def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    first = next(iter(dataset), None)  # an IterableDataset may not know its columns before reading
+    if first is None:
+        raise DataError("the data set is empty")
+    return list(first)

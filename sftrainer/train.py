@@ -1,0 +1,81 @@
+"""``train(cfg)``: one fine-tuning run, top to bottom.
+
+load model + tokenizer -> load data -> SFTTrainer (prepares data, applies LoRA) -> evaluate ->
+train -> evaluate -> save model, tokenizer, metrics and the resolved config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sftrainer import builtin
+from sftrainer.config import RunConfig
+from sftrainer.data import load as data_load
+from sftrainer.lora import peft_config_from
+from sftrainer.model import load_model, load_tokenizer
+from sftrainer.trainer import SFTTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_data(cfg: RunConfig) -> tuple[Any, Any]:
+    """Train and eval sources, with 'builtin' replaced by the demo data files."""
+    train_src, eval_src = cfg.data.train, cfg.data.eval
+    if builtin.BUILTIN in (train_src, eval_src):
+        train_file, eval_file = builtin.data_files()
+        train_src = str(train_file) if train_src == builtin.BUILTIN else train_src
+        eval_src = str(eval_file) if eval_src == builtin.BUILTIN else eval_src
+    train_ds = data_load.load(train_src, f"train data ({data_load.describe(train_src)})")
+    eval_ds = None
+    if eval_src is not None:
+        eval_ds = data_load.load(eval_src, f"eval data ({data_load.describe(eval_src)})")
+    elif cfg.data.eval_split > 0:
+        train_ds, eval_ds = data_load.train_eval_split(train_ds, cfg.data.eval_split, cfg.train.seed)
+    return train_ds, eval_ds
+
+
+def train(cfg: RunConfig) -> dict[str, float]:
+    """Run one fine-tune. Returns the final metrics (also written to ``<output_dir>/all_results.json``)."""
+    args = cfg.train
+    name = cfg.model.name_or_path
+    model_path = str(builtin.model_dir()) if name == builtin.BUILTIN else name
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
+    train_ds, eval_ds = resolve_data(cfg)
+    model = load_model(
+        model_path,
+        dtype=cfg.model.dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config_from(cfg.lora),
+    )
+
+    metrics: dict[str, float] = {}
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate(metric_key_prefix="eval_before"))
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    metrics.update(result.metrics)
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+
+    output_dir = Path(args.output_dir)
+    trainer.save_model(str(output_dir))
+    trainer.save_metrics("all", metrics, combined=False)
+    (output_dir / "sftrainer_config.yaml").write_text(yaml.safe_dump(cfg.source, sort_keys=False))
+    samples = getattr(trainer, "exact_match_samples", None)
+    if samples:
+        (output_dir / "eval_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    logger.info("Saved the %s to %s", "LoRA adapter" if cfg.lora else "model", output_dir)
+    return metrics
