@@ -31,6 +31,16 @@ examples:
 """
 
 
+MAIN_EPILOG = """\
+examples:
+  sftrainer train                                   # no CONFIG: the built-in demo (tiny model, CPU, minutes)
+  sftrainer train CONFIG.yaml                       # a run described by one YAML file (see configs/)
+  sftrainer train CONFIG.yaml lora.r=32 max_steps=100   # any key=value after it overrides the file
+
+`sftrainer train --help` lists every key.
+"""
+
+
 def _keys_help() -> str:
     from sftrainer.config import SECTIONS, SFTConfig
 
@@ -47,6 +57,7 @@ def _parser(with_keys: bool) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sftrainer",
         description="Supervised fine-tuning of causal language models (full, LoRA/DoRA) from one YAML file.",
+        epilog=MAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -54,6 +65,7 @@ def _parser(with_keys: bool) -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="fine-tune a model (no arguments: the built-in CPU demo)",
+        usage="%(prog)s [-h] [CONFIG.yaml] [key=value ...]",
         description=TRAIN_HELP,
         epilog=TRAIN_EXAMPLES + ("\n" + _keys_help() if with_keys else ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,

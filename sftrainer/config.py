@@ -7,6 +7,7 @@ bad values are all reported at once, each by the name the user wrote, before any
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import logging
@@ -106,6 +107,12 @@ class SFTConfig(TrainingArguments):
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision; default: on when the GPU supports it."}
     )
+    precision_fallback: str | None = field(
+        default=None,
+        init=False,
+        repr=False,
+        metadata={"help": "Set to 'fp16' or 'bf16' when that was asked for without a GPU: training is fp32."},
+    )
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -118,7 +125,10 @@ class SFTConfig(TrainingArguments):
             self.train_on = "all"
         if self.bf16 is None:
             self.bf16 = bool(not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        fall_back_to_fp32(self)
+        self.precision_fallback = fall_back_to_fp32(self)
+        if self.dataloader_pin_memory and not _has_accelerator():
+            # Pinning needs a device to copy to; without one torch warns on every DataLoader.
+            self.dataloader_pin_memory = False
         try:
             super().__post_init__()
         except ValueError as err:
@@ -159,10 +169,18 @@ class SFTConfig(TrainingArguments):
         )
 
 
-def fall_back_to_fp32(args: TrainingArguments) -> None:
-    """fp16/bf16 need a GPU here: without one, warn once and train in fp32 instead of failing."""
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def fall_back_to_fp32(args: TrainingArguments) -> str | None:
+    """fp16/bf16 need a GPU here: without one, warn once and train in fp32 instead of failing.
+
+    Returns the precision that was asked for and dropped, or None.
+    """
     if not (args.fp16 or args.bf16) or torch.cuda.is_available():
-        return
+        return None
     asked = "fp16" if args.fp16 else "bf16"
     warnings.warn(
         f"{asked}=True needs a CUDA GPU and none is available: training in fp32 on the CPU instead.",
@@ -172,6 +190,7 @@ def fall_back_to_fp32(args: TrainingArguments) -> None:
     args.fp16 = args.bf16 = False
     if hasattr(args, "mixed_precision"):
         args.mixed_precision = "no"
+    return asked
 
 
 def to_sft_config(args: TrainingArguments | None, output_dir: str = "sftrainer_output") -> SFTConfig:
@@ -233,6 +252,8 @@ class DataConfig:
     def problems(self) -> list[str]:
         if not 0.0 <= self.eval_split < 1.0:
             return [f"data.eval_split: must be in [0, 1), got {self.eval_split}"]
+        if self.eval is not None and self.eval_split:
+            return ["data.eval_split: set data.eval or data.eval_split, not both"]
         return []
 
 
@@ -310,7 +331,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``key=value`` strings (``lora.r=32``; ``lora=null`` removes a section). Values are YAML."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    out = copy.deepcopy(dict(config))  # nested overrides must not mutate the caller's dict
     problems = []
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -370,20 +391,30 @@ def build_config(raw: Mapping[str, Any], where: str = "") -> RunConfig:
             problems += built[name].problems()
         except TypeError as err:
             problems.append(f"{name}: {err}")
+    train_values.setdefault("output_dir", "outputs/run")
+    # Built even when a section is wrong, so its problems are listed with the others.
+    train = None
+    try:
+        train = SFTConfig(**train_values)
+    except ConfigError as err:
+        text = str(err).removeprefix("Invalid SFTConfig:")
+        problems += [line.strip() for line in text.splitlines() if line.strip()]
+    data = built.get("data", DataConfig())
+    strategy = getattr(train, "eval_strategy", "no")
+    if strategy != "no" and data.eval is None and not data.eval_split:
+        problems.append(
+            f"eval_strategy: '{getattr(strategy, 'value', strategy)}' needs evaluation data; "
+            "set data.eval or data.eval_split, or eval_strategy: 'no'"
+        )
     if problems:
         raise ConfigError(
             f"{where}{len(problems)} problem(s) in the configuration:\n"
             + "\n".join(f"  {p}" for p in problems)
         )
-    train_values.setdefault("output_dir", "outputs/run")
-    try:
-        train = SFTConfig(**train_values)
-    except ConfigError as err:
-        raise ConfigError(f"{where}{err}") from None
     return RunConfig(
         train=train,
         model=built.get("model", ModelConfig()),
-        data=built.get("data", DataConfig()),
+        data=data,
         lora=built.get("lora"),
         source=dict(raw),
     )
@@ -395,7 +426,7 @@ def _check_fields(cls: type, values: Mapping[str, Any], prefix: str, problems: l
     out = {}
     for key, value in values.items():
         if key not in fields:
-            problems.append(f"unknown key '{prefix}{key}'{did_you_mean(prefix + key, known_keys())}")
+            problems.append(f"unknown key '{prefix}{key}'{did_you_mean(f'{prefix}{key}', known_keys())}")
             continue
         try:
             out[key] = coerce(value, hints.get(key, Any))
@@ -428,6 +459,13 @@ def coerce(value: Any, annotation: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums and value is False and "no" in {m.value for m in enums[0]}:
+            value = "no"  # YAML 1.1 reads an unquoted `no` (eval_strategy: no) as false
+        if enums and str in args and isinstance(value, str):
+            # TrainingArguments turns these strings into the enum; check here to name the key.
+            coerce(value, enums[0])
+            return value
         errors = []
         for arg in args:
             if arg is type(None):

@@ -40,8 +40,11 @@ def exact_match(
     pairs = [p for p in (split_prompt_reference(r["input_ids"], r["labels"]) for r in rows) if p is not None]
     if not pairs:
         return 0.0, []
-    # The reference ends with the end-of-turn token; stop generation on any of them.
-    stop = sorted({ref[-1] for _, ref in pairs} | {tokenizer.eos_token_id})
+    # A reference ends with the end-of-turn token; stop generation on any of them. Only special or
+    # added tokens qualify: a row cut by max_length ends mid-response, on an ordinary word that
+    # must not stop the other rows' generation.
+    turn_ends = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    stop = sorted({ref[-1] for _, ref in pairs if ref[-1] in turn_ends} | {tokenizer.eos_token_id})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()

@@ -35,13 +35,18 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 def _from_pretrained_error(what: str, name: str, err: Exception) -> ConfigError:
-    local = os.path.isdir(name)
-    hint = (
-        "the directory exists but does not hold a loadable checkpoint"
-        if local
-        else "it is not a local directory, and it could not be fetched from the Hugging Face Hub"
-    )
+    if os.path.isdir(name):
+        hint = "the directory exists but does not hold a loadable checkpoint"
+    elif _looks_like_path(name):
+        hint = "no such directory"
+    else:
+        hint = "it is not a local directory, and it could not be fetched from the Hugging Face Hub"
     return ConfigError(f"cannot load the {what} '{name}': {hint}. ({type(err).__name__}: {err})")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else can only be a local path."""
+    return os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\")) or name.count("/") > 1
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
@@ -83,6 +88,26 @@ def load_model(
         "Loaded %s: %s, %.1fM parameters, %s", name_or_path, type(model).__name__, n_params / 1e6, model.dtype
     )
     return model
+
+
+def upcast_for_cpu(model: Any, precision_fallback: str | None = None) -> Any:
+    """Without a GPU, train half-precision weights in fp32.
+
+    fp16 weights cannot be trained on the CPU (AdamW's epsilon underflows in fp16 and the weights
+    turn to NaN within a few steps); bf16 ones are upcast when fp16/bf16 training was asked for and
+    fell back to fp32, as that warning promises. Quantized models are left alone.
+    """
+    if torch.cuda.is_available() or getattr(model, "hf_quantizer", None) is not None:
+        return model
+    half = {torch.float16} | ({torch.bfloat16} if precision_fallback else set())
+    found = {p.dtype for p in model.parameters() if p.is_floating_point()} & half
+    if not found:
+        return model
+    logger.warning(
+        "No GPU: converting the model's %s weights to float32 for training on the CPU",
+        "/".join(sorted(str(d).removeprefix("torch.") for d in found)),
+    )
+    return model.float()
 
 
 def default_chat_template(tokenizer: Any) -> str:

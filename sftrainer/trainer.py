@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
@@ -28,7 +29,7 @@ from sftrainer.data.collate import PaddedCollator
 from sftrainer.data.prepare import PrepareStats, prepare
 from sftrainer.errors import did_you_mean
 from sftrainer.evaluate import exact_match
-from sftrainer.model import load_model, load_tokenizer, prepare_tokenizer
+from sftrainer.model import load_model, load_tokenizer, prepare_tokenizer, upcast_for_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class SFTTrainer(Trainer):
     ):
         if model is None:
             raise ValueError("SFTTrainer needs a model: a PreTrainedModel, a PeftModel, or a path / hub id")
-        output_dir = f"{model.rsplit('/', 1)[-1]}-sft" if isinstance(model, str) else "sftrainer_output"
+        output_dir = f"{Path(model).name or 'model'}-sft" if isinstance(model, str) else "sftrainer_output"
         args = to_sft_config(args, output_dir)
         processing_class = self._apply_legacy(args, processing_class, legacy)
 
@@ -73,6 +74,7 @@ class SFTTrainer(Trainer):
         if processing_class is None:
             processing_class = load_tokenizer(_model_path(model))
         prepare_tokenizer(processing_class, args.chat_template)
+        model = upcast_for_cpu(model, args.precision_fallback)
         model = lora.apply(model, peft_config, gradient_checkpointing=bool(args.gradient_checkpointing))
         if args.gradient_checkpointing:
             model.config.use_cache = (

@@ -121,7 +121,11 @@ def detect_format(columns: Sequence[str], source: str, text_field: str | None = 
     for fmt, required in REQUIRED_COLUMNS.items():
         if all(c in columns for c in required):
             return fmt
-    hints = [f"'{c}'{did_you_mean(c, KNOWN_COLUMNS)}" for c in columns if did_you_mean(c, KNOWN_COLUMNS)]
+    hints = [
+        f"'{c}'{did_you_mean(c, KNOWN_COLUMNS)}"
+        for c in columns
+        if c not in KNOWN_COLUMNS and did_you_mean(c, KNOWN_COLUMNS)
+    ]
     hint = f" Possibly misspelled: {', '.join(hints)}." if hints else ""
     raise DataError(
         f"{source}: cannot tell the data format from the columns {columns}.{hint}\n{format_help()}\n"

@@ -6,6 +6,7 @@ Every failure names the source: a broken JSONL line gives ``file:line``, a missi
 from __future__ import annotations
 
 import glob
+import inspect
 import json
 import logging
 import os
@@ -22,6 +23,12 @@ logger = logging.getLogger(__name__)
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 AnyDataset = Dataset | IterableDataset
+# datasets >= 4.7 can hold a column of mixed types as JSON; older versions refuse such a list.
+_MIXED_TYPES = (
+    {"on_mixed_types": "use_json"}
+    if "on_mixed_types" in inspect.signature(Dataset.from_dict).parameters
+    else {}
+)
 
 
 def describe(source: Any) -> str:
@@ -62,9 +69,13 @@ def _from_rows(rows: list[Any], name: str) -> Dataset:
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise DataError(f"{name}: row {i + 1} is a {type(row).__name__}, expected a dict of columns")
+    # Columns from every row (Dataset.from_list reads only the first row's keys), and a column whose
+    # rows hold different types (a number among strings) kept as JSON, so the row-level checks name
+    # the row and field at fault, and skip_invalid_rows can drop it.
+    columns = list(dict.fromkeys(key for row in rows for key in row))
     try:
-        return Dataset.from_list(list(rows))
-    except Exception as err:  # pyarrow cannot unify types across rows
+        return Dataset.from_dict({c: [row.get(c) for row in rows] for c in columns}, **_MIXED_TYPES)
+    except Exception as err:
         raise DataError(f"{name}: rows do not share one schema: {_root_message(err)}") from None
 
 
@@ -111,6 +122,8 @@ def _from_files(source: Any, name: str) -> AnyDataset:
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train")
     except Exception as err:
+        if "corresponds to no data" in str(err):  # datasets' words for zero rows (a CSV header only)
+            raise DataError(f"{name}: {', '.join(files)} has no rows") from None
         raise DataError(f"{name}: could not read {', '.join(files)}: {_root_message(err)}") from None
     if len(ds) == 0:
         raise DataError(f"{name}: {', '.join(files)} has no rows")
@@ -140,10 +153,12 @@ def check_json_file(path: str) -> None:
         if not rows:
             raise DataError(f"{path}: the JSON array is empty")
         return
+    rows = 0
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
+            rows += 1
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -153,6 +168,8 @@ def check_json_file(path: str) -> None:
                 ) from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    if not rows:
+        raise DataError(f"{path}: has no rows (only blank lines)")
 
 
 def _from_hub(dataset_id: str, name: str) -> AnyDataset:

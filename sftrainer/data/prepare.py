@@ -135,14 +135,26 @@ def prepare(
     """Tokenize a data set. Returns rows with ``input_ids`` and ``labels`` only, and the counts."""
     if settings.pair_template not in PAIR_TEMPLATES:
         raise DataError(f"pair_template must be one of {PAIR_TEMPLATES}, got {settings.pair_template!r}")
-    columns = _column_names(dataset)
+    columns = _column_names(dataset, name)
     if settings.columns:
         dataset = dataset.rename_columns(rename_columns(columns, settings.columns, name))
-        columns = _column_names(dataset)
+        columns = _column_names(dataset, name)
     fmt = None if formatting_func is not None else detect_format(columns, name, settings.text_field)
     fmt_name = "formatting_func" if fmt is None else fmt.value
     encoder = ExampleTokenizer(tokenizer, settings.max_length, settings.train_on)
     fn = _TokenizeBatch(encoder, fmt, settings, formatting_func)
+    uses_chat = fmt in (Format.MESSAGES, Format.SHAREGPT) or (
+        fn.pair_as_chat and fmt in (Format.ALPACA, Format.PROMPT_RESPONSE, Format.PROMPT_COMPLETION)
+    )
+    if fmt is not Format.TOKENIZED and tokenizer.eos_token_id is None:
+        raise DataError(f"{name}: the tokenizer has no eos_token; set one so the model can learn to stop")
+    if uses_chat and not getattr(tokenizer, "chat_template", None):
+        # Otherwise every row would fail alone, and the message would blame the rows.
+        raise DataError(
+            f"{name}: {fmt.value} rows are rendered with a chat template, and the tokenizer has none. "
+            "Set chat_template (sftrainer.model.prepare_tokenizer gives a tokenizer sftrainer's default), "
+            "or pair_template='raw' to train prompt/response pairs as plain text."
+        )
     if fmt is not None and fmt is not Format.TOKENIZED and fmt is not Format.TEXT:
         fmt_name += (
             ", chat template" if fn.pair_as_chat or fmt in (Format.MESSAGES, Format.SHAREGPT) else ", raw"
@@ -208,10 +220,12 @@ def _prepare_iterable(
     return mapped.remove_columns("_issue")
 
 
-def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
+def _column_names(dataset: Dataset | IterableDataset, name: str) -> list[str]:
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise DataError(f"{name}: the data set has no rows")
     if dataset.column_names is not None:
         return list(dataset.column_names)
     first = next(iter(dataset), None)  # an IterableDataset may not know its columns before reading
     if first is None:
-        raise DataError("the data set is empty")
+        raise DataError(f"{name}: the data set has no rows")
     return list(first)

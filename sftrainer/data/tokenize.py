@@ -104,8 +104,9 @@ class ExampleTokenizer:
             full = self._render(example, messages, False)
         except Exception as err:  # jinja raises its own errors (e.g. "roles must alternate")
             raise RowError("messages", f"the chat template rejected this conversation: {err}") from None
-        if self.train_on == "all":
-            return [(full, True)]
+        if self.train_on == "all":  # trailing whitespace untrained, as after every turn below
+            end = len(full.rstrip())
+            return [s for s in ((full[:end], True), (full[end:], False)) if s[0]]
         turns = [
             i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= example.first_trainable
         ]
@@ -117,13 +118,19 @@ class ExampleTokenizer:
             try:
                 before = self._render(example, messages[:i], True) if i > 0 else ""
                 through = self._render(example, messages[: i + 1], False)
+                # The text after this turn when the conversation goes on: a finished conversation may
+                # end with text that is not part of the last turn (Phi-3 appends EOS after <|end|>).
+                follow = full if i + 1 < len(messages) else self._render(example, messages[: i + 1], True)
             except Exception as err:
                 raise RowError(
                     f"messages[{i}]", f"the chat template cannot render up to this turn: {err}"
                 ) from None
-            # Trailing whitespace after the end-of-turn token (ChatML's "\n") belongs to the next turn.
-            start, end = len(before), len(through.rstrip())
-            if not (full.startswith(before) and full.startswith(through[:end]) and pos <= start < end):
+            start, end = len(before), self._turn_end(through, follow)
+            # Where the renderings part ways, make sure the answer itself is inside the turn found.
+            located = follow.startswith(through) or messages[i]["content"].strip() in full[start:end]
+            if not (
+                full.startswith(before) and full.startswith(through[:end]) and pos <= start < end and located
+            ):
                 raise TemplateError(
                     f"messages[{i}]",
                     "the chat template renders earlier turns differently once later turns follow (for "
@@ -135,6 +142,22 @@ class ExampleTokenizer:
         segments.append((full[pos:], False))
         return [s for s in segments if s[0]]
 
+    def _turn_end(self, through: str, follow: str) -> int:
+        """End of the turn that ``through`` ends with: where it and its continuation ``follow`` part.
+
+        Trailing whitespace after the end-of-turn token (ChatML's "\\n") belongs to the next turn.
+        Where the two part inside the template's own text (Phi-3: "<|end|>\\n<|endoftext|>" against
+        "<|end|>\\n<|user|>"), the end moves back to a token boundary, so it never splits "<|".
+        """
+        if follow.startswith(through):
+            return len(through.rstrip())
+        if not getattr(self.tokenizer, "is_fast", False):
+            return -1  # no offsets to find a token boundary: the caller reports the template
+        cut = next((k for k, (a, b) in enumerate(zip(through, follow)) if a != b), len(through))
+        offsets = self.tokenizer(through, add_special_tokens=False, return_offsets_mapping=True)
+        cut = max((e for _, e in offsets["offset_mapping"] if e <= cut), default=0)
+        return len(through[:cut].rstrip())
+
     # ---- tokens -----------------------------------------------------------------------------
 
     def tokenize(self, examples: Sequence[Example]) -> list[Tokenized]:
@@ -143,6 +166,8 @@ class ExampleTokenizer:
 
     def encode(self, rows: Sequence[tuple[Example, list[Segment]]]) -> list[Tokenized]:
         """Tokenize already rendered rows in one batched tokenizer call."""
+        if not rows:  # a batch whose rows were all invalid; tokenizers fail on an empty batch
+            return []
         merged = [_merge_same(segs) for _, segs in rows]
         if not getattr(self.tokenizer, "is_fast", False):  # no offsets: tokenize piece by piece
             return [
@@ -163,13 +188,31 @@ class ExampleTokenizer:
         return out
 
     def _tokenize_segmentwise(self, segs: list[Segment]) -> tuple[list[int], list[int]]:
-        enc = self.tokenizer([text for text, _ in segs], add_special_tokens=False)["input_ids"]
+        enc = self._tokenize_pieces([text for text, _ in segs])
         ids: list[int] = []
         labels: list[int] = []
         for (_, trained), seg_ids in zip(segs, enc):
             ids += seg_ids
             labels += seg_ids if trained else [IGNORE_INDEX] * len(seg_ids)
         return ids, labels
+
+    def _tokenize_pieces(self, texts: list[str]) -> list[list[int]]:
+        """Tokenize consecutive pieces of one text, each piece after the first as a continuation.
+
+        SentencePiece-style tokenizers (Metaspace, prepend_scheme="first") put a "▁" before text that
+        starts an input, so a piece tokenized alone would gain a space the text does not have. After a
+        special token they add nothing, so later pieces are tokenized behind EOS, which is then dropped.
+        """
+        eos = self.tokenizer.eos_token
+        rest = [eos + text for text in texts[1:]] if eos else texts[1:]
+        enc = self.tokenizer([texts[0], *rest], add_special_tokens=False)["input_ids"]
+        out = [enc[0]]
+        for text, piece in zip(texts[1:], enc[1:]):
+            if eos and piece[:1] == [self.eos_id]:
+                out.append(piece[1:])
+            else:  # EOS is not split off as one token here: tokenize the piece alone
+                out.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return out
 
     def _finish(self, example: Example, ids: list[int], labels: list[int]) -> Tokenized:
         """Add BOS once, make sure every trained span ends with a stop token, truncate."""

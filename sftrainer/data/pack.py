@@ -1,0 +1,168 @@
+"""Best-fit-decreasing packing of tokenized rows into sequences of at most ``max_length`` tokens.
+
+Rows are never mixed: each keeps its own ``position_ids`` (restarting at 0), which is how the
+attention layers tell the rows of a packed sequence apart (see ``collate.py`` and
+``isolation.py``), and the first token of each row gets the label ``IGNORE_INDEX``, so no token
+is ever trained to follow the previous row.
+
+Packing works on Arrow buffers and NumPy arrays, never on per-token Python lists, and the bin search
+is a segment tree over remaining capacities: O(n log max_length) for n rows.
+
+Output rows: ``input_ids`` list[int], ``labels`` list[int], ``position_ids`` list[int], all of the
+packed sequence's length (<= max_length).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from datasets import Dataset
+
+from sftrainer.data.tokenize import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("bfd", "bfd_split")
+
+
+@dataclass
+class PackStats:
+    rows: int
+    sequences: int
+    tokens: int
+    max_length: int
+    split_rows: int = 0
+
+    @property
+    def fill_ratio(self) -> float:
+        return self.tokens / max(1, self.sequences * self.max_length)
+
+    def summary(self, name: str) -> str:
+        split = f", {self.split_rows} overlong rows split" if self.split_rows else ""
+        return (
+            f"{name}: packed {self.rows} rows into {self.sequences} sequences of <= {self.max_length} tokens "
+            f"(fill {self.fill_ratio:.1%}, {self.tokens} tokens{split})"
+        )
+
+
+class _Capacities:
+    """Counts of open bins by remaining capacity; finds the tightest bin that still fits."""
+
+    def __init__(self, capacity: int):
+        self.size = 1 << (capacity + 1).bit_length()
+        self.count = [0] * (2 * self.size)
+        self.bins: dict[int, list[int]] = {}
+
+    def add(self, remaining: int, bin_id: int) -> None:
+        self.bins.setdefault(remaining, []).append(bin_id)
+        i = remaining + self.size
+        while i:
+            self.count[i] += 1
+            i >>= 1
+
+    def pop_at_least(self, need: int) -> tuple[int, int] | None:
+        """Remove and return (remaining, bin) with the smallest remaining >= need, or None."""
+        i = need + self.size
+        if not self.count[i]:
+            # Climb until a right sibling has an open bin, then descend to its leftmost one.
+            while i > 1 and not (i % 2 == 0 and self.count[i + 1]):
+                i >>= 1
+            if i <= 1:
+                return None
+            i += 1
+            while i < self.size:
+                i = 2 * i if self.count[2 * i] else 2 * i + 1
+        remaining = i - self.size
+        bin_id = self.bins[remaining].pop()
+        while i:
+            self.count[i] -= 1
+            i >>= 1
+        return remaining, bin_id
+
+
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """Assign each item to a bin (sum of lengths per bin <= capacity). Returns the bin of each item.
+
+    Items are placed longest first, each into the open bin it fills most tightly; a new bin is
+    opened only when none fits.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size and (lengths.max() > capacity or lengths.min() < 1):
+        raise ValueError(f"every length must be in [1, {capacity}]")
+    bins = np.empty(lengths.size, dtype=np.int64)
+    open_bins = _Capacities(capacity)
+    n_bins = 0
+    for item in np.argsort(-lengths, kind="stable").tolist():
+        need = int(lengths[item])
+        found = open_bins.pop_at_least(need)
+        if found is None:
+            remaining, bin_id = capacity, n_bins
+            n_bins += 1
+        else:
+            remaining, bin_id = found
+        bins[item] = bin_id
+        if remaining - need > 0:
+            open_bins.add(remaining - need, bin_id)
+    return bins
+
+
+def _list_column(dataset: Dataset, name: str) -> pa.ListArray:
+    column = dataset.data.column(name).combine_chunks()
+    return column.cast(pa.list_(pa.int64())) if column.type != pa.list_(pa.int64()) else column
+
+
+def pack_dataset(dataset: Dataset, max_length: int, strategy: str = "bfd") -> tuple[Dataset, PackStats]:
+    """Pack a tokenized data set (``input_ids``, ``labels``). See the module docstring."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"packing_strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if dataset._indices is not None:  # a filtered/selected view: materialise the rows it selects
+        dataset = dataset.flatten_indices()
+    ids_col, labels_col = _list_column(dataset, "input_ids"), _list_column(dataset, "labels")
+    offsets = ids_col.offsets.to_numpy().astype(np.int64)
+    if not np.array_equal(offsets, labels_col.offsets.to_numpy()):
+        raise ValueError("every row's labels must be as long as its input_ids")
+    ids = ids_col.values.to_numpy()
+    labels = labels_col.values.to_numpy()
+    starts, lengths = offsets[:-1], np.diff(offsets)
+
+    split_rows = 0
+    overlong = lengths > max_length
+    if overlong.any():
+        if strategy != "bfd_split":
+            raise ValueError(
+                f"{int(overlong.sum())} rows are longer than max_length={max_length}; truncate them first "
+                "or use packing_strategy='bfd_split'"
+            )
+        split_rows = int(overlong.sum())
+        pieces = -(-lengths // max_length)  # ceil
+        row_of_piece = np.repeat(np.arange(lengths.size), pieces)
+        k = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        starts = starts[row_of_piece] + k * max_length
+        lengths = np.minimum(lengths[row_of_piece] - k * max_length, max_length)
+
+    bins = best_fit_decreasing(lengths, max_length)
+    order = np.lexsort((-lengths, bins))  # by bin, longest piece first inside a bin
+    piece_len = lengths[order]
+    total = int(piece_len.sum())
+    piece_start_out = np.cumsum(piece_len) - piece_len  # where each piece starts in the packed stream
+    within = np.arange(total) - np.repeat(piece_start_out, piece_len)
+    gather = np.repeat(starts[order], piece_len) + within
+
+    new_ids = ids[gather]
+    new_labels = labels[gather]
+    new_labels[piece_start_out] = IGNORE_INDEX  # a row's first token never follows the previous row
+    tokens_per_bin = np.bincount(bins, weights=lengths, minlength=int(bins.max()) + 1 if bins.size else 0)
+    seq_offsets = pa.array(np.concatenate([[0], np.cumsum(tokens_per_bin).astype(np.int64)]), pa.int64())
+    list_type = pa.list_(pa.int64()) if total < 2**31 else pa.large_list(pa.int64())
+
+    def as_list(values: np.ndarray) -> pa.Array:
+        return pa.LargeListArray.from_arrays(seq_offsets, pa.array(values, pa.int64())).cast(list_type)
+
+    table = pa.table({"input_ids": as_list(new_ids), "labels": as_list(new_labels), "position_ids": as_list(within)})
+    stats = PackStats(
+        rows=int(offsets.size - 1), sequences=len(tokens_per_bin), tokens=total, max_length=max_length, split_rows=split_rows
+    )
+    return Dataset(table), stats

@@ -1,0 +1,132 @@
+"""Loading: Python lists, datasets objects, JSON / JSONL / CSV / Parquet files, directories, globs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from datasets import Dataset, DatasetDict, IterableDataset
+
+from sftrainer.data.load import load, split_dataset_dict, train_eval_split
+from sftrainer.errors import DataError
+
+ROWS = [
+    {"prompt": "What is the capital of France?", "response": "Paris."},
+    {"prompt": "And of Italy?", "response": "Rome."},
+    {"prompt": "Name a river there.", "response": "The Tiber."},
+]
+
+
+def rows_of(ds) -> list[dict]:
+    return [dict(row) for row in ds]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_list_of_dicts():
+    ds = load(ROWS)
+    assert isinstance(ds, Dataset) and rows_of(ds) == ROWS
+
+
+def test_list_with_keys_beyond_the_first_row():
+    ds = load([{"text": "a"}, {"text": "b", "source": "web"}])
+    assert ds.column_names == ["text", "source"]
+    assert rows_of(ds) == [{"text": "a", "source": None}, {"text": "b", "source": "web"}]
+
+
+def test_list_with_mixed_value_types_loads_for_row_level_checks():
+    ds = load([{"prompt": "a", "response": "b"}, {"prompt": "c", "response": 5}])
+    assert [row["response"] for row in ds] == ["b", 5]
+
+
+def test_dataset_and_iterable_dataset_pass_through():
+    ds = Dataset.from_list(ROWS)
+    assert load(ds) is ds
+    it = ds.to_iterable_dataset()
+    assert load(it) is it
+
+
+def test_dataset_dict_needs_a_split():
+    with pytest.raises(DataError, match=r"pass one split of the DatasetDict \(splits: \['train', 'test'\]\)"):
+        load(DatasetDict(train=Dataset.from_list(ROWS), test=Dataset.from_list(ROWS[:1])))
+
+
+def test_split_dataset_dict():
+    train, test = Dataset.from_list(ROWS), Dataset.from_list(ROWS[:1])
+    assert split_dataset_dict(DatasetDict(train=train, test=test)) == (train, test)
+    got_train, got_eval = split_dataset_dict(DatasetDict(train=train, validation=test))
+    assert got_eval is test and got_train is train
+    assert split_dataset_dict(DatasetDict(train=train))[1] is None
+    with pytest.raises(DataError, match=r"no 'train' split \(splits: \['validation'\]\)"):
+        split_dataset_dict(DatasetDict(validation=test))
+
+
+def test_jsonl(tmp_path):
+    assert rows_of(load(write_jsonl(tmp_path / "d.jsonl", ROWS))) == ROWS
+
+
+def test_jsonl_with_blank_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n" + json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n\n", encoding="utf-8")
+    assert rows_of(load(path)) == ROWS[:2]
+
+
+def test_json_array(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(ROWS, indent=2), encoding="utf-8")
+    assert rows_of(load(str(path))) == ROWS
+
+
+def test_csv(tmp_path):
+    path = tmp_path / "d.csv"
+    Dataset.from_list(ROWS).to_csv(str(path), index=False)
+    assert rows_of(load(path)) == ROWS
+
+
+def test_parquet(tmp_path):
+    path = tmp_path / "d.parquet"
+    Dataset.from_list(ROWS).to_parquet(str(path))
+    assert rows_of(load(path)) == ROWS
+
+
+def test_messages_survive_a_parquet_round_trip(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}]
+    path = tmp_path / "m.parquet"
+    Dataset.from_list(rows).to_parquet(str(path))
+    assert rows_of(load(path)) == rows
+
+
+def test_directory_glob_and_list_of_files(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write_jsonl(tmp_path / "a.jsonl", ROWS[:1])
+    write_jsonl(tmp_path / "sub" / "b.jsonl", ROWS[1:])
+    (tmp_path / "README.txt").write_text("not data")  # ignored in a directory
+    assert rows_of(load(tmp_path)) == ROWS
+    assert rows_of(load(str(tmp_path / "**" / "*.jsonl"))) == ROWS
+    assert rows_of(load([tmp_path / "sub" / "b.jsonl", tmp_path / "a.jsonl"])) == ROWS[1:] + ROWS[:1]
+
+
+def test_train_eval_split():
+    train, held_out = train_eval_split(Dataset.from_list(ROWS * 4), 0.25, seed=0)
+    assert (len(train), len(held_out)) == (9, 3)
+    assert train_eval_split(Dataset.from_list(ROWS * 4), 0.25, seed=0)[1]["prompt"] == held_out["prompt"]
+    with pytest.raises(DataError, match="needs at least 2 rows"):
+        train_eval_split(Dataset.from_list(ROWS[:1]), 0.5, seed=0)
+    with pytest.raises(DataError, match="map-style"):
+        train_eval_split(Dataset.from_list(ROWS).to_iterable_dataset(), 0.5, seed=0)
+
+
+def test_iterable_dataset_from_a_generator_is_not_read_by_load():
+    read = []
+
+    def gen():
+        for row in ROWS:
+            read.append(row)
+            yield row
+
+    ds = load(IterableDataset.from_generator(gen))
+    assert read == []
+    assert rows_of(ds) == ROWS

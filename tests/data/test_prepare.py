@@ -1,0 +1,175 @@
+"""``prepare``: counts (truncated, dropped), batched and parallel tokenization, lazy streaming."""
+
+from __future__ import annotations
+
+import pytest
+import tokenizers_zoo as zoo
+from datasets import Dataset, DatasetDict, IterableDataset
+
+from sftrainer.data.load import load, split_dataset_dict
+from sftrainer.data.prepare import DataSettings, prepare
+from sftrainer.data.tokenize import IGNORE_INDEX
+from sftrainer.errors import DataError
+
+LONG_PROMPT = "Summarise: the cat sat on the mat. " * 6
+
+
+@pytest.fixture(scope="module")
+def chatml():
+    return zoo.chatml()
+
+
+def pairs(n: int) -> list[dict]:
+    return [{"prompt": f"What is {i} plus {i}?", "response": f"The answer is {2 * i}."} for i in range(n)]
+
+
+def test_output_rows_have_only_input_ids_and_labels(chatml):
+    prepared, stats = prepare(load(pairs(3)), chatml, DataSettings())
+    assert prepared.column_names == ["input_ids", "labels"]
+    assert (stats.rows, stats.kept, stats.truncated, stats.dropped_empty, stats.dropped_invalid) == (
+        3,
+        3,
+        0,
+        0,
+        0,
+    )
+
+
+def test_truncation_is_counted(chatml):
+    data = [
+        {"prompt": "Hi?", "response": "Hello."},
+        {"prompt": "Name a river there.", "response": "The Tiber. " * 10},
+    ]
+    full, _ = zoo.prep(data, chatml)
+    max_length = len(full[0]["input_ids"]) + 3  # row 1 fits, row 2 is cut inside its answer
+    assert len(full[1]["input_ids"]) > max_length
+    rows, stats = zoo.prep(data, chatml, max_length=max_length)
+    assert (stats.rows, stats.kept, stats.truncated, stats.dropped_empty) == (2, 2, 1, 0)
+    assert rows[0] == full[0]
+    assert rows[1]["input_ids"] == full[1]["input_ids"][:max_length]
+    assert rows[1]["labels"] == full[1]["labels"][:max_length]
+    assert f"1 truncated to max_length={max_length}" in stats.summary(max_length)
+
+
+def test_rows_with_no_trained_token_left_are_dropped_and_counted(chatml):
+    data = [{"prompt": LONG_PROMPT, "response": "Cat on mat."}, {"prompt": "Hi?", "response": "Hello."}]
+    full, _ = zoo.prep(data, chatml)
+    first_trained = full[0]["labels"].index(next(x for x in full[0]["labels"] if x != IGNORE_INDEX))
+    max_length = first_trained  # the long prompt fills max_length: its answer is cut away entirely
+    assert len(full[1]["input_ids"]) <= max_length
+    rows, stats = zoo.prep(data, chatml, max_length=max_length)
+    assert (stats.rows, stats.kept, stats.truncated, stats.dropped_empty) == (2, 1, 0, 1)
+    assert rows == [full[1]]  # never kept as all -100
+    assert "1 dropped: no trained token left" in stats.summary(max_length)
+
+
+def test_every_kept_row_has_a_trained_token(chatml):
+    data = [{"prompt": LONG_PROMPT[: 12 * k], "response": "Cat on mat."} for k in range(1, 18)]
+    rows, stats = zoo.prep(data, chatml, max_length=40)
+    assert stats.kept + stats.dropped_empty == len(data) and stats.dropped_empty > 0 and stats.kept > 0
+    assert stats.truncated > 0
+    for row in rows:
+        assert len(row["input_ids"]) <= 40
+        assert any(label != IGNORE_INDEX for label in row["labels"][1:])
+
+
+def test_all_rows_empty_after_truncation_is_an_error(chatml):
+    with pytest.raises(DataError) as err:
+        zoo.prep([{"prompt": LONG_PROMPT, "response": "Cat."}], chatml, max_length=8)
+    assert "no row has any token to train on" in str(err.value)
+    assert "1 dropped: no trained token left" in str(err.value)
+
+
+def test_pretokenized_truncation_and_empty_rows_are_counted(chatml):
+    data = [
+        {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, 3, 4, 5]},
+        {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, -100, -100, 5]},
+        {"input_ids": [1, 2], "labels": [-100, 2]},
+    ]
+    rows, stats = zoo.prep(data, chatml, max_length=4)
+    assert (stats.kept, stats.truncated, stats.dropped_empty) == (2, 1, 1)
+    assert rows == [{"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]}, data[2]]
+
+
+def test_num_proc_gives_identical_rows(chatml):
+    data = load(
+        [
+            *pairs(12),
+            {"prompt": "Q", "response": ""},  # invalid
+            {"prompt": "Answer: ", "response": "four."},
+            {"prompt": LONG_PROMPT, "response": "Cat."},  # nothing left to train at max_length=45
+        ]
+    )
+    settings = DataSettings(max_length=45, skip_invalid_rows=True)
+    one, one_stats = prepare(data, chatml, settings)
+    two, two_stats = prepare(data, chatml, DataSettings(**{**settings.__dict__, "num_proc": 2}))
+    assert one.to_list() == two.to_list()
+    assert one_stats == two_stats
+    assert (one_stats.kept, one_stats.dropped_invalid, one_stats.dropped_empty) == (13, 1, 1)
+    assert one_stats.truncated > 0
+
+
+def test_map_is_batched_and_batch_size_does_not_matter(chatml, monkeypatch):
+    """Tokenization runs once per batch of rows (``Dataset.map(batched=True)``)."""
+    from sftrainer.data import tokenize
+
+    calls = []
+    encode = tokenize.ExampleTokenizer.encode
+
+    def counting(self, rows):
+        calls.append(len(rows))
+        return encode(self, rows)
+
+    monkeypatch.setattr(tokenize.ExampleTokenizer, "encode", counting)
+    prepared, _ = prepare(load(pairs(30)), chatml, DataSettings())
+    assert calls == [30]
+    one_by_one = [prepare(load([row]), chatml, DataSettings())[0][0] for row in pairs(30)[:3]]
+    assert prepared.to_list()[:3] == one_by_one
+
+
+def test_iterable_dataset_is_prepared_lazily(chatml):
+    read = []
+    data = pairs(5)
+
+    def gen():
+        for row in data:
+            read.append(row)
+            yield row
+
+    stream = IterableDataset.from_generator(gen)
+    prepared, stats = prepare(stream, chatml, DataSettings())
+    assert len(read) <= 1  # at most the first row, to learn the columns
+    assert isinstance(prepared, IterableDataset)
+    eager, _ = prepare(Dataset.from_list(data), chatml, DataSettings())
+    assert list(prepared) == eager.to_list()
+    assert stats.format == "prompt_response, chat template"
+
+
+def test_iterable_dataset_bad_row_surfaces_when_reached(chatml):
+    data = [*pairs(2), {"prompt": "Q", "response": 7}, *pairs(1)]
+    stream = load(data).to_iterable_dataset()
+    prepared, _ = prepare(stream, chatml, DataSettings())
+    with pytest.raises(DataError, match="row 3: field 'response': must be a string, got int"):
+        list(prepared)
+    skipped, _ = prepare(stream, chatml, DataSettings(skip_invalid_rows=True))
+    assert len(list(skipped)) == 3
+
+
+def test_iterable_dataset_drops_rows_with_nothing_to_train(chatml):
+    data = [{"prompt": LONG_PROMPT, "response": "Cat."}, {"prompt": "Hi?", "response": "Hello."}]
+    prepared, _ = prepare(Dataset.from_list(data).to_iterable_dataset(), chatml, DataSettings(max_length=60))
+    assert len(list(prepared)) == 1
+
+
+def test_dataset_dict_train_and_eval(chatml):
+    dd = DatasetDict(train=Dataset.from_list(pairs(4)), test=Dataset.from_list(pairs(2)))
+    train, held_out = split_dataset_dict(dd)
+    prepared_train, train_stats = prepare(train, chatml, DataSettings(), name="train data")
+    prepared_eval, eval_stats = prepare(held_out, chatml, DataSettings(), name="eval data")
+    assert (train_stats.kept, eval_stats.kept) == (4, 2)
+    assert prepared_eval.to_list() == prepared_train.to_list()[:2]
+
+
+def test_bad_pair_template_setting(chatml):
+    with pytest.raises(DataError, match="pair_template must be one of"):
+        prepare(load(pairs(1)), chatml, DataSettings(pair_template="chatml"))

@@ -1,0 +1,262 @@
+"""The ``sftrainer`` command, driven end to end on the built-in tiny model: help, the demo in a
+shortened mode, LoRA from a shipped config, and user errors (exit code 2, a message, no traceback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sftrainer.cli import main
+from sftrainer.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# Run by their own tests below: the demo (what builtin-full.yaml spells out) and builtin-lora.yaml.
+RUN_ELSEWHERE = {"builtin-full.yaml", "builtin-lora.yaml"}
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_message(err: str) -> str:
+    """The error the CLI printed, from 'sftrainer: error:' on (logs and progress bars come before it)."""
+    assert "sftrainer: error: " in err, err
+    return err[err.index("sftrainer: error: ") :].strip()
+
+
+# ---- help ----------------------------------------------------------------------------------
+
+
+def test_main_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("usage: sftrainer", "train", "CONFIG", "key=value", "demo", "sftrainer train --help"):
+        assert text in out, f"{text!r} missing from --help"
+
+
+def test_train_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("usage: sftrainer train [-h] [CONFIG.yaml] [key=value ...]", "With no CONFIG", "built-in",
+                 "demo", "key=value", "configs/builtin-lora.yaml"):  # fmt: skip
+        assert text in out, f"{text!r} missing from train --help"
+    # every key is documented, under the name the YAML and the overrides use
+    for key in ("max_length", "train_on", "packing", "lora.r", "lora.alpha", "model.name_or_path",
+                "data.train", "data.eval_split"):  # fmt: skip
+        assert f"  {key}: " in out, f"{key} missing from train --help"
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    assert "usage: sftrainer" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from sftrainer import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+# ---- user errors: exit 2, one message, no traceback -------------------------------------
+
+
+def test_yaml_typo_exits_2_without_traceback(tmp_path):
+    """Through a real process, so the exit code and the absence of a traceback are the user's."""
+    path = tmp_path / "typo.yaml"
+    path.write_text("learnin_rate: 1.0e-4\nlora:\n  rank: 8\n")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sftrainer", "train", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    message = error_message(proc.stderr)
+    assert message.startswith(f"sftrainer: error: {path}: 2 problem(s)")
+    assert "unknown key 'learnin_rate' (did you mean 'learning_rate'?)" in message
+    assert "unknown key 'lora.rank' (did you mean 'lora.r'?)" in message
+    assert "\n\n" not in message  # one paragraph
+
+
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [
+        (["lora.r=abc"], "lora.r: expected an integer, got 'abc'"),
+        (["train_on=everything", "max_length=0"], "2 problem(s)"),
+        (["nope.yaml"], "config file not found: nope.yaml"),
+        (["empty.yaml", "lora"], "override 'lora': expected key=value"),
+        (["empty.yaml", "other.yaml"], "override 'other.yaml': expected key=value"),
+        (["lr_scheduler_type=cosin"], "did you mean 'cosine'?"),
+    ],
+)
+def test_config_errors_exit_2(capsys, tmp_path, monkeypatch, items, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.yaml").write_text("# all defaults\n")
+    code, out, err = run_cli(capsys, "train", *items)
+    assert code == 2
+    assert expected in error_message(err)
+    assert "Traceback" not in err and out == ""
+
+
+def test_yaml_syntax_error_exits_2(capsys, tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("lora:\n  r: [8, 16\n  alpha: 32\n")
+    code, _, err = run_cli(capsys, "train", str(path))
+    assert code == 2
+    assert error_message(err).startswith(f"sftrainer: error: {path}:")
+    assert "invalid YAML" in err
+
+
+def test_bad_data_file_exits_2(capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n')
+    code, out, err = run_cli(capsys, "train", f"data.train={bad}", f"output_dir={tmp_path / 'out'}")
+    assert code == 2
+    message = error_message(err)
+    assert f"{bad}:2" in message and "invalid JSON" in message
+    assert "\n\n" not in message and "Traceback" not in err
+    assert out == ""
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_missing_data_file_exits_2(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", f"data.train={tmp_path / 'nope.jsonl'}", f"output_dir={tmp_path}")
+    assert code == 2
+    assert "nope.jsonl" in error_message(err)
+
+
+# ---- the demo, shortened ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, sftrainer_home):
+    """`sftrainer train` with no config, cut to 30 steps and 20 exact-match samples."""
+    out_dir = tmp_path_factory.mktemp("demo")
+    stdout = io.StringIO()  # capsys is function-scoped: capture the summary by hand
+    with contextlib.redirect_stdout(stdout):
+        code = main(["train", f"output_dir={out_dir}", "max_steps=30", "exact_match_samples=20"])
+    return code, stdout.getvalue(), out_dir
+
+
+def test_demo_exit_code_and_summary(demo_run):
+    code, out, out_dir = demo_run
+    assert code == 0
+    assert "Training finished in" in out and "train loss" in out
+    lines = out.splitlines()
+    header = next(line for line in lines if "before" in line)
+    assert header.split() == ["before", "after"]
+    loss = next(line for line in lines if line.strip().startswith("eval_loss"))
+    exact = next(line for line in lines if line.strip().startswith("eval_exact_match"))
+    results = json.loads((out_dir / "all_results.json").read_text())
+    assert loss.split()[1:] == [f"{results['eval_before_loss']:.4f}", f"{results['eval_loss']:.4f}"]
+    before, after = results["eval_before_exact_match"], results["eval_exact_match"]
+    assert exact.split()[1:] == [f"{before:.4f}", f"{after:.4f}"]
+    assert f"Saved to {out_dir}" in out
+    assert str(out_dir / "all_results.json") in out
+
+
+def test_demo_metrics(demo_run):
+    _, _, out_dir = demo_run
+    results = json.loads((out_dir / "all_results.json").read_text())
+    for key in ("eval_loss", "eval_before_loss", "eval_exact_match", "eval_before_exact_match", "train_loss"):
+        assert key in results, f"{key} missing from all_results.json"
+    assert 0.0 <= results["eval_exact_match"] <= 1.0
+    assert 0.0 <= results["eval_before_exact_match"] <= 1.0
+    assert results["eval_loss"] < results["eval_before_loss"]  # 30 steps already learn something
+
+
+def test_demo_writes_a_loadable_model(demo_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, _, out_dir = demo_run
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+                 "sftrainer_config.yaml", "all_results.json"):  # fmt: skip
+        assert (out_dir / name).is_file(), f"{name} not written"
+    assert not (out_dir / "adapter_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    assert tokenizer.chat_template, "the tokenizer was saved without its chat template"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Sort the words: cat apple"}],
+                                         tokenize=False, add_generation_prompt=True)  # fmt: skip
+    assert text.endswith("<|im_start|>assistant\n")
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert model.config.model_type == "llama"
+
+
+def test_demo_saves_the_resolved_config(demo_run):
+    """sftrainer_config.yaml is the demo config plus the overrides, and loads back as a config."""
+    from sftrainer import builtin
+
+    _, _, out_dir = demo_run
+    saved = yaml.safe_load((out_dir / "sftrainer_config.yaml").read_text())
+    assert saved["max_steps"] == 30 and saved["exact_match_samples"] == 20
+    assert saved["output_dir"] == str(out_dir)
+    assert saved["learning_rate"] == builtin.DEMO_CONFIG["learning_rate"]
+    assert saved["model"] == builtin.DEMO_CONFIG["model"]
+    cfg = load_config(out_dir / "sftrainer_config.yaml")
+    assert cfg.train.max_steps == 30 and cfg.data.train == "builtin"
+
+
+# ---- LoRA from the shipped config ---------------------------------------------------------
+
+
+def test_lora_run_from_shipped_config(capsys, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    monkeypatch.chdir(REPO)
+    out_dir = tmp_path / "lora"
+    code, out, err = run_cli(
+        capsys, "train", "configs/builtin-lora.yaml", f"output_dir={out_dir}", "max_steps=5",
+        "exact_match_samples=0", "per_device_train_batch_size=8", "lora.r=4", "lora.alpha=8",
+    )  # fmt: skip
+    assert code == 0, err
+    assert (out_dir / "adapter_config.json").is_file()
+    assert (out_dir / "adapter_model.safetensors").is_file()
+    assert not (out_dir / "model.safetensors").exists()  # an adapter, not a full copy of the model
+    adapter = json.loads((out_dir / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8
+    weights = safetensors.torch.load_file(out_dir / "adapter_model.safetensors")
+    assert weights and all("lora_" in name for name in weights)
+    results = json.loads((out_dir / "all_results.json").read_text())
+    assert "eval_loss" in results and "eval_before_loss" in results
+    assert "Saved to" in out
+
+
+# ---- every other shipped config runs ------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name not in RUN_ELSEWHERE], ids=lambda p: p.name)
+def test_shipped_config_runs(capsys, tmp_path, monkeypatch, path):
+    monkeypatch.chdir(REPO)
+    out_dir = tmp_path / "out"
+    overrides = [f"output_dir={out_dir}", "max_steps=2", "exact_match_samples=0"]
+    code, _, err = run_cli(capsys, "train", f"configs/{path.name}", *overrides)
+    assert code == 0, error_message(err)
+    assert (out_dir / "all_results.json").is_file()
+    saved = (out_dir / "adapter_model.safetensors", out_dir / "model.safetensors")
+    assert any(p.is_file() for p in saved)

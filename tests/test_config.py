@@ -1,0 +1,450 @@
+"""Config loading and validation: YAML + dotted overrides -> a typed, validated RunConfig.
+
+Every bad input must fail before any work starts, in one ConfigError that lists each problem by the
+key the user wrote. Also loads every shipped YAML in configs/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sftrainer.config import SFTConfig, apply_overrides, coerce, known_keys, load_config
+from sftrainer.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(*args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(*args, **kwargs)
+    return str(info.value)
+
+
+# ---- unknown keys --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "wrong", "right"),
+    [
+        ("learnin_rate: 1.0e-4\n", "learnin_rate", "learning_rate"),
+        ("lora:\n  rank: 8\n", "lora.rank", "lora.r"),
+        ("model:\n  nme_or_path: builtin\n", "model.nme_or_path", "model.name_or_path"),
+        ("data:\n  trian: a.jsonl\n", "data.trian", "data.train"),
+        ("lorra:\n  r: 8\n", "lorra", "lora"),
+        ("name_or_path: builtin\n", "name_or_path", "model.name_or_path"),  # section key at top level
+    ],
+)
+def test_unknown_key_did_you_mean(tmp_path, yaml_text, wrong, right):
+    message = config_error(write(tmp_path, yaml_text))
+    assert f"unknown key '{wrong}'" in message
+    assert f"did you mean '{right}'?" in message
+
+
+def test_unknown_key_far_from_any_gives_no_guess(tmp_path):
+    message = config_error(write(tmp_path, "zzzqqq: 1\n"))
+    assert "unknown key 'zzzqqq'" in message
+    assert "did you mean" not in message
+
+
+def test_unknown_key_in_override_is_named_as_written():
+    message = config_error(None, ["lora.rnk=4"])
+    assert "unknown key 'lora.rnk'" in message and "did you mean 'lora.r'?" in message
+
+
+def test_non_string_key_is_reported_not_crashed(tmp_path):
+    message = config_error(write(tmp_path, "1: 2\nlora:\n  3: 4\n"))
+    assert "unknown key '1'" in message and "unknown key 'lora.3'" in message
+
+
+def test_known_keys_share_names_with_fields():
+    keys = set(known_keys())
+    assert {"learning_rate", "max_length", "packing", "train_on"} <= keys
+    assert {"lora", "lora.r", "lora.alpha", "model.name_or_path", "data.train", "data.eval_split"} <= keys
+
+
+# ---- all problems at once -------------------------------------------------------------------
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    path = write(
+        tmp_path,
+        """\
+learnin_rate: 1.0e-4
+max_steps: many
+train_on: everything
+max_length: 0
+lr_scheduler_type: cosin
+model:
+  nme_or_path: builtin
+  dtype: float8
+data:
+  eval_split: 1.5
+lora:
+  rank: 8
+  dropout: 2
+""",
+    )
+    message = config_error(path)
+    expected = [
+        "unknown key 'learnin_rate' (did you mean 'learning_rate'?)",
+        "max_steps: expected an integer, got 'many'",
+        "train_on:",
+        "max_length:",
+        "lr_scheduler_type:",
+        "unknown key 'model.nme_or_path' (did you mean 'model.name_or_path'?)",
+        "model.dtype:",
+        "data.eval_split:",
+        "unknown key 'lora.rank' (did you mean 'lora.r'?)",
+        "lora.dropout:",
+    ]
+    for text in expected:
+        assert text in message, f"{text!r} missing from:\n{message}"
+    assert message.startswith(f"{path}: {len(expected)} problem(s)")
+    # one problem per line, each indented under the header
+    assert len([line for line in message.splitlines() if line.startswith("  ")]) == len(expected)
+
+
+def test_section_and_top_level_value_problems_together():
+    """SFTConfig's own checks run even when a section is already wrong."""
+    message = config_error(None, ["train_on=everything", "data.eval_split=1.5", "lora.r=0"])
+    assert "3 problem(s)" in message
+    assert "train_on:" in message and "data.eval_split:" in message and "lora.r:" in message
+
+
+# ---- typed values --------------------------------------------------------------------------
+
+
+def test_cli_strings_are_coerced_to_field_types():
+    cfg = load_config(
+        None,
+        [
+            "learning_rate=1e-4",
+            "skip_invalid_rows=true",
+            "max_steps=3",
+            "num_train_epochs=2",
+            "lora.r=32",
+            "lora.dropout=0.1",
+            "data.eval_split=0.25",
+            "max_length=null",
+        ],
+    )
+    args = cfg.train
+    assert args.learning_rate == 1e-4 and isinstance(args.learning_rate, float)
+    assert args.skip_invalid_rows is True
+    assert args.max_steps == 3 and isinstance(args.max_steps, int)
+    assert args.num_train_epochs == 2.0 and isinstance(args.num_train_epochs, float)
+    assert args.max_length is None
+    assert cfg.lora is not None and cfg.lora.r == 32 and cfg.lora.dropout == 0.1
+    assert cfg.data.eval_split == 0.25
+
+
+def test_yaml_values_are_coerced(tmp_path):
+    # PyYAML reads 1e-4 (no dot) as a string: it must still become a float.
+    path = write(tmp_path, "learning_rate: 1e-4\nlogging_steps: 5\nlora:\n  modules_to_save: lm_head\n")
+    cfg = load_config(path)
+    assert cfg.train.learning_rate == 1e-4
+    assert cfg.train.logging_steps == 5
+    assert cfg.lora.modules_to_save == ["lm_head"]  # one name -> a list of one
+
+
+@pytest.mark.parametrize(("value", "expected"), [("q_proj", {"q_proj"}), ("[q_proj, v_proj]", {"q_proj", "v_proj"}),
+                                                 ("all-linear", "all-linear")])  # fmt: skip
+def test_lora_target_modules_one_name_is_a_module_name(value, expected):
+    """PEFT reads a plain string as a regex over full paths: one module name must become a list."""
+    from sftrainer.lora import peft_config_from
+
+    cfg = load_config(None, [f"lora.target_modules={value}"])
+    assert peft_config_from(cfg.lora).target_modules == expected
+
+
+@pytest.mark.parametrize(
+    ("annotation", "text", "value"),
+    [
+        (float, "1e-4", 1e-4),
+        (float, "3", 3.0),
+        (int, "3", 3),
+        (int, 4.0, 4),
+        (bool, "true", True),
+        (bool, "False", False),
+        (bool, "yes", True),
+        (bool, "0", False),
+        (str, 7, "7"),
+        (int | None, None, None),
+        (str | list[str], "a", "a"),
+        (str | list[str], ["a", "b"], ["a", "b"]),
+        (list[str], "a", ["a"]),
+    ],
+)
+def test_coerce(annotation, text, value):
+    out = coerce(text, annotation)
+    assert out == value and type(out) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("annotation", "value"),
+    [(float, "abc"), (float, True), (int, "3.5"), (int, 2.5), (int, True), (bool, "maybe"), (bool, 1.0),
+     (str, None), (list[str], 3), (dict, "x")],
+)  # fmt: skip
+def test_coerce_rejects(annotation, value):
+    with pytest.raises(ValueError):
+        coerce(value, annotation)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("learning_rate=abc", "learning_rate"),
+        ("max_steps=1.5", "max_steps"),
+        ("bf16=maybe", "bf16"),
+        ("lora.r=abc", "lora.r"),
+        ("data.eval_split=half", "data.eval_split"),
+        ("data.columns=prompt", "data.columns"),
+        ("lora=5", "lora"),
+    ],
+)
+def test_bad_value_names_the_key(override, key):
+    message = config_error(None, [override])
+    assert f"  {key}: " in message
+    assert repr(yaml.safe_load(override.partition("=")[2])) in message  # and shows the value
+
+
+@pytest.mark.parametrize("text", ["no", "false", '"no"'])
+def test_strategy_no_survives_yaml(text):
+    """YAML 1.1 reads an unquoted `no` as false; eval_strategy=no must still mean 'no'."""
+    cfg = load_config(None, [f"eval_strategy={text}", f"save_strategy={text}"])
+    assert cfg.train.eval_strategy == "no" and cfg.train.save_strategy == "no"
+
+
+def test_enum_value_typo_names_the_key():
+    message = config_error(None, ["lr_scheduler_type=cosin", "optim=adamw_torc"])
+    assert "lr_scheduler_type: must be one of" in message and "did you mean 'cosine'?" in message
+    assert "optim: must be one of" in message and "did you mean 'adamw_torch'?" in message
+
+
+# ---- dotted overrides ----------------------------------------------------------------------
+
+
+def test_dotted_overrides(tmp_path):
+    path = write(tmp_path, "learning_rate: 1.0e-3\nlora:\n  r: 8\n  alpha: 16\n")
+    cfg = load_config(path, ["lora.r=32", "data.train=my/file.jsonl", "learning_rate=5e-4", "output_dir=o"])
+    assert cfg.lora.r == 32 and cfg.lora.alpha == 16  # the rest of the section is kept
+    assert cfg.data.train == "my/file.jsonl"
+    assert cfg.train.learning_rate == 5e-4
+    assert cfg.train.output_dir == "o"
+    assert cfg.source["lora"] == {"r": 32, "alpha": 16}
+
+
+def test_override_lora_null_removes_lora(tmp_path):
+    path = write(tmp_path, "lora:\n  r: 8\n")
+    assert load_config(path).lora is not None
+    assert load_config(path, ["lora=null"]).lora is None
+
+
+def test_override_lora_key_adds_lora():
+    assert load_config(None).lora is None
+    cfg = load_config(None, ["lora.r=4"])
+    assert cfg.lora is not None and cfg.lora.r == 4 and cfg.lora.alpha == 32
+
+
+def test_override_list_and_mapping_values():
+    cfg = load_config(None, ["data.train=[a.jsonl, b.jsonl]", "data.columns.question=prompt"])
+    assert cfg.data.train == ["a.jsonl", "b.jsonl"]
+    assert cfg.data.columns == {"question": "prompt"}
+
+
+def test_overrides_apply_over_defaults_without_mutating_them():
+    defaults = {"data": {"train": "builtin", "columns": {"q": "prompt"}}, "max_length": 64}
+    cfg = load_config(None, ["data.columns.a=response", "max_length=32"], defaults=defaults)
+    assert cfg.data.columns == {"q": "prompt", "a": "response"} and cfg.train.max_length == 32
+    assert defaults == {"data": {"train": "builtin", "columns": {"q": "prompt"}}, "max_length": 64}
+
+
+@pytest.mark.parametrize("item", ["lora", "=3", "learning_rate"])
+def test_malformed_override(item):
+    assert f"override '{item}': expected key=value" in config_error(None, [item])
+
+
+def test_override_value_with_equals_sign():
+    cfg = load_config(None, ["run_name=a=b"])
+    assert cfg.train.run_name == "a=b"
+
+
+def test_apply_overrides_is_pure():
+    base = {"lora": {"r": 8}}
+    out = apply_overrides(base, ["lora.r=16"])
+    assert out == {"lora": {"r": 16}} and base == {"lora": {"r": 8}}
+
+
+# ---- YAML files --------------------------------------------------------------------------
+
+
+def test_yaml_syntax_error_reports_file_and_line(tmp_path):
+    path = write(tmp_path, "learning_rate: 1.0e-4\nlora:\n  r: [8, 16\n  alpha: 32\n")
+    message = config_error(path)
+    match = re.match(rf"{re.escape(str(path))}:(\d+): invalid YAML", message)
+    assert match, message
+    assert int(match.group(1)) in (3, 4)  # the open bracket's line, or where the parser noticed
+
+
+def test_yaml_tab_indentation_error(tmp_path):
+    path = write(tmp_path, "lora:\n\tr: 8\n")
+    assert config_error(path).startswith(f"{path}:2: invalid YAML")
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+def test_yaml_top_level_must_be_mapping(tmp_path, text):
+    message = config_error(write(tmp_path, text))
+    assert "top level must be a mapping" in message
+
+
+def test_empty_yaml_is_all_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, "# nothing here\n"))
+    assert cfg.model.name_or_path == "builtin" and cfg.lora is None
+    assert cfg.train.output_dir == "outputs/run"
+
+
+def test_missing_config_file(tmp_path):
+    assert "config file not found" in config_error(tmp_path / "nope.yaml")
+
+
+# ---- impossible settings ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train_on=everything", "train_on"),
+        ("max_length=0", "max_length"),
+        ("max_length=-5", "max_length"),
+        ("pad_to_multiple_of=0", "pad_to_multiple_of"),
+        ("pair_template=jinja", "pair_template"),
+        ("exact_match_samples=-1", "exact_match_samples"),
+        ("data.eval_split=1.5", "data.eval_split"),
+        ("data.eval_split=-0.1", "data.eval_split"),
+        ("model.dtype=float8", "model.dtype"),
+        ("lora.r=0", "lora.r"),
+        ("lora.dropout=1.0", "lora.dropout"),
+        ("lora.bias=some", "lora.bias"),
+    ],
+)
+def test_impossible_setting_names_the_key(override, key):
+    message = config_error(None, [override])
+    assert f"  {key}: " in message, message
+
+
+def test_train_on_typo_suggests():
+    assert "did you mean 'response'?" in config_error(None, ["train_on=responses"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["completion_only_loss=true", "train_on=all"], "completion_only_loss"),
+        (["assistant_only_loss=true", "train_on=all"], "assistant_only_loss"),
+        (["data.eval=builtin", "data.eval_split=0.1"], "data.eval_split"),
+        (["eval_strategy=steps", "data.eval=null"], "eval_strategy"),
+    ],
+)
+def test_contradictory_settings(overrides, key):
+    assert key in config_error(None, overrides)
+
+
+def test_eval_strategy_with_eval_data_is_fine():
+    cfg = load_config(None, ["eval_strategy=steps", "eval_steps=10", "data.eval_split=0.1"])
+    assert cfg.train.eval_strategy == "steps"
+
+
+def test_trl_names_mean_what_they_mean_there():
+    cfg = load_config(None, ["completion_only_loss=false"])
+    assert cfg.train.train_on == "all"
+    with pytest.warns(FutureWarning, match="max_length"):
+        cfg = load_config(None, ["max_seq_length=128"])
+    assert cfg.train.max_length == 128
+
+
+# ---- packing -------------------------------------------------------------------------------
+
+
+def test_packing_settings():
+    assert load_config(None, ["packing=false"]).train.packing is False
+    assert "  packing: " in config_error(None, ["packing=sometimes"])
+    # packing=true: either supported, or refused with a message naming the key (never ignored).
+    try:
+        cfg = load_config(None, ["packing=true"])
+    except ConfigError as err:
+        assert "packing" in str(err)
+    else:
+        assert cfg.train.packing is True
+    if "packing_strategy" in {f.name for f in dataclasses.fields(SFTConfig)}:
+        assert "packing_strategy" in config_error(None, ["packing=true", "packing_strategy=nonsense"])
+
+
+# ---- the resolved config -----------------------------------------------------------------
+
+
+def test_source_round_trips(tmp_path):
+    """What a run saves as sftrainer_config.yaml loads back to the same config."""
+    cfg = load_config(REPO / "configs" / "builtin-lora.yaml", ["lora.r=4", "max_steps=5"])
+    saved = write(tmp_path, yaml.safe_dump(cfg.source, sort_keys=False), "saved.yaml")
+    again = load_config(saved)
+    assert again.source == cfg.source
+    assert again.lora == cfg.lora and again.data == cfg.data and again.model == cfg.model
+    assert again.train.to_dict() == cfg.train.to_dict()
+
+
+# ---- shipped configs --------------------------------------------------------------------
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"builtin-full.yaml", "builtin-lora.yaml", "chat-lora.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_config(path, monkeypatch):
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first == f"# sftrainer train configs/{path.name}", "first line must be the command that runs it"
+    monkeypatch.chdir(REPO)  # the command runs from the repository root
+    cfg = load_config(Path("configs") / path.name)
+    # its data files are shipped
+    sources = cfg.data.train if isinstance(cfg.data.train, list) else [cfg.data.train]
+    for source in [*sources, cfg.data.eval]:
+        if source is not None and Path(source).suffix in (".jsonl", ".json", ".csv", ".parquet"):
+            assert (REPO / source).is_file(), f"{source} is not shipped"
+    # it writes somewhere of its own, not into another config's directory
+    assert cfg.train.output_dir.startswith("outputs/")
+
+
+def test_shipped_configs_write_to_distinct_dirs():
+    dirs = [load_config(p).train.output_dir for p in CONFIGS]
+    assert len(set(dirs)) == len(dirs)
+
+
+def test_builtin_full_matches_the_demo():
+    from sftrainer import builtin
+
+    full = load_config(REPO / "configs" / "builtin-full.yaml")
+    demo = load_config(None, defaults=builtin.DEMO_CONFIG)
+    assert full.model == demo.model and full.data == demo.data and full.lora is None
+    skip = {"output_dir", "logging_dir", "run_name"}
+    a, b = full.train.to_dict(), demo.train.to_dict()
+    assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+
+
+def test_builtin_lora_has_lora_and_a_higher_learning_rate():
+    full = load_config(REPO / "configs" / "builtin-full.yaml")
+    lora = load_config(REPO / "configs" / "builtin-lora.yaml")
+    assert lora.lora is not None
+    assert lora.train.learning_rate > full.train.learning_rate

@@ -1,0 +1,177 @@
+"""Packing and padding-free batching: the packer's invariants and exact equivalence with unpacked rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+
+from sftrainer.data.collate import PaddedCollator, PositionCollator
+from sftrainer.data.pack import best_fit_decreasing, pack_dataset
+from sftrainer.data.tokenize import IGNORE_INDEX
+from sftrainer.isolation import ContaminationError, check_row_isolation
+
+
+def _rows(lengths: list[int], seed: int = 0, vocab: int = 300) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in lengths:
+        ids = rng.integers(5, vocab, size=n).tolist()
+        cut = max(1, n // 2)  # untrained "prompt", trained "response"
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * cut + ids[cut:]})
+    return rows
+
+
+# ---- best-fit-decreasing ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bfd_respects_capacity_and_places_every_item_once(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 200, size=2000)
+    bins = best_fit_decreasing(lengths, 256)
+    assert bins.shape == lengths.shape  # every item placed exactly once
+    loads = np.bincount(bins, weights=lengths)
+    assert loads.max() <= 256
+    # Best fit decreasing is within 11/9 OPT + 1; the volume bound is a lower bound on OPT.
+    assert len(loads) <= 11 / 9 * np.ceil(lengths.sum() / 256) + 1
+
+
+def test_bfd_fills_tightest_bin():
+    # 6 and 4 fill one bin exactly; best fit must put 4 next to 6, not next to 5.
+    bins = best_fit_decreasing(np.array([6, 5, 4, 5]), 10)
+    assert bins[0] == bins[2]
+    assert bins[1] == bins[3]
+
+
+def test_bfd_rejects_items_that_cannot_fit():
+    with pytest.raises(ValueError, match=r"\[1, 8\]"):
+        best_fit_decreasing(np.array([3, 9]), 8)
+
+
+# ---- pack_dataset -------------------------------------------------------------------------
+
+
+def _segments(row: dict) -> list[tuple[list[int], list[int]]]:
+    """Split a packed row back into (input_ids, labels) of its rows, using position_ids."""
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+    return [(row["input_ids"][a:b], row["labels"][a:b]) for a, b in zip(starts, starts[1:])]
+
+
+def test_pack_dataset_keeps_every_row_with_its_labels_and_positions():
+    rows = _rows([5, 3, 7, 2, 9, 4, 8, 1, 6])
+    packed, stats = pack_dataset(Dataset.from_list(rows), max_length=10)
+    out = packed.to_list()
+    assert all(len(r["input_ids"]) <= 10 for r in out)
+    assert stats.rows == 9 and stats.sequences == len(out) and stats.tokens == sum(len(r["input_ids"]) for r in rows)
+    found = sorted(seg for r in out for seg in map(lambda s: (tuple(s[0]), tuple(s[1])), _segments(r)))
+    # Each original row appears exactly once, with its own labels except the first token (never trained).
+    want = sorted((tuple(r["input_ids"]), tuple([IGNORE_INDEX] + r["labels"][1:])) for r in rows)
+    assert found == want
+    for r in out:
+        for ids, _ in _segments(r):
+            assert len(ids) >= 1
+        assert r["position_ids"] == [p for ids, _ in _segments(r) for p in range(len(ids))]
+
+
+def test_pack_dataset_on_a_filtered_view():
+    ds = Dataset.from_list(_rows([4, 5, 6, 7])).filter(lambda r: len(r["input_ids"]) != 5)
+    packed, stats = pack_dataset(ds, max_length=8)
+    assert stats.rows == 3
+    assert sorted(len(s[0]) for r in packed.to_list() for s in _segments(r)) == [4, 6, 7]
+
+
+def test_pack_dataset_refuses_overlong_rows_unless_split():
+    ds = Dataset.from_list(_rows([3, 12]))
+    with pytest.raises(ValueError, match="bfd_split"):
+        pack_dataset(ds, max_length=8)
+    packed, stats = pack_dataset(ds, max_length=8, strategy="bfd_split")
+    assert stats.split_rows == 1
+    pieces = sorted(len(s[0]) for r in packed.to_list() for s in _segments(r))
+    assert pieces == [3, 4, 8]  # 12 tokens -> 8 + 4
+    assert sum(pieces) == 15
+
+
+# ---- equivalence with unpacked rows -------------------------------------------------------
+
+
+def _per_token_losses(model, batch) -> torch.Tensor:
+    """Cross-entropy of every trained token, in order of appearance."""
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return losses[labels.reshape(-1) != IGNORE_INDEX]
+
+
+def _model(tiny_model_dir, impl):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=impl, dtype=torch.float32)
+    model.config.use_cache = False  # what SFTTrainer sets for packed batches
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("flatten", [True, False])
+def test_packed_losses_and_gradients_equal_row_by_row(tiny_model_dir, impl, flatten):
+    model = _model(tiny_model_dir, impl)
+    rows = _rows([9, 14, 5, 11, 7, 20], vocab=model.config.vocab_size)
+    packed, _ = pack_dataset(Dataset.from_list(rows), max_length=32)
+    packed_rows = packed.to_list()
+    collate = PositionCollator(pad_token_id=0, flatten=flatten)
+
+    # Losses: per trained token, packed vs each row alone (matched by content: packing reorders rows).
+    together = _per_token_losses(model, collate(packed_rows))
+    alone = {}
+    for row in rows:
+        single = PaddedCollator(pad_token_id=0)([row])
+        alone[tuple(row["input_ids"])] = _per_token_losses(model, single)
+    expected = torch.cat([alone[tuple(ids)] for r in packed_rows for ids, _ in _segments(r)])
+    torch.testing.assert_close(together, expected, atol=1e-5, rtol=1e-5)
+
+    # Gradients of one training step (token-mean loss over the whole batch).
+    n_tokens = expected.numel()
+    model.zero_grad()
+    (_per_token_losses(model, collate(packed_rows)).sum() / n_tokens).backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for row in rows:
+        (_per_token_losses(model, PaddedCollator(pad_token_id=0)([row])).sum() / n_tokens).backward()
+    for got, want in zip(packed_grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_padding_free_losses_equal_padded(tiny_model_dir, impl):
+    model = _model(tiny_model_dir, impl)
+    rows = _rows([9, 14, 5, 11], vocab=model.config.vocab_size)
+    padded = _per_token_losses(model, PaddedCollator(pad_token_id=0)(rows))
+    flat = _per_token_losses(model, PositionCollator(pad_token_id=0, flatten=True)(rows))
+    torch.testing.assert_close(flat, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_position_collator_shapes_and_first_token_label():
+    rows = _rows([3, 5])
+    flat = PositionCollator(pad_token_id=0, flatten=True)(rows)
+    assert flat["input_ids"].shape == (1, 8)
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
+    assert flat["labels"][0, 0] == IGNORE_INDEX and flat["labels"][0, 3] == IGNORE_INDEX
+    assert "attention_mask" not in flat  # its absence is what makes transformers read position_ids
+    rows_layout = PositionCollator(pad_token_id=0, flatten=False, pad_to_multiple_of=4)(rows)
+    assert rows_layout["input_ids"].shape == (2, 8)
+    assert rows_layout["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]  # padding: its own block
+    assert (rows_layout["labels"][0, 3:] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_isolation_check_passes_and_refuses_a_leaking_setup(tiny_model_dir, flatten):
+    model = _model(tiny_model_dir, "sdpa")
+    check_row_isolation(model, PositionCollator(pad_token_id=0, flatten=flatten))
+    # With the KV cache on, transformers skips its packed-sequence mask: rows would see each other.
+    model.config.use_cache = True
+    with pytest.raises(ContaminationError, match="attend to each other"):
+        check_row_isolation(model, PositionCollator(pad_token_id=0, flatten=flatten))
