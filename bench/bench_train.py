@@ -51,7 +51,9 @@ def build_assets(root: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
     with open(data_file, "w") as fh:
         for row in data:
             fh.write(json.dumps(row) + "\n")
-    tokenizer = build_tokenizer([{"prompt": r["prompt"], "response": r["completion"]} for r in data], vocab_size=4096)
+    tokenizer = build_tokenizer(
+        [{"prompt": r["prompt"], "response": r["completion"]} for r in data], vocab_size=4096
+    )
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=512,
@@ -188,10 +190,14 @@ def matmul_peak(precision: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per configuration")
     parser.add_argument("--batch", type=int, default=4, help="packed sequences of 512 tokens per step")
-    parser.add_argument("--rows-per-seq", type=int, default=4, help="padded rows per packed sequence (same work)")
+    parser.add_argument(
+        "--rows-per-seq", type=int, default=4, help="padded rows per packed sequence (same work)"
+    )
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--workdir", default="/tmp/sftrainer-bench")
     parser.add_argument("--only", nargs=3, metavar=("TRAINER", "BATCHING", "PRECISION"))
@@ -208,7 +214,14 @@ def main() -> None:
         if precision not in args.precisions:
             continue
         cmd = [sys.executable, __file__, "--only", trainer_name, batching, precision]
-        cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--rows-per-seq", str(args.rows_per_seq)]
+        cmd += [
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--rows-per-seq",
+            str(args.rows_per_seq),
+        ]
         cmd += ["--rows", str(args.rows), "--workdir", args.workdir]
         print(f"running {trainer_name} {batching} {precision} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -235,7 +248,9 @@ def main() -> None:
             if a and b:
                 speed = a["trained_tokens_per_s"] / b["trained_tokens_per_s"]
                 rss = a["peak_rss_mb"] / b["peak_rss_mb"]
-                print(f"  {precision}: sftrainer {ours} vs TRL {theirs}: speed x{speed:.2f}, peak RSS x{rss:.2f}")
+                print(
+                    f"  {precision}: sftrainer {ours} vs TRL {theirs}: speed x{speed:.2f}, peak RSS x{rss:.2f}"
+                )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

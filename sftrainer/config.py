@@ -23,6 +23,7 @@ import torch
 import yaml
 from transformers import TrainingArguments
 
+from sftrainer.data.pack import STRATEGIES as PACKING_STRATEGIES
 from sftrainer.data.prepare import PAIR_TEMPLATES, DataSettings
 from sftrainer.data.tokenize import TRAIN_ON
 from sftrainer.errors import ConfigError, did_you_mean
@@ -67,7 +68,25 @@ class SFTConfig(TrainingArguments):
         default=None, metadata={"help": "A Jinja chat template, or a path to one, replacing the tokenizer's."}
     )
     packing: bool = field(
-        default=False, metadata={"help": "Pack rows into full sequences (not available yet)."}
+        default=False,
+        metadata={
+            "help": "Pack rows into sequences of up to max_length tokens (best-fit decreasing); rows never "
+            "attend to each other and keep their own positions."
+        },
+    )
+    packing_strategy: str = field(
+        default="bfd",
+        metadata={
+            "help": "'bfd': rows longer than max_length are truncated (counted); 'bfd_split': they are "
+            "split into max_length pieces instead."
+        },
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Without packing: concatenate each batch into one row (no padding tokens at all)."},
+    )
+    eval_packing: bool | None = field(
+        default=None, metadata={"help": "Pack the eval data too; default: the same as packing."}
     )
     completion_only_loss: bool | None = field(
         default=None, metadata={"help": "TRL name: False trains on all tokens (same as train_on='all')."}
@@ -151,8 +170,13 @@ class SFTConfig(TrainingArguments):
             out.append("completion_only_loss=True contradicts train_on='all'")
         if self.assistant_only_loss and self.train_on == "all":
             out.append("assistant_only_loss=True contradicts train_on='all'")
-        if self.packing:
-            out.append("packing: not implemented yet; leave it false")
+        if self.packing_strategy not in PACKING_STRATEGIES:
+            out.append(
+                f"packing_strategy: must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}"
+                f"{did_you_mean(self.packing_strategy, PACKING_STRATEGIES)}"
+            )
+        if (self.packing or self.eval_packing) and self.max_length is None and self.max_seq_length is None:
+            out.append("packing: needs max_length (the length of a packed sequence)")
         if self.exact_match_samples < 0:
             out.append(f"exact_match_samples: must be >= 0, got {self.exact_match_samples}")
         return out

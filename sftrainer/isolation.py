@@ -40,8 +40,11 @@ def check_row_isolation(model: Any, collator: Any) -> None:
     was_training = model.training
     model.eval()
     try:
-        together = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device))
-        alone = model(input_ids=second[None].to(device))
+        # use_cache=False as in training (SFTTrainer.compute_loss): with a cache, transformers skips
+        # the packed-sequence mask.
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        together = model(**inputs, use_cache=False)
+        alone = model(input_ids=second[None].to(device), use_cache=False)
     finally:
         model.train(was_training)
     got = together.logits[0, 7:12].float()
@@ -57,4 +60,6 @@ def check_row_isolation(model: Any, collator: Any) -> None:
             "would train on cross-row context. Use attn_implementation 'sdpa', 'eager', 'flex_attention' "
             "or 'flash_attention_2' (model.attn_implementation in YAML), or turn packing / padding_free off."
         )
-    logger.info("Packed rows are isolated with attn_implementation='%s' (max logit difference %.2g)", impl, error)
+    logger.info(
+        "Packed rows are isolated with attn_implementation='%s' (max logit difference %.2g)", impl, error
+    )

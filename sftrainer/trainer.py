@@ -13,6 +13,7 @@ counted (rows, truncated, dropped).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable
@@ -25,10 +26,12 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from sftrainer import lora
 from sftrainer.config import SFTConfig, to_sft_config
 from sftrainer.data import load as data_load
-from sftrainer.data.collate import PaddedCollator
+from sftrainer.data.collate import PaddedCollator, PositionCollator
+from sftrainer.data.pack import PackStats, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
-from sftrainer.errors import did_you_mean
+from sftrainer.errors import ConfigError, did_you_mean
 from sftrainer.evaluate import exact_match
+from sftrainer.isolation import check_row_isolation
 from sftrainer.model import load_model, load_tokenizer, prepare_tokenizer, upcast_for_cpu
 
 logger = logging.getLogger(__name__)
@@ -76,32 +79,31 @@ class SFTTrainer(Trainer):
         prepare_tokenizer(processing_class, args.chat_template)
         model = upcast_for_cpu(model, args.precision_fallback)
         model = lora.apply(model, peft_config, gradient_checkpointing=bool(args.gradient_checkpointing))
-        if args.gradient_checkpointing:
-            model.config.use_cache = (
-                False  # the KV cache is useless in training and conflicts with checkpointing
-            )
-
         self.data_stats: dict[str, PrepareStats] = {}
+        self.pack_stats: dict[str, PackStats] = {}
         if isinstance(train_dataset, DatasetDict | IterableDatasetDict):
             train_dataset, split_eval = data_load.split_dataset_dict(train_dataset)
             eval_dataset = eval_dataset if eval_dataset is not None else split_eval
-        settings = args.data_settings()
+
+        def tokenize(dataset: Any, name: str, pack: bool) -> Dataset | IterableDataset:
+            return self._prepare(dataset, processing_class, args, name, formatting_func, pack)
+
         if train_dataset is not None:
-            train_dataset = self._prepare(
-                train_dataset, processing_class, settings, "train data", formatting_func
-            )
+            train_dataset = tokenize(train_dataset, "train data", args.packing)
+        eval_pack = args.packing if args.eval_packing is None else args.eval_packing
         if isinstance(eval_dataset, dict):
-            eval_dataset = {
-                key: self._prepare(ds, processing_class, settings, f"eval data '{key}'", formatting_func)
-                for key, ds in eval_dataset.items()
-            }
+            eval_dataset = {k: tokenize(ds, f"eval data '{k}'", eval_pack) for k, ds in eval_dataset.items()}
         elif eval_dataset is not None:
-            eval_dataset = self._prepare(
-                eval_dataset, processing_class, settings, "eval data", formatting_func
-            )
+            eval_dataset = tokenize(eval_dataset, "eval data", eval_pack)
 
         if data_collator is None:
-            data_collator = PaddedCollator(processing_class.pad_token_id, args.pad_to_multiple_of)
+            data_collator = self._default_collator(model, processing_class.pad_token_id, args)
+        if args.packing or args.padding_free:
+            # Our prepared rows hold exactly what the model needs; PEFT's forward signature hides
+            # position_ids, and dropping them would merge the rows of a packed sequence.
+            args.remove_unused_columns = False
+            if isinstance(data_collator, PositionCollator):
+                check_row_isolation(model, data_collator)
         super().__init__(
             model=model,
             args=args,
@@ -149,12 +151,53 @@ class SFTTrainer(Trainer):
         return processing_class
 
     def _prepare(
-        self, dataset: Any, tokenizer: Any, settings: Any, name: str, formatting_func: Callable | None
+        self,
+        dataset: Any,
+        tokenizer: Any,
+        args: SFTConfig,
+        name: str,
+        formatting_func: Callable | None,
+        pack: bool,
     ) -> Dataset | IterableDataset:
+        """Load, tokenize and (optionally) pack one data set; counts go to data_stats / pack_stats."""
         dataset = data_load.load(dataset, name)
-        prepared, stats = prepare(dataset, tokenizer, settings, name, formatting_func)
-        self.data_stats[name] = stats
-        return prepared
+        settings = args.data_settings()
+        if pack and args.packing_strategy == "bfd_split":
+            settings = dataclasses.replace(settings, max_length=None)  # the packer splits long rows
+        prepared, self.data_stats[name] = prepare(dataset, tokenizer, settings, name, formatting_func)
+        if not pack:
+            return prepared
+        if not isinstance(prepared, Dataset):
+            raise ConfigError(
+                f"{name}: packing needs a map-style datasets.Dataset, not a streaming IterableDataset; "
+                "load the data without streaming, or set packing=False (padding_free=True also avoids padding)"
+            )
+        packed, self.pack_stats[name] = pack_dataset(prepared, args.max_length, args.packing_strategy)
+        summary = self.pack_stats[name].summary(name)
+        truncated = self.data_stats[name].truncated
+        logger.info(
+            "%s%s", summary, f"; {truncated} rows were truncated to max_length first" if truncated else ""
+        )
+        return packed
+
+    @staticmethod
+    def _default_collator(model: Any, pad_token_id: int, args: SFTConfig) -> Any:
+        if not (args.packing or args.padding_free):
+            return PaddedCollator(pad_token_id, args.pad_to_multiple_of)
+        impl = str(getattr(model.config, "_attn_implementation", "") or "")
+        # Varlen FlashAttention reads row boundaries from one flat row. Backends that build a dense
+        # mask (eager, SDPA) keep packed sequences as separate rows: B * L^2 attention, not (B * L)^2.
+        flatten = (args.padding_free and not args.packing) or "flash" in impl
+        return PositionCollator(pad_token_id, flatten=flatten, pad_to_multiple_of=args.pad_to_multiple_of)
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        # Training never reads the KV cache, and with one transformers skips the packed-sequence
+        # mask that keeps the rows of a packed / padding-free batch apart (transformers 5.x
+        # masking_utils only derives it when no cache is passed).
+        inputs = {**inputs, "use_cache": False}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def evaluate(
         self,

@@ -432,19 +432,26 @@ def test_shipped_configs_write_to_distinct_dirs():
     assert len(set(dirs)) == len(dirs)
 
 
+SKIP = {"output_dir", "logging_dir", "run_name"}  # where a run writes, not what it does
+
+
+def train_settings(cfg, skip=SKIP) -> dict:
+    return {k: v for k, v in cfg.train.to_dict().items() if k not in skip}
+
+
 def test_builtin_full_matches_the_demo():
     from sftrainer import builtin
 
     full = load_config(REPO / "configs" / "builtin-full.yaml")
     demo = load_config(None, defaults=builtin.DEMO_CONFIG)
     assert full.model == demo.model and full.data == demo.data and full.lora is None
-    skip = {"output_dir", "logging_dir", "run_name"}
-    a, b = full.train.to_dict(), demo.train.to_dict()
-    assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+    assert train_settings(full) == train_settings(demo)
 
 
-def test_builtin_lora_has_lora_and_a_higher_learning_rate():
+def test_builtin_lora_is_builtin_full_plus_lora():
+    """The two shipped built-in configs differ only in LoRA (and its learning rate): an A/B of methods."""
     full = load_config(REPO / "configs" / "builtin-full.yaml")
     lora = load_config(REPO / "configs" / "builtin-lora.yaml")
-    assert lora.lora is not None
-    assert lora.train.learning_rate > full.train.learning_rate
+    assert lora.lora is not None and lora.lora.r >= 1
+    assert lora.model == full.model and lora.data == full.data
+    assert train_settings(lora, SKIP | {"learning_rate"}) == train_settings(full, SKIP | {"learning_rate"})

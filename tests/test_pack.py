@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -57,7 +59,7 @@ def test_bfd_rejects_items_that_cannot_fit():
 def _segments(row: dict) -> list[tuple[list[int], list[int]]]:
     """Split a packed row back into (input_ids, labels) of its rows, using position_ids."""
     starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
-    return [(row["input_ids"][a:b], row["labels"][a:b]) for a, b in zip(starts, starts[1:])]
+    return [(row["input_ids"][a:b], row["labels"][a:b]) for a, b in itertools.pairwise(starts)]
 
 
 def test_pack_dataset_keeps_every_row_with_its_labels_and_positions():
@@ -65,10 +67,14 @@ def test_pack_dataset_keeps_every_row_with_its_labels_and_positions():
     packed, stats = pack_dataset(Dataset.from_list(rows), max_length=10)
     out = packed.to_list()
     assert all(len(r["input_ids"]) <= 10 for r in out)
-    assert stats.rows == 9 and stats.sequences == len(out) and stats.tokens == sum(len(r["input_ids"]) for r in rows)
-    found = sorted(seg for r in out for seg in map(lambda s: (tuple(s[0]), tuple(s[1])), _segments(r)))
+    assert (
+        stats.rows == 9
+        and stats.sequences == len(out)
+        and stats.tokens == sum(len(r["input_ids"]) for r in rows)
+    )
+    found = sorted((tuple(ids), tuple(labels)) for r in out for ids, labels in _segments(r))
     # Each original row appears exactly once, with its own labels except the first token (never trained).
-    want = sorted((tuple(r["input_ids"]), tuple([IGNORE_INDEX] + r["labels"][1:])) for r in rows)
+    want = sorted((tuple(r["input_ids"]), tuple([IGNORE_INDEX, *r["labels"][1:]])) for r in rows)
     assert found == want
     for r in out:
         for ids, _ in _segments(r):
@@ -109,7 +115,9 @@ def _per_token_losses(model, batch) -> torch.Tensor:
 
 
 def _model(tiny_model_dir, impl):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=impl, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, attn_implementation=impl, dtype=torch.float32
+    )
     model.config.use_cache = False  # what SFTTrainer sets for packed batches
     model.eval()
     return model
@@ -167,11 +175,33 @@ def test_position_collator_shapes_and_first_token_label():
     assert (rows_layout["labels"][0, 3:] == IGNORE_INDEX).all()
 
 
+class _LeakyCollator(PositionCollator):
+    """Sends plain 0..T-1 positions: a packed row then looks like one long sequence."""
+
+    def __call__(self, features):
+        batch = super().__call__(features)
+        batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+        return batch
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("flatten", [True, False])
-def test_isolation_check_passes_and_refuses_a_leaking_setup(tiny_model_dir, flatten):
-    model = _model(tiny_model_dir, "sdpa")
+def test_isolation_check_passes_and_refuses_a_leaking_setup(tiny_model_dir, impl, flatten):
+    model = _model(tiny_model_dir, impl)
     check_row_isolation(model, PositionCollator(pad_token_id=0, flatten=flatten))
-    # With the KV cache on, transformers skips its packed-sequence mask: rows would see each other.
-    model.config.use_cache = True
     with pytest.raises(ContaminationError, match="attend to each other"):
-        check_row_isolation(model, PositionCollator(pad_token_id=0, flatten=flatten))
+        check_row_isolation(model, _LeakyCollator(pad_token_id=0, flatten=flatten))
+
+
+def test_use_cache_would_leak_which_is_why_training_turns_it_off(tiny_model_dir):
+    """transformers 5.x builds the packed-sequence mask only without a KV cache (see compute_loss)."""
+    model = _model(tiny_model_dir, "sdpa")
+    rows = _rows([6, 5], vocab=model.config.vocab_size)
+    batch = PositionCollator(pad_token_id=0, flatten=True)(rows)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        cached = model(**inputs, use_cache=True).logits[0, 6:]
+        uncached = model(**inputs, use_cache=False).logits[0, 6:]
+        alone = model(input_ids=torch.tensor([rows[1]["input_ids"]]), use_cache=False).logits[0]
+    torch.testing.assert_close(uncached, alone, atol=1e-5, rtol=1e-5)
+    assert (cached - alone).abs().max() > 1e-2

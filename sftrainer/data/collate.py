@@ -61,7 +61,9 @@ class PositionCollator:
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
-        labels = [torch.as_tensor(f.get("labels", f["input_ids"]), dtype=torch.long).clone() for f in features]
+        labels = [
+            torch.as_tensor(f.get("labels", f["input_ids"]), dtype=torch.long).clone() for f in features
+        ]
         positions = [
             torch.as_tensor(f["position_ids"], dtype=torch.long)
             if "position_ids" in f

@@ -161,8 +161,14 @@ def pack_dataset(dataset: Dataset, max_length: int, strategy: str = "bfd") -> tu
     def as_list(values: np.ndarray) -> pa.Array:
         return pa.LargeListArray.from_arrays(seq_offsets, pa.array(values, pa.int64())).cast(list_type)
 
-    table = pa.table({"input_ids": as_list(new_ids), "labels": as_list(new_labels), "position_ids": as_list(within)})
+    table = pa.table(
+        {"input_ids": as_list(new_ids), "labels": as_list(new_labels), "position_ids": as_list(within)}
+    )
     stats = PackStats(
-        rows=int(offsets.size - 1), sequences=len(tokens_per_bin), tokens=total, max_length=max_length, split_rows=split_rows
+        rows=int(offsets.size - 1),
+        sequences=len(tokens_per_bin),
+        tokens=total,
+        max_length=max_length,
+        split_rows=split_rows,
     )
     return Dataset(table), stats

@@ -1,0 +1,176 @@
+"""SFTTrainer with packing / padding-free batches, and gradient-accumulation equivalence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from sftrainer import ConfigError, SFTConfig, SFTTrainer
+from sftrainer.data.collate import PaddedCollator, PositionCollator
+from sftrainer.data.tokenize import IGNORE_INDEX
+from sftrainer.isolation import ContaminationError
+
+WORDS = [
+    "apple",
+    "berry",
+    "cat",
+    "dog",
+    "egg",
+    "fish",
+    "goat",
+    "hat",
+    "ink",
+    "jam",
+    "kite",
+    "lamp",
+    "moon",
+    "nut",
+    "owl",
+    "pig",
+]
+
+
+def _rows(n: int) -> list[dict]:
+    # Different prompt and response lengths, so per-batch means and per-token means differ.
+    return [
+        {
+            "prompt": "Repeat: " + " ".join(WORDS[(i + k) % 16] for k in range(1 + i % 5)),
+            "response": " ".join(WORDS[(3 * i + k) % 16] for k in range(1 + (i * 7) % 9)),
+        }
+        for i in range(n)
+    ]
+
+
+def _args(tmp_path, **overrides) -> SFTConfig:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        max_length=64,
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+def test_packing_prepares_packed_rows_and_trains(tiny_model_dir, tmp_path):
+    trainer = SFTTrainer(
+        model=str(tiny_model_dir),
+        args=_args(tmp_path, packing=True),
+        train_dataset=_rows(40),
+        eval_dataset=_rows(8),
+    )
+    ds = trainer.train_dataset
+    assert set(ds.column_names) == {"input_ids", "labels", "position_ids"}
+    stats = trainer.pack_stats["train data"]
+    assert stats.rows == 40 and stats.sequences == len(ds) < 40
+    assert all(len(r) <= 64 for r in ds["input_ids"])
+    assert sum(p.count(0) for p in ds["position_ids"]) == 40  # every row kept, each restarting at 0
+    assert "eval data" in trainer.pack_stats  # eval_packing follows packing by default
+    assert isinstance(trainer.data_collator, PositionCollator) and not trainer.data_collator.flatten
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert "eval_loss" in trainer.evaluate()
+
+
+def test_padding_free_without_packing_uses_one_flat_row(tiny_model_dir, tmp_path):
+    trainer = SFTTrainer(
+        model=str(tiny_model_dir), args=_args(tmp_path, padding_free=True), train_dataset=_rows(12)
+    )
+    assert "position_ids" not in trainer.train_dataset.column_names
+    collator = trainer.data_collator
+    assert isinstance(collator, PositionCollator) and collator.flatten
+    batch = collator([trainer.train_dataset[i] for i in range(3)])
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    trainer.train()
+
+
+def test_bfd_split_splits_long_rows_and_counts_them(tiny_model_dir, tmp_path):
+    rows = [*_rows(6), {"prompt": "Say:", "response": " ".join(WORDS * 4)}]
+    args = _args(tmp_path, packing=True, packing_strategy="bfd_split", max_length=32)
+    trainer = SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=rows)
+    assert trainer.pack_stats["train data"].split_rows == 1
+    assert trainer.data_stats["train data"].truncated == 0
+    assert all(len(r) <= 32 for r in trainer.train_dataset["input_ids"])
+
+
+def test_packing_refuses_a_streaming_dataset(tiny_model_dir, tmp_path):
+    stream = Dataset.from_list(_rows(8)).to_iterable_dataset()
+    with pytest.raises(ConfigError, match="packing needs a map-style"):
+        SFTTrainer(model=str(tiny_model_dir), args=_args(tmp_path, packing=True), train_dataset=stream)
+
+
+def test_bad_packing_strategy_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="packing_strategy"):
+        _args(tmp_path, packing=True, packing_strategy="wrapped")
+
+
+def _leaky_attention(module, query, key, value, attention_mask, **kwargs):
+    """Causal attention that ignores the mask transformers builds: packed rows see each other."""
+    return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
+
+
+def test_an_attention_backend_that_leaks_is_refused(tiny_model_dir, tmp_path):
+    AttentionInterface.register("leaky_for_test", _leaky_attention)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="leaky_for_test")
+    with pytest.raises(ContaminationError, match="leaky_for_test"):
+        SFTTrainer(model=model, args=_args(tmp_path, packing=True), train_dataset=_rows(8))
+    # Without packing the same model trains: rows are padded, never mixed.
+    SFTTrainer(model=model, args=_args(tmp_path), train_dataset=_rows(8))
+
+
+# ---- gradient accumulation ----------------------------------------------------------------
+
+
+def _one_step(tiny_model_dir, tmp_path, batch: int, accumulation: int, **extra) -> tuple[float, dict]:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    args = _args(
+        tmp_path / f"{batch}x{accumulation}",
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        **extra,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=_rows(8))
+    trainer.train()
+    loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
+    return loss, {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("extra", [{}, {"padding_free": True}], ids=["padded", "padding_free"])
+def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, tmp_path, extra):
+    """8 x 1 and 2 x 4 are the same optimizer step: the loss is a mean over all trained tokens."""
+    rows = Dataset.from_list(_rows(8))
+    counts = [sum(x != IGNORE_INDEX for x in r[1:]) for r in _prepared_labels(tiny_model_dir, tmp_path, rows)]
+    assert len(set(counts)) > 2  # rows differ in trained tokens, so naive averaging would differ
+    loss_big, weights_big = _one_step(tiny_model_dir, tmp_path, 8, 1, **extra)
+    loss_acc, weights_acc = _one_step(tiny_model_dir, tmp_path, 2, 4, **extra)
+    assert loss_acc == pytest.approx(loss_big, rel=1e-5)
+    for name, value in weights_big.items():
+        torch.testing.assert_close(weights_acc[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _prepared_labels(tiny_model_dir, tmp_path, rows) -> list[list[int]]:
+    trainer = SFTTrainer(model=str(tiny_model_dir), args=_args(tmp_path), train_dataset=rows)
+    return trainer.train_dataset["labels"]
+
+
+def test_padded_and_padding_free_collators_agree_on_trained_tokens(tiny_model_dir, tmp_path):
+    trainer = SFTTrainer(model=str(tiny_model_dir), args=_args(tmp_path), train_dataset=_rows(5))
+    rows = [trainer.train_dataset[i] for i in range(5)]
+    padded = PaddedCollator(pad_token_id=0)(rows)["labels"]
+    flat = PositionCollator(pad_token_id=0, flatten=True)(rows)["labels"]
+    assert padded[padded != IGNORE_INDEX].tolist() == flat[flat != IGNORE_INDEX].tolist()
