@@ -118,6 +118,9 @@ def run_one(trainer_name: str, batching: str, precision: str, args: argparse.Nam
         seed=0,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        # TRL turns checkpointing on by default; both get the same setting so the comparison is
+        # like for like (it trades about a third more compute for activation memory).
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     prep_start = time.perf_counter()
     if trainer_name == "trl":
@@ -202,6 +205,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/sftrainer-bench")
     parser.add_argument("--only", nargs=3, metavar=("TRAINER", "BATCHING", "PRECISION"))
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="on for both trainers")
     parser.add_argument("--out", default="bench/results.json")
     args = parser.parse_args()
     if args.only:
@@ -223,6 +227,7 @@ def main() -> None:
             str(args.rows_per_seq),
         ]
         cmd += ["--rows", str(args.rows), "--workdir", args.workdir]
+        cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         print(f"running {trainer_name} {batching} {precision} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         if proc.returncode != 0:

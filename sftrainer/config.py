@@ -201,13 +201,17 @@ def _has_accelerator() -> bool:
 def fall_back_to_fp32(args: TrainingArguments) -> str | None:
     """fp16/bf16 need a GPU here: without one, warn once and train in fp32 instead of failing.
 
-    Returns the precision that was asked for and dropped, or None.
+    bf16 together with ``use_cpu=True`` is an explicit request for bf16 autocast on the CPU, which
+    torch supports, and is kept. Returns the precision that was asked for and dropped, or None.
     """
     if not (args.fp16 or args.bf16) or torch.cuda.is_available():
         return None
+    if args.bf16 and not args.fp16 and args.use_cpu:
+        return None
     asked = "fp16" if args.fp16 else "bf16"
+    hint = " (for bf16 autocast on the CPU, set use_cpu=True)" if asked == "bf16" else ""
     warnings.warn(
-        f"{asked}=True needs a CUDA GPU and none is available: training in fp32 on the CPU instead.",
+        f"{asked}=True needs a CUDA GPU and none is available: training in fp32 on the CPU instead{hint}.",
         UserWarning,
         stacklevel=4,
     )

@@ -32,6 +32,7 @@ from sftrainer.data.prepare import PrepareStats, prepare
 from sftrainer.errors import ConfigError, did_you_mean
 from sftrainer.evaluate import exact_match
 from sftrainer.isolation import check_row_isolation
+from sftrainer.loss import accepts_logits_to_keep, sft_loss
 from sftrainer.model import load_model, load_tokenizer, prepare_tokenizer, upcast_for_cpu
 
 logger = logging.getLogger(__name__)
@@ -96,14 +97,17 @@ class SFTTrainer(Trainer):
         elif eval_dataset is not None:
             eval_dataset = tokenize(eval_dataset, "eval data", eval_pack)
 
+        by_position = args.packing or args.padding_free or (eval_pack and eval_dataset is not None)
         if data_collator is None:
-            data_collator = self._default_collator(model, processing_class.pad_token_id, args)
-        if args.packing or args.padding_free:
+            data_collator = self._default_collator(model, processing_class.pad_token_id, args, by_position)
+        if by_position:
             # Our prepared rows hold exactly what the model needs; PEFT's forward signature hides
             # position_ids, and dropping them would merge the rows of a packed sequence.
             args.remove_unused_columns = False
             if isinstance(data_collator, PositionCollator):
                 check_row_isolation(model, data_collator)
+        # Logits of trained positions only (see loss.py); models without logits_to_keep use their own loss.
+        self._lean_loss = accepts_logits_to_keep(model)
         super().__init__(
             model=model,
             args=args,
@@ -181,8 +185,8 @@ class SFTTrainer(Trainer):
         return packed
 
     @staticmethod
-    def _default_collator(model: Any, pad_token_id: int, args: SFTConfig) -> Any:
-        if not (args.packing or args.padding_free):
+    def _default_collator(model: Any, pad_token_id: int, args: SFTConfig, by_position: bool) -> Any:
+        if not by_position:
             return PaddedCollator(pad_token_id, args.pad_to_multiple_of)
         impl = str(getattr(model.config, "_attn_implementation", "") or "")
         # Varlen FlashAttention reads row boundaries from one flat row. Backends that build a dense
@@ -197,7 +201,14 @@ class SFTTrainer(Trainer):
         # mask that keeps the rows of a packed / padding-free batch apart (transformers 5.x
         # masking_utils only derives it when no cache is passed).
         inputs = {**inputs, "use_cache": False}
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if return_outputs or self.compute_loss_func is not None or not self._lean_loss:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, _ = sft_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts the trained tokens of every process and DDP averages the
+            # gradients, so scale back up, as Trainer.compute_loss does for the model's own loss.
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
 
     def evaluate(
         self,
