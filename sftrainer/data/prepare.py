@@ -156,9 +156,12 @@ def prepare(
             "or pair_template='raw' to train prompt/response pairs as plain text."
         )
     if fmt is not None and fmt is not Format.TOKENIZED and fmt is not Format.TEXT:
-        fmt_name += (
-            ", chat template" if fn.pair_as_chat or fmt in (Format.MESSAGES, Format.SHAREGPT) else ", raw"
-        )
+        if uses_chat:
+            fmt_name += ", chat template"
+        elif fmt is Format.PROMPT_COMPLETION:  # string pairs raw; message-list pairs still use the template
+            fmt_name += ", raw (message lists: chat template)"
+        else:
+            fmt_name += ", raw"
     stats = PrepareStats(name=name, format=fmt_name)
 
     if isinstance(dataset, IterableDataset):

@@ -55,7 +55,7 @@ def test_prompt_completion_is_raw_prompt_completion_eos(llama3):
         {"prompt": "Translate to French: good morning.\n", "completion": "Bonjour."},
     ]
     rows, stats = zoo.prep(data, llama3)
-    assert stats.format == "prompt_completion, raw"
+    assert stats.format.startswith("prompt_completion, raw")
     for row, item in zip(rows, data):
         assert (
             full_text(llama3, row)
