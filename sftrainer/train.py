@@ -53,6 +53,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
         trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
     )
+    if cfg.lora is None:
+        logger.info("Full fine-tuning (no lora: section)")
     trainer = SFTTrainer(
         model=model,
         args=args,

@@ -13,6 +13,7 @@ counted (rows, truncated, dropped).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import warnings
@@ -70,6 +71,8 @@ class SFTTrainer(Trainer):
             raise ValueError("SFTTrainer needs a model: a PreTrainedModel, a PeftModel, or a path / hub id")
         output_dir = f"{Path(model).name or 'model'}-sft" if isinstance(model, str) else "sftrainer_output"
         args = to_sft_config(args, output_dir)
+        if legacy:  # the older keywords are written onto args: keep the caller's object unchanged
+            args = copy.copy(args)
         processing_class = self._apply_legacy(args, processing_class, legacy)
 
         if isinstance(model, str):

@@ -372,3 +372,21 @@ def test_model_from_auto_class_keeps_working_as_a_plain_trainer(tiny_model_dir, 
     metrics = trainer.evaluate()
     assert math.isfinite(metrics["eval_loss"])
     assert "eval_exact_match" not in metrics  # exact_match_samples defaults to 0
+
+
+def test_older_keywords_do_not_change_the_callers_config(tiny_model_dir, tmp_path):
+    import warnings
+
+    from sftrainer import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(tmp_path), max_length=64, report_to="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer = SFTTrainer(
+            model=str(tiny_model_dir),
+            args=args,
+            train_dataset=[{"prompt": "Say hi", "response": "hi"}],
+            max_seq_length=32,
+        )
+    assert trainer.args.max_length == 32
+    assert args.max_length == 64
