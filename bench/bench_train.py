@@ -32,10 +32,8 @@ WORDS = [f"w{i}" for i in range(3000)]
 
 def build_assets(root: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
     """A ~25M-parameter Llama (hidden 512, 8 layers) with a locally trained tokenizer, and the data."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sftrainer.builtin import build_tokenizer
+    from sftrainer.builtin import build_model, build_tokenizer
 
     model_dir, data_file = root / "model", root / "data.jsonl"
     if model_dir.is_dir() and data_file.is_file():
@@ -54,21 +52,10 @@ def build_assets(root: Path, rows: int, seed: int = 0) -> tuple[Path, Path]:
     tokenizer = build_tokenizer(
         [{"prompt": r["prompt"], "response": r["completion"]} for r in data], vocab_size=4096
     )
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    model = build_model(
+        tokenizer, hidden=512, layers=8, seed=seed, intermediate=1408, heads=8, kv_heads=8, max_positions=2048
     )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(model_dir)
+    model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     return model_dir, data_file
 

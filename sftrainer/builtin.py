@@ -161,7 +161,17 @@ def build_tokenizer(rows: list[dict], vocab_size: int = 512) -> Any:
     return fast
 
 
-def build_model(tokenizer: Any, hidden: int = 256, layers: int = 4, seed: int = 0) -> Any:
+def build_model(
+    tokenizer: Any,
+    hidden: int = 256,
+    layers: int = 4,
+    seed: int = 0,
+    *,
+    intermediate: int | None = None,
+    heads: int | None = None,
+    kv_heads: int | None = None,
+    max_positions: int = 512,
+) -> Any:
     """A randomly initialised Llama-architecture model sized for CPU training in minutes."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -169,11 +179,11 @@ def build_model(tokenizer: Any, hidden: int = 256, layers: int = 4, seed: int = 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=hidden * 8 // 3 // 16 * 16,
+        intermediate_size=intermediate or hidden * 8 // 3 // 16 * 16,
         num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 128,
-        max_position_embeddings=512,
+        num_attention_heads=heads or hidden // 64,
+        num_key_value_heads=kv_heads or hidden // 128,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
