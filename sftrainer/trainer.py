@@ -8,7 +8,8 @@ It accepts both call styles of TRL's ``SFTTrainer``:
 
 After construction ``trainer.train_dataset`` holds the prepared rows (``input_ids``, ``labels``
 with ``IGNORE_INDEX`` on every untrained token) and ``trainer.data_stats`` what preparing them
-counted (rows, truncated, dropped).
+counted (rows, truncated, dropped). ``trainer.exact_match_predictions`` holds the prompt,
+reference and prediction of each row scored by the last exact-match evaluation.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class SFTTrainer(Trainer):
         model = lora.apply(model, peft_config, gradient_checkpointing=bool(args.gradient_checkpointing))
         self.data_stats: dict[str, PrepareStats] = {}
         self.pack_stats: dict[str, PackStats] = {}
+        self.exact_match_predictions: list[dict[str, str]] = []  # filled by evaluate()
         if isinstance(train_dataset, DatasetDict | IterableDatasetDict):
             train_dataset, split_eval = data_load.split_dataset_dict(train_dataset)
             eval_dataset = eval_dataset if eval_dataset is not None else split_eval
@@ -204,7 +206,8 @@ class SFTTrainer(Trainer):
         # mask that keeps the rows of a packed / padding-free batch apart (transformers 5.x
         # masking_utils only derives it when no cache is passed).
         inputs = {**inputs, "use_cache": False}
-        if return_outputs or self.compute_loss_func is not None or not self._lean_loss:
+        custom = self.compute_loss_func is not None or self.label_smoother is not None
+        if return_outputs or custom or not self._lean_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, _ = sft_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -225,7 +228,7 @@ class SFTTrainer(Trainer):
         n = self.args.exact_match_samples
         if n and isinstance(dataset, Dataset):
             rows = dataset.select(range(min(n, len(dataset))))
-            score, self.exact_match_samples = exact_match(
+            score, self.exact_match_predictions = exact_match(
                 self.model, self.processing_class, rows, self.args.exact_match_max_new_tokens
             )
             metrics[f"{metric_key_prefix}_exact_match"] = score

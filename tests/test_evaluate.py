@@ -67,7 +67,7 @@ def test_memorised_rows_match_exactly(memorised):
     trainer, _ = memorised
     metrics = trainer.evaluate()
     assert metrics["eval_exact_match"] == 1.0
-    samples = trainer.exact_match_samples
+    samples = trainer.exact_match_predictions
     assert [s["reference"] for s in samples] == [r["response"] for r in MEMORISE]
     assert [s["prediction"] for s in samples] == [r["response"] for r in MEMORISE]
     for sample, row in zip(samples, MEMORISE):

@@ -49,3 +49,19 @@ def test_sft_loss_matches_the_model_loss_and_gradients(tiny_model_dir, collator)
     loss.backward()
     for got, expected in zip((p.grad for p in model.parameters()), want):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_label_smoothing_is_not_bypassed_by_the_lean_loss(tiny_model_dir, tmp_path):
+    from sftrainer import SFTConfig, SFTTrainer
+
+    rows = [{"prompt": "Say a word", "response": "apple berry cat"}] * 4
+
+    def loss_of(**extra) -> float:
+        args = SFTConfig(output_dir=str(tmp_path), max_length=64, report_to="none", **extra)
+        trainer = SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=rows)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        with torch.no_grad():
+            return float(trainer.compute_loss(trainer.model, batch))
+
+    plain, smoothed = loss_of(), loss_of(label_smoothing_factor=0.2)
+    assert smoothed != pytest.approx(plain, rel=1e-3)
