@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
+from tiny_models import quick_args
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -45,20 +46,8 @@ def _rows(n: int) -> list[dict]:
 
 
 def _args(tmp_path, **overrides) -> SFTConfig:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        max_length=64,
-        per_device_train_batch_size=4,
-        max_steps=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        disable_tqdm=True,
-    )
-    values.update(overrides)
-    return SFTConfig(**values)
+    defaults = dict(per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3, logging_steps=1)
+    return quick_args(tmp_path / "out", **{**defaults, **overrides})
 
 
 def test_packing_prepares_packed_rows_and_trains(tiny_model_dir, tmp_path):
