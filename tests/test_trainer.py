@@ -390,3 +390,19 @@ def test_older_keywords_do_not_change_the_callers_config(tiny_model_dir, tmp_pat
         )
     assert trainer.args.max_length == 32
     assert args.max_length == 64
+
+
+def test_dora_from_config_settings_trains_its_magnitudes(tiny_model_dir, tmp_path):
+    from sftrainer.config import LoraSettings
+    from sftrainer.lora import peft_config_from
+
+    trainer = SFTTrainer(
+        model=str(tiny_model_dir),
+        args=quick_args(tmp_path),
+        train_dataset=ROWS,
+        peft_config=peft_config_from(LoraSettings(r=4, alpha=8, use_dora=True)),
+    )
+    before = trainable_snapshot(trainer.model)
+    assert any("lora_magnitude_vector" in name for name in before)  # DoRA's per-column magnitudes
+    train_and_check(trainer)
+    assert any("lora_magnitude_vector" in name for name in changed(trainer.model, before))
