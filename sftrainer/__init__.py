@@ -4,7 +4,7 @@ from sftrainer import SFTTrainer, SFTConfig   # drop-in for `from trl import SFT
 """
 
 from sftrainer.config import RunConfig, SFTConfig, load_config
-from sftrainer.data.tokenize import IGNORE_INDEX
+from sftrainer.constants import IGNORE_INDEX
 from sftrainer.errors import ConfigError, DataError, SFTrainerError
 from sftrainer.train import train
 from sftrainer.trainer import SFTTrainer

@@ -22,9 +22,8 @@ import yaml
 from transformers import TrainingArguments
 
 from sftrainer.coerce import coerce
-from sftrainer.data.pack import STRATEGIES as PACKING_STRATEGIES
-from sftrainer.data.prepare import PAIR_TEMPLATES, DataSettings
-from sftrainer.data.tokenize import TRAIN_ON
+from sftrainer.data.pack import packing_strategy_problems
+from sftrainer.data.prepare import DataSettings
 from sftrainer.errors import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -154,13 +153,7 @@ class SFTConfig(TrainingArguments):
 
     def problems(self) -> list[str]:
         """Every invalid SFT setting, as 'key: problem'."""
-        out = []
-        if self.train_on not in TRAIN_ON:
-            out.append(
-                f"train_on: must be one of {TRAIN_ON}, got {self.train_on!r}{did_you_mean(self.train_on, TRAIN_ON)}"
-            )
-        if self.pair_template not in PAIR_TEMPLATES:
-            out.append(f"pair_template: must be one of {PAIR_TEMPLATES}, got {self.pair_template!r}")
+        out = self.data_settings().problems() + packing_strategy_problems(self.packing_strategy)
         for key in ("max_length", "max_seq_length", "pad_to_multiple_of"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -169,11 +162,6 @@ class SFTConfig(TrainingArguments):
             out.append("completion_only_loss=True contradicts train_on='all'")
         if self.assistant_only_loss and self.train_on == "all":
             out.append("assistant_only_loss=True contradicts train_on='all'")
-        if self.packing_strategy not in PACKING_STRATEGIES:
-            out.append(
-                f"packing_strategy: must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}"
-                f"{did_you_mean(self.packing_strategy, PACKING_STRATEGIES)}"
-            )
         if (self.packing or self.eval_packing) and self.max_length is None and self.max_seq_length is None:
             out.append("packing: needs max_length (the length of a packed sequence)")
         if self.exact_match_samples < 0:

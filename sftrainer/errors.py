@@ -22,6 +22,22 @@ class DataError(SFTrainerError):
     """The training or evaluation data cannot be used as given."""
 
 
+class RowError(DataError):
+    """A problem with one row; ``field`` names the column (and message index) at fault.
+
+    The message names the field only: whoever knows the row number and source adds them.
+    """
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"field '{field}': {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class TemplateError(RowError):
+    """The chat template renders a conversation so that an assistant turn cannot be located."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from sftrainer.data.tokenize import IGNORE_INDEX
+from sftrainer.constants import IGNORE_INDEX
 
 
 def split_prompt_reference(

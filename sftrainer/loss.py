@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sftrainer.data.tokenize import IGNORE_INDEX
+from sftrainer.constants import IGNORE_INDEX
 
 CHUNK_POSITIONS = 2048  # positions per fp32 upcast of the logits: bounds the fp32 copy for bf16 models
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.collate import PaddedCollator, PositionCollator
-from sftrainer.data.tokenize import IGNORE_INDEX
 from sftrainer.loss import accepts_logits_to_keep, sft_loss, trained_positions
 
 

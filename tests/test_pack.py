@@ -10,9 +10,9 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
+from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.collate import PaddedCollator, PositionCollator
 from sftrainer.data.pack import best_fit_decreasing, pack_dataset
-from sftrainer.data.tokenize import IGNORE_INDEX
 from sftrainer.isolation import ContaminationError, check_row_isolation
 
 

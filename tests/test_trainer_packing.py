@@ -10,8 +10,8 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sftrainer import ConfigError, SFTConfig, SFTTrainer
+from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.collate import PaddedCollator, PositionCollator
-from sftrainer.data.tokenize import IGNORE_INDEX
 from sftrainer.isolation import ContaminationError
 
 WORDS = [

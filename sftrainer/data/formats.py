@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from sftrainer.errors import DataError, did_you_mean
+from sftrainer.errors import DataError, RowError, did_you_mean
 
 
 class Format(str, Enum):
@@ -62,15 +62,6 @@ ROLE_ALIASES = {
     "observation": "tool",
     "ipython": "tool",
 }
-
-
-class RowError(ValueError):
-    """A problem with one row; ``field`` names the column (and message index) at fault."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"field '{field}': {problem}")
-        self.field = field
-        self.problem = problem
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,19 @@ import numpy as np
 import pyarrow as pa
 from datasets import Dataset
 
-from sftrainer.data.tokenize import IGNORE_INDEX
+from sftrainer.constants import IGNORE_INDEX, PACKING_STRATEGIES
+from sftrainer.errors import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("bfd", "bfd_split")
+
+def packing_strategy_problems(strategy: str) -> list[str]:
+    if strategy in PACKING_STRATEGIES:
+        return []
+    return [
+        f"packing_strategy: must be one of {PACKING_STRATEGIES}, got {strategy!r}"
+        f"{did_you_mean(strategy, PACKING_STRATEGIES)}"
+    ]
 
 
 @dataclass
@@ -116,8 +124,9 @@ def _list_column(dataset: Dataset, name: str) -> pa.ListArray:
 
 def pack_dataset(dataset: Dataset, max_length: int, strategy: str = "bfd") -> tuple[Dataset, PackStats]:
     """Pack a tokenized data set (``input_ids``, ``labels``). See the module docstring."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"packing_strategy must be one of {STRATEGIES}, got {strategy!r}")
+    problems = packing_strategy_problems(strategy)
+    if problems:
+        raise ConfigError(problems[0])
     if dataset._indices is not None:  # a filtered/selected view: materialise the rows it selects
         dataset = dataset.flatten_indices()
     ids_col, labels_col = _list_column(dataset, "input_ids"), _list_column(dataset, "labels")

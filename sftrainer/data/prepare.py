@@ -15,13 +15,13 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
-from sftrainer.data.formats import Format, RowError, detect_format, normalise_row, rename_columns
+from sftrainer.constants import PAIR_TEMPLATES, TRAIN_ON
+from sftrainer.data.formats import Format, detect_format, normalise_row, rename_columns
 from sftrainer.data.tokenize import ExampleTokenizer, tokenize_pretokenized
-from sftrainer.errors import DataError
+from sftrainer.errors import ConfigError, DataError, RowError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
-PAIR_TEMPLATES = ("auto", "chat", "raw")
 MAX_LISTED_PROBLEMS = 5
 
 # Values of the temporary "_issue" column.
@@ -39,6 +39,17 @@ class DataSettings:
     columns: Mapping[str, str] = field(default_factory=dict)
     num_proc: int | None = None
     skip_invalid_rows: bool = False
+
+    def problems(self) -> list[str]:
+        """Every invalid choice, as 'key: problem' (the one place these settings are checked)."""
+        return [
+            f"{key}: must be one of {choices}, got {value!r}{did_you_mean(str(value), choices)}"
+            for key, value, choices in (
+                ("train_on", self.train_on, TRAIN_ON),
+                ("pair_template", self.pair_template, PAIR_TEMPLATES),
+            )
+            if value not in choices
+        ]
 
 
 @dataclass
@@ -133,8 +144,9 @@ def prepare(
     formatting_func: Callable[[dict[str, Any]], Any] | None = None,
 ) -> tuple[Dataset | IterableDataset, PrepareStats]:
     """Tokenize a data set. Returns rows with ``input_ids`` and ``labels`` only, and the counts."""
-    if settings.pair_template not in PAIR_TEMPLATES:
-        raise DataError(f"pair_template must be one of {PAIR_TEMPLATES}, got {settings.pair_template!r}")
+    problems = settings.problems()
+    if problems:
+        raise ConfigError("; ".join(problems))
     columns = _column_names(dataset, name)
     if settings.columns:
         dataset = dataset.rename_columns(rename_columns(columns, settings.columns, name))

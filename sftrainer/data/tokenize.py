@@ -24,18 +24,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from sftrainer.data.formats import ChatExample, Example, PairExample, RowError, TextExample
+from sftrainer.constants import IGNORE_INDEX
+from sftrainer.data.formats import ChatExample, Example, PairExample, TextExample
+from sftrainer.errors import RowError, TemplateError
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-TRAIN_ON = ("response", "all", "last_turn")
-
 Segment = tuple[str, bool]  # (text, trained)
-
-
-class TemplateError(RowError):
-    """The chat template renders a conversation so that its prefixes do not line up."""
 
 
 @dataclass(frozen=True)
@@ -54,8 +49,6 @@ class ExampleTokenizer:
     """Tokenizes examples for one tokenizer and one set of settings. Picklable for ``num_proc``."""
 
     def __init__(self, tokenizer: Any, max_length: int | None = None, train_on: str = "response"):
-        if train_on not in TRAIN_ON:
-            raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.train_on = train_on
@@ -71,10 +64,7 @@ class ExampleTokenizer:
 
     @cached_property
     def eos_id(self) -> int:
-        eos = self.tokenizer.eos_token_id
-        if eos is None:
-            raise ValueError("the tokenizer has no eos_token; set one so the model can learn to stop")
-        return eos
+        return self.tokenizer.eos_token_id  # prepare() refuses a tokenizer without one
 
     @cached_property
     def stop_ids(self) -> frozenset[int]:

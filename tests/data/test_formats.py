@@ -8,13 +8,12 @@ from sftrainer.data.formats import (
     ChatExample,
     Format,
     PairExample,
-    RowError,
     TextExample,
     detect_format,
     normalise_row,
     rename_columns,
 )
-from sftrainer.errors import DataError
+from sftrainer.errors import DataError, RowError
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import tokenizers_zoo as zoo
 
-from sftrainer.data.tokenize import IGNORE_INDEX
+from sftrainer.constants import IGNORE_INDEX
 
 CONV = zoo.CONVERSATION  # system, user, assistant, user, assistant
 

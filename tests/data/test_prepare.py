@@ -6,10 +6,10 @@ import pytest
 import tokenizers_zoo as zoo
 from datasets import Dataset, DatasetDict, IterableDataset
 
+from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.load import load, split_dataset_dict
 from sftrainer.data.prepare import DataSettings, prepare
-from sftrainer.data.tokenize import IGNORE_INDEX
-from sftrainer.errors import DataError
+from sftrainer.errors import ConfigError, DataError
 
 LONG_PROMPT = "Summarise: the cat sat on the mat. " * 6
 
@@ -171,5 +171,5 @@ def test_dataset_dict_train_and_eval(chatml):
 
 
 def test_bad_pair_template_setting(chatml):
-    with pytest.raises(DataError, match="pair_template must be one of"):
+    with pytest.raises(ConfigError, match="pair_template: must be one of"):
         prepare(load(pairs(1)), chatml, DataSettings(pair_template="chatml"))

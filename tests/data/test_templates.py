@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import tokenizers_zoo as zoo
 
-from sftrainer.data.formats import ChatExample, RowError
-from sftrainer.data.tokenize import IGNORE_INDEX, ExampleTokenizer, TemplateError
+from sftrainer.constants import IGNORE_INDEX
+from sftrainer.data.formats import ChatExample
+from sftrainer.data.tokenize import ExampleTokenizer
+from sftrainer.errors import RowError, TemplateError
 from sftrainer.model import DEFAULT_CHAT_TEMPLATE
 
 TEMPLATES = sorted(zoo.TEMPLATES)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import tokenizers_zoo as zoo
 
-from sftrainer.data.formats import PairExample, RowError, TextExample
+from sftrainer.data.formats import PairExample, TextExample
+from sftrainer.data.load import load
+from sftrainer.data.prepare import DataSettings, prepare
 from sftrainer.data.tokenize import IGNORE_INDEX, ExampleTokenizer, tokenize_pretokenized
+from sftrainer.errors import ConfigError, RowError
 
 PROMPT_ENDING_IN_SPACE = "Question: what is two plus two? Answer: "
 
@@ -107,8 +110,8 @@ def test_batch_equals_one_by_one():
 
 
 def test_unknown_train_on_is_rejected():
-    with pytest.raises(ValueError, match="train_on must be one of"):
-        ExampleTokenizer(zoo.chatml(), train_on="responses")
+    with pytest.raises(ConfigError, match=r"train_on: must be one of .*did you mean 'response'"):
+        prepare(load([{"text": "hi"}]), zoo.chatml(), DataSettings(train_on="responses"))
 
 
 def test_pretokenized_validation():

@@ -286,7 +286,7 @@ TEMPLATES: dict[str, tuple[Any, str | None]] = {
 
 def trained_spans(tokenizer: Any, input_ids: list[int], labels: list[int]) -> list[str]:
     """Decode each run of consecutive trained tokens (label != -100), special tokens included."""
-    from sftrainer.data.tokenize import IGNORE_INDEX
+    from sftrainer.constants import IGNORE_INDEX
 
     assert len(input_ids) == len(labels)
     spans: list[list[int]] = []
