@@ -36,6 +36,9 @@ def resolve_data(cfg: RunConfig) -> tuple[Any, Any]:
         eval_ds = data_load.load(eval_src, f"eval data ({data_load.describe(eval_src)})")
     elif cfg.data.eval_split > 0:
         train_ds, eval_ds = data_load.train_eval_split(train_ds, cfg.data.eval_split, cfg.train.seed)
+    if cfg.data.columns:
+        train_ds = data_load.rename(train_ds, cfg.data.columns, "train data")
+        eval_ds = data_load.rename(eval_ds, cfg.data.columns, "eval data") if eval_ds is not None else None
     return train_ds, eval_ds
 
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from sftrainer.config import SFTConfig, apply_overrides, coerce, known_keys, load_config
-from sftrainer.errors import ConfigError
+from sftrainer.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -455,3 +455,23 @@ def test_builtin_lora_is_builtin_full_plus_lora():
     assert lora.lora is not None and lora.lora.r >= 1
     assert lora.model == full.model and lora.data == full.data
     assert train_settings(lora, SKIP | {"learning_rate"}) == train_settings(full, SKIP | {"learning_rate"})
+
+
+def test_yaml_data_columns_are_applied(tmp_path):
+    """data.columns renames the user's columns before the format is detected (it used to be parsed and
+    never applied, although the README's main example uses it)."""
+    import json
+
+    from sftrainer.train import resolve_data
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(4)))
+    cfg = load_config(
+        None,
+        [f"data.train={path}", "data.columns={question: prompt, answer: response}", "data.eval_split=0.5"],
+    )
+    train_ds, eval_ds = resolve_data(cfg)
+    assert set(train_ds.column_names) == set(eval_ds.column_names) == {"prompt", "response"}
+    bad = load_config(None, [f"data.train={path}", "data.columns={questoin: prompt}"])
+    with pytest.raises(DataError, match="did you mean 'question'"):
+        resolve_data(bad)

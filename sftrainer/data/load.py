@@ -17,6 +17,7 @@ from typing import Any
 import datasets
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 
+from sftrainer.data.formats import rename_columns
 from sftrainer.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -180,6 +181,12 @@ def _from_hub(dataset_id: str, name: str) -> AnyDataset:
             f"{name}: '{dataset_id}' is not a local file and could not be loaded as a Hugging Face dataset: "
             f"{_root_message(err)}"
         ) from None
+
+
+def rename(dataset: AnyDataset, mapping: Mapping[str, str], name: str) -> AnyDataset:
+    """Apply a ``{their_column: our_column}`` mapping (YAML ``data.columns``), checked first."""
+    columns = dataset.column_names or list(next(iter(dataset)))
+    return dataset.rename_columns(rename_columns(columns, mapping, name))
 
 
 def split_dataset_dict(source: Any) -> tuple[Any, Any]:
