@@ -65,6 +65,20 @@ class SFTConfig(TrainingArguments):
     chat_template: str | None = field(
         default=None, metadata={"help": "A Jinja chat template, or a path to one, replacing the tokenizer's."}
     )
+    chat_template_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Extra variables for the chat template, e.g. {enable_thinking: false}; a row's own "
+            "chat_template_kwargs column wins."
+        },
+    )
+    split_turns: bool = field(
+        default=False,
+        metadata={
+            "help": "Train each assistant turn of a conversation as its own example, its history rendered "
+            "as at inference (for templates that rewrite history, e.g. drop past reasoning)."
+        },
+    )
     packing: bool = field(
         default=False,
         metadata={
@@ -177,6 +191,8 @@ class SFTConfig(TrainingArguments):
             columns=dict(columns or {}),
             num_proc=self.dataset_num_proc,
             skip_invalid_rows=self.skip_invalid_rows,
+            chat_template_kwargs=dict(self.chat_template_kwargs or {}),
+            split_turns=self.split_turns,
         )
 
 

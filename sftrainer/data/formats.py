@@ -14,6 +14,7 @@ Problems with a row raise ``RowError`` naming the field; the caller adds the row
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -42,11 +43,14 @@ REQUIRED_COLUMNS: dict[Format, tuple[str, ...]] = {
     Format.PROMPT_RESPONSE: ("prompt", "response"),
     Format.TEXT: ("text",),
 }
+CHAT_COLUMNS = ("tools", "chat_template_kwargs")  # read with every format rendered by a chat template
 OPTIONAL_COLUMNS: dict[Format, tuple[str, ...]] = {
     Format.TOKENIZED: ("labels", "attention_mask"),
-    Format.ALPACA: ("input", "system"),
-    Format.PROMPT_COMPLETION: ("system",),
-    Format.PROMPT_RESPONSE: ("system",),
+    Format.MESSAGES: CHAT_COLUMNS,
+    Format.SHAREGPT: ("system", *CHAT_COLUMNS),
+    Format.ALPACA: ("input", "system", *CHAT_COLUMNS),
+    Format.PROMPT_COMPLETION: ("system", *CHAT_COLUMNS),
+    Format.PROMPT_RESPONSE: ("system", *CHAT_COLUMNS),
 }
 KNOWN_COLUMNS = sorted({c for cols in (*REQUIRED_COLUMNS.values(), *OPTIONAL_COLUMNS.values()) for c in cols})
 
@@ -61,7 +65,14 @@ ROLE_ALIASES = {
     "function": "tool",
     "observation": "tool",
     "ipython": "tool",
+    "function_call": "assistant",  # LLaMA-Factory's ShareGPT: the value is the call as JSON
 }
+TOOL_CALL_ROLES = ("function_call",)
+# Keys a message may carry beside role and content, passed to the chat template as given.
+MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name")
+# Spellings of an assistant turn's reasoning, kept as `reasoning_content` (transformers gives it
+# to templates under the other names too: gpt-oss reads `thinking`).
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
 @dataclass(frozen=True)
@@ -77,10 +88,12 @@ class PairExample:
 
 @dataclass(frozen=True)
 class ChatExample:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     # Assistant turns before this index are context, never trained (conversational prompt/completion).
     first_trainable: int = 0
     tools: list[dict[str, Any]] | None = field(default=None, compare=False)
+    # Extra variables for the chat template (e.g. enable_thinking), from the row or the config.
+    template_kwargs: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 Example = TextExample | PairExample | ChatExample
@@ -137,38 +150,155 @@ def _as_text(value: Any, field_name: str, *, allow_empty: bool = True) -> str:
     return value
 
 
-def normalise_messages(
-    messages: Any, field_name: str, role_key: str = "role", content_key: str = "content"
-) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
-        raise RowError(field_name, "must be a non-empty list of messages")
+def drop_nulls(value: Any) -> Any:
+    """Remove null-valued keys, recursively.
+
+    Arrow stores a list of messages (or tool schemas) as structs with the union of every row's keys,
+    filling the missing ones with null; templates test ``'tool_calls' in message`` or
+    ``message.tool_calls is defined``, so a null key must look absent again. (A real null inside
+    tool-call arguments is dropped too; store arguments as a JSON string to keep it.)
+    """
+    if isinstance(value, Mapping):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_nulls(v) for v in value]
+    return value
+
+
+def _json_value(value: Any, field_name: str) -> Any:
+    """A JSON string (as many data sets store tools and tool-call arguments) -> its value."""
+    if not isinstance(value, str):
+        return drop_nulls(value)
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise RowError(field_name, f"is a string but not valid JSON ({err.msg}): {value[:60]!r}") from None
+
+
+def normalise_tools(tools: Any) -> list[dict[str, Any]] | None:
+    """The ``tools`` column: a list of function schemas, or that list as a JSON string."""
+    if tools is None or tools == "" or tools == []:
+        return None
+    tools = _json_value(tools, "tools")
+    if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
+        raise RowError("tools", f"must be a list of tool schemas (objects), got {type(tools).__name__}")
+    return tools
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """OpenAI-style tool calls, with ``arguments`` given as a JSON string turned into an object.
+
+    Templates render arguments with ``| tojson``: a JSON string would be encoded twice.
+    """
+    calls = _json_value(calls, where)
+    if isinstance(calls, Mapping):
+        calls = [calls]
+    if not isinstance(calls, list) or not calls:
+        raise RowError(where, "must be a non-empty list of tool calls")
     out = []
-    for i, message in enumerate(messages):
-        where = f"{field_name}[{i}]"
-        if not isinstance(message, Mapping):
-            raise RowError(where, f"must be an object with '{role_key}' and '{content_key}'")
-        raw_role = message.get(role_key)
-        if not isinstance(raw_role, str):
-            raise RowError(f"{where}.{role_key}", f"must be a string, got {raw_role!r}")
-        role = ROLE_ALIASES.get(raw_role.lower(), raw_role.lower())
-        if role not in ROLES:
+    for k, call in enumerate(calls):
+        if not isinstance(call, Mapping):
+            raise RowError(f"{where}[{k}]", f"must be an object, got {type(call).__name__}")
+        call = dict(call)
+        function = call.get("function", call)
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
             raise RowError(
-                f"{where}.{role_key}",
-                f"unknown role '{raw_role}'{did_you_mean(raw_role, ROLES)}; known roles: {', '.join(ROLES)} "
-                f"(also accepted: {', '.join(ROLE_ALIASES)})",
+                f"{where}[{k}]", "needs a function name: {'function': {'name': ..., 'arguments': ...}}"
             )
-        content = _as_text(
-            message.get(content_key), f"{where}.{content_key}", allow_empty=role != "assistant"
-        )
-        out.append({"role": role, "content": content})
+        function = dict(function)
+        arguments = function.get("arguments", function.pop("parameters", {}))
+        function["arguments"] = _json_value(arguments, f"{where}[{k}].arguments")
+        if "function" in call:
+            call["function"] = function
+            call.setdefault("type", "function")
+        else:  # {"name": ..., "arguments": ...}, as LLaMA-Factory and some data sets write calls
+            call = {"type": "function", "function": function}
+        out.append(call)
     return out
 
 
-def _with_system(row: Mapping[str, Any], turns: list[dict[str, str]]) -> list[dict[str, str]]:
+def normalise_message(message: Any, where: str, role_key: str, content_key: str) -> dict[str, Any]:
+    if not isinstance(message, Mapping):
+        raise RowError(where, f"must be an object with '{role_key}' and '{content_key}'")
+    raw_role = message.get(role_key)
+    if not isinstance(raw_role, str):
+        raise RowError(f"{where}.{role_key}", f"must be a string, got {raw_role!r}")
+    role = ROLE_ALIASES.get(raw_role.lower(), raw_role.lower())
+    if role not in ROLES:
+        raise RowError(
+            f"{where}.{role_key}",
+            f"unknown role '{raw_role}'{did_you_mean(raw_role, ROLES)}; known roles: {', '.join(ROLES)} "
+            f"(also accepted: {', '.join(ROLE_ALIASES)})",
+        )
+    content = message.get(content_key)
+    out: dict[str, Any] = {"role": role}
+    if raw_role.lower() in TOOL_CALL_ROLES:  # the whole value is the call
+        out["content"] = None
+        out["tool_calls"] = _tool_calls(content, f"{where}.{content_key}")
+        return out
+    for key in MESSAGE_KEYS:
+        if message.get(key) is not None:
+            out[key] = message[key]
+    if "tool_calls" in out:
+        out["tool_calls"] = _tool_calls(out["tool_calls"], f"{where}.tool_calls")
+    reasoning = next((message[k] for k in REASONING_KEYS if message.get(k) not in (None, "")), None)
+    if reasoning is not None:
+        text = _as_text(reasoning, f"{where}.reasoning_content")
+        out["reasoning_content"] = text
+    if content is None and "tool_calls" in out:
+        out["content"] = None  # OpenAI's shape for a turn that only calls tools; templates expect it
+    else:
+        trained = role == "assistant" and "tool_calls" not in out and reasoning is None
+        out["content"] = _as_text(content, f"{where}.{content_key}", allow_empty=not trained)
+    return out
+
+
+def normalise_messages(
+    messages: Any, field_name: str, role_key: str = "role", content_key: str = "content"
+) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not messages:
+        raise RowError(field_name, "must be a non-empty list of messages")
+    out = [normalise_message(m, f"{field_name}[{i}]", role_key, content_key) for i, m in enumerate(messages)]
+    _name_tool_results(out)
+    return out
+
+
+def _name_tool_results(messages: list[dict[str, Any]]) -> None:
+    """Give a tool result without ``name`` the name of the call it answers (templates such as
+    Llama-3.1's and Mistral's print it), matched by ``tool_call_id`` or by position."""
+    pending: list[dict[str, Any]] = []
+    for message in messages:
+        if message["role"] == "assistant" and "tool_calls" in message:
+            pending = list(message["tool_calls"])
+        elif message["role"] == "tool" and pending:
+            call = next((c for c in pending if c.get("id") == message.get("tool_call_id")), pending[0])
+            pending.remove(call)
+            message.setdefault("name", call["function"]["name"])
+            if "id" in call:
+                message.setdefault("tool_call_id", call["id"])
+
+
+def template_kwargs(value: Any) -> dict[str, Any]:
+    """The ``chat_template_kwargs`` column: an object (or JSON string) of template variables."""
+    if value is None or value == "":
+        return {}
+    value = _json_value(value, "chat_template_kwargs")
+    if not isinstance(value, Mapping):
+        raise RowError("chat_template_kwargs", f"must be an object, got {type(value).__name__}")
+    return dict(value)
+
+
+def _with_system(row: Mapping[str, Any], turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
     system = row.get("system")
-    if system is None or system == "":
+    if system is None or system == "" or (turns and turns[0]["role"] == "system"):
         return turns
     return [{"role": "system", "content": _as_text(system, "system")}, *turns]
+
+
+def pairs_as_chat(fmt: Format, pair_template: str) -> bool:
+    """Whether pairs of this format go through the chat template: 'auto' renders prompt/completion
+    raw (TRL's meaning of those columns) and prompt/response and Alpaca pairs as one chat turn."""
+    return pair_template == "chat" or (pair_template == "auto" and fmt is not Format.PROMPT_COMPLETION)
 
 
 def normalise_row(row: Mapping[str, Any], fmt: Format, text_field: str | None, pair_as_chat: bool) -> Example:
@@ -177,9 +307,10 @@ def normalise_row(row: Mapping[str, Any], fmt: Format, text_field: str | None, p
         name = text_field or "text"
         return TextExample(_as_text(row.get(name), name, allow_empty=False))
     if fmt is Format.MESSAGES:
-        return ChatExample(normalise_messages(row.get("messages"), "messages"), tools=row.get("tools"))
+        return _chat(row, normalise_messages(row.get("messages"), "messages"))
     if fmt is Format.SHAREGPT:
-        return ChatExample(normalise_messages(row.get("conversations"), "conversations", "from", "value"))
+        turns = normalise_messages(row.get("conversations"), "conversations", "from", "value")
+        return _chat(row, _with_system(row, turns))
     if fmt is Format.ALPACA:
         instruction = _as_text(row.get("instruction"), "instruction")
         extra = row.get("input")
@@ -189,19 +320,41 @@ def normalise_row(row: Mapping[str, Any], fmt: Format, text_field: str | None, p
         answer_field = "completion" if fmt is Format.PROMPT_COMPLETION else "response"
         prompt, answer = row.get("prompt"), row.get(answer_field)
         if isinstance(prompt, list) and isinstance(answer, list):  # conversational prompt/completion
-            context = normalise_messages(prompt, "prompt")
-            return ChatExample(
-                context + normalise_messages(answer, answer_field), first_trainable=len(context)
+            context = _with_system(row, normalise_messages(prompt, "prompt"))
+            return _chat(
+                row, context + normalise_messages(answer, answer_field), first_trainable=len(context)
             )
         prompt_text = _as_text(prompt, "prompt")
         return _pair(row, prompt_text, _as_text(answer, answer_field, allow_empty=False), pair_as_chat)
     raise AssertionError(f"normalise_row does not handle {fmt}")  # tokenized rows never get here
 
 
+def split_turns(example: ChatExample) -> list[ChatExample]:
+    """One example per trained assistant turn: the conversation up to and through that turn, only
+    the turn itself trained. The history of each is rendered as the model sees it at inference."""
+    return [
+        ChatExample(example.messages[: i + 1], i, example.tools, example.template_kwargs)
+        for i, message in enumerate(example.messages)
+        if message["role"] == "assistant" and i >= example.first_trainable
+    ]
+
+
+def _chat(row: Mapping[str, Any], messages: list[dict[str, Any]], first_trainable: int = 0) -> ChatExample:
+    return ChatExample(
+        messages,
+        first_trainable=first_trainable,
+        tools=normalise_tools(row.get("tools")),
+        template_kwargs=template_kwargs(row.get("chat_template_kwargs")),
+    )
+
+
 def _pair(row: Mapping[str, Any], prompt: str, answer: str, as_chat: bool) -> Example:
     if as_chat:
         turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-        return ChatExample(_with_system(row, turns))
+        return _chat(row, _with_system(row, turns))
+    system = row.get("system")
+    if system not in (None, ""):  # raw text has no system role: the system text opens the prompt
+        prompt = f"{_as_text(system, 'system')}\n\n{prompt}"
     return PairExample(prompt, answer)
 
 

@@ -16,8 +16,16 @@ from typing import Any
 from datasets import Dataset, IterableDataset
 
 from sftrainer.constants import PAIR_TEMPLATES, TRAIN_ON
-from sftrainer.data.formats import Format, detect_format, normalise_row, rename_columns
-from sftrainer.data.tokenize import ExampleTokenizer, tokenize_pretokenized
+from sftrainer.data.formats import (
+    ChatExample,
+    Format,
+    detect_format,
+    normalise_row,
+    pairs_as_chat,
+    rename_columns,
+    split_turns,
+)
+from sftrainer.data.tokenize import ExampleTokenizer, Tokenized, tokenize_pretokenized
 from sftrainer.errors import ConfigError, DataError, RowError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -39,6 +47,8 @@ class DataSettings:
     columns: Mapping[str, str] = field(default_factory=dict)
     num_proc: int | None = None
     skip_invalid_rows: bool = False
+    chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    split_turns: bool = False
 
     def problems(self) -> list[str]:
         """Every invalid choice, as 'key: problem' (the one place these settings are checked)."""
@@ -61,6 +71,7 @@ class PrepareStats:
     truncated: int = 0
     dropped_empty: int = 0
     dropped_invalid: int = 0
+    rewritten_turns: int = 0  # assistant turns the template renders differently in the finished conversation
 
     def summary(self, max_length: int | None) -> str:
         parts = [f"{self.name}: {self.rows} rows ({self.format}), {self.kept} kept"]
@@ -72,9 +83,23 @@ class PrepareStats:
             parts.append(f"{self.dropped_invalid} dropped as invalid (skip_invalid_rows=true)")
         return ", ".join(parts)
 
+    def rewritten_warning(self) -> str | None:
+        if not self.rewritten_turns:
+            return None
+        return (
+            f"{self.name}: the chat template does not render the reasoning or text of "
+            f"{self.rewritten_turns} trained assistant turn(s) as the data gives it (templates drop the "
+            "reasoning of past turns; some never render `reasoning_content` and expect <think> in the "
+            "content); they are trained as the finished conversation renders them. split_turns=true "
+            "trains each assistant turn as its own example, rendered as at inference."
+        )
+
 
 class _TokenizeBatch:
-    """The function given to ``Dataset.map``: a batch of raw rows -> token rows + an issue per row."""
+    """The function given to ``Dataset.map``: a batch of raw rows -> token rows + an issue per row.
+
+    With ``split_turns`` one conversation gives one output row per trained assistant turn.
+    """
 
     def __init__(
         self,
@@ -87,53 +112,69 @@ class _TokenizeBatch:
         self.fmt = fmt
         self.settings = settings
         self.formatting_func = formatting_func
-        self.pair_as_chat = settings.pair_template == "chat" or (
-            settings.pair_template == "auto" and fmt is not Format.PROMPT_COMPLETION
-        )
 
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         keys = list(batch)
         rows = [dict(zip(keys, values)) for values in zip(*batch.values())]
-        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "_issue": []}
+        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "_issue": [], "_rewritten": []}
         rendered, slots = [], []
-        for k, (row, index) in enumerate(zip(rows, indices)):
-            out["input_ids"].append([])
-            out["labels"].append([])
-            out["_issue"].append(OK)
+        for row, index in zip(rows, indices):
             try:
                 if self.fmt is Format.TOKENIZED:
-                    self._put(out, k, tokenize_pretokenized(row, self.settings.max_length))
+                    self._put(out, tokenize_pretokenized(row, self.settings.max_length))
                     continue
-                example = self._example(row)
-                rendered.append((example, self.encoder.segments(example)))
-                slots.append(k)
+                examples = self._examples(row)
+                renders = [self.encoder.render(example) for example in examples]
             except RowError as err:
-                out["_issue"][k] = f"row {index + 1}: {err}"
+                self._put(out, None, f"row {index + 1}: {err}")
+                continue
+            for example, (segments, rewritten) in zip(examples, renders):
+                slots.append(self._put(out, None, OK, rewritten))
+                rendered.append((example, segments))
         for k, tokenized in zip(slots, self.encoder.encode(rendered)):
-            self._put(out, k, tokenized)
+            out["input_ids"][k] = tokenized.input_ids
+            out["labels"][k] = tokenized.labels
+            out["_issue"][k] = _issue_of(tokenized)
         return out
+
+    def _examples(self, row: dict[str, Any]) -> list[Any]:
+        example = self._example(row)
+        if self.settings.split_turns and isinstance(example, ChatExample):
+            return split_turns(example)
+        return [example]
 
     def _example(self, row: dict[str, Any]) -> Any:
         if self.formatting_func is None:
-            return normalise_row(row, self.fmt, self.settings.text_field, self.pair_as_chat)
+            return normalise_row(
+                row, self.fmt, self.settings.text_field, pairs_as_chat(self.fmt, self.settings.pair_template)
+            )
         formatted = self.formatting_func(row)
         if isinstance(formatted, list) and len(formatted) == 1:  # older TRL batched style
             formatted = formatted[0]
         if isinstance(formatted, str):
-            return normalise_row({"text": formatted}, Format.TEXT, None, self.pair_as_chat)
+            return normalise_row({"text": formatted}, Format.TEXT, None, False)
         if isinstance(formatted, Mapping):
             fmt = detect_format(list(formatted), "formatting_func output")
-            return normalise_row(dict(formatted), fmt, None, self.pair_as_chat)
+            as_chat = pairs_as_chat(fmt, self.settings.pair_template)
+            return normalise_row(dict(formatted), fmt, None, as_chat)
         raise RowError("formatting_func", f"must return a str or a dict, got {type(formatted).__name__}")
 
     @staticmethod
-    def _put(out: dict[str, list[Any]], k: int, tokenized: Any) -> None:
-        if tokenized.n_trained == 0:
-            out["_issue"][k] = EMPTY
-            return
-        out["input_ids"][k] = tokenized.input_ids
-        out["labels"][k] = tokenized.labels
-        out["_issue"][k] = TRUNCATED if tokenized.truncated else OK
+    def _put(
+        out: dict[str, list[Any]], tokenized: Tokenized | None, issue: str = OK, rewritten: int = 0
+    ) -> int:
+        """Append one output row; returns its index."""
+        out["input_ids"].append(tokenized.input_ids if tokenized is not None else [])
+        out["labels"].append(tokenized.labels if tokenized is not None else [])
+        out["_issue"].append(_issue_of(tokenized) if tokenized is not None else issue)
+        out["_rewritten"].append(rewritten)
+        return len(out["_issue"]) - 1
+
+
+def _issue_of(tokenized: Tokenized) -> str:
+    if tokenized.n_trained == 0:
+        return EMPTY
+    return TRUNCATED if tokenized.truncated else OK
 
 
 def prepare(
@@ -153,10 +194,13 @@ def prepare(
         columns = _column_names(dataset, name)
     fmt = None if formatting_func is not None else detect_format(columns, name, settings.text_field)
     fmt_name = "formatting_func" if fmt is None else fmt.value
-    encoder = ExampleTokenizer(tokenizer, settings.max_length, settings.train_on)
+    encoder = ExampleTokenizer(
+        tokenizer, settings.max_length, settings.train_on, dict(settings.chat_template_kwargs)
+    )
     fn = _TokenizeBatch(encoder, fmt, settings, formatting_func)
     uses_chat = fmt in (Format.MESSAGES, Format.SHAREGPT) or (
-        fn.pair_as_chat and fmt in (Format.ALPACA, Format.PROMPT_RESPONSE, Format.PROMPT_COMPLETION)
+        fmt in (Format.ALPACA, Format.PROMPT_RESPONSE, Format.PROMPT_COMPLETION)
+        and pairs_as_chat(fmt, settings.pair_template)
     )
     if fmt is not Format.TOKENIZED and tokenizer.eos_token_id is None:
         raise DataError(f"{name}: the tokenizer has no eos_token; set one so the model can learn to stop")
@@ -210,9 +254,12 @@ def prepare(
     if len(invalid) + stats.dropped_empty:
         mapped = mapped.filter(lambda issue: issue in (OK, TRUNCATED), input_columns="_issue")
     stats.kept = len(mapped)
+    stats.rewritten_turns = sum(mapped["_rewritten"])
     log = logger.warning if stats.truncated or stats.dropped_empty or stats.dropped_invalid else logger.info
     log(stats.summary(settings.max_length))
-    return mapped.remove_columns("_issue"), stats
+    if stats.rewritten_warning():
+        logger.warning(stats.rewritten_warning())
+    return mapped.remove_columns(["_issue", "_rewritten"]), stats
 
 
 def _prepare_iterable(
@@ -232,7 +279,7 @@ def _prepare_iterable(
     logger.info(
         "%s: streaming (%s); truncation and drop counts are not known in advance", stats.name, stats.format
     )
-    return mapped.remove_columns("_issue")
+    return mapped.remove_columns(["_issue", "_rewritten"])
 
 
 def _column_names(dataset: Dataset | IterableDataset, name: str) -> list[str]:

@@ -18,6 +18,7 @@ Output rows (``tokenize_examples``): ``input_ids`` list[int], ``labels`` list[in
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,10 +49,17 @@ class Tokenized:
 class ExampleTokenizer:
     """Tokenizes examples for one tokenizer and one set of settings. Picklable for ``num_proc``."""
 
-    def __init__(self, tokenizer: Any, max_length: int | None = None, train_on: str = "response"):
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_length: int | None = None,
+        train_on: str = "response",
+        template_kwargs: dict[str, Any] | None = None,
+    ):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.train_on = train_on
+        self.template_kwargs = dict(template_kwargs or {})
 
     @cached_property
     def bos_id(self) -> int | None:
@@ -73,80 +81,192 @@ class ExampleTokenizer:
         ids.update(self.tokenizer.added_tokens_decoder)
         return frozenset(ids)
 
+    @cached_property
+    def special_texts(self) -> list[str]:
+        """The text of every special / added token, longest first (so "<|end|>" loses to "<|endoftext|>")."""
+        texts = {self.tokenizer.convert_ids_to_tokens(i) for i in self.stop_ids}
+        return sorted((t for t in texts if t), key=len, reverse=True)
+
     # ---- segments ---------------------------------------------------------------------------
 
     def segments(self, example: Example) -> list[Segment]:
         """Render an example into text segments, each marked trained or not."""
+        return self.render(example)[0]
+
+    def render(self, example: Example) -> tuple[list[Segment], int]:
+        """Segments, and how many trained assistant turns the finished conversation renders
+        differently from what the turn holds (history rewritten by the template: reasoning dropped
+        from past turns, say). Those are trained as the finished conversation shows them."""
         if isinstance(example, TextExample):
-            return [(example.text, True)]
+            return [(example.text, True)], 0
         if isinstance(example, PairExample):
-            return [(example.prompt, self.train_on == "all"), (example.completion, True)]
+            return [(example.prompt, self.train_on == "all"), (example.completion, True)], 0
         return self._chat_segments(example)
 
-    def _render(self, example: ChatExample, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    def _render(self, example: ChatExample, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, tools=example.tools, add_generation_prompt=generation_prompt, tokenize=False
+            messages,
+            tools=example.tools,
+            add_generation_prompt=generation_prompt,
+            tokenize=False,
+            **{**self.template_kwargs, **example.template_kwargs},
         )
 
-    def _chat_segments(self, example: ChatExample) -> list[Segment]:
-        messages = example.messages
+    def _chat_segments(self, example: ChatExample) -> tuple[list[Segment], int]:
         try:
-            full = self._render(example, messages, False)
+            full = self._render(example, example.messages, False)
         except Exception as err:  # jinja raises its own errors (e.g. "roles must alternate")
-            raise RowError("messages", f"the chat template rejected this conversation: {err}") from None
+            example, full = self._render_without_null_content(example, err)
+        messages = example.messages
         if self.train_on == "all":  # trailing whitespace untrained, as after every turn below
             end = len(full.rstrip())
-            return [s for s in ((full[:end], True), (full[end:], False)) if s[0]]
+            return [s for s in ((full[:end], True), (full[end:], False)) if s[0]], 0
         turns = [
             i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= example.first_trainable
         ]
         if self.train_on == "last_turn":
             turns = turns[-1:]
+        if not turns:
+            return [(full, False)], 0
+        header = self._assistant_header(example, turns[0])
         segments: list[Segment] = []
-        pos = 0
+        pos = rewritten = 0
         for i in turns:
-            try:
-                before = self._render(example, messages[:i], True) if i > 0 else ""
-                through = self._render(example, messages[: i + 1], False)
-                # The text after this turn when the conversation goes on: a finished conversation may
-                # end with text that is not part of the last turn (Phi-3 appends EOS after <|end|>).
-                follow = full if i + 1 < len(messages) else self._render(example, messages[: i + 1], True)
-            except Exception as err:
-                raise RowError(
-                    f"messages[{i}]", f"the chat template cannot render up to this turn: {err}"
-                ) from None
-            start, end = len(before), self._turn_end(through, follow)
-            # Where the renderings part ways, make sure the answer itself is inside the turn found.
-            located = follow.startswith(through) or messages[i]["content"].strip() in full[start:end]
-            if not (
-                full.startswith(before) and full.startswith(through[:end]) and pos <= start < end and located
-            ):
-                raise TemplateError(
-                    f"messages[{i}]",
-                    "the chat template renders earlier turns differently once later turns follow (for "
-                    "example it drops reasoning from past turns), so the assistant text cannot be located. "
-                    "Use train_on=last_turn, or a chat_template that renders history unchanged.",
-                )
+            start, end = self._locate_turn(example, full, i, header, pos)
             segments += [(full[pos:start], False), (full[start:end], True)]
+            rewritten += not _renders_whole_turn(example.messages[i], full[start:end])
             pos = end
         segments.append((full[pos:], False))
-        return [s for s in segments if s[0]]
+        return [s for s in segments if s[0]], rewritten
 
-    def _turn_end(self, through: str, follow: str) -> int:
-        """End of the turn that ``through`` ends with: where it and its continuation ``follow`` part.
+    def _render_without_null_content(self, example: ChatExample, err: Exception) -> tuple[ChatExample, str]:
+        """Templates without tool support read every message's content, and transformers drops a
+        null one (a turn that only calls tools): render those as empty text, so that the turn is
+        then reported for what it is, a tool call the template cannot show."""
+        if not any(m.get("content") is None for m in example.messages):
+            raise RowError("messages", f"the chat template rejected this conversation: {err}") from None
+        messages = [{**m, "content": m.get("content") or ""} for m in example.messages]
+        example = dataclasses.replace(example, messages=messages)
+        try:
+            return example, self._render(example, messages, False)
+        except Exception as again:
+            raise RowError("messages", f"the chat template rejected this conversation: {again}") from None
 
-        Trailing whitespace after the end-of-turn token (ChatML's "\\n") belongs to the next turn.
-        Where the two part inside the template's own text (Phi-3: "<|end|>\\n<|endoftext|>" against
-        "<|end|>\\n<|user|>"), the end moves back to a token boundary, so it never splits "<|".
+    def _assistant_header(self, example: ChatExample, i: int) -> str:
+        """The text the generation prompt adds before an answer (``<|im_start|>assistant\\n``).
+
+        It is what the model is given at inference, so it is never trained. Where the finished
+        conversation renders it differently (a reasoning template's generation prompt opens a think
+        block), only the part found in the conversation is untrained; see ``_locate_turn``.
         """
-        if follow.startswith(through):
-            return len(through.rstrip())
-        if not getattr(self.tokenizer, "is_fast", False):
-            return -1  # no offsets to find a token boundary: the caller reports the template
-        cut = next((k for k, (a, b) in enumerate(zip(through, follow)) if a != b), len(through))
-        offsets = self.tokenizer(through, add_special_tokens=False, return_offsets_mapping=True)
-        cut = max((e for _, e in offsets["offset_mapping"] if e <= cut), default=0)
-        return len(through[:cut].rstrip())
+        context = example.messages[:i] if i > 0 else [{"role": "user", "content": "x"}]
+        try:
+            without = self._render(example, context, False)
+            with_prompt = self._render(example, context, True)
+        except Exception:  # e.g. a template that cannot render a conversation ending here
+            return ""
+        cut = _common_prefix(without, with_prompt)
+        # Where the two part inside the template's own text (Phi-3 ends a finished conversation
+        # with "<|endoftext|>", a prompt with "<|assistant|>"), go back to a token boundary.
+        return with_prompt[self._token_start_at_or_before(with_prompt, cut) :]
+
+    def _token_start_at_or_before(self, text: str, cut: int) -> int:
+        if cut >= len(text) or not getattr(self.tokenizer, "is_fast", False):
+            return cut
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return max((s for s, _ in offsets["offset_mapping"] if s <= cut), default=0)
+
+    def _locate_turn(self, example: ChatExample, full: str, i: int, header: str, pos: int) -> tuple[int, int]:
+        """Where assistant turn ``i`` lies in the full rendering: (start, end) character offsets.
+
+        The conversation is rendered again with this turn replaced by a marker; the renderings
+        agree before and after the turn, and differ exactly where the template put its text
+        (reasoning, content and tool calls). This finds every turn a finished conversation holds,
+        whatever the template does to history or after the last turn. The trained span then
+        starts after the assistant header and runs through the end-of-turn token that follows.
+        """
+        where = f"messages[{i}]"
+        probe = None
+        for marked in _marked_conversations(example.messages, i):
+            try:
+                probe = self._render(example, marked, False)
+                break
+            except Exception as err:  # e.g. a tool result must follow a tool call: try the next
+                error = err
+        if probe is None:
+            raise RowError(where, f"the chat template cannot render this conversation: {error}") from None
+        c = _common_prefix(full, probe)
+        e = len(full) - _common_suffix(full, probe, limit=min(len(full), len(probe)) - c)
+        if c < pos:
+            raise TemplateError(
+                where,
+                "the chat template renders text before this assistant turn differently depending on "
+                "what the turn says, so the turn's tokens cannot be told apart from its context",
+            )
+        start, end = self._turn_start(example, full, i, header, pos, c), self._close_turn(full, e)
+        message = example.messages[i]
+        calls = [call.get("function", call).get("name", "") for call in message.get("tool_calls", [])]
+        missing = [name for name in calls if name not in full[start:end]]
+        if missing:
+            raise TemplateError(
+                where,
+                f"the chat template does not render this turn's tool call ({missing[0]}): it has no "
+                "tool-call support (or it tests for a null `content`, which transformers does not pass "
+                "to templates). Use a chat_template that renders `tool_calls`, or write the call into "
+                "the message content in the form the model expects",
+            )
+        if e <= c and message.get("content"):
+            raise TemplateError(
+                where,
+                "the chat template does not render this assistant turn in the finished conversation, "
+                "so there is nothing to train on for it; set split_turns=true to train each turn with "
+                "the history rendered as at inference",
+            )
+        return start, end
+
+    def _turn_start(self, example: ChatExample, full: str, i: int, header: str, pos: int, c: int) -> int:
+        """Where the trained text of turn ``i`` starts: right after what the model is prompted with.
+
+        When the prompt rendered as at inference is a prefix of the conversation (most templates),
+        that is exact: template glue between the prompt and the answer (Llama-2's space after
+        [/INST]) is trained, since the model generates it. Otherwise (a history rewritten once later
+        turns follow, a generation prompt that opens a think block) the turn starts after its
+        assistant header, found before the turn's own text.
+        """
+        prompt = None
+        if i > 0:
+            try:
+                prompt = self._render(example, example.messages[:i], True)
+            except Exception:
+                prompt = None
+            if prompt is not None and pos <= len(prompt) <= c and full.startswith(prompt):
+                return len(prompt)
+        if not header and prompt is not None:
+            # No header (Mistral, Llama-2): whitespace before the answer is trained as in the prefix
+            # case, except what the prompt itself ends with.
+            glue = len(full[pos:c]) - len(full[pos:c].rstrip())
+            return c - glue + min(glue, len(prompt) - len(prompt.rstrip()))
+        if header:
+            found = full.rfind(header, pos, c)
+            if found < 0:  # "<|im_start|>assistant\n<think>\n" prompted, no think block rendered
+                first_line = header.split("\n", 1)[0] + ("\n" if "\n" in header else "")
+                found = full.rfind(first_line, pos, c) if first_line != header else -1
+                header = first_line
+            if found >= 0:
+                return found + len(header)
+        return c
+
+    def _close_turn(self, full: str, e: int) -> int:
+        """The end of a turn whose text ends at ``e``: through the end-of-turn token that follows
+        (after whitespace, or the closing quotes and brackets of tool-call JSON), or ``e`` itself
+        when no special token follows."""
+        k = e
+        while k < len(full) and full[k] in " \t\n\"'}])`":
+            k += 1
+        for token in self.special_texts:
+            if full.startswith(token, k):
+                return k + len(token)
+        return e
 
     # ---- tokens -----------------------------------------------------------------------------
 
@@ -232,6 +352,52 @@ class ExampleTokenizer:
                 out_ids.append(self.eos_id)
                 out_labels.append(self.eos_id)
         return out_ids, out_labels
+
+
+def _renders_whole_turn(message: dict[str, Any], span: str) -> bool:
+    """Whether a turn's reasoning and text both appear in its rendered span (templates may trim)."""
+    texts = (message.get("reasoning_content"), message.get("content"))
+    return all(text.strip() in span for text in texts if isinstance(text, str))
+
+
+MARKER = "\ufdd0sftrainer-turn\ufdd1"  # Unicode noncharacters: never in real text
+
+
+def _marked_conversations(messages: list[dict[str, Any]], i: int) -> list[list[dict[str, Any]]]:
+    """The conversation with assistant turn ``i`` replaced by markers, in the forms to try.
+
+    First a plain turn holding ``MARKER``: reasoning, text and tool calls all differ from it. For
+    templates that refuse a tool result with no call before it, a turn that keeps its calls with
+    marked arguments.
+    """
+    plain = {"role": "assistant", "content": MARKER}
+    out = [[*messages[:i], plain, *messages[i + 1 :]]]
+    calls = messages[i].get("tool_calls")
+    if calls:
+        marked_calls = [
+            {**call, "function": {**call["function"], "arguments": {"marker": MARKER}}}
+            if "function" in call
+            else {**call, "arguments": {"marker": MARKER}}
+            for call in calls
+        ]
+        out.append([*messages[:i], {"role": "assistant", "tool_calls": marked_calls}, *messages[i + 1 :]])
+    return out
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix (binary search: string comparisons run in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _common_suffix(a: str, b: str, limit: int) -> int:
+    return _common_prefix(a[::-1][:limit], b[::-1][:limit])
 
 
 def _merge_same(segments: list[Segment]) -> list[Segment]:

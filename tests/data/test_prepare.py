@@ -173,3 +173,42 @@ def test_dataset_dict_train_and_eval(chatml):
 def test_bad_pair_template_setting(chatml):
     with pytest.raises(ConfigError, match="pair_template: must be one of"):
         prepare(load(pairs(1)), chatml, DataSettings(pair_template="chatml"))
+
+
+def test_formatting_func_pairs_render_like_the_same_columns(chatml):
+    """A formatting_func returning {prompt, completion} is rendered raw, as those columns are
+    (it used to go through the chat template), and {prompt, response} through the template."""
+    rows = [{"q": "2+2=", "a": "4"}]
+    as_columns, _ = zoo.prep([{"prompt": "2+2=", "completion": "4"}], chatml)
+    via_func, _ = prepare(
+        load(rows),
+        chatml,
+        DataSettings(max_length=None),
+        formatting_func=lambda r: {"prompt": r["q"], "completion": r["a"]},
+    )
+    assert list(via_func) == as_columns
+    assert "<|im_start|>" not in chatml.decode(as_columns[0]["input_ids"])
+    chat, _ = prepare(
+        load(rows),
+        chatml,
+        DataSettings(max_length=None),
+        formatting_func=lambda r: {"prompt": r["q"], "response": r["a"]},
+    )
+    assert "<|im_start|>assistant" in chatml.decode(chat[0]["input_ids"])
+
+
+def test_raw_pairs_keep_the_system_column(chatml):
+    rows, _ = zoo.prep([{"system": "Answer in digits.", "prompt": "2+2=", "completion": "4"}], chatml)
+    text = chatml.decode(rows[0]["input_ids"])
+    assert text == "Answer in digits.\n\n2+2=4<|im_end|>"
+    assert zoo.trained_spans(chatml, rows[0]["input_ids"], rows[0]["labels"]) == ["4<|im_end|>"]
+
+
+def test_split_turns_gives_one_row_per_assistant_turn(chatml):
+    rows, stats = zoo.prep([{"messages": zoo.THREE_TURNS}], chatml, split_turns=True)
+    assert (stats.rows, stats.kept) == (3, 3)
+    assert [zoo.trained_spans(chatml, r["input_ids"], r["labels"]) for r in rows] == [
+        ["The capital is Paris.<|im_end|>"],
+        ["Rome, of course.<|im_end|>"],
+        ["The Tiber.<|im_end|>"],
+    ]

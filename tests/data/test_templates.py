@@ -13,7 +13,7 @@ import tokenizers_zoo as zoo
 from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.formats import ChatExample
 from sftrainer.data.tokenize import ExampleTokenizer
-from sftrainer.errors import RowError, TemplateError
+from sftrainer.errors import RowError
 from sftrainer.model import DEFAULT_CHAT_TEMPLATE
 
 TEMPLATES = sorted(zoo.TEMPLATES)
@@ -174,7 +174,7 @@ def test_last_turn_and_all(name):
     assert zoo.trained_spans(tok, every.input_ids, every.labels) == [expected]
 
 
-# ---- templates that cannot be masked ------------------------------------------------------
+# ---- templates that rewrite history ---------------------------------------------------------
 
 # Rewrites history: an earlier answer is shortened once a later turn follows (like templates that
 # drop the reasoning of past turns).
@@ -187,15 +187,27 @@ REWRITES_HISTORY = (
 )
 
 
-def test_template_that_rewrites_history_is_reported_not_mismasked():
+def test_template_that_rewrites_history_trains_the_finished_conversation_and_counts_it():
+    """Each turn is trained as the finished conversation renders it (what the template says a
+    conversation is); the rewritten turn is counted, and split_turns trains it as the model saw it."""
     tok = zoo.chatml()
     tok.chat_template = REWRITES_HISTORY
-    with pytest.raises(TemplateError) as err:
-        tokenize(tok, zoo.NO_SYSTEM)
-    assert err.value.field == "messages[1]"
-    assert "train_on=last_turn" in str(err.value)
-    last = tokenize(tok, zoo.NO_SYSTEM, train_on="last_turn")  # the suggested way out works
-    assert zoo.trained_spans(tok, last.input_ids, last.labels) == ["Rome, of course.<|im_end|>"]
+    encoder = ExampleTokenizer(tok)
+    _, rewritten = encoder.render(ChatExample(zoo.NO_SYSTEM))
+    assert rewritten == 1
+    out = tokenize(tok, zoo.NO_SYSTEM)
+    assert zoo.trained_spans(tok, out.input_ids, out.labels) == [
+        "The<|im_end|>",
+        "Rome, of course.<|im_end|>",
+    ]
+    rows, stats = zoo.prep([{"messages": zoo.NO_SYSTEM}], tok)
+    assert stats.rewritten_turns == 1 and "split_turns=true" in stats.rewritten_warning()
+    rows, stats = zoo.prep([{"messages": zoo.NO_SYSTEM}], tok, split_turns=True)
+    assert (stats.rows, stats.kept, stats.rewritten_turns) == (2, 2, 0)
+    assert [zoo.trained_spans(tok, r["input_ids"], r["labels"]) for r in rows] == [
+        ["The capital is Paris.<|im_end|>"],
+        ["Rome, of course.<|im_end|>"],
+    ]
 
 
 def test_template_that_rejects_a_conversation_names_it():
