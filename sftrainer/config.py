@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from transformers import TrainingArguments
 
+from sftrainer import precision
 from sftrainer.coerce import coerce
 from sftrainer.data.pack import packing_strategy_problems
 from sftrainer.data.prepare import DataSettings
@@ -136,13 +136,10 @@ class SFTConfig(TrainingArguments):
     learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate (AdamW)."})
     logging_steps: float = field(default=10, metadata={"help": "Log the loss every N optimizer steps."})
     bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 mixed precision; default: on when the GPU supports it."}
-    )
-    precision_fallback: str | None = field(
         default=None,
-        init=False,
-        repr=False,
-        metadata={"help": "Set to 'fp16' or 'bf16' when that was asked for without a GPU: training is fp32."},
+        metadata={
+            "help": "bf16 mixed precision; default: on when the accelerator (CUDA, MPS, XPU) supports it."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -154,10 +151,8 @@ class SFTConfig(TrainingArguments):
             self.max_length, self.max_seq_length = self.max_seq_length, None
         if self.completion_only_loss is False:
             self.train_on = "all"
-        if self.bf16 is None:
-            self.bf16 = bool(not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        self.precision_fallback = fall_back_to_fp32(self)
-        if self.dataloader_pin_memory and not _has_accelerator():
+        precision.apply_mixed_precision(self)
+        if self.dataloader_pin_memory and not precision.has_accelerator():
             # Pinning needs a device to copy to; without one torch warns on every DataLoader.
             self.dataloader_pin_memory = False
         try:
@@ -196,34 +191,6 @@ class SFTConfig(TrainingArguments):
         )
 
 
-def _has_accelerator() -> bool:
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
-
-
-def fall_back_to_fp32(args: TrainingArguments) -> str | None:
-    """fp16/bf16 need a GPU here: without one, warn once and train in fp32 instead of failing.
-
-    bf16 together with ``use_cpu=True`` is an explicit request for bf16 autocast on the CPU, which
-    torch supports, and is kept. Returns the precision that was asked for and dropped, or None.
-    """
-    if not (args.fp16 or args.bf16) or torch.cuda.is_available():
-        return None
-    if args.bf16 and not args.fp16 and args.use_cpu:
-        return None
-    asked = "fp16" if args.fp16 else "bf16"
-    hint = " (for bf16 autocast on the CPU, set use_cpu=True)" if asked == "bf16" else ""
-    warnings.warn(
-        f"{asked}=True needs a CUDA GPU and none is available: training in fp32 on the CPU instead{hint}.",
-        UserWarning,
-        stacklevel=4,
-    )
-    args.fp16 = args.bf16 = False
-    if hasattr(args, "mixed_precision"):
-        args.mixed_precision = "no"
-    return asked
-
-
 def to_sft_config(args: TrainingArguments | None, output_dir: str = "sftrainer_output") -> SFTConfig:
     """Accept ``SFTConfig``, a plain ``TrainingArguments`` (older TRL style) or None."""
     if args is None:
@@ -246,7 +213,11 @@ class ModelConfig:
         default="builtin", metadata={"help": "Model directory or hub id; 'builtin': the tiny demo model."}
     )
     dtype: str = field(
-        default="auto", metadata={"help": "auto (the checkpoint's own), float32, bfloat16 or float16."}
+        default="auto",
+        metadata={
+            "help": "Dtype the weights load in and frozen ones (a LoRA base) keep: auto (the checkpoint's "
+            "own), float32, bfloat16 or float16. Trained weights are always float32 master weights."
+        },
     )
     attn_implementation: str | None = field(
         default=None, metadata={"help": "eager, sdpa, flash_attention_2, ..."}

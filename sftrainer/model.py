@@ -60,13 +60,20 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
 
 def load_model(
     name_or_path: str,
-    dtype: str | torch.dtype = "auto",
+    dtype: str | torch.dtype | None = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
-    """``from_pretrained`` in the checkpoint's own dtype unless told otherwise; safetensors only."""
+    """``from_pretrained`` in the checkpoint's own dtype unless told otherwise; safetensors only.
+
+    ``dtype`` is the dtype the weights are loaded in, which frozen weights (a LoRA base) keep; the
+    trainer makes trainable weights fp32 master weights (``precision.keep_master_weights``).
+    """
+    torch_dtype = kwargs.pop("torch_dtype", None)  # the older spelling, in many TRL model_init_kwargs
+    if dtype is None:
+        dtype = torch_dtype if torch_dtype is not None else "auto"
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
@@ -88,26 +95,6 @@ def load_model(
         "Loaded %s: %s, %.1fM parameters, %s", name_or_path, type(model).__name__, n_params / 1e6, model.dtype
     )
     return model
-
-
-def upcast_for_cpu(model: Any, precision_fallback: str | None = None) -> Any:
-    """Without a GPU, train half-precision weights in fp32.
-
-    fp16 weights cannot be trained on the CPU (AdamW's epsilon underflows in fp16 and the weights
-    turn to NaN within a few steps); bf16 ones are upcast when fp16/bf16 training was asked for and
-    fell back to fp32, as that warning promises. Quantized models are left alone.
-    """
-    if torch.cuda.is_available() or getattr(model, "hf_quantizer", None) is not None:
-        return model
-    half = {torch.float16} | ({torch.bfloat16} if precision_fallback else set())
-    found = {p.dtype for p in model.parameters() if p.is_floating_point()} & half
-    if not found:
-        return model
-    logger.warning(
-        "No GPU: converting the model's %s weights to float32 for training on the CPU",
-        "/".join(sorted(str(d).removeprefix("torch.") for d in found)),
-    )
-    return model.float()
 
 
 def default_chat_template(tokenizer: Any) -> str:

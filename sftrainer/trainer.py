@@ -25,7 +25,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
-from sftrainer import lora
+from sftrainer import lora, precision
 from sftrainer.config import SFTConfig, to_sft_config
 from sftrainer.data import load as data_load
 from sftrainer.data.collate import PaddedCollator, PositionCollator
@@ -35,7 +35,7 @@ from sftrainer.errors import ConfigError, did_you_mean
 from sftrainer.evaluate import exact_match
 from sftrainer.isolation import check_row_isolation
 from sftrainer.loss import accepts_logits_to_keep, sft_loss
-from sftrainer.model import load_model, load_tokenizer, prepare_tokenizer, upcast_for_cpu
+from sftrainer.model import load_model, load_tokenizer, prepare_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +76,15 @@ class SFTTrainer(Trainer):
             args = copy.copy(args)
         processing_class = self._apply_legacy(args, processing_class, legacy)
 
+        callers_model = not isinstance(model, str)
         if isinstance(model, str):
             model_path = model
             model = load_model(model_path, **(args.model_init_kwargs or {}))
         if processing_class is None:
             processing_class = load_tokenizer(_model_path(model))
         prepare_tokenizer(processing_class, args.chat_template)
-        model = upcast_for_cpu(model, args.precision_fallback)
         model = lora.apply(model, peft_config, gradient_checkpointing=bool(args.gradient_checkpointing))
+        model = precision.keep_master_weights(model, args.bf16 or args.fp16, callers_model)
         self.data_stats: dict[str, PrepareStats] = {}
         self.pack_stats: dict[str, PackStats] = {}
         self.exact_match_predictions: list[dict[str, str]] = []  # filled by evaluate()

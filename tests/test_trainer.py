@@ -191,14 +191,13 @@ def test_cpu_defaults_are_quiet(tmp_path):
     assert args.dataloader_pin_memory is False
 
 
-@pytest.mark.skipif(not NO_GPU, reason="the upcast only applies without a GPU")
 @pytest.mark.parametrize(
     ("dtype", "mixed_precision", "expected"),
     [
         (torch.float16, {}, torch.float32),  # fp16 AdamW on the CPU turns weights to NaN
         (torch.float16, {"fp16": True}, torch.float32),  # the seed: fp16 checkpoint, dtype="auto", fp16=True
         (torch.bfloat16, {"bf16": True}, torch.float32),  # the fallback warning promised fp32
-        (torch.bfloat16, {}, torch.bfloat16),  # chosen on purpose: left as it is
+        (torch.bfloat16, {}, torch.float32),  # fp32 master weights, on any hardware (test_precision.py)
     ],
     ids=["fp16", "fp16-fallback", "bf16-fallback", "bf16"],
 )
