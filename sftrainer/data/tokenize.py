@@ -203,7 +203,7 @@ class ExampleTokenizer:
                 "the chat template renders text before this assistant turn differently depending on "
                 "what the turn says, so the turn's tokens cannot be told apart from its context",
             )
-        start, end = self._turn_start(example, full, i, header, pos, c), self._close_turn(full, e)
+        start, end = self._turn_start(example, full, i, header, pos, c), self._close_turn(full, e, header)
         message = example.messages[i]
         calls = [call.get("function", call).get("name", "") for call in message.get("tool_calls", [])]
         missing = [name for name in calls if name not in full[start:end]]
@@ -256,15 +256,21 @@ class ExampleTokenizer:
                 return found + len(header)
         return c
 
-    def _close_turn(self, full: str, e: int) -> int:
+    def _close_turn(self, full: str, e: int, header: str) -> int:
         """The end of a turn whose text ends at ``e``: through the end-of-turn token that follows
         (after whitespace, or the closing quotes and brackets of tool-call JSON), or ``e`` itself
-        when no special token follows."""
+        when no special token follows. BOS and the token that opens a turn header (``<|im_start|>``
+        in a template with no end-of-turn token) begin the next turn: they do not close this one."""
         k = e
         while k < len(full) and full[k] in " \t\n\"'}])`":
             k += 1
+        opens = {
+            self.tokenizer.bos_token,
+            next((t for t in self.special_texts if header.startswith(t)), None),
+        }
+        opens.discard(self.tokenizer.eos_token)  # Falcon, Granite: BOS and EOS are one token
         for token in self.special_texts:
-            if full.startswith(token, k):
+            if token not in opens and full.startswith(token, k):
                 return k + len(token)
         return e
 

@@ -245,3 +245,17 @@ def test_template_that_rewrites_every_answer_the_same_way():
     ]:
         out = tokenize(tok, messages, train_on=train_on)
         assert zoo.trained_spans(tok, out.input_ids, out.labels) == expected
+
+
+def test_a_turn_header_token_does_not_end_the_previous_turn():
+    """With no end-of-turn token, the next header's '<|im_start|>' is not trained as one: EOS is added."""
+    tok = zoo.chatml()
+    tok.chat_template = (
+        "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '\\n' }}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
+    out = tokenize(tok, zoo.NO_SYSTEM)
+    assert zoo.trained_spans(tok, out.input_ids, out.labels) == [
+        "The capital is Paris.<|im_end|>",  # <|im_end|> is this tokenizer's EOS, added and trained
+        "Rome, of course.<|im_end|>",
+    ]
