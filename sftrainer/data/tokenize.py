@@ -60,6 +60,7 @@ class ExampleTokenizer:
         self.max_length = max_length
         self.train_on = train_on
         self.template_kwargs = dict(template_kwargs or {})
+        self._headers: dict[tuple[Any, ...], str] = {}
 
     @cached_property
     def bos_id(self) -> int | None:
@@ -160,6 +161,14 @@ class ExampleTokenizer:
         block), only the part found in the conversation is untrained; see ``_locate_turn``.
         """
         context = example.messages[:i] if i > 0 else [{"role": "user", "content": "x"}]
+        # The generation prompt depends on the settings and on what precedes it (DeepSeek-R1 adds
+        # none after a tool result), not on the text of the conversation: computed once per kind.
+        key = (context[-1]["role"], example.tools is None, repr(sorted(example.template_kwargs.items())))
+        if key not in self._headers:
+            self._headers[key] = self._render_header(example, context)
+        return self._headers[key]
+
+    def _render_header(self, example: ChatExample, context: list[dict[str, Any]]) -> str:
         try:
             without = self._render(example, context, False)
             with_prompt = self._render(example, context, True)
