@@ -26,14 +26,20 @@ logger = logging.getLogger(__name__)
 def resolve_data(cfg: RunConfig) -> tuple[Any, Any]:
     """Train and eval sources, with 'builtin' replaced by the demo data files."""
     train_src, eval_src = cfg.data.train, cfg.data.eval
+    if eval_src is None and cfg.data.eval_split_name is not None:
+        eval_src = train_src  # another split of the same dataset
     if builtin.BUILTIN in (train_src, eval_src):
         train_file, eval_file = builtin.data_files()
         train_src = str(train_file) if train_src == builtin.BUILTIN else train_src
         eval_src = str(eval_file) if eval_src == builtin.BUILTIN else eval_src
-    train_ds = data_load.load(train_src, f"train data ({data_load.describe(train_src)})")
+    train_ds = data_load.load(
+        train_src, f"train data ({data_load.describe(train_src)})", **cfg.data.hub_args()
+    )
     eval_ds = None
     if eval_src is not None:
-        eval_ds = data_load.load(eval_src, f"eval data ({data_load.describe(eval_src)})")
+        eval_ds = data_load.load(
+            eval_src, f"eval data ({data_load.describe(eval_src)})", **cfg.data.hub_args(eval=True)
+        )
     elif cfg.data.eval_split > 0:
         train_ds, eval_ds = data_load.train_eval_split(train_ds, cfg.data.eval_split, cfg.train.seed)
     return train_ds, eval_ds

@@ -57,7 +57,8 @@ def test_train_help(capsys):
         assert text in out, f"{text!r} missing from train --help"
     # every key is documented, under the name the YAML and the overrides use
     for key in ("max_length", "train_on", "packing", "lora.r", "lora.alpha", "model.name_or_path",
-                "data.train", "data.eval_split"):  # fmt: skip
+                "data.train", "data.eval_split", "data.split", "data.eval_split_name", "data.subset",
+                "data.data_files"):  # fmt: skip
         assert f"  {key}: " in out, f"{key} missing from train --help"
 
 
