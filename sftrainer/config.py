@@ -117,6 +117,13 @@ class SFTConfig(TrainingArguments):
         default=64, metadata={"help": "Generation limit for exact match."}
     )
     max_seq_length: int | None = field(default=None, metadata={"help": "Deprecated TRL name of max_length."})
+    # TrainingArguments types this `str | None`, which refused YAML's `true` (Trainer.train's idiom).
+    resume_from_checkpoint: str | bool | None = field(
+        default=None,
+        metadata={
+            "help": "A checkpoint directory to resume from, or true: the latest checkpoint in output_dir."
+        },
+    )
 
     # Defaults suited to fine-tuning rather than pre-training.
     learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate (AdamW)."})

@@ -149,6 +149,49 @@ def test_missing_data_file_exits_2(capsys, tmp_path):
     assert "nope.jsonl" in error_message(err)
 
 
+# ---- resume ------------------------------------------------------------------------------
+
+
+def test_resume_from_checkpoint_true_resumes_the_latest_checkpoint(capsys, caplog, tmp_path):
+    """`resume_from_checkpoint=true` (Trainer's idiom) on the command line: the latest checkpoint."""
+    out_dir = tmp_path / "run"
+    short = [f"output_dir={out_dir}", "data.eval=null", "exact_match_samples=0", "per_device_train_batch_size=8",
+             "save_strategy=steps", "save_steps=2", "logging_steps=1"]  # fmt: skip
+    code, _, err = run_cli(capsys, "train", *short, "max_steps=2")
+    assert code == 0, err
+    # Mark the checkpoint's state: the resumed run carries the mark on only if it started from it.
+    state_file = out_dir / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"][0]["loss"] = 123.0
+    state_file.write_text(json.dumps(state))
+    with caplog.at_level("INFO", logger="sftrainer.train"):
+        code, _, err = run_cli(capsys, "train", *short, "max_steps=4", "resume_from_checkpoint=true")
+    assert code == 0, err
+    assert f"Resuming from the latest checkpoint, {out_dir / 'checkpoint-2'}" in caplog.text
+    state = json.loads((out_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert [(e["step"], e["loss"] == 123.0) for e in state["log_history"] if "loss" in e] == [
+        (1, True),
+        (2, False),
+        (3, False),
+        (4, False),
+    ]
+
+
+def test_resume_from_checkpoint_true_without_a_checkpoint_exits_2(capsys, tmp_path):
+    code, out, err = run_cli(
+        capsys, "train", f"output_dir={tmp_path / 'fresh'}", "resume_from_checkpoint=true"
+    )
+    assert code == 2 and out == ""
+    assert error_message(err) == (
+        f"sftrainer: error: resume_from_checkpoint: true, but {tmp_path / 'fresh'} holds no checkpoint-<step> "
+        "directory (checkpoints are written every save_steps with save_strategy: steps)"
+    )
+    code, _, err = run_cli(capsys, "train", f"resume_from_checkpoint={tmp_path / 'nope'}")
+    assert code == 2
+    assert f"no such checkpoint directory: {tmp_path / 'nope'}" in error_message(err)
+
+
 # ---- the demo, shortened ------------------------------------------------------------------
 
 

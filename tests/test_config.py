@@ -406,6 +406,16 @@ eval_strategy: steps
     assert calls[1] == ("other/evals-1.0", {"split": "validation"})
 
 
+def test_resume_from_checkpoint_true_from_yaml(tmp_path):
+    """Trainer.train's `True` (the latest checkpoint) is a valid YAML value, beside a path."""
+    assert load_config(write(tmp_path, "resume_from_checkpoint: true\n")).train.resume_from_checkpoint is True
+    assert load_config(None, ["resume_from_checkpoint=true"]).train.resume_from_checkpoint is True
+    assert load_config(None, ["resume_from_checkpoint=out/checkpoint-5"]).train.resume_from_checkpoint == (
+        "out/checkpoint-5"
+    )
+    assert "resume_from_checkpoint: expected" in config_error(None, ["resume_from_checkpoint=[1]"])
+
+
 def test_trl_names_mean_what_they_mean_there():
     cfg = load_config(None, ["completion_only_loss=false"])
     assert cfg.train.train_on == "all"
