@@ -25,6 +25,7 @@ from sftrainer.coerce import coerce
 from sftrainer.data.pack import packing_strategy_problems
 from sftrainer.data.prepare import DataSettings
 from sftrainer.errors import ConfigError, did_you_mean
+from sftrainer.model import chat_template_problems
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,28 @@ class SFTConfig(TrainingArguments):
         },
     )
     chat_template: str | None = field(
-        default=None, metadata={"help": "A Jinja chat template, or a path to one, replacing the tokenizer's."}
+        default=None,
+        metadata={
+            "help": "A Jinja chat template, or a path to one (.jinja/.j2/.txt/.json), replacing the tokenizer's."
+        },
+    )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "TRL name: a .jinja file, or a tokenizer directory / hub id whose template (and EOS) to use."
+        },
+    )
+    eos_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "End-of-sequence token to train, replacing the tokenizer's (must be in its vocabulary)."
+        },
+    )
+    pad_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "Padding token, replacing the tokenizer's (must be in its vocabulary); default: its own, else EOS."
+        },
     )
     packing: bool = field(
         default=False,
@@ -173,6 +195,10 @@ class SFTConfig(TrainingArguments):
             out.append("packing: needs max_length (the length of a packed sequence)")
         if self.exact_match_samples < 0:
             out.append(f"exact_match_samples: must be >= 0, got {self.exact_match_samples}")
+        out += chat_template_problems(self.chat_template, self.chat_template_path)
+        for key in ("eos_token", "pad_token"):
+            if getattr(self, key) == "":
+                out.append(f"{key}: must be a token of the tokenizer or null, got ''")
         return out
 
     def data_settings(self, columns: Mapping[str, str] | None = None) -> DataSettings:

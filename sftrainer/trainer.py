@@ -71,9 +71,8 @@ class SFTTrainer(Trainer):
         if model is None:
             raise ValueError("SFTTrainer needs a model: a PreTrainedModel, a PeftModel, or a path / hub id")
         output_dir = f"{Path(model).name or 'model'}-sft" if isinstance(model, str) else "sftrainer_output"
-        args = to_sft_config(args, output_dir)
-        if legacy:  # the older keywords are written onto args: keep the caller's object unchanged
-            args = copy.copy(args)
+        # A copy: the older keywords and remove_unused_columns are written onto it, not the caller's.
+        args = copy.copy(to_sft_config(args, output_dir))
         processing_class = self._apply_legacy(args, processing_class, legacy)
 
         if isinstance(model, str):
@@ -81,7 +80,13 @@ class SFTTrainer(Trainer):
             model = load_model(model_path, **(args.model_init_kwargs or {}))
         if processing_class is None:
             processing_class = load_tokenizer(_model_path(model))
-        prepare_tokenizer(processing_class, args.chat_template)
+        processing_class = prepare_tokenizer(  # a copy where it changes: the caller's stays as it was
+            processing_class,
+            args.chat_template,
+            chat_template_path=args.chat_template_path,
+            eos_token=args.eos_token,
+            pad_token=args.pad_token,
+        )
         model = upcast_for_cpu(model, args.precision_fallback)
         model = lora.apply(model, peft_config, gradient_checkpointing=bool(args.gradient_checkpointing))
         self.data_stats: dict[str, PrepareStats] = {}

@@ -111,6 +111,7 @@ def test_yaml_typo_exits_2_without_traceback(tmp_path):
         (["empty.yaml", "lora"], "override 'lora': expected key=value"),
         (["empty.yaml", "other.yaml"], "override 'other.yaml': expected key=value"),
         (["lr_scheduler_type=cosin"], "did you mean 'cosine'?"),
+        (["chat_template=templates/chatml.jinja"], "chat_template: no such file: templates/chatml.jinja"),
     ],
 )
 def test_config_errors_exit_2(capsys, tmp_path, monkeypatch, items, expected):
