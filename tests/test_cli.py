@@ -5,6 +5,7 @@ shortened mode, LoRA from a shipped config, and user errors (exit code 2, a mess
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import subprocess
@@ -76,6 +77,70 @@ def test_version(capsys):
         main(["--version"])
     assert info.value.code == 0
     assert __version__ in capsys.readouterr().out
+
+
+# ---- startup: fast and quiet ------------------------------------------------------------
+
+HEAVY = ("torch", "transformers", "datasets", "peft")
+
+
+def python(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """A fresh interpreter (imports are per process); PYTHONPATH and the rest of the env inherited."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_importing_the_cli_does_not_import_torch():
+    proc = python("-c", "import sftrainer.cli, sys; print('torch' in sys.modules)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_import_nothing_heavy(flag):
+    """`sftrainer --help` answers at once: -X importtime lists every module the real entry point imported."""
+    proc = python("-X", "importtime", "-m", "sftrainer", flag)
+    assert proc.returncode == 0, proc.stderr
+    assert "sftrainer" in proc.stdout
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "sftrainer.cli" in imported
+    assert not [m for m in imported if m.split(".")[0] in HEAVY]
+
+
+def test_public_names_still_import_from_the_package():
+    proc = python("-c", "import sftrainer.train, sftrainer; from sftrainer import SFTTrainer, SFTConfig, "
+                  "load_config, train; print(SFTTrainer.__name__, SFTConfig.__name__, callable(train), "
+                  "sftrainer.train is train)")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["SFTTrainer", "SFTConfig", "True", "True"]
+
+
+def test_bitsandbytes_kernel_notice_is_demoted_to_debug():
+    """The message bitsandbytes logs at import on AVX512-BF16 CPUs without `kernels`; other
+    warnings of that logger still show."""
+    code = (
+        "import logging, sftrainer\n"
+        "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
+        "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s.', 'No module named kernels')\n"
+        "log.warning('another warning')\n"
+    )
+    proc = python("-c", code)
+    assert "gemm_4bit" not in proc.stderr and "another warning" in proc.stderr
+    proc = python("-c", "import logging; logging.basicConfig(level='DEBUG')\n" + code)
+    assert "DEBUG:bitsandbytes.backends.cpu.ops:Failed to load CPU gemm_4bit_forward" in proc.stderr
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None,
+    reason="bitsandbytes (the quant extra) is not installed, so its import-time notice cannot appear",
+)
+def test_commands_print_nothing_from_bitsandbytes_at_import():
+    proc = python("-m", "sftrainer", "train", "--help")  # imports transformers -> peft -> bitsandbytes
+    assert proc.returncode == 0, proc.stderr
+    assert "bitsandbytes" not in proc.stderr and "gemm_4bit" not in proc.stderr
 
 
 # ---- user errors: exit 2, one message, no traceback -------------------------------------
