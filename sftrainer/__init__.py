@@ -1,13 +1,26 @@
 """sftrainer: supervised fine-tuning of causal language models.
 
 from sftrainer import SFTTrainer, SFTConfig   # drop-in for `from trl import SFTTrainer, SFTConfig`
+
+The public names are imported on first use, so ``import sftrainer`` (and ``sftrainer --help``) does
+not import torch, transformers or datasets.
 """
 
-from sftrainer.config import RunConfig, SFTConfig, load_config
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from sftrainer.constants import IGNORE_INDEX
 from sftrainer.errors import ConfigError, DataError, SFTrainerError
-from sftrainer.train import train
-from sftrainer.trainer import SFTTrainer
+
+if TYPE_CHECKING:
+    from sftrainer.config import RunConfig, SFTConfig, load_config
+    from sftrainer.train import train
+    from sftrainer.trainer import SFTTrainer
 
 __version__ = "0.1.0"
 __all__ = [
@@ -21,3 +34,51 @@ __all__ = [
     "load_config",
     "train",
 ]
+
+_LAZY = {
+    "RunConfig": "sftrainer.config",
+    "SFTConfig": "sftrainer.config",
+    "load_config": "sftrainer.config",
+    "train": "sftrainer.train",
+    "SFTTrainer": "sftrainer.trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'sftrainer' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Importing the submodule sftrainer.train sets the package attribute `train` to that module;
+        # the public `sftrainer.train` is the function (as it was when this file imported it eagerly).
+        if name == "train" and isinstance(value, types.ModuleType) and value.__name__ == "sftrainer.train":
+            value = value.train
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+class _DemoteBitsandbytesKernelNotice(logging.Filter):
+    """bitsandbytes (0.45 to 0.50, backends/cpu/ops.py) logs a WARNING when it is imported on a CPU with
+    AVX512-BF16 and the optional `kernels` package is missing: "Failed to load CPU gemm_4bit_forward
+    ...". peft imports bitsandbytes whenever it is installed (peft/helpers.py, reached through
+    transformers.trainer_utils), so every command printed it. It is a fallback notice, not a problem:
+    shown at DEBUG (SFTRAINER_LOG_LEVEL=DEBUG), this one message only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and str(record.msg).startswith("Failed to load CPU gemm_4bit"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DemoteBitsandbytesKernelNotice())

@@ -123,7 +123,8 @@ def _fmt(value: float | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser(with_keys="-h" in argv or "--help" in argv)
+    # Only `sftrainer train --help` lists the keys: that imports the config (transformers, torch).
+    parser = _parser(with_keys=argv[:1] == ["train"] and ("-h" in argv or "--help" in argv))
     args = parser.parse_args(argv)
     _setup_logging()
     try:

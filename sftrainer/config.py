@@ -25,6 +25,7 @@ from sftrainer.coerce import coerce
 from sftrainer.data.pack import packing_strategy_problems
 from sftrainer.data.prepare import DataSettings
 from sftrainer.errors import ConfigError, did_you_mean
+from sftrainer.model import chat_template_problems
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,28 @@ class SFTConfig(TrainingArguments):
         },
     )
     chat_template: str | None = field(
-        default=None, metadata={"help": "A Jinja chat template, or a path to one, replacing the tokenizer's."}
+        default=None,
+        metadata={
+            "help": "A Jinja chat template, or a path to one (.jinja/.j2/.txt/.json), replacing the tokenizer's."
+        },
+    )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "TRL name: a .jinja file, or a tokenizer directory / hub id whose template (and EOS) to use."
+        },
+    )
+    eos_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "End-of-sequence token to train, replacing the tokenizer's (must be in its vocabulary)."
+        },
+    )
+    pad_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "Padding token, replacing the tokenizer's (must be in its vocabulary); default: its own, else EOS."
+        },
     )
     chat_template_kwargs: dict[str, Any] | None = field(
         default=None,
@@ -131,6 +153,13 @@ class SFTConfig(TrainingArguments):
         default=64, metadata={"help": "Generation limit for exact match."}
     )
     max_seq_length: int | None = field(default=None, metadata={"help": "Deprecated TRL name of max_length."})
+    # TrainingArguments types this `str | None`, which refused YAML's `true` (Trainer.train's idiom).
+    resume_from_checkpoint: str | bool | None = field(
+        default=None,
+        metadata={
+            "help": "A checkpoint directory to resume from, or true: the latest checkpoint in output_dir."
+        },
+    )
 
     # Defaults suited to fine-tuning rather than pre-training.
     learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate (AdamW)."})
@@ -175,6 +204,10 @@ class SFTConfig(TrainingArguments):
             out.append("packing: needs max_length (the length of a packed sequence)")
         if self.exact_match_samples < 0:
             out.append(f"exact_match_samples: must be >= 0, got {self.exact_match_samples}")
+        out += chat_template_problems(self.chat_template, self.chat_template_path)
+        for key in ("eos_token", "pad_token"):
+            if getattr(self, key) == "":
+                out.append(f"{key}: must be a token of the tokenizer or null, got ''")
         return out
 
     def data_settings(self, columns: Mapping[str, str] | None = None) -> DataSettings:
@@ -239,13 +272,32 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str | list[str] = field(
-        default="builtin", metadata={"help": "File(s), directory, glob or hub id; 'builtin': the demo tasks."}
+        default="builtin",
+        metadata={"help": "File(s), directory, glob or hub id (org/name); 'builtin': the demo tasks."},
     )
     eval: str | list[str] | None = field(
-        default=None, metadata={"help": "Evaluation file(s); 'builtin' for the demo."}
+        default=None, metadata={"help": "Evaluation file(s) or hub id; 'builtin' for the demo."}
     )
     eval_split: float = field(
         default=0.0, metadata={"help": "Fraction of train held out for evaluation when eval is unset."}
+    )
+    split: str = field(
+        default="train",
+        metadata={
+            "help": "Split of a hub dataset to train on (e.g. train_sft); slices like train[:1000] work."
+        },
+    )
+    eval_split_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Split to evaluate on (e.g. test_sft): of data.eval, or of data.train when eval is unset."
+        },
+    )
+    subset: str | None = field(
+        default=None, metadata={"help": "Subset (configuration) of a hub dataset: load_dataset's name."}
+    )
+    data_files: str | list[str] | dict[str, Any] | None = field(
+        default=None, metadata={"help": "Files within a hub dataset to load: load_dataset's data_files."}
     )
     columns: dict[str, str] = field(
         default_factory=dict, metadata={"help": "Rename columns: {their_name: prompt}."}
@@ -256,7 +308,26 @@ class DataConfig:
             return [f"data.eval_split: must be in [0, 1), got {self.eval_split}"]
         if self.eval is not None and self.eval_split:
             return ["data.eval_split: set data.eval or data.eval_split, not both"]
+        if self.eval_split_name is not None and self.eval_split:
+            return ["data.eval_split: set data.eval_split (a fraction) or data.eval_split_name, not both"]
         return []
+
+    def has_eval(self) -> bool:
+        return self.eval is not None or bool(self.eval_split) or self.eval_split_name is not None
+
+    def hub_args(self, eval: bool = False) -> dict[str, Any]:
+        """``split`` / ``subset`` / ``data_files`` of ``sftrainer.data.load.load`` for train or eval.
+
+        subset and data_files belong to data.train; eval shares them when it reads the same dataset.
+        """
+        if not eval:
+            return {"split": self.split, "subset": self.subset, "data_files": self.data_files}
+        same = self.eval is None or self.eval == self.train
+        return {
+            "split": self.eval_split_name,
+            "subset": self.subset if same else None,
+            "data_files": self.data_files if same else None,
+        }
 
 
 @dataclass
@@ -403,10 +474,10 @@ def build_config(raw: Mapping[str, Any], where: str = "") -> RunConfig:
         problems += [line.strip() for line in text.splitlines() if line.strip()]
     data = built.get("data", DataConfig())
     strategy = getattr(train, "eval_strategy", "no")
-    if strategy != "no" and data.eval is None and not data.eval_split:
+    if strategy != "no" and not data.has_eval():
         problems.append(
             f"eval_strategy: '{getattr(strategy, 'value', strategy)}' needs evaluation data; "
-            "set data.eval or data.eval_split, or eval_strategy: 'no'"
+            "set data.eval, data.eval_split or data.eval_split_name, or eval_strategy: 'no'"
         )
     if problems:
         raise ConfigError(

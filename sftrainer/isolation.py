@@ -24,8 +24,13 @@ class ContaminationError(SFTrainerError):
 
 
 @torch.no_grad()
-def check_row_isolation(model: Any, collator: Any) -> None:
-    """Raise ``ContaminationError`` unless packed rows are isolated. Costs one tiny forward pass."""
+def check_row_isolation(model: Any, collator: Any, compute_dtype: torch.dtype | None = None) -> None:
+    """Raise ``ContaminationError`` unless packed rows are isolated. Costs one tiny forward pass.
+
+    Run it where training runs (the model on its training device, under the training autocast), as
+    ``SFTTrainer`` does at the start of ``train()``: whether a backend isolates rows can depend on the
+    device and kernel. ``compute_dtype``: the autocast dtype, if any (sets the tolerance).
+    """
     vocab = model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(0)
     first, second = torch.randint(3, vocab, (7,), generator=gen), torch.randint(3, vocab, (5,), generator=gen)
@@ -51,7 +56,8 @@ def check_row_isolation(model: Any, collator: Any) -> None:
     want = alone.logits[0].float()
     error = (got - want).abs().max().item()
     scale = max(1.0, want.abs().max().item())
-    tolerance = 1e-3 if model.dtype == torch.float32 else 3e-2
+    compute_dtype = compute_dtype or model.dtype
+    tolerance = 1e-3 if compute_dtype == torch.float32 else 3e-2
     impl = getattr(model.config, "_attn_implementation", None) or "unknown"
     if not error <= tolerance * scale:
         raise ContaminationError(
@@ -61,5 +67,9 @@ def check_row_isolation(model: Any, collator: Any) -> None:
             "or 'flash_attention_2' (model.attn_implementation in YAML), or turn packing / padding_free off."
         )
     logger.info(
-        "Packed rows are isolated with attn_implementation='%s' (max logit difference %.2g)", impl, error
+        "Packed rows are isolated with attn_implementation='%s' on %s in %s (max logit difference %.2g)",
+        impl,
+        device,
+        str(compute_dtype).removeprefix("torch."),
+        error,
     )

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers.trainer_utils import get_last_checkpoint
 
 from sftrainer import builtin
 from sftrainer.config import RunConfig
 from sftrainer.data import load as data_load
+from sftrainer.errors import ConfigError
 from sftrainer.lora import peft_config_from
 from sftrainer.model import load_model, load_tokenizer
 from sftrainer.trainer import SFTTrainer
@@ -26,14 +29,20 @@ logger = logging.getLogger(__name__)
 def resolve_data(cfg: RunConfig) -> tuple[Any, Any]:
     """Train and eval sources, with 'builtin' replaced by the demo data files."""
     train_src, eval_src = cfg.data.train, cfg.data.eval
+    if eval_src is None and cfg.data.eval_split_name is not None:
+        eval_src = train_src  # another split of the same dataset
     if builtin.BUILTIN in (train_src, eval_src):
         train_file, eval_file = builtin.data_files()
         train_src = str(train_file) if train_src == builtin.BUILTIN else train_src
         eval_src = str(eval_file) if eval_src == builtin.BUILTIN else eval_src
-    train_ds = data_load.load(train_src, f"train data ({data_load.describe(train_src)})")
+    train_ds = data_load.load(
+        train_src, f"train data ({data_load.describe(train_src)})", **cfg.data.hub_args()
+    )
     eval_ds = None
     if eval_src is not None:
-        eval_ds = data_load.load(eval_src, f"eval data ({data_load.describe(eval_src)})")
+        eval_ds = data_load.load(
+            eval_src, f"eval data ({data_load.describe(eval_src)})", **cfg.data.hub_args(eval=True)
+        )
     elif cfg.data.eval_split > 0:
         train_ds, eval_ds = data_load.train_eval_split(train_ds, cfg.data.eval_split, cfg.train.seed)
     if cfg.data.columns:
@@ -42,9 +51,28 @@ def resolve_data(cfg: RunConfig) -> tuple[Any, Any]:
     return train_ds, eval_ds
 
 
+def resolve_checkpoint(resume: str | bool | None, output_dir: str) -> str | None:
+    """The checkpoint directory to resume from: ``True`` means the latest one in ``output_dir``."""
+    if resume is None or resume is False:
+        return None
+    if resume is True:
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise ConfigError(
+                f"resume_from_checkpoint: true, but {output_dir} holds no checkpoint-<step> directory "
+                "(checkpoints are written every save_steps with save_strategy: steps)"
+            )
+        logger.info("Resuming from the latest checkpoint, %s", last)
+        return last
+    if not os.path.isdir(resume):
+        raise ConfigError(f"resume_from_checkpoint: no such checkpoint directory: {resume}")
+    return resume
+
+
 def train(cfg: RunConfig) -> dict[str, float]:
     """Run one fine-tune. Returns the final metrics (also written to ``<output_dir>/all_results.json``)."""
     args = cfg.train
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     name = cfg.model.name_or_path
     model_path = str(builtin.model_dir()) if name == builtin.BUILTIN else name
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
@@ -70,7 +98,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if eval_ds is not None:
         metrics.update(trainer.evaluate(metric_key_prefix="eval_before"))
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics.update(result.metrics)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())

@@ -22,8 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 from sftrainer import lora, precision
 from sftrainer.config import SFTConfig, to_sft_config
@@ -71,9 +72,8 @@ class SFTTrainer(Trainer):
         if model is None:
             raise ValueError("SFTTrainer needs a model: a PreTrainedModel, a PeftModel, or a path / hub id")
         output_dir = f"{Path(model).name or 'model'}-sft" if isinstance(model, str) else "sftrainer_output"
-        args = to_sft_config(args, output_dir)
-        if legacy:  # the older keywords are written onto args: keep the caller's object unchanged
-            args = copy.copy(args)
+        # A copy: the older keywords and remove_unused_columns are written onto it, not the caller's.
+        args = copy.copy(to_sft_config(args, output_dir))
         processing_class = self._apply_legacy(args, processing_class, legacy)
 
         callers_model = not isinstance(model, str)
@@ -82,7 +82,13 @@ class SFTTrainer(Trainer):
             model = load_model(model_path, **(args.model_init_kwargs or {}))
         if processing_class is None:
             processing_class = load_tokenizer(_model_path(model))
-        prepare_tokenizer(processing_class, args.chat_template)
+        processing_class = prepare_tokenizer(  # a copy where it changes: the caller's stays as it was
+            processing_class,
+            args.chat_template,
+            chat_template_path=args.chat_template_path,
+            eos_token=args.eos_token,
+            pad_token=args.pad_token,
+        )
         model = lora.apply(model, peft_config, gradient_checkpointing=bool(args.gradient_checkpointing))
         model = precision.keep_master_weights(model, args.bf16 or args.fp16, callers_model)
         self.data_stats: dict[str, PrepareStats] = {}
@@ -110,8 +116,6 @@ class SFTTrainer(Trainer):
             # Our prepared rows hold exactly what the model needs; PEFT's forward signature hides
             # position_ids, and dropping them would merge the rows of a packed sequence.
             args.remove_unused_columns = False
-            if isinstance(data_collator, PositionCollator):
-                check_row_isolation(model, data_collator)
         # Logits of trained positions only (see loss.py); models without logits_to_keep use their own loss.
         self._lean_loss = accepts_logits_to_keep(model)
         super().__init__(
@@ -128,6 +132,21 @@ class SFTTrainer(Trainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        self._checked_for_training = False
+        self.add_callback(_RowIsolationCheck(self))
+
+    def check_packed_isolation(self) -> None:
+        """Refuse (``ContaminationError``) an attention backend that lets packed rows see each other.
+
+        Run at the start of training (and of an evaluation outside training), so it tests the model
+        as it runs: on the training device, under the training autocast, with the attention
+        implementation of that moment, not as it sat on the CPU when the trainer was built.
+        """
+        if not isinstance(self.data_collator, PositionCollator):
+            return
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        with self.accelerator.autocast():
+            check_row_isolation(self.model, self.data_collator, dtypes.get(self.accelerator.mixed_precision))
 
     @staticmethod
     def _apply_legacy(args: SFTConfig, processing_class: Any, legacy: dict[str, Any]) -> Any:
@@ -224,6 +243,8 @@ class SFTTrainer(Trainer):
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
         """Trainer's evaluation (loss), plus greedy exact match when ``exact_match_samples`` > 0."""
+        if not self._checked_for_training:  # else on_train_begin checked it, for this training run
+            self.check_packed_isolation()
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         n = self.args.exact_match_samples
@@ -235,6 +256,21 @@ class SFTTrainer(Trainer):
             metrics[f"{metric_key_prefix}_exact_match"] = score
             self.log({f"{metric_key_prefix}_exact_match": score})
         return metrics
+
+
+class _RowIsolationCheck(TrainerCallback):
+    """Runs ``SFTTrainer.check_packed_isolation`` once the model is placed and prepared for training,
+    before the first optimizer step."""
+
+    def __init__(self, trainer: SFTTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.check_packed_isolation()
+        self.trainer._checked_for_training = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._checked_for_training = False
 
 
 def _model_path(model: Any) -> str:

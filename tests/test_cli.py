@@ -5,6 +5,7 @@ shortened mode, LoRA from a shipped config, and user errors (exit code 2, a mess
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import subprocess
@@ -57,7 +58,8 @@ def test_train_help(capsys):
         assert text in out, f"{text!r} missing from train --help"
     # every key is documented, under the name the YAML and the overrides use
     for key in ("max_length", "train_on", "packing", "lora.r", "lora.alpha", "model.name_or_path",
-                "data.train", "data.eval_split"):  # fmt: skip
+                "data.train", "data.eval_split", "data.split", "data.eval_split_name", "data.subset",
+                "data.data_files"):  # fmt: skip
         assert f"  {key}: " in out, f"{key} missing from train --help"
 
 
@@ -75,6 +77,70 @@ def test_version(capsys):
         main(["--version"])
     assert info.value.code == 0
     assert __version__ in capsys.readouterr().out
+
+
+# ---- startup: fast and quiet ------------------------------------------------------------
+
+HEAVY = ("torch", "transformers", "datasets", "peft")
+
+
+def python(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """A fresh interpreter (imports are per process); PYTHONPATH and the rest of the env inherited."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_importing_the_cli_does_not_import_torch():
+    proc = python("-c", "import sftrainer.cli, sys; print('torch' in sys.modules)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_import_nothing_heavy(flag):
+    """`sftrainer --help` answers at once: -X importtime lists every module the real entry point imported."""
+    proc = python("-X", "importtime", "-m", "sftrainer", flag)
+    assert proc.returncode == 0, proc.stderr
+    assert "sftrainer" in proc.stdout
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "sftrainer.cli" in imported
+    assert not [m for m in imported if m.split(".")[0] in HEAVY]
+
+
+def test_public_names_still_import_from_the_package():
+    proc = python("-c", "import sftrainer.train, sftrainer; from sftrainer import SFTTrainer, SFTConfig, "
+                  "load_config, train; print(SFTTrainer.__name__, SFTConfig.__name__, callable(train), "
+                  "sftrainer.train is train)")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["SFTTrainer", "SFTConfig", "True", "True"]
+
+
+def test_bitsandbytes_kernel_notice_is_demoted_to_debug():
+    """The message bitsandbytes logs at import on AVX512-BF16 CPUs without `kernels`; other
+    warnings of that logger still show."""
+    code = (
+        "import logging, sftrainer\n"
+        "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
+        "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s.', 'No module named kernels')\n"
+        "log.warning('another warning')\n"
+    )
+    proc = python("-c", code)
+    assert "gemm_4bit" not in proc.stderr and "another warning" in proc.stderr
+    proc = python("-c", "import logging; logging.basicConfig(level='DEBUG')\n" + code)
+    assert "DEBUG:bitsandbytes.backends.cpu.ops:Failed to load CPU gemm_4bit_forward" in proc.stderr
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None,
+    reason="bitsandbytes (the quant extra) is not installed, so its import-time notice cannot appear",
+)
+def test_commands_print_nothing_from_bitsandbytes_at_import():
+    proc = python("-m", "sftrainer", "train", "--help")  # imports transformers -> peft -> bitsandbytes
+    assert proc.returncode == 0, proc.stderr
+    assert "bitsandbytes" not in proc.stderr and "gemm_4bit" not in proc.stderr
 
 
 # ---- user errors: exit 2, one message, no traceback -------------------------------------
@@ -110,6 +176,7 @@ def test_yaml_typo_exits_2_without_traceback(tmp_path):
         (["empty.yaml", "lora"], "override 'lora': expected key=value"),
         (["empty.yaml", "other.yaml"], "override 'other.yaml': expected key=value"),
         (["lr_scheduler_type=cosin"], "did you mean 'cosine'?"),
+        (["chat_template=templates/chatml.jinja"], "chat_template: no such file: templates/chatml.jinja"),
     ],
 )
 def test_config_errors_exit_2(capsys, tmp_path, monkeypatch, items, expected):
@@ -146,6 +213,49 @@ def test_missing_data_file_exits_2(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", f"data.train={tmp_path / 'nope.jsonl'}", f"output_dir={tmp_path}")
     assert code == 2
     assert "nope.jsonl" in error_message(err)
+
+
+# ---- resume ------------------------------------------------------------------------------
+
+
+def test_resume_from_checkpoint_true_resumes_the_latest_checkpoint(capsys, caplog, tmp_path):
+    """`resume_from_checkpoint=true` (Trainer's idiom) on the command line: the latest checkpoint."""
+    out_dir = tmp_path / "run"
+    short = [f"output_dir={out_dir}", "data.eval=null", "exact_match_samples=0", "per_device_train_batch_size=8",
+             "save_strategy=steps", "save_steps=2", "logging_steps=1"]  # fmt: skip
+    code, _, err = run_cli(capsys, "train", *short, "max_steps=2")
+    assert code == 0, err
+    # Mark the checkpoint's state: the resumed run carries the mark on only if it started from it.
+    state_file = out_dir / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"][0]["loss"] = 123.0
+    state_file.write_text(json.dumps(state))
+    with caplog.at_level("INFO", logger="sftrainer.train"):
+        code, _, err = run_cli(capsys, "train", *short, "max_steps=4", "resume_from_checkpoint=true")
+    assert code == 0, err
+    assert f"Resuming from the latest checkpoint, {out_dir / 'checkpoint-2'}" in caplog.text
+    state = json.loads((out_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert [(e["step"], e["loss"] == 123.0) for e in state["log_history"] if "loss" in e] == [
+        (1, True),
+        (2, False),
+        (3, False),
+        (4, False),
+    ]
+
+
+def test_resume_from_checkpoint_true_without_a_checkpoint_exits_2(capsys, tmp_path):
+    code, out, err = run_cli(
+        capsys, "train", f"output_dir={tmp_path / 'fresh'}", "resume_from_checkpoint=true"
+    )
+    assert code == 2 and out == ""
+    assert error_message(err) == (
+        f"sftrainer: error: resume_from_checkpoint: true, but {tmp_path / 'fresh'} holds no checkpoint-<step> "
+        "directory (checkpoints are written every save_steps with save_strategy: steps)"
+    )
+    code, _, err = run_cli(capsys, "train", f"resume_from_checkpoint={tmp_path / 'nope'}")
+    assert code == 2
+    assert f"no such checkpoint directory: {tmp_path / 'nope'}" in error_message(err)
 
 
 # ---- the demo, shortened ------------------------------------------------------------------

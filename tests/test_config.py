@@ -354,6 +354,7 @@ def test_train_on_typo_suggests():
         (["completion_only_loss=true", "train_on=all"], "completion_only_loss"),
         (["assistant_only_loss=true", "train_on=all"], "assistant_only_loss"),
         (["data.eval=builtin", "data.eval_split=0.1"], "data.eval_split"),
+        (["data.eval_split_name=test", "data.eval_split=0.1"], "data.eval_split"),
         (["eval_strategy=steps", "data.eval=null"], "eval_strategy"),
     ],
 )
@@ -364,6 +365,55 @@ def test_contradictory_settings(overrides, key):
 def test_eval_strategy_with_eval_data_is_fine():
     cfg = load_config(None, ["eval_strategy=steps", "eval_steps=10", "data.eval_split=0.1"])
     assert cfg.train.eval_strategy == "steps"
+
+
+def test_hub_dataset_keys_reach_load_dataset(tmp_path, monkeypatch):
+    """data.split / eval_split_name / subset / data_files, as ultrachat_200k needs them (no network)."""
+    from datasets import Dataset
+
+    from sftrainer.train import resolve_data
+
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return Dataset.from_list([{"prompt": "p", "response": kwargs["split"]}])
+
+    monkeypatch.setattr("datasets.load_dataset", fake_load_dataset)
+    path = write(
+        tmp_path,
+        """\
+data:
+  train: HuggingFaceH4/ultrachat_200k
+  split: train_sft
+  eval_split_name: test_sft
+  subset: default
+  data_files: {train_sft: data/train_sft-*.parquet, test_sft: data/test_sft-*.parquet}
+eval_strategy: steps
+""",
+    )
+    cfg = load_config(path)
+    train_ds, eval_ds = resolve_data(cfg)
+    files = {"train_sft": "data/train_sft-*.parquet", "test_sft": "data/test_sft-*.parquet"}
+    assert calls == [
+        ("HuggingFaceH4/ultrachat_200k", {"split": "train_sft", "name": "default", "data_files": files}),
+        ("HuggingFaceH4/ultrachat_200k", {"split": "test_sft", "name": "default", "data_files": files}),
+    ]
+    assert (train_ds[0]["response"], eval_ds[0]["response"]) == ("train_sft", "test_sft")
+
+    calls.clear()  # a separate eval dataset gets its own split, not train's subset / files
+    resolve_data(load_config(path, ["data.eval=other/evals-1.0", "data.eval_split_name=validation"]))
+    assert calls[1] == ("other/evals-1.0", {"split": "validation"})
+
+
+def test_resume_from_checkpoint_true_from_yaml(tmp_path):
+    """Trainer.train's `True` (the latest checkpoint) is a valid YAML value, beside a path."""
+    assert load_config(write(tmp_path, "resume_from_checkpoint: true\n")).train.resume_from_checkpoint is True
+    assert load_config(None, ["resume_from_checkpoint=true"]).train.resume_from_checkpoint is True
+    assert load_config(None, ["resume_from_checkpoint=out/checkpoint-5"]).train.resume_from_checkpoint == (
+        "out/checkpoint-5"
+    )
+    assert "resume_from_checkpoint: expected" in config_error(None, ["resume_from_checkpoint=[1]"])
 
 
 def test_trl_names_mean_what_they_mean_there():

@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import ROWS, changed, quick_args, save_tiny_model, trainable_snapshot, trained_text
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from sftrainer import ConfigError, SFTConfig, SFTTrainer
 from sftrainer.config import to_sft_config
@@ -405,3 +405,60 @@ def test_dora_from_config_settings_trains_its_magnitudes(tiny_model_dir, tmp_pat
     assert any("lora_magnitude_vector" in name for name in before)  # DoRA's per-column magnitudes
     train_and_check(trainer)
     assert any("lora_magnitude_vector" in name for name in changed(trainer.model, before))
+
+
+# ---- the caller's objects are not changed; the saved tokenizer is the one trained with ------------
+
+CUSTOM_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ':\n' + message['content'] + "
+    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant:\n' }}{% endif %}"
+)
+
+
+def tokenizer_state(tokenizer) -> tuple:
+    return tokenizer.chat_template, tokenizer.eos_token, tokenizer.pad_token, len(tokenizer)
+
+
+def test_callers_config_and_tokenizer_are_unchanged_and_the_saved_tokenizer_is_the_trained_one(
+    tiny_model_dir, tokenizer, tmp_path
+):
+    args = quick_args(tmp_path / "run", packing=True, chat_template=CUSTOM_TEMPLATE, pad_token="<|im_start|>")
+    args_before, tokenizer_before = args.to_dict(), tokenizer_state(tokenizer)
+    trainer = SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=ROWS, processing_class=tokenizer)
+    assert args.to_dict() == args_before and args.remove_unused_columns is True
+    assert trainer.args.remove_unused_columns is False  # packed rows keep position_ids
+    assert tokenizer_state(tokenizer) == tokenizer_before
+    assert trainer.processing_class is not tokenizer
+    assert trainer.data_collator.pad_token_id == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    saved = AutoTokenizer.from_pretrained(tmp_path / "final")
+    assert (saved.chat_template, saved.pad_token) == (CUSTOM_TEMPLATE, "<|im_start|>")
+
+
+def test_tokenizer_without_pad_or_template_is_completed_on_a_copy_and_saved(
+    tiny_model_dir, tokenizer, tmp_path
+):
+    tokenizer.pad_token, tokenizer.chat_template = None, None
+    trainer = SFTTrainer(
+        model=str(tiny_model_dir),
+        args=quick_args(tmp_path, max_steps=1),
+        train_dataset=ROWS,
+        processing_class=tokenizer,
+    )
+    assert (tokenizer.pad_token, tokenizer.chat_template) == (None, None)
+    trainer.save_model(str(tmp_path / "final"))
+    saved = AutoTokenizer.from_pretrained(tmp_path / "final")
+    assert saved.pad_token == "<|im_end|>" and "### Assistant:" in saved.chat_template
+
+
+def test_eos_token_override_is_the_trained_end_of_sequence(tiny_model_dir, tokenizer, tmp_path):
+    rows = [{"prompt": "Say hi. ", "completion": "hi"}]
+    trainer = SFTTrainer(
+        model=str(tiny_model_dir),
+        args=quick_args(tmp_path, eos_token="<s>"),
+        train_dataset=rows,
+        processing_class=tokenizer,
+    )
+    assert trained_text(tokenizer, trainer.train_dataset[0]) == "hi<s>"
+    assert tokenizer.eos_token == "<|im_end|>"

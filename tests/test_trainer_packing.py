@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 from tiny_models import quick_args
-from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers import AttentionInterface, AutoModelForCausalLM, TrainerCallback
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sftrainer import ConfigError, SFTConfig, SFTTrainer
@@ -107,13 +107,83 @@ def _leaky_attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
 
 
-def test_an_attention_backend_that_leaks_is_refused(tiny_model_dir, tmp_path):
+def test_an_attention_backend_that_leaks_is_refused_before_any_optimizer_step(tiny_model_dir, tmp_path):
     AttentionInterface.register("leaky_for_test", _leaky_attention)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="leaky_for_test")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = SFTTrainer(model=model, args=_args(tmp_path, packing=True), train_dataset=_rows(8))
     with pytest.raises(ContaminationError, match="leaky_for_test"):
-        SFTTrainer(model=model, args=_args(tmp_path, packing=True), train_dataset=_rows(8))
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ContaminationError, match="leaky_for_test"):
+        trainer.evaluate(trainer.train_dataset)  # evaluating packed rows outside training: checked too
     # Without packing the same model trains: rows are padded, never mixed.
     SFTTrainer(model=model, args=_args(tmp_path), train_dataset=_rows(8))
+
+
+def test_isolation_is_checked_on_the_model_as_it_trains_not_as_it_was_built(tiny_model_dir, tmp_path):
+    """A backend switched after the trainer was built (as placement on a GPU or a kernel choice can)
+    is the one checked: the check runs at train time."""
+    AttentionInterface.register("leaky_for_test", _leaky_attention)
+    trainer = SFTTrainer(
+        model=str(tiny_model_dir), args=_args(tmp_path, packing=True), train_dataset=_rows(8)
+    )
+    trainer.model.config._attn_implementation = "leaky_for_test"
+    with pytest.raises(ContaminationError, match="leaky_for_test"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+class _StopAtTrainBegin(TrainerCallback):
+    """Ends train() right after the callbacks before it ran (a bf16 step on the CPU takes seconds)."""
+
+    class Stop(Exception):
+        pass
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        raise self.Stop
+
+
+def test_isolation_check_runs_on_the_training_device_under_the_training_autocast(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    seen = []
+
+    def record(model, collator, compute_dtype=None):
+        seen.append(
+            {
+                "device": next(model.parameters()).device,
+                "compute_dtype": compute_dtype,
+                "autocast": torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"),
+                "optimizer_steps": trainer.state.global_step,
+            }
+        )
+
+    monkeypatch.setattr("sftrainer.trainer.check_row_isolation", record)
+    args = _args(tmp_path, packing=True, bf16=True, use_cpu=True)  # bf16 autocast on the CPU
+    trainer = SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=_rows(8))
+    assert seen == []  # not at construction
+    trainer.add_callback(_StopAtTrainBegin())
+    with pytest.raises(_StopAtTrainBegin.Stop):
+        trainer.train()
+    assert seen == [
+        {
+            "device": trainer.args.device,
+            "compute_dtype": torch.bfloat16,
+            "autocast": torch.bfloat16,
+            "optimizer_steps": 0,
+        }
+    ]
+
+
+def test_isolation_check_passes_under_bf16_autocast(tiny_model_dir, tmp_path, caplog):
+    args = _args(tmp_path, packing=True, bf16=True, use_cpu=True)
+    trainer = SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=_rows(8))
+    trainer.add_callback(_StopAtTrainBegin())
+    with caplog.at_level("INFO", logger="sftrainer.isolation"), pytest.raises(_StopAtTrainBegin.Stop):
+        trainer.train()
+    assert "Packed rows are isolated with attn_implementation='sdpa' on cpu in bfloat16" in caplog.text
 
 
 # ---- gradient accumulation ----------------------------------------------------------------

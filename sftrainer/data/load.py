@@ -10,6 +10,7 @@ import inspect
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,24 @@ def describe(source: Any) -> str:
     return type(source).__name__
 
 
-def load(source: Any, name: str = "train data") -> AnyDataset:
+def load(
+    source: Any,
+    name: str = "train data",
+    *,
+    split: str | None = None,
+    subset: str | None = None,
+    data_files: str | Sequence[str] | Mapping[str, Any] | None = None,
+) -> AnyDataset:
     """Return a ``Dataset`` (or ``IterableDataset``) for any accepted source.
 
     Accepted: ``Dataset``, ``IterableDataset``, a list of dicts, or path(s) to .json/.jsonl/.csv/
     .parquet files (directories and globs expand to the supported files in them). A string that is
-    not a local path is tried as a Hugging Face dataset id.
+    not a local path is tried as a Hugging Face dataset id (``org/name``, dots allowed).
+
+    ``split`` (default 'train'; slices such as 'train[:1000]' work), ``subset`` (the dataset's
+    configuration, ``name`` of ``datasets.load_dataset``) and ``data_files`` are passed to
+    ``datasets.load_dataset`` for a hub id. A local directory given any of them is loaded the same
+    way (a dataset folder with its own splits), instead of as the set of files in it.
     """
     if isinstance(source, Dataset | IterableDataset):
         return source
@@ -56,12 +69,35 @@ def load(source: Any, name: str = "train data") -> AnyDataset:
         raise DataError(f"{name}: pass one split of the DatasetDict (splits: {list(source)})")
     if isinstance(source, list) and (not source or not isinstance(source[0], str | os.PathLike)):
         return _from_rows(source, name)
+    hub_args = {"split": split, "name": subset, "data_files": data_files}
+    if isinstance(source, str | os.PathLike):
+        path = str(source)
+        if os.path.isdir(path) and any(v is not None for v in hub_args.values()):
+            return _from_hub(path, name, hub_args)
+        if not os.path.exists(path) and is_hub_id(path):
+            return _from_hub(path, name, hub_args)
     if isinstance(source, str | os.PathLike | list | tuple):
-        return _from_files(source, name)
+        if subset is not None or data_files is not None:
+            raise DataError(
+                f"{name}: subset and data_files apply to a Hugging Face dataset or a dataset directory, "
+                f"not to files ({describe(source)})"
+            )
+        return _from_files(source, name, split or "train")
     raise DataError(
         f"{name}: cannot load a {type(source).__name__}. Pass a list of dicts, a datasets.Dataset, "
         "or path(s) to .json, .jsonl, .csv or .parquet files."
     )
+
+
+# Suffixes that make a missing path a missing file rather than a hub id (`teknium/OpenHermes-2.5`
+# is a hub id with a dot in it).
+_FILE_SUFFIXES = {*BUILDERS, ".txt", ".tsv", ".arrow", ".gz", ".zip", ".zst", ".xz", ".bz2", ".yaml", ".yml"}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def is_hub_id(text: str) -> bool:
+    """'name' or 'org/name' without a data-file suffix: can only be a Hugging Face dataset id."""
+    return bool(_HUB_ID.fullmatch(text)) and Path(text).suffix.lower() not in _FILE_SUFFIXES
 
 
 def _from_rows(rows: list[Any], name: str) -> Dataset:
@@ -100,11 +136,9 @@ def expand_files(source: str | os.PathLike | Sequence[str | os.PathLike], name: 
     return files
 
 
-def _from_files(source: Any, name: str) -> AnyDataset:
+def _from_files(source: Any, name: str, split: str = "train") -> AnyDataset:
     files = expand_files(source, name)
     missing = [f for f in files if not os.path.exists(f)]
-    if missing and len(files) == 1 and Path(files[0]).suffix == "" and "/" in files[0]:
-        return _from_hub(files[0], name)
     if missing:
         raise DataError(f"{name}: file not found: {missing[0]}")
     kinds = {BUILDERS.get(Path(f).suffix.lower()) for f in files}
@@ -121,7 +155,7 @@ def _from_files(source: Any, name: str) -> AnyDataset:
         for f in files:
             check_json_file(f)
     try:
-        ds = datasets.load_dataset(builder, data_files=files, split="train")
+        ds = datasets.load_dataset(builder, data_files=files, split=split)
     except Exception as err:
         if "corresponds to no data" in str(err):  # datasets' words for zero rows (a CSV header only)
             raise DataError(f"{name}: {', '.join(files)} has no rows") from None
@@ -173,14 +207,18 @@ def check_json_file(path: str) -> None:
         raise DataError(f"{path}: has no rows (only blank lines)")
 
 
-def _from_hub(dataset_id: str, name: str) -> AnyDataset:
+def _from_hub(dataset_id: str, name: str, hub_args: Mapping[str, Any]) -> AnyDataset:
+    kwargs = {k: v for k, v in hub_args.items() if v is not None}
+    kwargs.setdefault("split", "train")
+    where = "a local dataset directory" if os.path.isdir(dataset_id) else "not a local file or directory"
     try:
-        return datasets.load_dataset(dataset_id, split="train")
+        ds = datasets.load_dataset(dataset_id, **kwargs)
     except Exception as err:
         raise DataError(
-            f"{name}: '{dataset_id}' is not a local file and could not be loaded as a Hugging Face dataset: "
-            f"{_root_message(err)}"
+            f"{name}: '{dataset_id}' is {where}, and loading it as a Hugging Face dataset "
+            f"({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: {_root_message(err)}"
         ) from None
+    return ds
 
 
 def rename(dataset: AnyDataset, mapping: Mapping[str, str], name: str) -> AnyDataset:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from datasets import Dataset, DatasetDict, IterableDataset
@@ -130,3 +131,74 @@ def test_iterable_dataset_from_a_generator_is_not_read_by_load():
     ds = load(IterableDataset.from_generator(gen))
     assert read == []
     assert rows_of(ds) == ROWS
+
+
+# ---- Hugging Face datasets: ids, splits, subsets, data_files (no network: load_dataset is recorded)
+
+
+@pytest.fixture
+def recorded_load_dataset(monkeypatch):
+    """Replace ``datasets.load_dataset`` with a recorder returning a one-row Dataset."""
+    calls = []
+
+    def fake(path, *args, **kwargs):
+        calls.append((path, args, kwargs))
+        return Dataset.from_list(ROWS[:1])
+
+    monkeypatch.setattr("datasets.load_dataset", fake)
+    return calls
+
+
+@pytest.mark.parametrize("dataset_id", ["teknium/OpenHermes-2.5", "HuggingFaceH4/ultrachat_200k", "imdb"])
+def test_hub_ids_with_dots_and_without_org_go_to_the_hub(recorded_load_dataset, dataset_id):
+    assert rows_of(load(dataset_id)) == ROWS[:1]
+    assert recorded_load_dataset == [(dataset_id, (), {"split": "train"})]
+
+
+def test_hub_split_subset_and_data_files_reach_load_dataset(recorded_load_dataset):
+    load("HuggingFaceH4/ultrachat_200k", split="train_sft", subset="default", data_files=["data/a.parquet"])
+    assert recorded_load_dataset == [
+        (
+            "HuggingFaceH4/ultrachat_200k",
+            (),
+            {"split": "train_sft", "name": "default", "data_files": ["data/a.parquet"]},
+        )
+    ]
+
+
+def test_missing_local_file_is_not_taken_for_a_hub_id(recorded_load_dataset, tmp_path):
+    for missing in ("data/train.jsonl", "data/OpenHermes.parquet", str(tmp_path / "nope"), "./train"):
+        with pytest.raises(DataError, match=re.escape(f"file not found: {missing}")):
+            load(missing)
+    assert recorded_load_dataset == []
+
+
+def test_hub_id_that_fails_says_both_what_was_tried_and_why(monkeypatch):
+    def offline(path, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr("datasets.load_dataset", offline)
+    with pytest.raises(DataError) as info:
+        load("teknium/OpenHermes-2.5", "train data", split="train_sft")
+    message = str(info.value)
+    assert message.startswith("train data: 'teknium/OpenHermes-2.5' is not a local file or directory")
+    assert "loading it as a Hugging Face dataset (split='train_sft') failed" in message
+    assert "ConnectionError: Couldn't reach" in message
+
+
+def test_local_dataset_directory_with_splits(tmp_path):
+    """A script-free dataset folder (as on the Hub): data/<split>-*.parquet, loaded by split."""
+    (tmp_path / "data").mkdir()
+    Dataset.from_list(ROWS[:2]).to_parquet(str(tmp_path / "data" / "train_sft-00000-of-00001.parquet"))
+    Dataset.from_list(ROWS[2:]).to_parquet(str(tmp_path / "data" / "test_sft-00000-of-00001.parquet"))
+    assert rows_of(load(tmp_path, split="train_sft")) == ROWS[:2]
+    assert rows_of(load(str(tmp_path), split="test_sft")) == ROWS[2:]
+    with pytest.raises(DataError, match=r"is a local dataset directory, and loading it .* failed: .*nope"):
+        load(tmp_path, split="nope")
+
+
+def test_split_slices_local_files_and_subset_needs_a_dataset(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    assert rows_of(load(path, split="train[:2]")) == ROWS[:2]
+    with pytest.raises(DataError, match="subset and data_files apply to a Hugging Face dataset"):
+        load(path, subset="default")

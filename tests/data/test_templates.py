@@ -148,7 +148,7 @@ def test_default_template_is_used_for_a_tokenizer_without_one():
 
     with_bos_tok = zoo.build("byte_level", bos="<s>", eos="</s>", add_bos=True)
     assert with_bos_tok.chat_template is None
-    prepare_tokenizer(with_bos_tok)
+    with_bos_tok = prepare_tokenizer(with_bos_tok)  # a copy: the caller's tokenizer is left alone
     assert with_bos_tok.chat_template == DEFAULT_CHAT_TEMPLATE.replace("{{ bos }}", "{{ bos_token }}")
     out = tokenize(with_bos_tok, zoo.NO_SYSTEM)
     text = with_bos_tok.decode(out.input_ids)
