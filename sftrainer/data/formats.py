@@ -43,7 +43,7 @@ REQUIRED_COLUMNS: dict[Format, tuple[str, ...]] = {
     Format.TEXT: ("text",),
 }
 OPTIONAL_COLUMNS: dict[Format, tuple[str, ...]] = {
-    Format.TOKENIZED: ("labels", "attention_mask"),
+    Format.TOKENIZED: ("labels", "attention_mask", "completion_mask", "assistant_masks"),
     Format.ALPACA: ("input", "system"),
     Format.PROMPT_COMPLETION: ("system",),
     Format.PROMPT_RESPONSE: ("system",),

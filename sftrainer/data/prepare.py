@@ -15,9 +15,9 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
-from sftrainer.constants import PAIR_TEMPLATES, TRAIN_ON
+from sftrainer.constants import PAIR_TEMPLATES, TRAIN_ON, TRUNCATION_MODES
 from sftrainer.data.formats import Format, detect_format, normalise_row, rename_columns
-from sftrainer.data.tokenize import ExampleTokenizer, tokenize_pretokenized
+from sftrainer.data.tokenize import ExampleTokenizer, Tokenized, tokenize_pretokenized
 from sftrainer.errors import ConfigError, DataError, RowError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class DataSettings:
     columns: Mapping[str, str] = field(default_factory=dict)
     num_proc: int | None = None
     skip_invalid_rows: bool = False
+    truncation_mode: str = "keep_start"
 
     def problems(self) -> list[str]:
         """Every invalid choice, as 'key: problem' (the one place these settings are checked)."""
@@ -47,6 +48,7 @@ class DataSettings:
             for key, value, choices in (
                 ("train_on", self.train_on, TRAIN_ON),
                 ("pair_template", self.pair_template, PAIR_TEMPLATES),
+                ("truncation_mode", self.truncation_mode, TRUNCATION_MODES),
             )
             if value not in choices
         ]
@@ -102,7 +104,8 @@ class _TokenizeBatch:
             out["_issue"].append(OK)
             try:
                 if self.fmt is Format.TOKENIZED:
-                    self._put(out, k, tokenize_pretokenized(row, self.settings.max_length))
+                    use_masks = self.settings.train_on != "all"
+                    self._put(out, k, tokenize_pretokenized(row, self.encoder.max_length, use_masks))
                     continue
                 example = self._example(row)
                 rendered.append((example, self.encoder.segments(example)))
@@ -112,6 +115,13 @@ class _TokenizeBatch:
         for k, tokenized in zip(slots, self.encoder.encode(rendered)):
             self._put(out, k, tokenized)
         return out
+
+    def _truncate(self, tokenized: Tokenized) -> Tokenized:
+        """keep_end: the encoder kept whole rows (max_length=None); keep their last max_length tokens."""
+        n = self.settings.max_length
+        if self.settings.truncation_mode != "keep_end" or n is None or len(tokenized.input_ids) <= n:
+            return tokenized
+        return Tokenized(tokenized.input_ids[-n:], tokenized.labels[-n:], truncated=True)
 
     def _example(self, row: dict[str, Any]) -> Any:
         if self.formatting_func is None:
@@ -126,8 +136,8 @@ class _TokenizeBatch:
             return normalise_row(dict(formatted), fmt, None, self.pair_as_chat)
         raise RowError("formatting_func", f"must return a str or a dict, got {type(formatted).__name__}")
 
-    @staticmethod
-    def _put(out: dict[str, list[Any]], k: int, tokenized: Any) -> None:
+    def _put(self, out: dict[str, list[Any]], k: int, tokenized: Tokenized) -> None:
+        tokenized = self._truncate(tokenized)
         if tokenized.n_trained == 0:
             out["_issue"][k] = EMPTY
             return
@@ -153,7 +163,8 @@ def prepare(
         columns = _column_names(dataset, name)
     fmt = None if formatting_func is not None else detect_format(columns, name, settings.text_field)
     fmt_name = "formatting_func" if fmt is None else fmt.value
-    encoder = ExampleTokenizer(tokenizer, settings.max_length, settings.train_on)
+    keep_start = settings.truncation_mode == "keep_start"  # keep_end cuts whole rows afterwards
+    encoder = ExampleTokenizer(tokenizer, settings.max_length if keep_start else None, settings.train_on)
     fn = _TokenizeBatch(encoder, fmt, settings, formatting_func)
     uses_chat = fmt in (Format.MESSAGES, Format.SHAREGPT) or (
         fn.pair_as_chat and fmt in (Format.ALPACA, Format.PROMPT_RESPONSE, Format.PROMPT_COMPLETION)
