@@ -105,8 +105,10 @@ def _router_aux_coef(model: Any, coef: float | None) -> float:
         return 0.0
     coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0) if coef is None else float(coef)
     config.output_router_logits = coef != 0.0
-    if hasattr(config, "router_aux_loss_coef"):
-        config.router_aux_loss_coef = coef
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for holder in (config, base):  # MoE models copy the coefficient from the config when built
+        if hasattr(holder, "router_aux_loss_coef"):
+            holder.router_aux_loss_coef = coef
     return coef
 
 
