@@ -334,3 +334,61 @@ def test_tokenized_rows_with_loss_masks_train_only_the_masked_tokens(tiny_model_
     assert (stats.rows, stats.kept, stats.dropped_empty, stats.truncated) == (4, 3, 1, 3)
     everything = _trainer(tiny_model_dir, tmp_path, rows, max_length=4, train_on="all")
     assert everything.train_dataset["labels"][0] == [5, 6, 7, 8]  # train_on=all: the masks do not apply
+
+
+# ---- the public collator ------------------------------------------------------------------------
+
+COLLATOR_ROWS = [{"input_ids": [1, 2, 3], "labels": [IGNORE_INDEX, 2, 3]}, {"input_ids": [4, 5]}]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"pad_to_multiple_of": 8},
+        {"return_position_ids": True},
+        {"padding_free": True},
+        {"padding_free": True, "pad_to_multiple_of": 8},
+    ],
+)
+def test_public_collator_matches_trls(kw):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling as TRLCollator
+
+    from sftrainer import DataCollatorForLanguageModeling
+
+    ours = DataCollatorForLanguageModeling(0, **kw)(COLLATOR_ROWS)
+    theirs = TRLCollator(0, **kw)(COLLATOR_ROWS)
+    # TRL also returns FlashAttention's varlen arguments; transformers derives them from position_ids.
+    assert set(theirs) - set(ours) <= {
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+        "seq_idx",
+    }
+    assert set(ours) <= set(theirs)
+    for key in ("input_ids", "labels", "attention_mask"):
+        if key in ours:
+            assert torch.equal(ours[key], theirs[key]), key
+    if "position_ids" in ours:  # padding gets positions of its own block here, 0s in TRL
+        assert torch.equal(ours["position_ids"][:, :5], theirs["position_ids"][:, :5])
+
+
+def test_public_collator_reads_trl_packing_and_loss_masks():
+    from sftrainer import DataCollatorForLanguageModeling
+
+    collator = DataCollatorForLanguageModeling(pad_token_id=0)
+    packed = collator([{"input_ids": [7, 8, 9, 10, 11], "seq_lengths": [3, 2]}])
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert "attention_mask" not in packed  # rows of a packed sequence are kept apart by positions
+    assert packed["labels"].tolist() == [[IGNORE_INDEX, 8, 9, IGNORE_INDEX, 11]]
+    masked = collator(
+        [{"input_ids": [5, 6, 7, 8], "completion_mask": [0, 0, 1, 1], "assistant_masks": [1, 1, 1, 0]}]
+    )
+    assert masked["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 7, IGNORE_INDEX]]
+    everything = DataCollatorForLanguageModeling(0, completion_only_loss=False)(
+        [{"input_ids": [5, 6], "completion_mask": [0, 1]}]
+    )
+    assert everything["labels"].tolist() == [[5, 6]]
+    with pytest.raises(ValueError, match="only 'pt'"):
+        DataCollatorForLanguageModeling(0, return_tensors="np")
