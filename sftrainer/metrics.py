@@ -4,7 +4,9 @@
 ``loss.token_stats``); training logs add the averages over the logging window, evaluation adds them
 over the whole eval set, under the evaluation's prefix (``eval_mean_token_accuracy``), so they
 reach callbacks and ``metric_for_best_model``. ``num_tokens`` is the number of input tokens
-(padding excluded) trained on so far, as TRL counts it.
+trained on so far, as TRL counts it: padding excluded where the batch has an attention mask; batches
+laid out by position (packing, padding-free) count every position, including the few padding
+tokens that end a packed row or round up to ``pad_to_multiple_of``.
 
 Averages are over trained tokens (TRL averages per-batch averages; the two agree when batches hold
 equally many trained tokens).

@@ -6,6 +6,7 @@ Where sftrainer deliberately differs, the test says so (and the README's "Switch
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import warnings
 
@@ -392,3 +393,14 @@ def test_public_collator_reads_trl_packing_and_loss_masks():
     assert everything["labels"].tolist() == [[5, 6]]
     with pytest.raises(ValueError, match="only 'pt'"):
         DataCollatorForLanguageModeling(0, return_tensors="np")
+
+
+def test_differences_from_trl_are_said_once_in_the_log(tiny_model_dir, tmp_path, caplog):
+    chat = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}] * 4
+    with caplog.at_level(logging.INFO, logger="sftrainer.data.pipeline"):
+        trainer = SFTTrainer(
+            model=str(tiny_model_dir), args=quick_args(tmp_path), train_dataset=chat, eval_dataset=chat
+        )
+        trainer.evaluate(chat)
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Differs from TRL")]
+    assert len(notes) == 1 and "assistant turns only" in notes[0]

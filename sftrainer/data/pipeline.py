@@ -45,6 +45,7 @@ class DataPipeline:
         self.data_stats: dict[str, PrepareStats] = {}
         self.pack_stats: dict[str, PackStats] = {}
         self._prepared: list[Any] = []  # what this pipeline returned: passed again, used as is
+        self._noted: set[str] = set()
 
     @property
     def skip(self) -> bool:
@@ -86,6 +87,7 @@ class DataPipeline:
         prepared, self.data_stats[name] = prepare(
             dataset, self.tokenizer, settings, name, self.formatting_func
         )
+        self._note_differences(self.data_stats[name].format, pack)
         if not pack:
             return self._shuffle(prepared)
         if not isinstance(prepared, Dataset):
@@ -103,6 +105,28 @@ class DataPipeline:
             f"; {truncated} rows were truncated to max_length first" if truncated else "",
         )
         return self._shuffle(packed)
+
+    def _note_differences(self, fmt: str, pack: bool) -> None:
+        """Say once where the rows are prepared differently from TRL 1.16 (README: "Switching from TRL")."""
+        notes = []
+        args = self.args
+        if (
+            fmt.startswith(("messages", "sharegpt"))
+            and args.train_on == "response"
+            and not args.assistant_only_loss
+        ):
+            notes.append(
+                "conversations train on assistant turns only (TRL trains every token unless "
+                "assistant_only_loss=True; train_on='all' does that here)"
+            )
+        if pack and args.packing_strategy == "wrapped":
+            notes.append(
+                "wrapped packing keeps the rows in a sequence from attending to each other (TRL's does not)"
+            )
+        for note in notes:
+            if note not in self._noted:
+                self._noted.add(note)
+                logger.info("Differs from TRL: %s", note)
 
     def _shuffle(self, dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
         if not self.args.shuffle_dataset:
