@@ -463,9 +463,12 @@ def build_config(raw: Mapping[str, Any], where: str = "") -> RunConfig:
             f"{where}{len(problems)} problem(s) in the configuration:\n"
             + "\n".join(f"  {p}" for p in problems)
         )
+    model = built.get("model", ModelConfig())
+    if train.trust_remote_code:  # TRL's top-level spelling of model.trust_remote_code
+        model.trust_remote_code = True
     return RunConfig(
         train=train,
-        model=built.get("model", ModelConfig()),
+        model=model,
         data=data,
         lora=built.get("lora"),
         source=dict(raw),

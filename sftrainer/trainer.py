@@ -74,6 +74,7 @@ class SFTTrainer(Trainer):
         optimizers: tuple = (None, None),
         optimizer_cls_and_kwargs: tuple | None = None,
         preprocess_logits_for_metrics: Callable | None = None,
+        quantization_config: Any = None,
         peft_config: Any = None,
         formatting_func: Callable[[dict[str, Any]], Any] | None = None,
         **legacy: Any,
@@ -89,7 +90,19 @@ class SFTTrainer(Trainer):
         if isinstance(model, str):
             model_path = model
             init_kwargs = {"trust_remote_code": args.trust_remote_code, **(args.model_init_kwargs or {})}
+            if quantization_config is not None:
+                if "quantization_config" in init_kwargs:
+                    raise ConfigError(
+                        "quantization_config is given twice: as an argument and in model_init_kwargs"
+                    )
+                init_kwargs["quantization_config"] = quantization_config
             model = load_model(model_path, **init_kwargs)
+        elif quantization_config is not None:
+            warnings.warn(
+                "quantization_config is ignored: the model is already loaded (pass a path to load it quantized)",
+                UserWarning,
+                stacklevel=2,
+            )
         if processing_class is None:
             processing_class = load_tokenizer(_model_path(model), args.trust_remote_code)
         prepare_tokenizer(processing_class, args.chat_template)
@@ -221,8 +234,9 @@ class SFTTrainer(Trainer):
                 if aux is not None:
                     # A per-micro-batch mean: with num_items_in_batch, Trainer leaves gradient accumulation
                     # to the loss, so average it over the accumulated micro-batches (as TRL).
-                    steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-                    loss = loss + plan.aux_coef * aux.to(loss.device) / (steps if model.training else 1)
+                    steps = getattr(self, "current_gradient_accumulation_steps", 1)
+                    accumulated = num_items_in_batch is not None and model.training
+                    loss = loss + plan.aux_coef * aux.to(loss.device) / (steps if accumulated else 1)
         if stats is not None:
             mode = "train" if model.training else "eval"
             self._token_metrics.add(mode, stats, _input_tokens(inputs) if mode == "train" else None)

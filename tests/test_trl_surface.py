@@ -404,3 +404,32 @@ def test_differences_from_trl_are_said_once_in_the_log(tiny_model_dir, tmp_path,
         trainer.evaluate(chat)
     notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Differs from TRL")]
     assert len(notes) == 1 and "assistant turns only" in notes[0]
+
+
+def test_trainer_takes_trls_arguments_in_trls_order():
+    import inspect
+
+    ours = list(inspect.signature(SFTTrainer.__init__).parameters)
+    theirs = list(inspect.signature(trl.SFTTrainer.__init__).parameters)
+    assert ours[: len(theirs)] == theirs
+
+
+def test_quantization_config_reaches_the_loader_or_is_said_to_be_ignored(tiny_model, tmp_path, monkeypatch):
+    import sftrainer.trainer as trainer_module
+
+    marker = object()
+    monkeypatch.setattr(trainer_module, "load_model", lambda path, **kw: (_ for _ in ()).throw(KeyError(kw)))
+    with pytest.raises(KeyError) as err:
+        SFTTrainer(model="some/model", args=quick_args(tmp_path), quantization_config=marker)
+    assert err.value.args[0]["quantization_config"] is marker
+    with pytest.warns(UserWarning, match="quantization_config is ignored"):
+        SFTTrainer(
+            model=tiny_model, args=quick_args(tmp_path), train_dataset=PAIRS, quantization_config=marker
+        )
+
+
+def test_top_level_trust_remote_code_in_yaml_reaches_the_model_section():
+    from sftrainer import load_config
+
+    assert load_config(overrides=["trust_remote_code=true"]).model.trust_remote_code is True
+    assert load_config().model.trust_remote_code is False
