@@ -15,6 +15,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from sftrainer.constants import IGNORE_INDEX
+from sftrainer.data.collate import DataCollatorForLanguageModeling
 from sftrainer.errors import ConfigError, DataError, SFTrainerError
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "IGNORE_INDEX",
     "ConfigError",
+    "DataCollatorForLanguageModeling",
     "DataError",
     "RunConfig",
     "SFTConfig",

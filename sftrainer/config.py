@@ -22,6 +22,7 @@ from transformers import TrainingArguments
 
 from sftrainer import precision
 from sftrainer.coerce import coerce
+from sftrainer.compat import normalise_trl_values, sft_values_from, trl_field_problems
 from sftrainer.data.pack import packing_strategy_problems
 from sftrainer.data.prepare import DataSettings
 from sftrainer.errors import ConfigError, did_you_mean
@@ -112,7 +113,8 @@ class SFTConfig(TrainingArguments):
         default="bfd",
         metadata={
             "help": "'bfd': rows longer than max_length are truncated (counted); 'bfd_split': they are "
-            "split into max_length pieces instead."
+            "split into max_length pieces instead; 'wrapped': rows are concatenated and cut every max_length "
+            "tokens (continued pre-training), each piece still isolated from its neighbours."
         },
     )
     padding_free: bool = field(
@@ -135,8 +137,9 @@ class SFTConfig(TrainingArguments):
     skip_invalid_rows: bool = field(
         default=False, metadata={"help": "Drop (and count) rows that cannot be used instead of failing."}
     )
-    pad_to_multiple_of: int | None = field(
-        default=None, metadata={"help": "Pad batches to a multiple of this."}
+    pad_to_multiple_of: int | str | None = field(
+        default=None,
+        metadata={"help": "Pad batches to a multiple of this ('auto', TRL's default: None here)."},
     )
     model_init_kwargs: dict[str, Any] | None = field(
         default=None,
@@ -151,6 +154,35 @@ class SFTConfig(TrainingArguments):
     )
     exact_match_max_new_tokens: int = field(
         default=64, metadata={"help": "Generation limit for exact match."}
+    )
+    # TRL 1.16 fields (same names, defaults and meaning; see sftrainer/compat.py and the README).
+    dataset_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "TRL: {'skip_prepare_dataset': True} uses the data as given (tokenized rows)."},
+    )
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={"help": "Which end of a row longer than max_length is kept: 'keep_start' or 'keep_end'."},
+    )
+    shuffle_dataset: bool = field(
+        default=False, metadata={"help": "Shuffle the prepared rows (before and after packing), with seed."}
+    )
+    loss_type: str = field(
+        default="nll",
+        metadata={
+            "help": "'nll' (cross-entropy) or 'dft' (token losses weighted by the detached p(target))."
+        },
+    )
+    activation_offloading: bool = field(
+        default=False,
+        metadata={"help": "Keep the activations saved for backward in CPU memory (GPU only)."},
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "MoE load-balancing loss weight; None: the model config's; 0: off."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run model code from the checkpoint when model is a path (unsafe)."}
     )
     max_seq_length: int | None = field(default=None, metadata={"help": "Deprecated TRL name of max_length."})
     # TrainingArguments types this `str | None`, which refused YAML's `true` (Trainer.train's idiom).
@@ -175,6 +207,7 @@ class SFTConfig(TrainingArguments):
         problems = self.problems()
         if problems:
             raise ConfigError("Invalid SFTConfig:\n" + "\n".join(f"  {p}" for p in problems))
+        normalise_trl_values(self)
         if self.max_seq_length is not None:
             warnings.warn("max_seq_length is deprecated; use max_length.", FutureWarning, stacklevel=3)
             self.max_length, self.max_seq_length = self.max_seq_length, None
@@ -192,8 +225,11 @@ class SFTConfig(TrainingArguments):
     def problems(self) -> list[str]:
         """Every invalid SFT setting, as 'key: problem'."""
         out = self.data_settings().problems() + packing_strategy_problems(self.packing_strategy)
+        out += trl_field_problems(self)
         for key in ("max_length", "max_seq_length", "pad_to_multiple_of"):
             value = getattr(self, key)
+            if key == "pad_to_multiple_of" and value == "auto":
+                continue
             if value is not None and (not isinstance(value, int) or value < 1):
                 out.append(f"{key}: must be a positive integer or null, got {value!r}")
         if self.completion_only_loss is True and self.train_on == "all":
@@ -221,6 +257,7 @@ class SFTConfig(TrainingArguments):
             skip_invalid_rows=self.skip_invalid_rows,
             chat_template_kwargs=dict(self.chat_template_kwargs or {}),
             split_turns=self.split_turns,
+            truncation_mode=self.truncation_mode,
         )
 
 
@@ -232,9 +269,9 @@ def to_sft_config(args: TrainingArguments | None, output_dir: str = "sftrainer_o
         return args
     if not isinstance(args, TrainingArguments):
         raise ConfigError(f"args must be SFTConfig or TrainingArguments, got {type(args).__name__}")
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    # `args` already ran __post_init__; fp16 there means the user asked for it, bf16 too.
-    return SFTConfig(**values)
+    # Every field both classes share is copied: a trl.SFTConfig keeps its SFT settings. `args` already
+    # ran __post_init__; fp16 there means the user asked for it, bf16 too.
+    return SFTConfig(**sft_values_from(args, _init_fields(SFTConfig)))
 
 
 # ---- model / data / LoRA sections -------------------------------------------------------------
@@ -484,9 +521,12 @@ def build_config(raw: Mapping[str, Any], where: str = "") -> RunConfig:
             f"{where}{len(problems)} problem(s) in the configuration:\n"
             + "\n".join(f"  {p}" for p in problems)
         )
+    model = built.get("model", ModelConfig())
+    if train.trust_remote_code:  # TRL's top-level spelling of model.trust_remote_code
+        model.trust_remote_code = True
     return RunConfig(
         train=train,
-        model=built.get("model", ModelConfig()),
+        model=model,
         data=data,
         lora=built.get("lora"),
         source=dict(raw),

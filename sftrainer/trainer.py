@@ -8,14 +8,21 @@ It accepts both call styles of TRL's ``SFTTrainer``:
 
 After construction ``trainer.train_dataset`` holds the prepared rows (``input_ids``, ``labels``
 with ``IGNORE_INDEX`` on every untrained token) and ``trainer.data_stats`` what preparing them
-counted (rows, truncated, dropped). ``trainer.exact_match_predictions`` holds the prompt,
-reference and prediction of each row scored by the last exact-match evaluation.
+counted (rows, truncated, dropped); ``trainer.data_pipeline`` prepares them, and raw data given to
+``evaluate`` later. ``trainer.loss_plan`` says how the loss is computed (decided and logged once).
+``trainer.exact_match_predictions`` holds the prompt, reference and prediction of each row scored
+by the last exact-match evaluation.
+
+Train and eval logs carry TRL's token metrics (``mean_token_accuracy``, ``entropy``, ``num_tokens``)
+and, with ``exact_match_samples``, ``eval_exact_match``: all in the metrics that callbacks and
+``metric_for_best_model`` see.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import dataclasses
+import itertools
 import logging
 import warnings
 from collections.abc import Callable
@@ -29,13 +36,15 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from sftrainer import lora, precision
 from sftrainer.config import SFTConfig, to_sft_config
 from sftrainer.data import load as data_load
-from sftrainer.data.collate import PaddedCollator, PositionCollator
-from sftrainer.data.pack import PackStats, pack_dataset
-from sftrainer.data.prepare import PrepareStats, prepare
+from sftrainer.data.collate import DataCollatorForLanguageModeling, PaddedCollator, PositionCollator
+from sftrainer.data.pack import PackStats
+from sftrainer.data.pipeline import DataPipeline
+from sftrainer.data.prepare import PrepareStats
 from sftrainer.errors import ConfigError, did_you_mean
 from sftrainer.evaluate import exact_match
 from sftrainer.isolation import check_row_isolation
-from sftrainer.loss import accepts_logits_to_keep, sft_loss
+from sftrainer.loss import TRAINER, plan_loss, sft_loss, token_stats
+from sftrainer.metrics import TokenMetrics
 from sftrainer.model import load_model, load_tokenizer, prepare_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -65,6 +74,7 @@ class SFTTrainer(Trainer):
         optimizers: tuple = (None, None),
         optimizer_cls_and_kwargs: tuple | None = None,
         preprocess_logits_for_metrics: Callable | None = None,
+        quantization_config: Any = None,
         peft_config: Any = None,
         formatting_func: Callable[[dict[str, Any]], Any] | None = None,
         **legacy: Any,
@@ -79,9 +89,22 @@ class SFTTrainer(Trainer):
         callers_model = not isinstance(model, str)
         if isinstance(model, str):
             model_path = model
-            model = load_model(model_path, **(args.model_init_kwargs or {}))
+            init_kwargs = {"trust_remote_code": args.trust_remote_code, **(args.model_init_kwargs or {})}
+            if quantization_config is not None:
+                if "quantization_config" in init_kwargs:
+                    raise ConfigError(
+                        "quantization_config is given twice: as an argument and in model_init_kwargs"
+                    )
+                init_kwargs["quantization_config"] = quantization_config
+            model = load_model(model_path, **init_kwargs)
+        elif quantization_config is not None:
+            warnings.warn(
+                "quantization_config is ignored: the model is already loaded (pass a path to load it quantized)",
+                UserWarning,
+                stacklevel=2,
+            )
         if processing_class is None:
-            processing_class = load_tokenizer(_model_path(model))
+            processing_class = load_tokenizer(_model_path(model), args.trust_remote_code)
         processing_class = prepare_tokenizer(  # a copy where it changes: the caller's stays as it was
             processing_class,
             args.chat_template,
@@ -91,33 +114,44 @@ class SFTTrainer(Trainer):
         )
         model = lora.apply(model, peft_config, gradient_checkpointing=bool(args.gradient_checkpointing))
         model = precision.keep_master_weights(model, args.bf16 or args.fp16, callers_model)
-        self.data_stats: dict[str, PrepareStats] = {}
-        self.pack_stats: dict[str, PackStats] = {}
         self.exact_match_predictions: list[dict[str, str]] = []  # filled by evaluate()
+        self._exact_match_source: Dataset | IterableDataset | None = None
         if isinstance(train_dataset, DatasetDict | IterableDatasetDict):
             train_dataset, split_eval = data_load.split_dataset_dict(train_dataset)
             eval_dataset = eval_dataset if eval_dataset is not None else split_eval
 
-        def tokenize(dataset: Any, name: str, pack: bool) -> Dataset | IterableDataset:
-            return self._prepare(dataset, processing_class, args, name, formatting_func, pack)
-
+        self.data_pipeline = DataPipeline(processing_class, args, formatting_func)
+        self.data_stats: dict[str, PrepareStats] = self.data_pipeline.data_stats
+        self.pack_stats: dict[str, PackStats] = self.data_pipeline.pack_stats
         if train_dataset is not None:
-            train_dataset = tokenize(train_dataset, "train data", args.packing)
+            train_dataset = self.data_pipeline(train_dataset, "train data", args.packing)
         eval_pack = args.packing if args.eval_packing is None else args.eval_packing
         if isinstance(eval_dataset, dict):
-            eval_dataset = {k: tokenize(ds, f"eval data '{k}'", eval_pack) for k, ds in eval_dataset.items()}
+            eval_dataset = {
+                k: self.data_pipeline(ds, f"eval data '{k}'", eval_pack) for k, ds in eval_dataset.items()
+            }
         elif eval_dataset is not None:
-            eval_dataset = tokenize(eval_dataset, "eval data", eval_pack)
+            eval_dataset = self.data_pipeline(eval_dataset, "eval data", eval_pack)
 
-        by_position = args.packing or args.padding_free or (eval_pack and eval_dataset is not None)
+        # Also with eval_packing and no eval set yet: evaluate(raw rows) packs them later.
+        by_position = args.packing or args.padding_free or bool(eval_pack) or _has_positions(train_dataset)
         if data_collator is None:
             data_collator = self._default_collator(model, processing_class.pad_token_id, args, by_position)
+        self.loss_plan = plan_loss(
+            model, args.loss_type, args.router_aux_loss_coef, compute_loss_func, args.label_smoothing_factor
+        )
+        logger.info("%s", self.loss_plan.describe())
         if by_position:
+            if self.loss_plan.virtual_tokens:
+                raise ConfigError(
+                    "packing / padding_free: PEFT prompt tuning drops position_ids, which keep the rows of a "
+                    "packed or padding-free batch apart; set packing=False and padding_free=False"
+                )
             # Our prepared rows hold exactly what the model needs; PEFT's forward signature hides
             # position_ids, and dropping them would merge the rows of a packed sequence.
             args.remove_unused_columns = False
-        # Logits of trained positions only (see loss.py); models without logits_to_keep use their own loss.
-        self._lean_loss = accepts_logits_to_keep(model)
+        self._token_metrics = TokenMetrics()
+        self._logits_needed = True  # False inside a loss-only evaluation loop
         super().__init__(
             model=model,
             args=args,
@@ -142,7 +176,7 @@ class SFTTrainer(Trainer):
         as it runs: on the training device, under the training autocast, with the attention
         implementation of that moment, not as it sat on the CPU when the trainer was built.
         """
-        if not isinstance(self.data_collator, PositionCollator):
+        if not isinstance(self.data_collator, PositionCollator | DataCollatorForLanguageModeling):
             return
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
         with self.accelerator.autocast():
@@ -179,44 +213,17 @@ class SFTTrainer(Trainer):
         )
         return processing_class
 
-    def _prepare(
-        self,
-        dataset: Any,
-        tokenizer: Any,
-        args: SFTConfig,
-        name: str,
-        formatting_func: Callable | None,
-        pack: bool,
-    ) -> Dataset | IterableDataset:
-        """Load, tokenize and (optionally) pack one data set; counts go to data_stats / pack_stats."""
-        dataset = data_load.load(dataset, name)
-        settings = args.data_settings()
-        if pack and args.packing_strategy == "bfd_split":
-            settings = dataclasses.replace(settings, max_length=None)  # the packer splits long rows
-        prepared, self.data_stats[name] = prepare(dataset, tokenizer, settings, name, formatting_func)
-        if not pack:
-            return prepared
-        if not isinstance(prepared, Dataset):
-            raise ConfigError(
-                f"{name}: packing needs a map-style datasets.Dataset, not a streaming IterableDataset; "
-                "load the data without streaming, or set packing=False (padding_free=True also avoids padding)"
-            )
-        packed, self.pack_stats[name] = pack_dataset(prepared, args.max_length, args.packing_strategy)
-        summary = self.pack_stats[name].summary(name)
-        truncated = self.data_stats[name].truncated
-        logger.info(
-            "%s%s", summary, f"; {truncated} rows were truncated to max_length first" if truncated else ""
-        )
-        return packed
-
-    @staticmethod
-    def _default_collator(model: Any, pad_token_id: int, args: SFTConfig, by_position: bool) -> Any:
-        if not by_position:
-            return PaddedCollator(pad_token_id, args.pad_to_multiple_of)
+    def _default_collator(self, model: Any, pad_token_id: int, args: SFTConfig, by_position: bool) -> Any:
         impl = str(getattr(model.config, "_attn_implementation", "") or "")
         # Varlen FlashAttention reads row boundaries from one flat row. Backends that build a dense
         # mask (eager, SDPA) keep packed sequences as separate rows: B * L^2 attention, not (B * L)^2.
-        flatten = (args.padding_free and not args.packing) or "flash" in impl
+        flatten = by_position and ((args.padding_free and not args.packing) or "flash" in impl)
+        if self.data_pipeline.skip:  # rows as given: TRL's collator also reads seq_lengths / loss masks
+            return DataCollatorForLanguageModeling(
+                pad_token_id, padding_free=flatten, pad_to_multiple_of=args.pad_to_multiple_of
+            )
+        if not by_position:
+            return PaddedCollator(pad_token_id, args.pad_to_multiple_of)
         return PositionCollator(pad_token_id, flatten=flatten, pad_to_multiple_of=args.pad_to_multiple_of)
 
     def compute_loss(
@@ -226,36 +233,120 @@ class SFTTrainer(Trainer):
         # mask that keeps the rows of a packed / padding-free batch apart (transformers 5.x
         # masking_utils only derives it when no cache is passed).
         inputs = {**inputs, "use_cache": False}
-        custom = self.compute_loss_func is not None or self.label_smoother is not None
-        if return_outputs or custom or not self._lean_loss:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, _ = sft_loss(model, inputs, num_items_in_batch)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # num_items_in_batch counts the trained tokens of every process and DDP averages the
-            # gradients, so scale back up, as Trainer.compute_loss does for the model's own loss.
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        return loss
+        plan = self.loss_plan
+        labels = inputs.get("labels")
+        with self._activation_offloading(model):
+            if plan.kind == TRAINER:
+                loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+                stats = None
+                if labels is not None:
+                    v = plan.virtual_tokens
+                    stats = token_stats(outputs.logits[:, v : v + labels.shape[1] - 1], labels[:, 1:])
+            else:
+                full = return_outputs and self._logits_needed
+                loss, outputs, stats = sft_loss(model, inputs, num_items_in_batch, plan, full_logits=full)
+                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                    # num_items_in_batch counts the trained tokens of every process and DDP averages the
+                    # gradients, so scale back up, as Trainer.compute_loss does for the model's own loss.
+                    loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+                aux = getattr(outputs, "aux_loss", None) if plan.aux_coef else None
+                if aux is not None:
+                    # A per-micro-batch mean: with num_items_in_batch, Trainer leaves gradient accumulation
+                    # to the loss, so average it over the accumulated micro-batches (as TRL).
+                    steps = getattr(self, "current_gradient_accumulation_steps", 1)
+                    accumulated = num_items_in_batch is not None and model.training
+                    loss = loss + plan.aux_coef * aux.to(loss.device) / (steps if accumulated else 1)
+        if stats is not None:
+            mode = "train" if model.training else "eval"
+            self._token_metrics.add(mode, stats, _input_tokens(inputs) if mode == "train" else None)
+        return (loss, outputs) if return_outputs else loss
+
+    def _activation_offloading(self, model: Any) -> Any:
+        """Tensors saved for backward go to (pinned) CPU memory and come back for backward."""
+        if self.args.activation_offloading and model.training:
+            return torch.autograd.graph.save_on_cpu(pin_memory=True)
+        return contextlib.nullcontext()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the token metrics of its window
+            logs.update(self._token_metrics.pop("train", self._reduce))
+        super().log(logs, start_time)
 
     def evaluate(
         self,
-        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        eval_dataset: Any = None,
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
-        """Trainer's evaluation (loss), plus greedy exact match when ``exact_match_samples`` > 0."""
+        """Trainer's evaluation, on raw data too (prepared as in the constructor); see the module docstring."""
+        if isinstance(eval_dataset, dict):  # also DatasetDict / IterableDatasetDict
+            metrics: dict[str, float] = {}
+            for name, dataset in eval_dataset.items():
+                metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            pack = self.args.packing if self.args.eval_packing is None else self.args.eval_packing
+            eval_dataset = self.data_pipeline(eval_dataset, f"{metric_key_prefix} data", pack)
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str) and isinstance(self.eval_dataset, dict):
+            dataset = self.eval_dataset[dataset]
+        if self.args.exact_match_samples and isinstance(dataset, Dataset | IterableDataset):
+            self._exact_match_source = dataset  # scored inside the evaluation loop
         if not self._checked_for_training:  # else on_train_begin checked it, for this training run
             self.check_packed_isolation()
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        n = self.args.exact_match_samples
-        if n and isinstance(dataset, Dataset):
-            rows = dataset.select(range(min(n, len(dataset))))
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._exact_match_source = None
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Any:
+        """Trainer's loop, plus the token metrics and exact match, so that ``evaluate`` logs them once and
+        callbacks (``on_evaluate``: early stopping, best checkpoint) see them."""
+        loss_only = self.args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
+        self._logits_needed = not loss_only  # Trainer asks compute_loss for outputs even when it drops them
+        self._token_metrics.pop("eval", lambda t: t)  # drop anything computed outside an evaluation
+        try:
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+        finally:
+            self._logits_needed = True
+        output.metrics.update(self._token_metrics.pop("eval", self._reduce, f"{metric_key_prefix}_"))
+        source, self._exact_match_source = self._exact_match_source, None
+        if source is not None:
+            n = self.args.exact_match_samples
+            rows = (
+                source.select(range(min(n, len(source))))
+                if isinstance(source, Dataset)
+                else list(itertools.islice(source, n))
+            )
             score, self.exact_match_predictions = exact_match(
                 self.model, self.processing_class, rows, self.args.exact_match_max_new_tokens
             )
-            metrics[f"{metric_key_prefix}_exact_match"] = score
-            self.log({f"{metric_key_prefix}_exact_match": score})
-        return metrics
+            output.metrics[f"{metric_key_prefix}_exact_match"] = score
+        return output
+
+    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, "sum")
+
+
+def _input_tokens(inputs: dict[str, Any]) -> Any:
+    """Input tokens of a batch, padding excluded where an attention mask says where it is."""
+    mask = inputs.get("attention_mask")
+    return mask.sum() if mask is not None else inputs["input_ids"].numel()
+
+
+def _has_positions(dataset: Any) -> bool:
+    """Rows packed before they reached the trainer (given as is): sftrainer's or TRL's packing columns."""
+    columns = getattr(dataset, "column_names", None) or []
+    return "position_ids" in columns or "seq_lengths" in columns
 
 
 class _RowIsolationCheck(TrainerCallback):

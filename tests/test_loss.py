@@ -43,7 +43,9 @@ def test_sft_loss_matches_the_model_loss_and_gradients(tiny_model_dir, collator)
     want = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
-    loss, outputs = sft_loss(model, {**batch, "use_cache": False}, num_items_in_batch=torch.tensor(n_trained))
+    loss, outputs, _ = sft_loss(
+        model, {**batch, "use_cache": False}, num_items_in_batch=torch.tensor(n_trained)
+    )
     assert outputs.logits.shape[1] < batch["input_ids"].shape[1]  # fewer logits than positions
     torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-6)
     loss.backward()

@@ -98,8 +98,8 @@ def test_packing_refuses_a_streaming_dataset(tiny_model_dir, tmp_path):
 
 
 def test_bad_packing_strategy_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="packing_strategy"):
-        _args(tmp_path, packing=True, packing_strategy="wrapped")
+    with pytest.raises(ConfigError, match=r"packing_strategy.*did you mean 'bfd'"):
+        _args(tmp_path, packing=True, packing_strategy="bdf")
 
 
 def _leaky_attention(module, query, key, value, attention_mask, **kwargs):

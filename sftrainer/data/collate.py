@@ -2,7 +2,9 @@
 
 ``PaddedCollator`` returns, for a batch of B rows padded on the right to length L:
 ``input_ids`` [B, L] (pad_token_id), ``attention_mask`` [B, L] (0 on padding), ``labels`` [B, L]
-(``IGNORE_INDEX`` on padding and on untrained tokens).
+(``IGNORE_INDEX`` on padding and on untrained tokens). ``PositionCollator`` keeps rows apart by
+``position_ids`` (packing, padding-free). ``DataCollatorForLanguageModeling`` is TRL's public
+collator, built on the two.
 """
 
 from __future__ import annotations
@@ -23,9 +25,7 @@ class PaddedCollator:
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         lengths = [len(f["input_ids"]) for f in features]
-        width = max(lengths)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        width = _padded_width(max(lengths), self.pad_to_multiple_of)
         batch = len(features)
         input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
@@ -42,7 +42,8 @@ class PositionCollator:
     """Rows kept apart by ``position_ids`` instead of padding masks (packing and padding-free).
 
     ``flatten=True`` (padding-free): the whole batch becomes one row, ``input_ids`` / ``labels`` /
-    ``position_ids`` of shape [1, T] with T the total number of tokens; no padding at all. Varlen
+    ``position_ids`` of shape [1, T] with T the total number of tokens; no padding at all, unless
+    ``pad_to_multiple_of`` asks for it. Varlen
     FlashAttention reads the row boundaries from ``position_ids``; eager / SDPA / flex attention get
     a block-diagonal causal mask from transformers' mask utilities (no ``attention_mask`` is sent,
     which is what makes them look at ``position_ids``).
@@ -72,16 +73,10 @@ class PositionCollator:
         ]
         for lab, pos in zip(labels, positions):
             lab[pos == 0] = IGNORE_INDEX
-        if self.flatten:
-            return {
-                "input_ids": torch.cat(ids)[None],
-                "labels": torch.cat(labels)[None],
-                "position_ids": torch.cat(positions)[None],
-            }
-        width = max(len(t) for t in ids)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = len(features)
+        if self.flatten:  # one row; padding to a multiple is a separate block at its end
+            ids, labels, positions = [torch.cat(ids)], [torch.cat(labels)], [torch.cat(positions)]
+        width = _padded_width(max(len(t) for t in ids), self.pad_to_multiple_of)
+        batch = len(ids)
         out_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
         out_labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
         out_pos = torch.arange(width, dtype=torch.long).repeat(batch, 1)
@@ -90,3 +85,69 @@ class PositionCollator:
             out_ids[row, :n], out_labels[row, :n], out_pos[row, :n] = i, lab, pos
             out_pos[row, n:] -= n  # padding restarts at 0: its own block
         return {"input_ids": out_ids, "labels": out_labels, "position_ids": out_pos}
+
+
+@dataclass
+class DataCollatorForLanguageModeling:
+    """TRL 1.16's collator, by name and constructor: ``from sftrainer import DataCollatorForLanguageModeling``.
+
+    Rows: ``input_ids``, optionally ``labels`` (else the input ids are the labels), and TRL's
+    ``completion_mask`` / ``assistant_masks`` (a row without ``labels`` is trained where they are 1;
+    ``completion_mask`` only with ``completion_only_loss``, as older TRL collators did). Packed rows
+    carry ``position_ids`` (sftrainer) or ``seq_lengths`` (TRL).
+
+    Returns, as ``PaddedCollator``: ``input_ids``, ``attention_mask``, ``labels`` [B, L], plus
+    ``position_ids`` [B, L] with ``return_position_ids``. With ``padding_free`` (or for packed rows), as
+    ``PositionCollator``: ``input_ids``, ``labels``, ``position_ids``, no ``attention_mask``; rows that
+    share a row of the batch never attend to each other.
+    """
+
+    pad_token_id: int
+    padding_free: bool = False
+    return_position_ids: bool = False
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+    completion_only_loss: bool = True  # older TRL (<= 0.2x) keyword
+
+    def __post_init__(self) -> None:
+        if self.return_tensors != "pt":
+            raise ValueError(
+                f"return_tensors: only 'pt' is supported (as in TRL), got {self.return_tensors!r}"
+            )
+
+    @property
+    def flatten(self) -> bool:  # as PositionCollator's, read by the isolation check
+        return self.padding_free
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        features = [self._feature(example) for example in examples]
+        packed = "position_ids" in features[0]
+        if self.padding_free or packed:
+            return PositionCollator(self.pad_token_id, self.padding_free, self.pad_to_multiple_of)(features)
+        batch = PaddedCollator(self.pad_token_id, self.pad_to_multiple_of)(features)
+        if self.return_position_ids:
+            mask = batch["attention_mask"]
+            batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0) * mask
+        return batch
+
+    def _feature(self, example: dict[str, Any]) -> dict[str, Any]:
+        ids = list(example["input_ids"])
+        out: dict[str, Any] = {"input_ids": ids}
+        labels = example.get("labels")
+        if labels is None:
+            masks = [example.get("assistant_masks")]
+            if self.completion_only_loss:
+                masks.append(example.get("completion_mask"))
+            labels = list(ids)
+            for mask in (m for m in masks if m is not None):
+                labels = [label if bit else IGNORE_INDEX for label, bit in zip(labels, mask)]
+        out["labels"] = list(labels)
+        if "position_ids" in example:
+            out["position_ids"] = list(example["position_ids"])
+        elif "seq_lengths" in example:
+            out["position_ids"] = [p for n in example["seq_lengths"] for p in range(n)]
+        return out
+
+
+def _padded_width(width: int, multiple: int | None) -> int:
+    return -(-width // multiple) * multiple if multiple else width

@@ -45,7 +45,7 @@ REQUIRED_COLUMNS: dict[Format, tuple[str, ...]] = {
 }
 CHAT_COLUMNS = ("tools", "chat_template_kwargs")  # read with every format rendered by a chat template
 OPTIONAL_COLUMNS: dict[Format, tuple[str, ...]] = {
-    Format.TOKENIZED: ("labels", "attention_mask"),
+    Format.TOKENIZED: ("labels", "attention_mask", "completion_mask", "assistant_masks"),
     Format.MESSAGES: CHAT_COLUMNS,
     Format.SHAREGPT: ("system", *CHAT_COLUMNS),
     Format.ALPACA: ("input", "system", *CHAT_COLUMNS),

@@ -1,4 +1,7 @@
-"""Best-fit-decreasing packing of tokenized rows into sequences of at most ``max_length`` tokens.
+"""Packing of tokenized rows into sequences of at most ``max_length`` tokens.
+
+Strategies: ``bfd`` / ``bfd_split`` place whole rows (or ``max_length`` pieces of overlong ones) by
+best-fit decreasing; ``wrapped`` concatenates the rows in order and cuts every ``max_length`` tokens.
 
 Rows are never mixed: each keeps its own ``position_ids`` (restarting at 0), which is how the
 attention layers tell the rows of a packed sequence apart (see ``collate.py`` and
@@ -49,7 +52,7 @@ class PackStats:
         return self.tokens / max(1, self.sequences * self.max_length)
 
     def summary(self, name: str) -> str:
-        split = f", {self.split_rows} overlong rows split" if self.split_rows else ""
+        split = f", {self.split_rows} rows split across sequences" if self.split_rows else ""
         return (
             f"{name}: packed {self.rows} rows into {self.sequences} sequences of <= {self.max_length} tokens "
             f"(fill {self.fill_ratio:.1%}, {self.tokens} tokens{split})"
@@ -117,6 +120,42 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> np.ndarray:
     return bins
 
 
+def _split_overlong(
+    starts: np.ndarray, lengths: np.ndarray, max_length: int, strategy: str
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """bfd_split: cut rows longer than max_length into max_length pieces (bfd: refuse them)."""
+    overlong = lengths > max_length
+    if not overlong.any():
+        return starts, lengths, 0
+    if strategy != "bfd_split":
+        raise ValueError(
+            f"{int(overlong.sum())} rows are longer than max_length={max_length}; truncate them first "
+            "or use packing_strategy='bfd_split'"
+        )
+    pieces = -(-lengths // max_length)  # ceil
+    row_of_piece = np.repeat(np.arange(lengths.size), pieces)
+    k = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    starts = starts[row_of_piece] + k * max_length
+    lengths = np.minimum(lengths[row_of_piece] - k * max_length, max_length)
+    return starts, lengths, int(overlong.sum())
+
+
+def _wrap(offsets: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """wrapped: the rows as one stream, cut every max_length tokens; returns pieces and their sequence.
+
+    A piece is the part of one row inside one sequence, so row boundaries stay piece boundaries
+    (each piece gets its own positions: rows sharing a sequence stay isolated), and a row that
+    crosses a cut continues as a new piece in the next sequence.
+    """
+    total = int(offsets[-1])
+    cuts = np.arange(0, total, max_length, dtype=np.int64)
+    starts = np.union1d(offsets[:-1], cuts)  # sorted, unique
+    lengths = np.diff(np.append(starts, total))
+    inside = np.setdiff1d(cuts, offsets[:-1])  # cuts that fall inside a row
+    split_rows = np.unique(np.searchsorted(offsets, inside, side="right") - 1).size
+    return starts, lengths, starts // max_length, int(split_rows)
+
+
 def _list_column(dataset: Dataset, name: str) -> pa.ListArray:
     column = dataset.data.column(name).combine_chunks()
     return column.cast(pa.list_(pa.int64())) if column.type != pa.list_(pa.int64()) else column
@@ -137,23 +176,13 @@ def pack_dataset(dataset: Dataset, max_length: int, strategy: str = "bfd") -> tu
     labels = labels_col.values.to_numpy()
     starts, lengths = offsets[:-1], np.diff(offsets)
 
-    split_rows = 0
-    overlong = lengths > max_length
-    if overlong.any():
-        if strategy != "bfd_split":
-            raise ValueError(
-                f"{int(overlong.sum())} rows are longer than max_length={max_length}; truncate them first "
-                "or use packing_strategy='bfd_split'"
-            )
-        split_rows = int(overlong.sum())
-        pieces = -(-lengths // max_length)  # ceil
-        row_of_piece = np.repeat(np.arange(lengths.size), pieces)
-        k = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-        starts = starts[row_of_piece] + k * max_length
-        lengths = np.minimum(lengths[row_of_piece] - k * max_length, max_length)
-
-    bins = best_fit_decreasing(lengths, max_length)
-    order = np.lexsort((-lengths, bins))  # by bin, longest piece first inside a bin
+    if strategy == "wrapped":
+        starts, lengths, bins, split_rows = _wrap(offsets, max_length)
+        order = np.arange(lengths.size)  # stream order
+    else:
+        starts, lengths, split_rows = _split_overlong(starts, lengths, max_length, strategy)
+        bins = best_fit_decreasing(lengths, max_length)
+        order = np.lexsort((-lengths, bins))  # by bin, longest piece first inside a bin
     piece_len = lengths[order]
     total = int(piece_len.sum())
     piece_start_out = np.cumsum(piece_len) - piece_len  # where each piece starts in the packed stream

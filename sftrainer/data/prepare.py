@@ -15,7 +15,7 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
-from sftrainer.constants import PAIR_TEMPLATES, TRAIN_ON
+from sftrainer.constants import PAIR_TEMPLATES, TRAIN_ON, TRUNCATION_MODES
 from sftrainer.data.formats import (
     ChatExample,
     Format,
@@ -49,6 +49,7 @@ class DataSettings:
     skip_invalid_rows: bool = False
     chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     split_turns: bool = False
+    truncation_mode: str = "keep_start"
 
     def problems(self) -> list[str]:
         """Every invalid choice, as 'key: problem' (the one place these settings are checked)."""
@@ -57,6 +58,7 @@ class DataSettings:
             for key, value, choices in (
                 ("train_on", self.train_on, TRAIN_ON),
                 ("pair_template", self.pair_template, PAIR_TEMPLATES),
+                ("truncation_mode", self.truncation_mode, TRUNCATION_MODES),
             )
             if value not in choices
         ]
@@ -121,7 +123,8 @@ class _TokenizeBatch:
         for row, index in zip(rows, indices):
             try:
                 if self.fmt is Format.TOKENIZED:
-                    self._put(out, tokenize_pretokenized(row, self.settings.max_length))
+                    use_masks = self.settings.train_on != "all"
+                    self._put(out, tokenize_pretokenized(row, self.encoder.max_length, use_masks))
                     continue
                 examples = self._examples(row)
                 renders = [self.encoder.render(example) for example in examples]
@@ -132,6 +135,7 @@ class _TokenizeBatch:
                 slots.append(self._put(out, None, OK, rewritten))
                 rendered.append((example, segments))
         for k, tokenized in zip(slots, self.encoder.encode(rendered)):
+            tokenized = self._truncate(tokenized)
             out["input_ids"][k] = tokenized.input_ids
             out["labels"][k] = tokenized.labels
             out["_issue"][k] = _issue_of(tokenized)
@@ -142,6 +146,13 @@ class _TokenizeBatch:
         if self.settings.split_turns and isinstance(example, ChatExample):
             return split_turns(example)
         return [example]
+
+    def _truncate(self, tokenized: Tokenized) -> Tokenized:
+        """keep_end: the encoder kept whole rows (max_length=None); keep their last max_length tokens."""
+        n = self.settings.max_length
+        if self.settings.truncation_mode != "keep_end" or n is None or len(tokenized.input_ids) <= n:
+            return tokenized
+        return Tokenized(tokenized.input_ids[-n:], tokenized.labels[-n:], truncated=True)
 
     def _example(self, row: dict[str, Any]) -> Any:
         if self.formatting_func is None:
@@ -159,11 +170,11 @@ class _TokenizeBatch:
             return normalise_row(dict(formatted), fmt, None, as_chat)
         raise RowError("formatting_func", f"must return a str or a dict, got {type(formatted).__name__}")
 
-    @staticmethod
     def _put(
-        out: dict[str, list[Any]], tokenized: Tokenized | None, issue: str = OK, rewritten: int = 0
+        self, out: dict[str, list[Any]], tokenized: Tokenized | None, issue: str = OK, rewritten: int = 0
     ) -> int:
         """Append one output row; returns its index."""
+        tokenized = self._truncate(tokenized) if tokenized is not None else None
         out["input_ids"].append(tokenized.input_ids if tokenized is not None else [])
         out["labels"].append(tokenized.labels if tokenized is not None else [])
         out["_issue"].append(_issue_of(tokenized) if tokenized is not None else issue)
@@ -194,8 +205,12 @@ def prepare(
         columns = _column_names(dataset, name)
     fmt = None if formatting_func is not None else detect_format(columns, name, settings.text_field)
     fmt_name = "formatting_func" if fmt is None else fmt.value
+    keep_start = settings.truncation_mode == "keep_start"  # keep_end cuts whole rows afterwards
     encoder = ExampleTokenizer(
-        tokenizer, settings.max_length, settings.train_on, dict(settings.chat_template_kwargs)
+        tokenizer,
+        settings.max_length if keep_start else None,
+        settings.train_on,
+        dict(settings.chat_template_kwargs),
     )
     fn = _TokenizeBatch(encoder, fmt, settings, formatting_func)
     uses_chat = fmt in (Format.MESSAGES, Format.SHAREGPT) or (

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from sftrainer.constants import IGNORE_INDEX
+from sftrainer.constants import IGNORE_INDEX, LOSS_MASK_COLUMNS
 from sftrainer.data.formats import ChatExample, Example, PairExample, TextExample
 from sftrainer.errors import RowError, TemplateError
 
@@ -446,14 +446,25 @@ def _boundaries_clean(offsets: Sequence[Sequence[int]], boundaries: Sequence[int
     return all(b in starts and b in ends for b in boundaries)
 
 
-def tokenize_pretokenized(row: dict[str, Any], max_length: int | None) -> Tokenized:
-    """Validate a row that already has ``input_ids`` (and optionally ``labels``)."""
+def tokenize_pretokenized(row: dict[str, Any], max_length: int | None, use_masks: bool = True) -> Tokenized:
+    """Validate a row that already has ``input_ids``, and give it ``labels``.
+
+    Given ``labels`` are used as they are. Otherwise, with ``use_masks``, the 0/1 columns TRL's data
+    preparation writes (``completion_mask``, ``assistant_masks``) decide which tokens are trained: a
+    token is trained where every mask present is 1. Without masks every token is trained.
+    """
     ids = row.get("input_ids")
     if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
         raise RowError("input_ids", "must be a non-empty list of integers")
     labels = row.get("labels")
     if labels is None:
         labels = list(ids)
+        masks = [name for name in LOSS_MASK_COLUMNS if row.get(name) is not None] if use_masks else []
+        for name in masks:
+            mask = row[name]
+            if not isinstance(mask, list) or len(mask) != len(ids):
+                raise RowError(name, f"must be a list as long as input_ids ({len(ids)}), got {_len(mask)}")
+            labels = [label if bit else IGNORE_INDEX for label, bit in zip(labels, mask)]
     elif not isinstance(labels, list) or len(labels) != len(ids):
         raise RowError("labels", f"must be a list as long as input_ids ({len(ids)}), got {_len(labels)}")
     truncated = max_length is not None and len(ids) > max_length

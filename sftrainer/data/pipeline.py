@@ -1,0 +1,136 @@
+"""Raw data -> rows the collator takes: load, tokenize, truncate, pack, shuffle; with the counts of each.
+
+``SFTTrainer`` runs every data set through one ``DataPipeline``: the train and eval sets given to its
+constructor, and the raw eval sets given to ``evaluate`` later, so they are prepared the same way.
+
+Output rows: ``input_ids``, ``labels`` (``IGNORE_INDEX`` on untrained tokens), plus ``position_ids``
+when packed. With ``dataset_kwargs={"skip_prepare_dataset": True}`` (TRL) the rows are used as given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from datasets import Dataset, IterableDataset
+
+from sftrainer.constants import LOSS_MASK_COLUMNS
+from sftrainer.data import load as data_load
+from sftrainer.data.pack import PackStats, pack_dataset
+from sftrainer.data.prepare import PrepareStats, prepare
+from sftrainer.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from sftrainer.config import SFTConfig
+
+logger = logging.getLogger(__name__)
+
+SHUFFLE_BUFFER = 1000  # rows held by a streaming shuffle
+
+
+class DataPipeline:
+    """Prepares data sets for one tokenizer and config; ``data_stats`` / ``pack_stats`` hold the counts by name."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        args: SFTConfig,
+        formatting_func: Callable[[dict[str, Any]], Any] | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.args = args
+        self.formatting_func = formatting_func
+        self.data_stats: dict[str, PrepareStats] = {}
+        self.pack_stats: dict[str, PackStats] = {}
+        self._prepared: list[Any] = []  # what this pipeline returned: passed again, used as is
+        self._noted: set[str] = set()
+
+    @property
+    def skip(self) -> bool:
+        return bool((self.args.dataset_kwargs or {}).get("skip_prepare_dataset"))
+
+    def is_prepared(self, dataset: Any) -> bool:
+        return any(dataset is done for done in self._prepared)
+
+    def __call__(self, dataset: Any, name: str, pack: bool) -> Dataset | IterableDataset:
+        """Prepare one data set (a Dataset, IterableDataset, list of dicts, file path...)."""
+        if self.is_prepared(dataset):
+            return dataset
+        dataset = data_load.load(dataset, name)
+        out = self._as_given(dataset, name) if self.skip else self._prepare(dataset, name, pack)
+        self._prepared.append(out)
+        return out
+
+    def _as_given(self, dataset: Dataset | IterableDataset, name: str) -> Dataset | IterableDataset:
+        columns = dataset.column_names or []
+        masks = [c for c in LOSS_MASK_COLUMNS if c in columns]
+        if masks and "labels" not in columns:
+            # Labels are built from these masks during preparation, which is skipped: refuse rather
+            # than silently train on every token (TRL 1.16 refuses the same).
+            raise DataError(
+                f"{name}: has {masks} but no 'labels', and dataset_kwargs.skip_prepare_dataset=true skips "
+                "building labels from them. Add a 'labels' column (-100 on untrained tokens), or drop "
+                "skip_prepare_dataset."
+            )
+        logger.info("%s: used as given (dataset_kwargs.skip_prepare_dataset=true)", name)
+        return self._shuffle(dataset)
+
+    def _prepare(
+        self, dataset: Dataset | IterableDataset, name: str, pack: bool
+    ) -> Dataset | IterableDataset:
+        args = self.args
+        settings = args.data_settings()
+        if pack and args.packing_strategy in ("bfd_split", "wrapped"):
+            settings = dataclasses.replace(settings, max_length=None)  # the packer cuts long rows
+        prepared, self.data_stats[name] = prepare(
+            dataset, self.tokenizer, settings, name, self.formatting_func
+        )
+        self._note_differences(self.data_stats[name].format, pack)
+        if not pack:
+            return self._shuffle(prepared)
+        if not isinstance(prepared, Dataset):
+            raise ConfigError(
+                f"{name}: packing needs a map-style datasets.Dataset, not a streaming IterableDataset; "
+                "load the data without streaming, or set packing=False (padding_free=True also avoids padding)"
+            )
+        # Shuffled before packing too, so wrapped sequences do not hold neighbouring rows (as TRL).
+        packed, stats = pack_dataset(self._shuffle(prepared), args.max_length, args.packing_strategy)
+        self.pack_stats[name] = stats
+        truncated = self.data_stats[name].truncated
+        logger.info(
+            "%s%s",
+            stats.summary(name),
+            f"; {truncated} rows were truncated to max_length first" if truncated else "",
+        )
+        return self._shuffle(packed)
+
+    def _note_differences(self, fmt: str, pack: bool) -> None:
+        """Say once where the rows are prepared differently from TRL 1.16 (README: "Switching from TRL")."""
+        notes = []
+        args = self.args
+        if (
+            fmt.startswith(("messages", "sharegpt"))
+            and args.train_on == "response"
+            and not args.assistant_only_loss
+        ):
+            notes.append(
+                "conversations train on assistant turns only (TRL trains every token unless "
+                "assistant_only_loss=True; train_on='all' does that here)"
+            )
+        if pack and args.packing_strategy == "wrapped":
+            notes.append(
+                "wrapped packing keeps the rows in a sequence from attending to each other (TRL's does not)"
+            )
+        for note in notes:
+            if note not in self._noted:
+                self._noted.add(note)
+                logger.info("Differs from TRL: %s", note)
+
+    def _shuffle(self, dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
+        if not self.args.shuffle_dataset:
+            return dataset
+        if isinstance(dataset, IterableDataset):
+            return dataset.shuffle(seed=self.args.seed, buffer_size=SHUFFLE_BUFFER)
+        return dataset.shuffle(seed=self.args.seed)

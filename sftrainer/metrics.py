@@ -1,0 +1,49 @@
+"""The token metrics TRL logs, accumulated per mode: ``mean_token_accuracy``, ``entropy``, ``num_tokens``.
+
+``compute_loss`` adds each batch's sums (trained tokens, top-1 hits, summed entropy, see
+``loss.token_stats``); training logs add the averages over the logging window, evaluation adds them
+over the whole eval set, under the evaluation's prefix (``eval_mean_token_accuracy``), so they
+reach callbacks and ``metric_for_best_model``. ``num_tokens`` is the number of input tokens
+trained on so far, as TRL counts it: padding excluded where the batch has an attention mask; batches
+laid out by position (packing, padding-free) count every position, including the few padding
+tokens that end a packed row or round up to ``pad_to_multiple_of``.
+
+Averages are over trained tokens (TRL averages per-batch averages; the two agree when batches hold
+equally many trained tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes (identity on one)
+
+
+class TokenMetrics:
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
+        self._num_tokens: torch.Tensor | None = None  # this process's input tokens trained so far
+
+    def add(self, mode: str, stats: torch.Tensor, num_tokens: torch.Tensor | int | None = None) -> None:
+        """Add one batch: ``stats`` = [trained tokens, top-1 hits, summed entropy]; input tokens when training."""
+        previous = self._sums[mode]
+        self._sums[mode] = stats.detach() if previous is None else previous + stats.detach()
+        if num_tokens is not None:
+            count = torch.as_tensor(num_tokens, dtype=torch.float32, device=stats.device)
+            self._num_tokens = count if self._num_tokens is None else self._num_tokens + count
+
+    def pop(self, mode: str, reduce: Reduce, prefix: str = "") -> dict[str, float]:
+        """The averages since the last pop, named ``{prefix}mean_token_accuracy`` etc. All processes call it."""
+        sums, self._sums[mode] = self._sums[mode], None
+        if sums is None:
+            return {}
+        n, hits, entropy = reduce(sums).tolist()
+        out = {
+            f"{prefix}entropy": entropy / n if n else 0.0,
+            f"{prefix}mean_token_accuracy": hits / n if n else 0.0,
+        }
+        if self._num_tokens is not None:
+            out[f"{prefix}num_tokens"] = float(reduce(self._num_tokens.clone()).item())
+        return out
