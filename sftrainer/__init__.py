@@ -15,11 +15,11 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from sftrainer.constants import IGNORE_INDEX
-from sftrainer.data.collate import DataCollatorForLanguageModeling
 from sftrainer.errors import ConfigError, DataError, SFTrainerError
 
 if TYPE_CHECKING:
     from sftrainer.config import RunConfig, SFTConfig, load_config
+    from sftrainer.data.collate import DataCollatorForLanguageModeling
     from sftrainer.train import train
     from sftrainer.trainer import SFTTrainer
 
@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "DataCollatorForLanguageModeling": "sftrainer.data.collate",
     "RunConfig": "sftrainer.config",
     "SFTConfig": "sftrainer.config",
     "load_config": "sftrainer.config",
