@@ -18,8 +18,9 @@ from sftrainer.constants import IGNORE_INDEX
 from sftrainer.errors import ConfigError, DataError, SFTrainerError
 
 if TYPE_CHECKING:
-    from sftrainer.config import RunConfig, SFTConfig, load_config
+    from sftrainer.config import SFTConfig
     from sftrainer.data.collate import DataCollatorForLanguageModeling
+    from sftrainer.run_config import RunConfig, load_config
     from sftrainer.train import train
     from sftrainer.trainer import SFTTrainer
 
@@ -39,9 +40,9 @@ __all__ = [
 
 _LAZY = {
     "DataCollatorForLanguageModeling": "sftrainer.data.collate",
-    "RunConfig": "sftrainer.config",
+    "RunConfig": "sftrainer.run_config",
     "SFTConfig": "sftrainer.config",
-    "load_config": "sftrainer.config",
+    "load_config": "sftrainer.run_config",
     "train": "sftrainer.train",
     "SFTTrainer": "sftrainer.trainer",
 }

@@ -42,7 +42,8 @@ examples:
 
 
 def _keys_help() -> str:
-    from sftrainer.config import SECTIONS, SFTConfig
+    from sftrainer.config import SFTConfig
+    from sftrainer.run_config import SECTIONS
 
     sft_only = [f for f in dataclasses.fields(SFTConfig) if f.name in SFTConfig.__annotations__ and f.init]
     lines = ["SFT keys (beside the TrainingArguments ones):"]
@@ -92,7 +93,7 @@ def _setup_logging() -> None:
 
 def cmd_train(items: Sequence[str]) -> int:
     from sftrainer import builtin
-    from sftrainer.config import load_config
+    from sftrainer.run_config import load_config
     from sftrainer.train import train
 
     config = items[0] if items and "=" not in items[0] else None

@@ -1,31 +1,24 @@
-"""Configuration: ``SFTConfig`` (a ``TrainingArguments``) plus model, data and LoRA settings.
-
-One surface: a YAML file's top-level keys are ``SFTConfig`` fields, plus the sections ``model``,
-``data`` and ``lora``; command-line overrides use the same names (``lora.r=32``). Unknown keys and
-bad values are all reported at once, each by the name the user wrote, before any work starts.
+"""``SFTConfig``: ``TrainingArguments`` plus the settings of supervised fine-tuning, validated in one
+place (``problems()``: every bad value at once, each by its key). A YAML run (``run_config``) adds
+the ``model``, ``data`` and ``lora`` sections around it.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-import typing
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
 from transformers import TrainingArguments
 
 from sftrainer import precision
-from sftrainer.coerce import coerce
 from sftrainer.compat import normalise_trl_values, sft_values_from, trl_field_problems
 from sftrainer.data.pack import packing_strategy_problems
 from sftrainer.data.prepare import DataSettings
-from sftrainer.errors import ConfigError, did_you_mean
+from sftrainer.errors import ConfigError
 from sftrainer.model import chat_template_problems
 
 logger = logging.getLogger(__name__)
@@ -271,289 +264,8 @@ def to_sft_config(args: TrainingArguments | None, output_dir: str = "sftrainer_o
         raise ConfigError(f"args must be SFTConfig or TrainingArguments, got {type(args).__name__}")
     # Every field both classes share is copied: a trl.SFTConfig keeps its SFT settings. `args` already
     # ran __post_init__; fp16 there means the user asked for it, bf16 too.
-    return SFTConfig(**sft_values_from(args, _init_fields(SFTConfig)))
+    return SFTConfig(**sft_values_from(args, init_fields(SFTConfig)))
 
 
-# ---- model / data / LoRA sections -------------------------------------------------------------
-
-
-@dataclass
-class ModelConfig:
-    name_or_path: str = field(
-        default="builtin", metadata={"help": "Model directory or hub id; 'builtin': the tiny demo model."}
-    )
-    dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "Dtype the weights load in and frozen ones (a LoRA base) keep: auto (the checkpoint's "
-            "own), float32, bfloat16 or float16. Trained weights are always float32 master weights."
-        },
-    )
-    attn_implementation: str | None = field(
-        default=None, metadata={"help": "eager, sdpa, flash_attention_2, ..."}
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run model code from the checkpoint (unsafe)."}
-    )
-    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
-
-    def problems(self) -> list[str]:
-        dtypes = ("auto", "float32", "bfloat16", "float16")
-        if self.dtype not in dtypes:
-            return [
-                f"model.dtype: must be one of {dtypes}, got {self.dtype!r}{did_you_mean(self.dtype, dtypes)}"
-            ]
-        return []
-
-
-@dataclass
-class DataConfig:
-    train: str | list[str] = field(
-        default="builtin",
-        metadata={"help": "File(s), directory, glob or hub id (org/name); 'builtin': the demo tasks."},
-    )
-    eval: str | list[str] | None = field(
-        default=None, metadata={"help": "Evaluation file(s) or hub id; 'builtin' for the demo."}
-    )
-    eval_split: float = field(
-        default=0.0, metadata={"help": "Fraction of train held out for evaluation when eval is unset."}
-    )
-    split: str = field(
-        default="train",
-        metadata={
-            "help": "Split of a hub dataset to train on (e.g. train_sft); slices like train[:1000] work."
-        },
-    )
-    eval_split_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Split to evaluate on (e.g. test_sft): of data.eval, or of data.train when eval is unset."
-        },
-    )
-    subset: str | None = field(
-        default=None, metadata={"help": "Subset (configuration) of a hub dataset: load_dataset's name."}
-    )
-    data_files: str | list[str] | dict[str, Any] | None = field(
-        default=None, metadata={"help": "Files within a hub dataset to load: load_dataset's data_files."}
-    )
-    columns: dict[str, str] = field(
-        default_factory=dict, metadata={"help": "Rename columns: {their_name: prompt}."}
-    )
-
-    def problems(self) -> list[str]:
-        if not 0.0 <= self.eval_split < 1.0:
-            return [f"data.eval_split: must be in [0, 1), got {self.eval_split}"]
-        if self.eval is not None and self.eval_split:
-            return ["data.eval_split: set data.eval or data.eval_split, not both"]
-        if self.eval_split_name is not None and self.eval_split:
-            return ["data.eval_split: set data.eval_split (a fraction) or data.eval_split_name, not both"]
-        return []
-
-    def has_eval(self) -> bool:
-        return self.eval is not None or bool(self.eval_split) or self.eval_split_name is not None
-
-    def hub_args(self, eval: bool = False) -> dict[str, Any]:
-        """``split`` / ``subset`` / ``data_files`` of ``sftrainer.data.load.load`` for train or eval.
-
-        subset and data_files belong to data.train; eval shares them when it reads the same dataset.
-        """
-        if not eval:
-            return {"split": self.split, "subset": self.subset, "data_files": self.data_files}
-        same = self.eval is None or self.eval == self.train
-        return {
-            "split": self.eval_split_name,
-            "subset": self.subset if same else None,
-            "data_files": self.data_files if same else None,
-        }
-
-
-@dataclass
-class LoraSettings:
-    r: int = field(default=16, metadata={"help": "Rank of the LoRA update."})
-    alpha: int = field(default=32, metadata={"help": "Scale: the update is multiplied by alpha / r."})
-    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    target_modules: str | list[str] = field(
-        default="all-linear", metadata={"help": "'all-linear' or module names."}
-    )
-    use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA."})
-    bias: str = field(default="none", metadata={"help": "none, all or lora_only."})
-    modules_to_save: list[str] | None = field(
-        default=None, metadata={"help": "Modules trained in full (e.g. lm_head)."}
-    )
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.r < 1:
-            out.append(f"lora.r: must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            out.append(f"lora.dropout: must be in [0, 1), got {self.dropout}")
-        if self.bias not in ("none", "all", "lora_only"):
-            out.append(f"lora.bias: must be none, all or lora_only, got {self.bias!r}")
-        return out
-
-
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings}
-
-
-@dataclass
-class RunConfig:
-    """Everything one `sftrainer train` run needs."""
-
-    train: SFTConfig
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraSettings | None = None
-    source: dict[str, Any] = field(default_factory=dict)  # the merged YAML + overrides, as written
-
-
-def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
+def init_fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
-
-
-def known_keys() -> list[str]:
-    keys = list(_init_fields(SFTConfig))
-    for section, cls in SECTIONS.items():
-        keys += [section] + [f"{section}.{name}" for name in _init_fields(cls)]
-    return keys
-
-
-# ---- loading ------------------------------------------------------------------------------
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(err, 'problem', None) or err}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}"
-        )
-    return data
-
-
-def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``key=value`` strings (``lora.r=32``; ``lora=null`` removes a section). Values are YAML."""
-    out = copy.deepcopy(dict(config))  # nested overrides must not mutate the caller's dict
-    problems = []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            problems.append(f"override '{item}': expected key=value")
-            continue
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
-        *parents, leaf = key.split(".")
-        node = out
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[leaf] = value
-    if problems:
-        raise ConfigError("\n".join(problems))
-    return out
-
-
-def load_config(
-    path: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    defaults: Mapping[str, Any] | None = None,
-) -> RunConfig:
-    """YAML file (or ``defaults``) + overrides -> a validated ``RunConfig``. Raises ``ConfigError``."""
-    raw = dict(defaults or {})
-    if path is not None:
-        raw = read_yaml(path)
-    raw = apply_overrides(raw, overrides)
-    where = f"{path}: " if path is not None else ""
-    return build_config(raw, where)
-
-
-def build_config(raw: Mapping[str, Any], where: str = "") -> RunConfig:
-    problems: list[str] = []
-    train_values = _check_fields(SFTConfig, {k: v for k, v in raw.items() if k not in SECTIONS}, "", problems)
-    sections: dict[str, Any] = {}
-    for name, cls in SECTIONS.items():
-        value = raw.get(name, {} if name != "lora" else None)
-        if value is None:
-            sections[name] = None
-            continue
-        if not isinstance(value, dict):
-            problems.append(f"{name}: must be a mapping of keys, got {value!r}")
-            continue
-        sections[name] = _check_fields(cls, value, f"{name}.", problems)
-    built: dict[str, Any] = {}
-    for name, cls in SECTIONS.items():
-        values = sections.get(name)
-        if values is None:
-            continue
-        try:
-            built[name] = cls(**values)
-            problems += built[name].problems()
-        except TypeError as err:
-            problems.append(f"{name}: {err}")
-    train_values.setdefault("output_dir", "outputs/run")
-    # Built even when a section is wrong, so its problems are listed with the others.
-    train = None
-    try:
-        train = SFTConfig(**train_values)
-    except ConfigError as err:
-        text = str(err).removeprefix("Invalid SFTConfig:")
-        problems += [line.strip() for line in text.splitlines() if line.strip()]
-    data = built.get("data", DataConfig())
-    strategy = getattr(train, "eval_strategy", "no")
-    if strategy != "no" and not data.has_eval():
-        problems.append(
-            f"eval_strategy: '{getattr(strategy, 'value', strategy)}' needs evaluation data; "
-            "set data.eval, data.eval_split or data.eval_split_name, or eval_strategy: 'no'"
-        )
-    if problems:
-        raise ConfigError(
-            f"{where}{len(problems)} problem(s) in the configuration:\n"
-            + "\n".join(f"  {p}" for p in problems)
-        )
-    model = built.get("model", ModelConfig())
-    if train.trust_remote_code:  # TRL's top-level spelling of model.trust_remote_code
-        model.trust_remote_code = True
-    return RunConfig(
-        train=train,
-        model=model,
-        data=data,
-        lora=built.get("lora"),
-        source=dict(raw),
-    )
-
-
-def _check_fields(cls: type, values: Mapping[str, Any], prefix: str, problems: list[str]) -> dict[str, Any]:
-    fields = _init_fields(cls)
-    hints = _type_hints(cls)
-    out = {}
-    for key, value in values.items():
-        if key not in fields:
-            problems.append(f"unknown key '{prefix}{key}'{did_you_mean(f'{prefix}{key}', known_keys())}")
-            continue
-        try:
-            out[key] = coerce(value, hints.get(key, Any))
-        except (TypeError, ValueError) as err:
-            problems.append(f"{prefix}{key}: {err}")
-    return out
-
-
-def _type_hints(cls: type) -> dict[str, Any]:
-    hints: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        if dataclasses.is_dataclass(klass):
-            try:
-                hints.update(typing.get_type_hints(klass))
-            except Exception:  # an unresolvable annotation in a dependency: skip type checks for it
-                continue
-    return hints

@@ -8,8 +8,8 @@ from typing import Any
 
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 
-from sftrainer.config import LoraSettings
 from sftrainer.errors import ConfigError
+from sftrainer.run_config import LoraSettings
 
 logger = logging.getLogger(__name__)
 

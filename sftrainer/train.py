@@ -16,11 +16,11 @@ import yaml
 from transformers.trainer_utils import get_last_checkpoint
 
 from sftrainer import builtin
-from sftrainer.config import RunConfig
 from sftrainer.data import load as data_load
 from sftrainer.errors import ConfigError
 from sftrainer.lora import peft_config_from
 from sftrainer.model import load_model, load_tokenizer
+from sftrainer.run_config import RunConfig
 from sftrainer.trainer import SFTTrainer
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from sftrainer.cli import main
-from sftrainer.config import load_config
+from sftrainer.run_config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

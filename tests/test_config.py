@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftrainer.config import SFTConfig, apply_overrides, coerce, known_keys, load_config
+from sftrainer.coerce import coerce
+from sftrainer.config import SFTConfig
 from sftrainer.errors import ConfigError, DataError
+from sftrainer.run_config import apply_overrides, known_keys, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

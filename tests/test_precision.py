@@ -19,8 +19,8 @@ from tiny_models import ROWS, changed, quick_args, save_tiny_model, trainable_sn
 from transformers import AutoModelForCausalLM
 
 from sftrainer import SFTTrainer, precision
-from sftrainer.config import load_config
 from sftrainer.precision import MixedPrecision, choose_mixed_precision
+from sftrainer.run_config import load_config
 
 # peft 0.21 reads an attribute transformers 5 deprecated (sftrainer silences it in its own calls).
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

@@ -392,8 +392,8 @@ def test_older_keywords_do_not_change_the_callers_config(tiny_model_dir, tmp_pat
 
 
 def test_dora_from_config_settings_trains_its_magnitudes(tiny_model_dir, tmp_path):
-    from sftrainer.config import LoraSettings
     from sftrainer.lora import peft_config_from
+    from sftrainer.run_config import LoraSettings
 
     trainer = SFTTrainer(
         model=str(tiny_model_dir),
