@@ -1,9 +1,10 @@
 """Examples -> ``input_ids`` + ``labels`` with the loss exactly on the trained tokens.
 
 An example is first rendered into *segments*: consecutive pieces of text, each trained or not.
-Chat templates are handled without ``{% generation %}`` markers: the conversation is rendered up to
-each assistant turn (with the generation prompt) and through it, and the difference of the two
-prefixes is that turn's text, so any template works.
+Chat templates are handled without ``{% generation %}`` markers: the text is the template's rendering
+of the whole conversation, and each assistant turn is located in it by rendering the conversation
+again with that turn replaced by a marker (see ``_locate_turn``), so any template works, including
+ones that rewrite history or whose generation prompt differs from the finished conversation.
 
 The text is then tokenized once, in a batch, with offsets. When no token crosses a boundary between
 a trained and an untrained segment (the usual case: templates end a prompt with a special token or a
