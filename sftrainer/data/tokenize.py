@@ -130,11 +130,10 @@ class ExampleTokenizer:
             turns = turns[-1:]
         if not turns:
             return [(full, False)], 0
-        header = self._assistant_header(example, turns[0])
         segments: list[Segment] = []
         pos = rewritten = 0
         for i in turns:
-            start, end = self._locate_turn(example, full, i, header, pos)
+            start, end = self._locate_turn(example, full, i, self._assistant_header(example, i), pos)
             segments += [(full[pos:start], False), (full[start:end], True)]
             rewritten += not _renders_whole_turn(example.messages[i], full[start:end])
             pos = end
