@@ -10,6 +10,7 @@ import logging
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainingArguments
@@ -19,6 +20,7 @@ from sftrainer.compat import normalise_trl_values, sft_values_from, trl_field_pr
 from sftrainer.data.pack import packing_strategy_problems
 from sftrainer.data.prepare import DataSettings
 from sftrainer.errors import ConfigError
+from sftrainer.evaluate import load_scorer
 from sftrainer.model import chat_template_problems
 
 logger = logging.getLogger(__name__)
@@ -141,12 +143,32 @@ class SFTConfig(TrainingArguments):
     exact_match_samples: int = field(
         default=0,
         metadata={
-            "help": "Score this many eval rows by greedy generation (exact match with the reference "
-            "response) at each evaluation; 0 turns it off."
+            "help": "Score this many eval rows by greedy generation (eval_exact_match, eval_normalized_match "
+            "with the reference response) at each evaluation; 0 turns it off."
         },
     )
     exact_match_max_new_tokens: int = field(
-        default=64, metadata={"help": "Generation limit for exact match."}
+        default=64, metadata={"help": "Generation limit (new tokens) of the generation-based evaluation."}
+    )
+    generation_prompts: str | list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Generate from these prompts at each evaluation instead of eval rows: a list of strings "
+            "or a data file (prompt + optional reference column, or any training format)."
+        },
+    )
+    generation_batch_size: int = field(
+        default=32, metadata={"help": "Prompts generated at once in the generation-based evaluation."}
+    )
+    generation_temperature: float = field(
+        default=0.0, metadata={"help": "Sampling temperature of the generation-based evaluation; 0: greedy."}
+    )
+    generation_scorer: str | None = field(
+        default=None,
+        metadata={
+            "help": "'module:function' or 'file.py:function' called as f(prediction, reference, prompt) -> "
+            "float or dict of floats, averaged into eval_<name>."
+        },
     )
     # TRL 1.16 fields (same names, defaults and meaning; see sftrainer/compat.py and the README).
     dataset_kwargs: dict[str, Any] | None = field(
@@ -233,11 +255,38 @@ class SFTConfig(TrainingArguments):
             out.append("packing: needs max_length (the length of a packed sequence)")
         if self.exact_match_samples < 0:
             out.append(f"exact_match_samples: must be >= 0, got {self.exact_match_samples}")
+        out += self._generation_problems()
         out += chat_template_problems(self.chat_template, self.chat_template_path)
         for key in ("eos_token", "pad_token"):
             if getattr(self, key) == "":
                 out.append(f"{key}: must be a token of the tokenizer or null, got ''")
         return out
+
+    def _generation_problems(self) -> list[str]:
+        out = []
+        for key in ("exact_match_max_new_tokens", "generation_batch_size"):
+            if getattr(self, key) < 1:
+                out.append(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.generation_temperature < 0:
+            out.append(f"generation_temperature: must be >= 0 (0: greedy), got {self.generation_temperature}")
+        prompts = self.generation_prompts
+        if prompts is not None and self.exact_match_samples:
+            out.append(
+                "generation_prompts: set generation_prompts or exact_match_samples (eval rows), not both"
+            )
+        if isinstance(prompts, str) and not Path(prompts).exists():
+            out.append(f"generation_prompts: no such file: {prompts} (a list of prompts is a YAML list)")
+        if isinstance(prompts, list) and not prompts:
+            out.append("generation_prompts: the list is empty")
+        if self.generation_scorer is not None:
+            try:
+                load_scorer(self.generation_scorer)
+            except ConfigError as err:
+                out.append(str(err))
+        return out
+
+    def generation_enabled(self) -> bool:
+        return bool(self.exact_match_samples) or self.generation_prompts is not None
 
     def data_settings(self, columns: Mapping[str, str] | None = None) -> DataSettings:
         return DataSettings(

@@ -25,6 +25,7 @@ class TokenMetrics:
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self._num_tokens: torch.Tensor | None = None  # this process's input tokens trained so far
+        self.last_count: dict[str, float] = {}  # trained tokens (all processes) of the last pop, per mode
 
     def add(self, mode: str, stats: torch.Tensor, num_tokens: torch.Tensor | int | None = None) -> None:
         """Add one batch: ``stats`` = [trained tokens, top-1 hits, summed entropy]; input tokens when training."""
@@ -40,6 +41,7 @@ class TokenMetrics:
         if sums is None:
             return {}
         n, hits, entropy = reduce(sums).tolist()
+        self.last_count[mode] = n
         out = {
             f"{prefix}entropy": entropy / n if n else 0.0,
             f"{prefix}mean_token_accuracy": hits / n if n else 0.0,

@@ -6,7 +6,6 @@ train -> evaluate -> save model, tokenizer, metrics and the resolved config.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -107,8 +106,5 @@ def train(cfg: RunConfig) -> dict[str, float]:
     trainer.save_model(str(output_dir))
     trainer.save_metrics("all", metrics, combined=False)
     (output_dir / "sftrainer_config.yaml").write_text(yaml.safe_dump(cfg.source, sort_keys=False))
-    samples = trainer.exact_match_predictions
-    if samples:
-        (output_dir / "eval_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     logger.info("Saved the %s to %s", "LoRA adapter" if cfg.lora else "model", output_dir)
     return metrics

@@ -10,12 +10,17 @@ After construction ``trainer.train_dataset`` holds the prepared rows (``input_id
 with ``IGNORE_INDEX`` on every untrained token) and ``trainer.data_stats`` what preparing them
 counted (rows, truncated, dropped); ``trainer.data_pipeline`` prepares them, and raw data given to
 ``evaluate`` later. ``trainer.loss_plan`` says how the loss is computed (decided and logged once).
-``trainer.exact_match_predictions`` holds the prompt, reference and prediction of each row scored
-by the last exact-match evaluation.
 
-Train and eval logs carry TRL's token metrics (``mean_token_accuracy``, ``entropy``, ``num_tokens``)
-and, with ``exact_match_samples``, ``eval_exact_match``: all in the metrics that callbacks and
-``metric_for_best_model`` see.
+Train and eval logs carry TRL's token metrics (``mean_token_accuracy``, ``entropy``, ``num_tokens``);
+train logs add ``train_tokens_per_second`` (trained tokens per second of training time since the
+previous log), eval metrics ``eval_perplexity`` (exp of ``eval_loss``).
+
+Generation-based evaluation (``exact_match_samples`` eval rows, or ``generation_prompts``) runs
+inside the evaluation loop, so its metrics (``eval_exact_match``, ``eval_normalized_match``,
+``eval_<scorer>``) reach ``on_evaluate`` callbacks and ``metric_for_best_model``. Its samples
+(prompt, reference, prediction, scores) are ``trainer.generation_samples`` (the latest evaluation;
+``trainer.generation_samples_file`` is where they were written: ``OUTPUT_DIR/eval_samples/
+step-<global_step>.jsonl``, copied to ``OUTPUT_DIR/eval_samples.jsonl``), set before ``on_evaluate``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import json
 import logging
+import math
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +49,13 @@ from sftrainer.data.pack import PackStats
 from sftrainer.data.pipeline import DataPipeline
 from sftrainer.data.prepare import PrepareStats
 from sftrainer.errors import ConfigError, did_you_mean
-from sftrainer.evaluate import exact_match
+from sftrainer.evaluate import (
+    format_samples,
+    generate_samples,
+    generation_prompt_rows,
+    load_scorer,
+    mean_scores,
+)
 from sftrainer.isolation import check_row_isolation
 from sftrainer.loss import TRAINER, plan_loss, sft_loss, token_stats
 from sftrainer.metrics import TokenMetrics
@@ -114,8 +128,11 @@ class SFTTrainer(Trainer):
         )
         model = lora.apply(model, peft_config, gradient_checkpointing=bool(args.gradient_checkpointing))
         model = precision.keep_master_weights(model, args.bf16 or args.fp16, callers_model)
-        self.exact_match_predictions: list[dict[str, str]] = []  # filled by evaluate()
-        self._exact_match_source: Dataset | IterableDataset | None = None
+        self.generation_samples: list[dict[str, Any]] = []  # filled by evaluate(); see the module docstring
+        self.generation_samples_file: Path | None = None
+        self._generation_source: Dataset | IterableDataset | None = None
+        self._generation_prompts: tuple[Dataset, list[bool]] | None = None  # prepared once, when first used
+        self._log_window = (time.perf_counter(), 0.0)  # (start, seconds spent evaluating since)
         if isinstance(train_dataset, DatasetDict | IterableDatasetDict):
             train_dataset, split_eval = data_load.split_dataset_dict(train_dataset)
             eval_dataset = eval_dataset if eval_dataset is not None else split_eval
@@ -270,6 +287,12 @@ class SFTTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the token metrics of its window
             logs.update(self._token_metrics.pop("train", self._reduce))
+            start, paused = self._log_window
+            seconds = time.perf_counter() - start - paused
+            trained = self._token_metrics.last_count.get("train")
+            if trained is not None and seconds > 0:
+                logs["train_tokens_per_second"] = round(trained / seconds, 2)
+            self._log_window = (time.perf_counter(), 0.0)
         super().log(logs, start_time)
 
     def evaluate(
@@ -290,14 +313,17 @@ class SFTTrainer(Trainer):
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if isinstance(dataset, str) and isinstance(self.eval_dataset, dict):
             dataset = self.eval_dataset[dataset]
-        if self.args.exact_match_samples and isinstance(dataset, Dataset | IterableDataset):
-            self._exact_match_source = dataset  # scored inside the evaluation loop
+        if self.args.generation_enabled() and isinstance(dataset, Dataset | IterableDataset):
+            self._generation_source = dataset  # scored inside the evaluation loop
         if not self._checked_for_training:  # else on_train_begin checked it, for this training run
             self.check_packed_isolation()
+        began = time.perf_counter()
         try:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
-            self._exact_match_source = None
+            self._generation_source = None
+            start, paused = self._log_window  # evaluation time is not training time
+            self._log_window = (start, paused + time.perf_counter() - began)
 
     def evaluation_loop(
         self,
@@ -319,19 +345,72 @@ class SFTTrainer(Trainer):
         finally:
             self._logits_needed = True
         output.metrics.update(self._token_metrics.pop("eval", self._reduce, f"{metric_key_prefix}_"))
-        source, self._exact_match_source = self._exact_match_source, None
+        loss = output.metrics.get(f"{metric_key_prefix}_loss")
+        if loss is not None:
+            output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(loss) if loss < 700 else math.inf
+        source, self._generation_source = self._generation_source, None
         if source is not None:
-            n = self.args.exact_match_samples
+            self._generation_eval(source, output.metrics, metric_key_prefix)
+        return output
+
+    @property
+    def exact_match_predictions(self) -> list[dict[str, Any]]:
+        """Older name of ``generation_samples``."""
+        return self.generation_samples
+
+    def _generation_eval(self, source: Any, metrics: dict[str, float], prefix: str) -> None:
+        """Generate, score, add ``{prefix}_<score>`` to ``metrics``, write and log the samples."""
+        args = self.args
+        if args.generation_prompts is not None:
+            rows, has_reference = self._prepared_generation_prompts()
+        else:
+            n = args.exact_match_samples
             rows = (
                 source.select(range(min(n, len(source))))
                 if isinstance(source, Dataset)
                 else list(itertools.islice(source, n))
             )
-            score, self.exact_match_predictions = exact_match(
-                self.model, self.processing_class, rows, self.args.exact_match_max_new_tokens
+            has_reference = None
+        self.generation_samples = generate_samples(
+            self.model,
+            self.processing_class,
+            rows,
+            max_new_tokens=args.exact_match_max_new_tokens,
+            batch_size=args.generation_batch_size,
+            temperature=args.generation_temperature,
+            has_reference=has_reference,
+            scorer=load_scorer(args.generation_scorer) if args.generation_scorer else None,
+        )
+        metrics.update({f"{prefix}_{k}": v for k, v in mean_scores(self.generation_samples).items()})
+        step = self.state.global_step
+        if self.is_world_process_zero() and self.generation_samples:
+            name = f"step-{step}" if prefix == "eval" else f"step-{step}.{prefix.removeprefix('eval_')}"
+            directory = Path(args.output_dir) / "eval_samples"
+            directory.mkdir(parents=True, exist_ok=True)
+            text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in self.generation_samples)
+            self.generation_samples_file = directory / f"{name}.jsonl"
+            self.generation_samples_file.write_text(text, encoding="utf-8")
+            (Path(args.output_dir) / "eval_samples.jsonl").write_text(text, encoding="utf-8")
+            logger.info(
+                "Generation samples (%s, step %d; all in %s):\n%s",
+                prefix,
+                step,
+                self.generation_samples_file,
+                format_samples(self.generation_samples),
             )
-            output.metrics[f"{metric_key_prefix}_exact_match"] = score
-        return output
+
+    def _prepared_generation_prompts(self) -> tuple[Dataset, list[bool]]:
+        """``generation_prompts`` as prepared rows, and which rows have a reference (prepared once)."""
+        if self._generation_prompts is None:
+            rows, has_reference = generation_prompt_rows(self.args.generation_prompts)
+            prepared = self.data_pipeline(rows, "generation_prompts", False)
+            if len(prepared) != len(has_reference):
+                raise ConfigError(
+                    f"generation_prompts: {len(has_reference) - len(prepared)} of {len(has_reference)} "
+                    f"prompts were dropped while preparing them (too long for max_length={self.args.max_length}?)"
+                )
+            self._generation_prompts = (prepared, has_reference)
+        return self._generation_prompts
 
     def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, "sum")
@@ -359,6 +438,7 @@ class _RowIsolationCheck(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer.check_packed_isolation()
         self.trainer._checked_for_training = True
+        self.trainer._log_window = (time.perf_counter(), 0.0)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._checked_for_training = False
