@@ -120,6 +120,30 @@ def test_train_eval_split():
         train_eval_split(Dataset.from_list(ROWS).to_iterable_dataset(), 0.5, seed=0)
 
 
+def test_eval_split_is_deterministic_by_seed(tmp_path):
+    """data.eval_split holds out the same rows for the same seed (also through the YAML run), others
+    for another seed, and never a row in both parts."""
+    from sftrainer.run_config import load_config
+    from sftrainer.train import resolve_data
+
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(40)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def held_out(seed: int) -> list[str]:
+        train_ds, held_ds = resolve_data(
+            load_config(None, [f"data.train={path}", "data.eval_split=0.25", f"seed={seed}"])
+        )
+        train, held = list(train_ds["prompt"]), list(held_ds["prompt"])
+        assert len(held) == 10 and not set(train) & set(held)
+        assert sorted(train + held) == sorted(r["prompt"] for r in rows)
+        return held
+
+    assert held_out(0) == held_out(0)
+    assert held_out(0) == list(train_eval_split(Dataset.from_list(rows), 0.25, seed=0)[1]["prompt"])
+    assert set(held_out(1)) != set(held_out(0))
+
+
 def test_iterable_dataset_from_a_generator_is_not_read_by_load():
     read = []
 
