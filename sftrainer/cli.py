@@ -31,6 +31,20 @@ examples:
 """
 
 
+EVAL_HELP = """\
+Evaluate a saved model the way training evaluates: eval loss, perplexity, mean token accuracy and,
+with exact_match_samples=N or generation_prompts, generation metrics (exact / normalised match).
+
+RUN_DIR_OR_MODEL: a run's output directory, a model or LoRA adapter directory, a checkpoint-<step>
+directory, or 'builtin'. DATA: a data file (any format train reads; 'builtin': the demo eval
+set); default: the run's eval data from sftrainer_config.yaml. key=value overrides the run's settings.
+Writes eval_results.json (and eval_samples/) to --output, default RUN_DIR_OR_MODEL.
+
+examples:
+  sftrainer eval outputs/demo
+  sftrainer eval outputs/run/checkpoint-500 data/test.jsonl exact_match_samples=100
+"""
+
 MAIN_EPILOG = """\
 examples:
   sftrainer train                                   # no CONFIG: the built-in demo (tiny model, CPU, minutes)
@@ -72,6 +86,16 @@ def _parser(with_keys: bool) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    evaluate = sub.add_parser(
+        "eval",
+        help="evaluate a saved model, LoRA adapter or checkpoint (loss, perplexity, generation metrics)",
+        usage="%(prog)s [-h] [--output DIR] RUN_DIR_OR_MODEL [DATA] [key=value ...]",
+        description=EVAL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("target", metavar="RUN_DIR_OR_MODEL")
+    evaluate.add_argument("items", nargs="*", metavar="[DATA] [key=value ...]")
+    evaluate.add_argument("--output", metavar="DIR", help="where eval_results.json goes (default: RUN_DIR)")
     return parser
 
 
@@ -104,6 +128,15 @@ def cmd_train(items: Sequence[str]) -> int:
     return 0
 
 
+def cmd_eval(target: str, items: Sequence[str], output: str | None) -> int:
+    from sftrainer.eval_run import evaluate_saved, format_metrics
+
+    data = items[0] if items and "=" not in items[0] else None
+    metrics, results = evaluate_saved(target, data, list(items[1:] if data else items), output)
+    print(f"{format_metrics(metrics)}\nSaved to {results}")
+    return 0
+
+
 def _summary(metrics: dict[str, float], output_dir: str) -> str:
     rows = []
     for key in ("loss", "exact_match"):
@@ -131,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args.items)
+        if args.command == "eval":
+            return cmd_eval(args.target, args.items, args.output)
     except SFTrainerError as err:
         print(f"sftrainer: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,133 @@
+"""``evaluate_saved``: evaluate a saved model, LoRA adapter or checkpoint as training evaluates
+(``sftrainer eval RUN_DIR_OR_MODEL [DATA] [key=value ...]``).
+
+The settings are the run's own (``sftrainer_config.yaml`` in the run directory, or the one above a
+checkpoint), with the command line's ``key=value`` overrides; without a run config, the defaults.
+The data is DATA, else the run's eval data (``data.eval``, ``data.eval_split`` or
+``data.eval_split_name``). Metrics: ``eval_loss``, ``eval_perplexity``, ``eval_mean_token_accuracy``,
+... and the generation metrics when ``exact_match_samples`` or ``generation_prompts`` is set; written
+to ``<output>/eval_results.json``, samples to ``<output>/eval_samples/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sftrainer import builtin
+from sftrainer.data import load as data_load
+from sftrainer.errors import ConfigError
+from sftrainer.run_config import RunConfig, apply_overrides, build_config, read_yaml
+
+logger = logging.getLogger(__name__)
+
+RUN_CONFIG = "sftrainer_config.yaml"
+# Training-only settings of a saved run that an evaluation must not act on.
+TRAINING_ONLY = (
+    "eval_strategy",
+    "save_strategy",
+    "load_best_model_at_end",
+    "resume_from_checkpoint",
+    "push_to_hub",
+    "report_to",
+)
+
+
+def evaluate_saved(
+    target: str,
+    data: str | None = None,
+    overrides: Sequence[str] = (),
+    output: str | None = None,
+) -> tuple[dict[str, float], Path]:
+    """Evaluate ``target`` (a run directory, model directory, adapter directory, checkpoint or
+    'builtin'). Returns the metrics and the path of ``eval_results.json``. Raises ``ConfigError``."""
+    from sftrainer.trainer import SFTTrainer  # torch / transformers: only once a command runs
+
+    path = builtin.model_dir() if target == builtin.BUILTIN else Path(target)
+    if not path.is_dir():
+        raise ConfigError(f"no such run, model or checkpoint directory: {target}")
+    cfg = _run_config(path, overrides, output or str(path))
+    eval_ds = _eval_data(cfg, data, path)
+    model, tokenizer = _load(path, cfg)
+    trainer = SFTTrainer(model=model, args=cfg.train, eval_dataset=eval_ds, processing_class=tokenizer)
+    state = path / "trainer_state.json"
+    if state.is_file():  # a checkpoint: its samples file is named after the step it was saved at
+        trainer.state.global_step = int(json.loads(state.read_text()).get("global_step", 0))
+    metrics = trainer.evaluate()
+    out_dir = Path(cfg.train.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = out_dir / "eval_results.json"
+    results.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics, results
+
+
+def _run_config(path: Path, overrides: Sequence[str], output_dir: str) -> RunConfig:
+    """The run's configuration (found beside ``path`` or above it), overridden, for evaluation only."""
+    found = next((d / RUN_CONFIG for d in (path, path.parent) if (d / RUN_CONFIG).is_file()), None)
+    raw = read_yaml(found) if found is not None else {}
+    if found is not None:
+        logger.info("Settings from %s", found)
+    for key in TRAINING_ONLY:
+        raw.pop(key, None)
+    raw = apply_overrides(raw, overrides)
+    raw.update(output_dir=output_dir, report_to="none")
+    return build_config(raw, f"{found}: " if found is not None else "")
+
+
+def _eval_data(cfg: RunConfig, data: str | None, path: Path) -> Any:
+    if data == builtin.BUILTIN:
+        data = str(builtin.data_files()[1])
+    if data is not None:
+        if not data_load.is_hub_id(data) and not Path(data).exists():
+            raise ConfigError(f"DATA: no such file or directory: {data}")
+        return data_load.load(data, f"eval data ({data_load.describe(data)})")
+    if not cfg.data.has_eval():
+        raise ConfigError(
+            f"no eval data: pass DATA (a file), or evaluate a run directory whose {RUN_CONFIG} sets "
+            f"data.eval, data.eval_split or data.eval_split_name ({path} has none)"
+        )
+    from sftrainer.train import resolve_data
+
+    return resolve_data(cfg)[1]
+
+
+def _load(path: Path, cfg: RunConfig) -> tuple[Any, Any]:
+    """Model (with its adapter) and tokenizer: the directory's own tokenizer, else the base model's."""
+    from sftrainer.model import load_model, load_tokenizer
+
+    options = dict(
+        dtype=cfg.model.dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        from peft import PeftModel
+
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ConfigError(f"{adapter}: no base_model_name_or_path: cannot tell which model it adapts")
+        base = str(builtin.model_dir()) if base == builtin.BUILTIN else base
+        with warnings.catch_warnings():  # peft 0.21 on transformers 5.x: see lora.apply
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            model = PeftModel.from_pretrained(load_model(base, **options), str(path))
+        logger.info("Evaluating the LoRA adapter %s on %s", path, base)
+    elif (path / "config.json").is_file():
+        model, base = load_model(str(path), **options), str(path)
+        logger.info("Evaluating the model %s", path)
+    else:
+        raise ConfigError(f"{path}: not a model directory (no config.json or adapter_config.json)")
+    has_tokenizer = (path / "tokenizer_config.json").is_file()
+    return model, load_tokenizer(str(path) if has_tokenizer else base, cfg.model.trust_remote_code)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """One metric a line, aligned."""
+    width = max((len(k) for k in metrics), default=0)
+    return "\n".join(f"  {key:<{width}}  {value:.4f}" for key, value in metrics.items())
