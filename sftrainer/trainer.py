@@ -383,6 +383,7 @@ class SFTTrainer(Trainer):
         )
         metrics.update({f"{prefix}_{k}": v for k, v in mean_scores(self.generation_samples).items()})
         step = self.state.global_step
+        self.generation_samples_file = None
         if self.is_world_process_zero() and self.generation_samples:
             name = f"step-{step}" if prefix == "eval" else f"step-{step}.{prefix.removeprefix('eval_')}"
             directory = Path(args.output_dir) / "eval_samples"
@@ -403,7 +404,12 @@ class SFTTrainer(Trainer):
         """``generation_prompts`` as prepared rows, and which rows have a reference (prepared once)."""
         if self._generation_prompts is None:
             rows, has_reference = generation_prompt_rows(self.args.generation_prompts)
-            prepared = self.data_pipeline(rows, "generation_prompts", False)
+            # has_reference follows the rows' order, which shuffle_dataset would change.
+            shuffle, self.args.shuffle_dataset = self.args.shuffle_dataset, False
+            try:
+                prepared = self.data_pipeline(rows, "generation_prompts", False)
+            finally:
+                self.args.shuffle_dataset = shuffle
             if len(prepared) != len(has_reference):
                 raise ConfigError(
                     f"generation_prompts: {len(has_reference) - len(prepared)} of {len(has_reference)} "

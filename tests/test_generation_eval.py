@@ -204,15 +204,20 @@ def test_generation_prompts_file_with_references(tiny_model_dir, tmp_path):
     rows = [
         {"prompt": "Who wrote Hamlet?", "reference": "Shakespeare"},
         {"prompt": "Say hi", "reference": ""},
+        *({"prompt": f"Say {i}", "reference": None} for i in range(4)),
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     trainer = SFTTrainer(
         model=str(tiny_model_dir),
-        args=quick_args(tmp_path, generation_prompts=str(path), exact_match_max_new_tokens=3),
+        # shuffle_dataset shuffles training rows, never the prompts (nor which have a reference).
+        args=quick_args(
+            tmp_path, generation_prompts=str(path), exact_match_max_new_tokens=3, shuffle_dataset=True
+        ),
         train_dataset=ROWS,
     )
     metrics = trainer.evaluate(ROWS)
-    assert [s["reference"] for s in trainer.generation_samples] == ["Shakespeare", None]
+    assert [s["reference"] for s in trainer.generation_samples] == ["Shakespeare"] + [None] * 5
+    assert all(r["prompt"] in s["prompt"] for r, s in zip(rows, trainer.generation_samples))
     assert trainer.generation_samples[1]["scores"] == {}
     assert metrics["eval_exact_match"] == trainer.generation_samples[0]["scores"]["exact_match"]
 
