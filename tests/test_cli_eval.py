@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import math
+import shutil
 
 import pytest
 from tiny_models import ROWS
@@ -91,3 +92,17 @@ def test_eval_errors_exit_2(capsys, tmp_path, data_file, tiny_model_dir):
     )
     assert "no eval data: pass DATA" in _error(capsys, "eval", str(tiny_model_dir), f"--output={tmp_path}")
     assert "DATA: no such file or directory" in _error(capsys, "eval", "builtin", str(tmp_path / "x.jsonl"))
+
+
+def test_eval_an_adapter_whose_base_is_builtin(run_dir, data_file, tmp_path):
+    if not (run_dir / "adapter_config.json").is_file():
+        pytest.skip("a full model has no adapter_config.json")
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run_dir, adapter, ignore=shutil.ignore_patterns("checkpoint-*", "eval_*"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "builtin"}))
+    code, _ = run_quietly("eval", str(adapter), str(data_file))
+    assert code == 0
+    results = json.loads((adapter / "eval_results.json").read_text())
+    trained = json.loads((run_dir / "all_results.json").read_text())
+    assert results["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-4)

@@ -235,3 +235,12 @@ def test_perplexity_is_exp_loss_and_train_logs_tokens_per_second(tiny_model_dir,
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
     assert all(h["train_tokens_per_second"] > 0 for h in logs)
+
+
+def test_sampling_with_a_temperature(tiny_model, tokenizer):
+    from sftrainer.evaluate import generate_samples
+
+    ids = tokenizer("Reverse the words: cat dog")["input_ids"]
+    row = {"input_ids": [*ids, ids[-1]], "labels": [-100] * len(ids) + [ids[-1]]}
+    samples = generate_samples(tiny_model, tokenizer, [row] * 3, max_new_tokens=3, temperature=1.0)
+    assert len(samples) == 3 and all(set(s["scores"]) == {"exact_match", "normalized_match"} for s in samples)
