@@ -106,3 +106,12 @@ def test_eval_an_adapter_whose_base_is_builtin(run_dir, data_file, tmp_path):
     results = json.loads((adapter / "eval_results.json").read_text())
     trained = json.loads((run_dir / "all_results.json").read_text())
     assert results["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-4)
+
+
+def test_eval_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("RUN_DIR_OR_MODEL", "[DATA]", "--output", "eval_results.json", "checkpoint"):
+        assert text in out, f"{text!r} missing from eval --help"
