@@ -32,9 +32,12 @@ from typing import Any
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from sftrainer import lora, precision
 from sftrainer.config import SFTConfig, to_sft_config
+from sftrainer.console import ConsoleCallback
 from sftrainer.data import load as data_load
 from sftrainer.data.collate import DataCollatorForLanguageModeling, PaddedCollator, PositionCollator
 from sftrainer.data.pack import PackStats
@@ -46,6 +49,7 @@ from sftrainer.isolation import check_row_isolation
 from sftrainer.loss import TRAINER, plan_loss, sft_loss, token_stats
 from sftrainer.metrics import TokenMetrics
 from sftrainer.model import load_model, load_tokenizer, prepare_tokenizer
+from sftrainer.tracking import MetricsFileCallback, SamplesCallback
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +172,11 @@ class SFTTrainer(Trainer):
         )
         self._checked_for_training = False
         self.add_callback(_RowIsolationCheck(self))
+        # Compact lines, a bar on terminals and a summary instead of the raw dicts transformers prints.
+        for printer in {ProgressCallback, PrinterCallback, DEFAULT_PROGRESS_CALLBACK}:
+            self.remove_callback(printer)
+        for callback in (ConsoleCallback(), MetricsFileCallback(), SamplesCallback(self)):
+            self.add_callback(callback)
 
     def check_packed_isolation(self) -> None:
         """Refuse (``ContaminationError``) an attention backend that lets packed rows see each other.
