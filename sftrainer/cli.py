@@ -36,6 +36,7 @@ examples:
   sftrainer train                                   # no CONFIG: the built-in demo (tiny model, CPU, minutes)
   sftrainer train CONFIG.yaml                       # a run described by one YAML file (see configs/)
   sftrainer train CONFIG.yaml lora.r=32 max_steps=100   # any key=value after it overrides the file
+  sftrainer report outputs/demo                     # report.html + report.png of a run
 
 `sftrainer train --help` lists every key.
 """
@@ -72,6 +73,14 @@ def _parser(with_keys: bool) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    report = sub.add_parser(
+        "report",
+        help="write report.png and report.html for a run directory",
+        description="Write RUN_DIR/report.png (loss and learning rate curves) and RUN_DIR/report.html "
+        "(config, data statistics, masking preview, metric curves, generation samples; one file). "
+        "train writes them at the end of each run; this rewrites them, e.g. during a run.",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the output_dir of a run")
     return parser
 
 
@@ -104,6 +113,14 @@ def cmd_train(items: Sequence[str]) -> int:
     return 0
 
 
+def cmd_report(run_dir: str) -> int:
+    from sftrainer.report import write_report
+
+    png, page = write_report(run_dir)
+    print(f"Wrote {page}\nWrote {png}")
+    return 0
+
+
 def _summary(metrics: dict[str, float], output_dir: str) -> str:
     rows = []
     for key in ("loss", "exact_match"):
@@ -131,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args.items)
+        if args.command == "report":
+            return cmd_report(args.run_dir)
     except SFTrainerError as err:
         print(f"sftrainer: error: {err}", file=sys.stderr)
         return 2

@@ -138,6 +138,7 @@ class ConsoleCallback(TrainerCallback):
             return
         if eval_prefix(logs) is not None:
             self.last_eval = dict(logs)
+            self._last_time = time.monotonic()  # tokens/s counts training time only
             self.write(format_line(logs, state.global_step, state.max_steps))
             return
         if "loss" not in logs:  # something a user or another callback logs: shown as it is
