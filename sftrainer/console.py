@@ -26,6 +26,7 @@ FIELDS = [
     ("mean_token_accuracy", "acc", "{:.3f}"),
     ("exact_match", "exact", "{:.3f}"),
 ]  # the rest (entropy, grad_norm, ...) is in metrics.jsonl
+SUMMARY_LABELS = {"acc": "accuracy", "exact": "exact match"}
 # The final log of Trainer.train(): kept for the summary, not printed as a line.
 TRAIN_SUMMARY_KEY = "train_runtime"
 
@@ -87,6 +88,7 @@ class ConsoleCallback(TrainerCallback):
         self._stream = stream
         self._bar_wanted = bar
         self.bar: Any = None
+        self.eval_bar: Any = None
         self.last_train: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
         self.summary: dict[str, Any] = {}
@@ -129,6 +131,31 @@ class ConsoleCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.bar is not None and state.is_world_process_zero:
             self.bar.update(state.global_step - self.bar.n)
+
+    def on_prediction_step(
+        self, args: Any, state: Any, control: Any, eval_dataloader: Any = None, **kwargs: Any
+    ) -> None:
+        """A transient bar over the eval batches, on a terminal only."""
+        if not state.is_world_process_zero or not self._use_bar(args):
+            return
+        if self.eval_bar is None:
+            try:
+                total = len(eval_dataloader)
+            except TypeError:  # an iterable dataset
+                total = None
+            from tqdm.auto import tqdm
+
+            self.eval_bar = tqdm(
+                total=total, leave=False, file=self.stream, dynamic_ncols=True, desc="eval", unit="batch"
+            )
+        self.eval_bar.update(1)
+
+    def _close_eval_bar(self, *args: Any, **kwargs: Any) -> None:
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+            self.eval_bar = None
+
+    on_evaluate = on_predict = _close_eval_bar
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
@@ -203,7 +230,7 @@ class ConsoleCallback(TrainerCallback):
         for key, label, _ in FIELDS:
             value = e.get(f"{prefix}{key}") if prefix else None
             if isinstance(value, int | float) and key != "learning_rate":
-                rows.append((f"{prefix.rstrip('_')} {label}", f"{value:.4f}"))
+                rows.append((f"{prefix.rstrip('_')} {SUMMARY_LABELS.get(label, label)}", f"{value:.4f}"))
         width = max(len(name) for name, _ in rows)
         lines = ["Training summary", *(f"  {name:<{width}}  {value}" for name, value in rows)]
         return "\n".join(lines)

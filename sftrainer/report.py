@@ -18,6 +18,7 @@ import dataclasses
 import html
 import itertools
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,6 +67,7 @@ def curves(history: Sequence[dict[str, Any]]) -> dict[str, list[tuple[float, flo
                 key in ("step", "epoch", "timestamp")
                 or isinstance(value, bool)
                 or not isinstance(value, int | float)
+                or not math.isfinite(value)  # trainer_state.json keeps NaN; metrics.jsonl writes null
             ):
                 continue
             by_key.setdefault(key, {})[step] = value

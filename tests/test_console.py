@@ -75,6 +75,7 @@ def test_progress_bar_on_a_terminal(tiny_model_dir, tmp_path, monkeypatch):
     train(tiny_model_dir, tmp_path, disable_tqdm=False)
     out = tty.getvalue()
     assert "\r" in out  # the bar redraws in place
+    assert "eval: " in out  # a transient bar over the eval batches
     assert re.search(
         r"train: +100%.*6/6 \[[\d:]+<[\d:]+.*loss=[\d.]+, lr=[\d.]+e-\d+, tok/s=[\d.]+k?", out
     ), out
