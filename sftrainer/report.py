@@ -224,73 +224,82 @@ def _number(value: Any) -> Any:
     return f"{value:.4g}" if isinstance(value, float) else value
 
 
-def render_html(run_dir: Path, history: list[dict[str, Any]]) -> str:
-    c = curves(history)
-    parts = [f"<h1>sftrainer run: {_e(run_dir.resolve().name)}</h1><p>{_e(run_dir.resolve())}</p>"]
-    results = _read_json(run_dir / "all_results.json") or next(
-        (r for r in reversed(history) if "train_runtime" in r), None
-    )
-    if results:
-        parts.append('<h2>Results</h2><section id="results">')
-        parts.append(
-            _table([(k, _number(v)) for k, v in results.items()], ["metric", "value"]) + "</section>"
-        )
-    parts.append('<h2>Metric curves</h2><section id="curves">')
-    parts += [svg_chart(title, series) for title, series in chart_specs(c)]
-    parts.append("</section>")
-    samples_from, samples = load_samples(run_dir)
-    parts.append('<h2>Generation samples</h2><section id="samples">')
-    if samples:
-        parts.append(f"<p>{len(samples)} samples from <code>{_e(samples_from)}</code>"
-                     + (f", the first {MAX_SAMPLES} shown" if len(samples) > MAX_SAMPLES else "") + "</p>")  # fmt: skip
-        rows = []
-        for s in samples[:MAX_SAMPLES]:
-            match = str(s.get("prediction", "")).strip() == str(s.get("reference", "")).strip()
-            rows.append(f'<tr class="sample {"match" if match else "miss"}"><td class="prompt">{_e(s.get("prompt"))}</td>'
-                        f'<td class="reference">{_e(s.get("reference"))}</td><td class="prediction">{_e(s.get("prediction"))}</td></tr>')  # fmt: skip
-        parts.append('<table id="samples-table"><tr><th>prompt</th><th>reference</th><th>prediction</th></tr>'
-                     + "".join(rows) + "</table>")  # fmt: skip
-    else:
-        parts.append(
-            "<p>No generation samples (set <code>exact_match_samples</code> to score generations).</p>"
-        )
-    parts.append("</section>")
+def _section(key: str, title: str, body: str) -> str:
+    return f'<h2>{title}</h2><section id="{key}">{body}</section>'
+
+
+def _results(run_dir: Path, history: list[dict[str, Any]]) -> str:
+    results = _read_json(run_dir / "all_results.json")
+    results = results or next((r for r in reversed(history) if "train_runtime" in r), None)
+    if not results:
+        return "<p>No all_results.json (the run has not finished).</p>"
+    return _table([(k, _number(v)) for k, v in results.items()], ["metric", "value"])
+
+
+def _samples(run_dir: Path) -> str:
+    source, samples = load_samples(run_dir)
+    if not samples:
+        return "<p>No generation samples (set <code>exact_match_samples</code> to score generations).</p>"
+    shown = f", the first {MAX_SAMPLES} shown" if len(samples) > MAX_SAMPLES else ""
+    rows = []
+    for s in samples[:MAX_SAMPLES]:
+        match = str(s.get("prediction", "")).strip() == str(s.get("reference", "")).strip()
+        cells = "".join(f'<td class="{c}">{_e(s.get(c))}</td>' for c in ("prompt", "reference", "prediction"))
+        rows.append(f'<tr class="sample {"match" if match else "miss"}">{cells}</tr>')
+    header = "<tr><th>prompt</th><th>reference</th><th>prediction</th></tr>"
+    intro = f"<p>{len(samples)} samples from <code>{_e(source)}</code>{shown}</p>"
+    return f'{intro}<table id="samples-table">{header}{"".join(rows)}</table>'
+
+
+def _masking(run_dir: Path) -> str:
     preview = _read_json(run_dir / MASKING_PREVIEW)
-    parts.append('<h2>Masking preview</h2><section id="masking">')
-    if preview:
-        parts.append('<p>The first prepared training rows; <mark class="trained">highlighted</mark> tokens are trained '
-                     "(the loss covers them), the grey ones are not.</p>")  # fmt: skip
-        for spans in preview:
-            parts.append('<div class="masked">' + "".join(
-                f'<mark class="trained">{_e(s["text"])}</mark>' if s["trained"] else f'<span class="untrained">{_e(s["text"])}</span>'
-                for s in spans) + "</div>")  # fmt: skip
-    else:
-        parts.append(f"<p>No {MASKING_PREVIEW} in the run directory.</p>")
-    parts.append("</section>")
-    stats = _read_json(run_dir / DATA_STATS)
-    parts.append('<h2>Data</h2><section id="data">')
-    if stats and (stats.get("prepare") or stats.get("pack")):
-        for kind, entries in stats.items():
-            if entries:
-                fields = list(next(iter(entries.values())))
-                parts.append(
-                    _table(
-                        [[name, *(e.get(f) for f in fields)] for name, e in entries.items()], [kind, *fields]
-                    )
-                )
-    else:
-        parts.append(f"<p>No {DATA_STATS} in the run directory.</p>")
-    parts.append("</section>")
+    if not preview:
+        return f"<p>No {MASKING_PREVIEW} in the run directory.</p>"
+    out = [
+        '<p>The first prepared training rows; <mark class="trained">highlighted</mark> tokens are '
+        "trained (the loss covers them), the grey ones are not.</p>"
+    ]
+    for spans in preview:
+        html_spans = (
+            f'<mark class="trained">{_e(s["text"])}</mark>'
+            if s["trained"]
+            else f'<span class="untrained">{_e(s["text"])}</span>'
+            for s in spans
+        )
+        out.append('<div class="masked">' + "".join(html_spans) + "</div>")
+    return "".join(out)
+
+
+def _data(run_dir: Path) -> str:
+    stats = _read_json(run_dir / DATA_STATS) or {}
+    tables = []
+    for kind, entries in stats.items():  # "prepare": PrepareStats per data set, "pack": PackStats
+        if entries:
+            fields = list(next(iter(entries.values())))
+            rows = [[name, *(e.get(f) for f in fields)] for name, e in entries.items()]
+            tables.append(_table(rows, [kind, *fields]))
+    return "".join(tables) or f"<p>No {DATA_STATS} in the run directory.</p>"
+
+
+def render_html(run_dir: Path, history: list[dict[str, Any]]) -> str:
+    name = _e(run_dir.resolve().name)
     config = run_dir / "sftrainer_config.yaml"
-    parts.append('<h2>Config</h2><section id="config">')
-    parts.append(
-        f"<pre>{_e(config.read_text(encoding='utf-8'))}</pre>"
-        if config.is_file()
-        else "<p>No sftrainer_config.yaml.</p>"
+    sections = [
+        f"<h1>sftrainer run: {name}</h1><p>{_e(run_dir.resolve())}</p>",
+        _section("results", "Results", _results(run_dir, history)),
+        _section("curves", "Metric curves", "".join(svg_chart(t, s) for t, s in chart_specs(curves(history)))),
+        _section("samples", "Generation samples", _samples(run_dir)),
+        _section("masking", "Masking preview", _masking(run_dir)),
+        _section("data", "Data", _data(run_dir)),
+        _section("config", "Config", f"<pre>{_e(config.read_text(encoding='utf-8'))}</pre>"
+                 if config.is_file() else "<p>No sftrainer_config.yaml.</p>"),
+    ]  # fmt: skip
+    head = f'<meta charset="utf-8"><title>sftrainer report: {name}</title><style>{CSS}</style>'
+    return (
+        f'<!DOCTYPE html><html lang="en"><head>{head}</head><body>\n'
+        + "\n".join(sections)
+        + "\n</body></html>\n"
     )
-    parts.append("</section>")
-    return ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>sftrainer report: '
-            f"{_e(run_dir.resolve().name)}</title><style>{CSS}</style></head><body>" + "\n".join(parts) + "</body></html>\n")  # fmt: skip
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:

@@ -13,6 +13,10 @@ counted (rows, truncated, dropped); ``trainer.data_pipeline`` prepares them, and
 ``trainer.exact_match_predictions`` holds the prompt, reference and prediction of each row scored
 by the last exact-match evaluation.
 
+Logging: ``ConsoleCallback`` (console.py) replaces transformers' progress / printer callbacks, every
+log event is appended to ``<output_dir>/metrics.jsonl`` and generation samples go to TensorBoard / W&B
+(tracking.py).
+
 Train and eval logs carry TRL's token metrics (``mean_token_accuracy``, ``entropy``, ``num_tokens``)
 and, with ``exact_match_samples``, ``eval_exact_match``: all in the metrics that callbacks and
 ``metric_for_best_model`` see.
