@@ -50,6 +50,7 @@ examples:
   sftrainer train                                   # no CONFIG: the built-in demo (tiny model, CPU, minutes)
   sftrainer train CONFIG.yaml                       # a run described by one YAML file (see configs/)
   sftrainer train CONFIG.yaml lora.r=32 max_steps=100   # any key=value after it overrides the file
+  sftrainer report outputs/demo                     # report.html + report.png of a run
 
 `sftrainer train --help` lists every key.
 """
@@ -96,6 +97,15 @@ def _parser(with_keys: bool) -> argparse.ArgumentParser:
     evaluate.add_argument("target", metavar="RUN_DIR_OR_MODEL")
     evaluate.add_argument("items", nargs="*", metavar="[DATA] [key=value ...]")
     evaluate.add_argument("--output", metavar="DIR", help="where eval_results.json goes (default: RUN_DIR)")
+
+    report = sub.add_parser(
+        "report",
+        help="write report.png and report.html for a run directory",
+        description="Write RUN_DIR/report.png (loss and learning rate curves) and RUN_DIR/report.html "
+        "(config, data statistics, masking preview, metric curves, generation samples; one file). "
+        "train writes them at the end of each run; this rewrites them, e.g. during a run.",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the output_dir of a run")
     return parser
 
 
@@ -137,6 +147,14 @@ def cmd_eval(target: str, items: Sequence[str], output: str | None) -> int:
     return 0
 
 
+def cmd_report(run_dir: str) -> int:
+    from sftrainer.report import write_report
+
+    png, page = write_report(run_dir)
+    print(f"Wrote {page}\nWrote {png}")
+    return 0
+
+
 def _summary(metrics: dict[str, float], output_dir: str) -> str:
     rows = []
     for key in ("loss", "exact_match"):
@@ -166,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args.items)
         if args.command == "eval":
             return cmd_eval(args.target, args.items, args.output)
+        if args.command == "report":
+            return cmd_report(args.run_dir)
     except SFTrainerError as err:
         print(f"sftrainer: error: {err}", file=sys.stderr)
         return 2

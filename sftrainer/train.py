@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from transformers.trainer_utils import get_last_checkpoint
 
-from sftrainer import builtin
+from sftrainer import builtin, report
 from sftrainer.data import load as data_load
 from sftrainer.errors import ConfigError
 from sftrainer.lora import peft_config_from
@@ -107,4 +107,11 @@ def train(cfg: RunConfig) -> dict[str, float]:
     trainer.save_metrics("all", metrics, combined=False)
     (output_dir / "sftrainer_config.yaml").write_text(yaml.safe_dump(cfg.source, sort_keys=False))
     logger.info("Saved the %s to %s", "LoRA adapter" if cfg.lora else "model", output_dir)
+    if trainer.is_world_process_zero():
+        try:
+            report.save_run_inputs(trainer, output_dir)
+            png, page = report.write_report(output_dir)
+            logger.info("Report: %s (plot: %s)", page, png)
+        except Exception as err:  # the model is saved: a failed report must not fail the run
+            logger.warning("Could not write the run report: %s: %s", type(err).__name__, err)
     return metrics

@@ -11,6 +11,10 @@ with ``IGNORE_INDEX`` on every untrained token) and ``trainer.data_stats`` what 
 counted (rows, truncated, dropped); ``trainer.data_pipeline`` prepares them, and raw data given to
 ``evaluate`` later. ``trainer.loss_plan`` says how the loss is computed (decided and logged once).
 
+Logging: ``ConsoleCallback`` (console.py) replaces transformers' progress / printer callbacks, every
+log event is appended to ``<output_dir>/metrics.jsonl`` and generation samples go to TensorBoard / W&B
+(tracking.py).
+
 Train and eval logs carry TRL's token metrics (``mean_token_accuracy``, ``entropy``, ``num_tokens``);
 train logs add ``train_tokens_per_second`` (trained tokens per second of training time since the
 previous log), eval metrics ``eval_perplexity`` (exp of ``eval_loss``).
@@ -40,9 +44,12 @@ from typing import Any
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from sftrainer import lora, precision
 from sftrainer.config import SFTConfig, to_sft_config
+from sftrainer.console import ConsoleCallback
 from sftrainer.data import load as data_load
 from sftrainer.data.collate import DataCollatorForLanguageModeling, PaddedCollator, PositionCollator
 from sftrainer.data.pack import PackStats
@@ -60,6 +67,7 @@ from sftrainer.isolation import check_row_isolation
 from sftrainer.loss import TRAINER, plan_loss, sft_loss, token_stats
 from sftrainer.metrics import TokenMetrics
 from sftrainer.model import load_model, load_tokenizer, prepare_tokenizer
+from sftrainer.tracking import MetricsFileCallback, SamplesCallback
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +193,11 @@ class SFTTrainer(Trainer):
         )
         self._checked_for_training = False
         self.add_callback(_RowIsolationCheck(self))
+        # Compact lines, a bar on terminals and a summary instead of the raw dicts transformers prints.
+        for printer in {ProgressCallback, PrinterCallback, DEFAULT_PROGRESS_CALLBACK}:
+            self.remove_callback(printer)
+        for callback in (ConsoleCallback(), MetricsFileCallback(), SamplesCallback(self)):
+            self.add_callback(callback)
 
     def check_packed_isolation(self) -> None:
         """Refuse (``ContaminationError``) an attention backend that lets packed rows see each other.

@@ -276,7 +276,9 @@ def test_demo_exit_code_and_summary(demo_run):
     assert code == 0
     assert "Training finished in" in out and "train loss" in out
     lines = out.splitlines()
-    header = next(line for line in lines if "before" in line)
+    header = next(
+        line for line in lines if line.split()[:1] == ["before"]
+    )  # not "eval_before @ step 0 | ..."
     assert header.split() == ["before", "after"]
     loss = next(line for line in lines if line.strip().startswith("eval_loss"))
     exact = next(line for line in lines if line.strip().startswith("eval_exact_match"))
