@@ -18,6 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from sftrainer import builtin
 from sftrainer.data import load as data_load
 from sftrainer.errors import ConfigError
+from sftrainer.export import run_card
 from sftrainer.lora import peft_config_from
 from sftrainer.model import load_model, load_tokenizer
 from sftrainer.run_config import RunConfig
@@ -110,5 +111,14 @@ def train(cfg: RunConfig) -> dict[str, float]:
     samples = trainer.exact_match_predictions
     if samples:
         (output_dir / "eval_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    if trainer.is_world_process_zero():  # README.md: base model, data, settings, metrics, the command
+        run_card(cfg, metrics, {"train": _rows(train_ds), "eval": _rows(eval_ds)})
     logger.info("Saved the %s to %s", "LoRA adapter" if cfg.lora else "model", output_dir)
     return metrics
+
+
+def _rows(dataset: Any) -> int | None:
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:  # an iterable dataset
+        return None
