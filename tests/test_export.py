@@ -159,3 +159,18 @@ def test_merge_errors(lora_run, merged, tmp_path, capsys):
         assert "sftrainer: error: " in err and expected in err, (expected, err)
         assert "Traceback" not in err and out == ""
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+
+
+def test_full_fine_tune_card(tmp_path):
+    from sftrainer.export import run_card
+    from sftrainer.run_config import load_config
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "data.eval_split=0.1", "learning_rate=3e-5"])
+    run_card(cfg, {"eval_loss": 1.23456, "train_loss": 2.0}, {"train": 90, "eval": 10})
+    card = (tmp_path / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["library_name"] == "transformers" and "full-fine-tune" in front["tags"]
+    assert "- method: full fine-tuning" in card and "- learning_rate: 3e-05" in card
+    assert "- train: `builtin` (90 rows)" in card and "- eval: `10% of the train data` (10 rows)" in card
+    assert "| eval_loss | 1.235 |" in card
+    assert "- max_steps" not in card and "- num_train_epochs: 3.0" in card

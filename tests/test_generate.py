@@ -186,3 +186,21 @@ def test_chat_in_a_terminal(lora_run, tmp_path):
         wait_for("EXITED 0")
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+def test_chat_drops_the_oldest_exchange_to_fit_the_context(lora_run, monkeypatch):
+    model, tokenizer = gen.load_for_inference(lora_run)
+    one_turn = len(gen.prompt_ids(tokenizer, [{"role": "user", "content": COUNT}]))
+    monkeypatch.setattr(gen, "context_limit", lambda model: one_turn + 8 + 4)  # room for one exchange
+    lines = iter([COUNT, COUNT])
+    out = io.StringIO()
+
+    def read():
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    history = gen.chat(model, tokenizer, read, out, max_new_tokens=8)
+    assert "(the oldest turn was dropped to fit the model's context)" in out.getvalue()
+    assert [m["role"] for m in history] == ["user", "assistant"]
