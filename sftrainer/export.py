@@ -122,6 +122,15 @@ def load_adapter(model: Any, run_dir: str | Path) -> Any:
         return PeftModel.from_pretrained(model, str(run_dir))
 
 
+def _checkpoint_dtype(base: str, trust_remote_code: bool) -> Any:
+    """The dtype the base checkpoint is stored in (read before loading it in float32), or None."""
+    import torch
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code), "dtype", None)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def _is_stored_quantized(base: str) -> bool:
     config = Path(base) / "config.json"
     return config.is_file() and bool(json.loads(config.read_text()).get("quantization_config"))
@@ -165,10 +174,8 @@ def merge(
             "of %s instead (loaded unquantized, float32)",
             base_path,
         )
+    saved_dtype = _checkpoint_dtype(base_path, trust_remote_code) if dtype == "auto" else DTYPES[dtype]
     model = load_model(base_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    saved_dtype = model.config.dtype if dtype == "auto" else DTYPES[dtype]
-    if isinstance(saved_dtype, str):
-        saved_dtype = getattr(torch, saved_dtype)
     model = load_adapter(model, run.path).merge_and_unload()
     if saved_dtype is not None and saved_dtype != torch.float32:
         model = model.to(saved_dtype)

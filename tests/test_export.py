@@ -174,3 +174,16 @@ def test_full_fine_tune_card(tmp_path):
     assert "- train: `builtin` (90 rows)" in card and "- eval: `10% of the train data` (10 rows)" in card
     assert "| eval_loss | 1.235 |" in card
     assert "- max_steps" not in card and "- num_train_epochs: 3.0" in card
+
+
+def test_merge_saves_in_the_base_checkpoint_dtype(lora_run, tmp_path, capsys):
+    """--dtype auto: a bf16 base gives a bf16 merged model (merged in float32, then cast)."""
+    bf16_base = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(builtin.model_dir(), dtype=torch.bfloat16).save_pretrained(bf16_base)
+    assert cli(capsys, "merge", str(lora_run), str(tmp_path / "a"), "--base", str(bf16_base))[0] == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "a", dtype="auto").dtype == torch.bfloat16
+    code = cli(
+        capsys, "merge", str(lora_run), str(tmp_path / "b"), "--base", str(bf16_base), "--dtype", "float32"
+    )[0]
+    assert code == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "b", dtype="auto").dtype == torch.float32
