@@ -186,10 +186,12 @@ def merge(
         shutil.copyfile(run.config_path, out / CONFIG_FILE)
     if run.metrics:
         (out / RESULTS_FILE).write_text(json.dumps(run.metrics, indent=2) + "\n")
+    adapter = json.loads((run.path / "adapter_config.json").read_text())
+    lora = run.config.get("lora") or {k: adapter.get(k) for k in ADAPTER_KEYS if adapter.get(k) is not None}
     write_model_card(
         out,
         base_model=(run.config.get("model") or {}).get("name_or_path") or run.adapter_base or base_path,
-        config=run.config,
+        config={**run.config, "lora": lora},
         metrics=run.metrics,
         rows=run.card_facts.get("rows") or {},
         kind="merged",
@@ -201,6 +203,15 @@ def merge(
 
 # ---- model card ---------------------------------------------------------------------------
 
+ADAPTER_KEYS = (
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "use_dora",
+    "modules_to_save",
+)
 SETTING_KEYS = (
     "max_length", "num_train_epochs", "max_steps", "per_device_train_batch_size",
     "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio",
@@ -270,7 +281,9 @@ def write_model_card(
         "## Data",
         "",
     ]
-    for split in ("train", "eval"):
+    if not config:
+        lines.append(f"Not recorded (no {CONFIG_FILE} was found with the run).")
+    for split in ("train", "eval") if config else ():
         source = data.get(split, builtin.BUILTIN if split == "train" else None)
         if source is None and split == "eval" and data.get("eval_split"):
             source = f"{data['eval_split']:.0%} of the train data"

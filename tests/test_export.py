@@ -187,3 +187,31 @@ def test_merge_saves_in_the_base_checkpoint_dtype(lora_run, tmp_path, capsys):
     )[0]
     assert code == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "b", dtype="auto").dtype == torch.float32
+
+
+def test_merge_dora_adapter_saved_from_python(tiny_model_dir, tokenizer, tmp_path, capsys):
+    """An adapter saved by the Python API (no sftrainer_config.yaml beside it), DoRA: same equivalence."""
+    from peft import LoraConfig
+    from tiny_models import ROWS, quick_args
+
+    from sftrainer import SFTTrainer
+
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, init_lora_weights=False
+    )
+    trainer = SFTTrainer(str(tiny_model_dir), args=quick_args(tmp_path / "t", max_steps=1), train_dataset=ROWS,
+                         processing_class=tokenizer, peft_config=config)  # fmt: skip
+    trainer.train()
+    trainer.save_model(str(tmp_path / "run"))
+    code, _, err = cli(capsys, "merge", str(tmp_path / "run"), str(tmp_path / "merged"))
+    assert code == 0, err
+    ids = trainer.train_dataset[0]["input_ids"]
+    torch.testing.assert_close(
+        logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), ids),
+        logits(trainer.model, ids),
+        **TOLERANCE,
+    )
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert (
+        f"sftrainer merge {tmp_path / 'run'} {tmp_path / 'merged'}" in card and "sftrainer train" not in card
+    )
