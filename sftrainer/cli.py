@@ -161,10 +161,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
     print(f"Chat with {args.run_dir}: /reset clears the history, /exit or Ctrl-D ends.", file=sys.stderr)
+
+    def read_line() -> str:
+        try:
+            return input(">>> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print()  # Ctrl-D leaves the cursor after the prompt
+            raise
+
     chat(
         model,
         tokenizer,
-        lambda: input(">>> " if interactive else ""),
+        read_line,
         sys.stdout,
         system=args.system,
         max_new_tokens=args.max_new_tokens,

@@ -3,7 +3,7 @@ write the model card (README.md) that every saved run and merged model carries.
 
 A run directory is what ``train()`` writes (or a ``checkpoint-<step>`` inside it): a full model
 (``config.json`` + safetensors) or a PEFT adapter (``adapter_config.json``), the tokenizer with its
-chat template, and, beside it or one level up, ``sftrainer_config.yaml`` and ``all_results.json``.
+chat template, ``all_results.json`` and ``sftrainer_config.yaml`` (a checkpoint's is one level up).
 """
 
 from __future__ import annotations
@@ -45,11 +45,9 @@ class Run:
     @property
     def was_quantized(self) -> bool:
         """Whether the run loaded its base quantized (QLoRA): TRL's model_init_kwargs spelling."""
-        init = self.config.get("model_init_kwargs") or {}
-        quant = init.get("quantization_config") if isinstance(init, dict) else None
-        return bool(quant) or bool(
-            isinstance(init, dict) and (init.get("load_in_4bit") or init.get("load_in_8bit"))
-        )
+        init = self.config.get("model_init_kwargs")
+        keys = ("quantization_config", "load_in_4bit", "load_in_8bit")
+        return isinstance(init, dict) and any(init.get(k) for k in keys)
 
 
 def read_run(run_dir: str | Path) -> Run:
@@ -66,13 +64,13 @@ def read_run(run_dir: str | Path) -> Run:
     run = Run(path=path, is_adapter=adapter_file.is_file())
     if run.is_adapter:
         run.adapter_base = json.loads(adapter_file.read_text()).get("base_model_name_or_path")
-    # A checkpoint-<step> directory has its run's config and results one level up.
-    for where in (path, path.parent):
+    if (path / RESULTS_FILE).is_file():  # not the parent's: a checkpoint is not the final model
+        run.metrics = json.loads((path / RESULTS_FILE).read_text())
+    # A checkpoint-<step> directory has its run's config and card one level up.
+    for where in (path, path.parent) if path.name.startswith("checkpoint-") else (path,):
         if run.config_path is None and (where / CONFIG_FILE).is_file():
             run.config_path = where / CONFIG_FILE
             run.config = yaml.safe_load(run.config_path.read_text()) or {}
-        if not run.metrics and (where / RESULTS_FILE).is_file():
-            run.metrics = json.loads((where / RESULTS_FILE).read_text())
         if not run.card_facts and (where / CARD_FILE).is_file():
             run.card_facts = _front_matter(where / CARD_FILE).get("sftrainer") or {}
     return run

@@ -97,7 +97,9 @@ def test_merge_a_checkpoint(lora_run, merged, tmp_path, capsys):
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "m").state_dict()
     b = AutoModelForCausalLM.from_pretrained(merged).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in b)  # the last checkpoint is the final model
-    assert "- max_steps: 15" in (tmp_path / "m" / "README.md").read_text()
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "- max_steps: 15" in card and "(32 rows)" in card  # the run's config and row counts
+    assert "No metrics were recorded." in card  # the run's final metrics do not describe a checkpoint
 
 
 def test_merge_of_a_qlora_run_uses_the_full_precision_base(lora_run, tmp_path, caplog, capsys):

@@ -119,12 +119,13 @@ def test_chat_keeps_history_streams_and_resets(lora_run, monkeypatch):
     monkeypatch.setattr(gen, "generate", spy)
     lines = iter([REVERSE, "", COUNT, "/reset", COUNT, "/exit", "never read"])
     out = Recorder()
-    history = gen.chat(model, tokenizer, lambda: next(lines), out, system="Be brief.")
+    # 16 new tokens: a reply that never stops (this model may repeat "dog") keeps the history in the context.
+    history = gen.chat(model, tokenizer, lambda: next(lines), out, system="Be brief.", max_new_tokens=16)
 
     system = {"role": "system", "content": "Be brief."}
     first = {"role": "user", "content": REVERSE}
     assert calls[0] == [system, first]
-    reply = {"role": "assistant", "content": real(model, tokenizer, [system, first])}
+    reply = {"role": "assistant", "content": real(model, tokenizer, [system, first], max_new_tokens=16)}
     assert calls[1] == [system, first, reply, {"role": "user", "content": COUNT}]  # history kept
     assert calls[2] == [system, {"role": "user", "content": COUNT}]  # /reset: the system prompt stays
     assert len(calls) == 3  # the empty line asked nothing; /exit ended it
@@ -154,7 +155,7 @@ def test_chat_command_with_scripted_stdin(lora_run, tokenizer):
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install -y tmux)")
 def test_chat_in_a_terminal(lora_run, tmp_path):
-    """`sftrainer chat` in a real terminal: the prompt shows, a typed line is answered, /exit ends it."""
+    """`sftrainer chat` in a real terminal: the prompt shows, a typed line is answered, /reset, Ctrl-D ends it."""
     socket = f"sftrainer-test-{uuid.uuid4().hex[:8]}"
     tmux = ["tmux", "-L", socket]
     env = " ".join(
@@ -182,8 +183,10 @@ def test_chat_in_a_terminal(lora_run, tmp_path):
         subprocess.run([*tmux, "send-keys", "-t", "chat", COUNT, "Enter"], check=True)
         shown = wait_for(f">>> {COUNT}\n3\n>>>")
         assert "Traceback" not in shown
-        subprocess.run([*tmux, "send-keys", "-t", "chat", "/exit", "Enter"], check=True)
-        wait_for("EXITED 0")
+        subprocess.run([*tmux, "send-keys", "-t", "chat", "/reset", "Enter"], check=True)
+        wait_for(">>> /reset\n(history cleared)\n>>>")
+        subprocess.run([*tmux, "send-keys", "-t", "chat", "C-d"], check=True)
+        wait_for("(history cleared)\n>>>\nEXITED 0")  # Ctrl-D ends it, on a line of its own
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
 
