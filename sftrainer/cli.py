@@ -106,7 +106,38 @@ def _parser(with_keys: bool) -> argparse.ArgumentParser:
         "train writes them at the end of each run; this rewrites them, e.g. during a run.",
     )
     report.add_argument("run_dir", metavar="RUN_DIR", help="the output_dir of a run")
+    _add_use_parsers(sub)
     return parser
+
+
+def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
+    """merge / generate / chat: use a finished run (sftrainer.export, sftrainer.generate)."""
+    merge = sub.add_parser(
+        "merge",
+        help="merge a LoRA run into its base: a full model for AutoModelForCausalLM",
+        description="Merge the LoRA adapter of RUN_DIR into its full-precision base model and save the "
+        "full model, tokenizer and a model card to OUT_DIR.",
+    )
+    merge.add_argument("run_dir", metavar="RUN_DIR", help="output_dir of a LoRA run, or a checkpoint-<step>")
+    merge.add_argument("out_dir", metavar="OUT_DIR", help="new (or empty) directory for the merged model")
+    merge.add_argument("--base", help="the base model, when the adapter's recorded base is not found")
+    merge.add_argument(
+        "--dtype", default="auto", help="dtype to save: auto (the base's), float32, bfloat16, float16"
+    )
+    for name, help_text in (
+        ("generate", "answer one prompt with a trained run (its chat template, greedy by default)"),
+        ("chat", "chat with a trained run in the terminal (multi-turn, streaming)"),
+    ):
+        use = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        use.add_argument(
+            "run_dir", metavar="RUN_DIR", help="output_dir of a run, a checkpoint-<step> or a merged model"
+        )
+        if name == "generate":
+            use.add_argument("--prompt", required=True, help="the user message")
+        use.add_argument("--system", help="a system prompt")
+        use.add_argument("--max-new-tokens", type=int, default=256)
+        use.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+        use.add_argument("--base", help="the base model of an adapter, when its recorded base is not found")
 
 
 def _version() -> str:
@@ -155,6 +186,53 @@ def cmd_report(run_dir: str) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from sftrainer.export import merge
+
+    out = merge(args.run_dir, args.out_dir, base=args.base, dtype=args.dtype)
+    print(f"Merged model saved to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sftrainer.generate import generate, load_for_inference
+
+    model, tokenizer = load_for_inference(args.run_dir, base=args.base)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.prompt})
+    print(generate(model, tokenizer, messages, args.max_new_tokens, args.temperature))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from sftrainer.generate import chat, load_for_inference
+
+    model, tokenizer = load_for_inference(args.run_dir, base=args.base)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+    print(f"Chat with {args.run_dir}: /reset clears the history, /exit or Ctrl-D ends.", file=sys.stderr)
+
+    def read_line() -> str:
+        try:
+            return input(">>> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print()  # Ctrl-D leaves the cursor after the prompt
+            raise
+
+    chat(
+        model,
+        tokenizer,
+        read_line,
+        sys.stdout,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+    )
+    return 0
+
+
 def _summary(metrics: dict[str, float], output_dir: str) -> str:
     rows = []
     for key in ("loss", "exact_match"):
@@ -186,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_eval(args.target, args.items, args.output)
         if args.command == "report":
             return cmd_report(args.run_dir)
+        if args.command in ("merge", "generate", "chat"):
+            return {"merge": cmd_merge, "generate": cmd_generate, "chat": cmd_chat}[args.command](args)
     except SFTrainerError as err:
         print(f"sftrainer: error: {err}", file=sys.stderr)
         return 2

@@ -42,3 +42,7 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class RunDirError(SFTrainerError):
+    """A run directory (or merge output directory) cannot be used as given."""

@@ -17,6 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from sftrainer import builtin, report
 from sftrainer.data import load as data_load
 from sftrainer.errors import ConfigError
+from sftrainer.export import run_card
 from sftrainer.lora import peft_config_from
 from sftrainer.model import load_model, load_tokenizer
 from sftrainer.run_config import RunConfig
@@ -106,6 +107,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
     trainer.save_model(str(output_dir))
     trainer.save_metrics("all", metrics, combined=False)
     (output_dir / "sftrainer_config.yaml").write_text(yaml.safe_dump(cfg.source, sort_keys=False))
+    if trainer.is_world_process_zero():  # README.md: base model, data, settings, metrics, the command
+        run_card(cfg, metrics, {"train": _rows(train_ds), "eval": _rows(eval_ds)})
     logger.info("Saved the %s to %s", "LoRA adapter" if cfg.lora else "model", output_dir)
     if trainer.is_world_process_zero():
         try:
@@ -115,3 +118,10 @@ def train(cfg: RunConfig) -> dict[str, float]:
         except Exception as err:  # the model is saved: a failed report must not fail the run
             logger.warning("Could not write the run report: %s: %s", type(err).__name__, err)
     return metrics
+
+
+def _rows(dataset: Any) -> int | None:
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:  # an iterable dataset
+        return None
