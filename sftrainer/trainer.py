@@ -24,6 +24,8 @@ import contextlib
 import copy
 import itertools
 import logging
+import os
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +34,9 @@ from typing import Any
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import rotate_checkpoints
 
-from sftrainer import lora, precision
+from sftrainer import checkpoint, lora, precision
 from sftrainer.config import SFTConfig, to_sft_config
 from sftrainer.data import load as data_load
 from sftrainer.data.collate import DataCollatorForLanguageModeling, PaddedCollator, PositionCollator
@@ -167,6 +170,7 @@ class SFTTrainer(Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         self._checked_for_training = False
+        self._checkpoint_staging: str | None = None  # set while _save_checkpoint writes
         self.add_callback(_RowIsolationCheck(self))
 
     def check_packed_isolation(self) -> None:
@@ -260,6 +264,67 @@ class SFTTrainer(Trainer):
             mode = "train" if model.training else "eval"
             self._token_metrics.add(mode, stats, _input_tokens(inputs) if mode == "train" else None)
         return (loss, outputs) if return_outputs else loss
+
+    # ---- checkpoints (sftrainer/checkpoint.py) ----
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Trainer's ``train``; ``resume_from_checkpoint=True`` skips incomplete checkpoints (with a warning)."""
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            resume_from_checkpoint = checkpoint.resolve_checkpoint(
+                resume_from_checkpoint, self.args.output_dir
+            )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def training_step(
+        self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Stop before the optimizer applies a NaN / inf loss (every process, so none waits on the others).
+        bad = (~torch.isfinite(loss.detach())).float().sum()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        if bad.item():  # this process's loss, or NaN when another process had the bad one
+            local = loss.detach() if not torch.isfinite(loss.detach()).all() else torch.tensor(float("nan"))
+            checkpoint.check_loss(local, self.state.global_step + 1, self.args.output_dir)
+        return loss
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._checkpoint_staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Trainer's checkpoint, written atomically: into ``tmp-checkpoint-<step>/``, then renamed.
+
+        Trainer writes ``checkpoint-<step>`` in place; a crash while saving would leave a broken
+        latest checkpoint. Here ``_get_output_dir`` points Trainer at the staging directory while
+        it saves; the best-checkpoint path and the rotation (``save_total_limit``) are then redone
+        on the real output directory.
+        """
+        run_dir = super()._get_output_dir(trial)
+        step = self.state.global_step
+        name = f"{checkpoint.PREFIX_CHECKPOINT_DIR}-{step}"
+        staging = checkpoint.staging_dir(run_dir, step)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # left by an earlier crash
+        self._checkpoint_staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging = None
+        best = self.state.best_global_step
+        if best and (
+            best == step or os.path.isdir(os.path.join(run_dir, f"{checkpoint.PREFIX_CHECKPOINT_DIR}-{best}"))
+        ):
+            self.state.best_model_checkpoint = os.path.join(
+                run_dir, f"{checkpoint.PREFIX_CHECKPOINT_DIR}-{best}"
+            )
+        self.accelerator.wait_for_everyone()  # every process has written its part
+        if self.args.should_save:
+            self.state.save_to_json(os.path.join(staging, name, checkpoint.TRAINER_STATE))  # the final paths
+            checkpoint.publish(staging, run_dir, name)
+            rotate_checkpoints(
+                run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True
+            )
+        self.accelerator.wait_for_everyone()
 
     def _activation_offloading(self, model: Any) -> Any:
         """Tensors saved for backward go to (pinned) CPU memory and come back for backward."""
