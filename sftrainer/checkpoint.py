@@ -6,7 +6,8 @@
 - ``latest_checkpoint`` finds the newest complete ``checkpoint-<step>``, skipping (with a message)
   incomplete ones: left by a crash of a plain ``Trainer`` or copied in part.
 - ``check_loss``: a NaN or infinite loss stops training (``NonFiniteLossError``) before the optimizer
-  applies it, so no checkpoint of the bad state is written.
+  applies it; weights that turned NaN / inf anyway are refused at the next save
+  (``refuse_nonfinite_weights``), so no checkpoint of a bad state is ever written.
 - ``write_run_record``: the resolved config (``sftrainer_config.yaml``, every default filled in, loadable
   by ``sftrainer train``) and the library versions and command line (``run_info.json``).
 """
@@ -171,6 +172,24 @@ def check_loss(loss: torch.Tensor, step: int, output_dir: str) -> None:
     raise NonFiniteLossError(
         f"the training loss is {value} at step {step}; training stopped before applying it, and {kept}. "
         "Lower learning_rate, set max_grad_norm, or check the data of that step"
+    )
+
+
+def first_nonfinite_parameter(model: torch.nn.Module) -> str | None:
+    """The name of the first trainable parameter holding a NaN or inf, or None."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and not torch.isfinite(param.detach()).all():
+            return name
+    return None
+
+
+def refuse_nonfinite_weights(name: str, step: int, output_dir: str) -> None:
+    """Raise ``NonFiniteLossError``: the weights at ``step`` hold NaN / inf, so no checkpoint is written."""
+    last = latest_checkpoint(output_dir)
+    kept = f"the last checkpoint, {last}, is kept" if last else "no checkpoint was written before it"
+    raise NonFiniteLossError(
+        f"the weights hold nan or inf after step {step} (first: {name}); training stopped without saving "
+        f"them, and {kept}. Lower learning_rate or set max_grad_norm"
     )
 
 

@@ -301,6 +301,12 @@ class SFTTrainer(Trainer):
         """
         run_dir = super()._get_output_dir(trial)
         step = self.state.global_step
+        bad = checkpoint.first_nonfinite_parameter(self.model)  # this process's shard of the weights
+        flag = torch.tensor(float(bad is not None), device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, "sum")
+        if flag.item():
+            checkpoint.refuse_nonfinite_weights(bad or "on another process", step, self.args.output_dir)
         name = f"{checkpoint.PREFIX_CHECKPOINT_DIR}-{step}"
         staging = checkpoint.staging_dir(run_dir, step)
         if self.args.should_save:
