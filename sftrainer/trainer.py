@@ -273,7 +273,9 @@ class SFTTrainer(Trainer):
             resume_from_checkpoint = checkpoint.resolve_checkpoint(
                 resume_from_checkpoint, self.args.output_dir
             )
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        self._refuse_nonfinite_weights()  # the last update may have overflowed: never save such weights
+        return output
 
     def training_step(
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -288,6 +290,16 @@ class SFTTrainer(Trainer):
             checkpoint.check_loss(local, self.state.global_step + 1, self.args.output_dir)
         return loss
 
+    def _refuse_nonfinite_weights(self) -> None:
+        """``NonFiniteLossError`` if a trainable weight holds NaN / inf (checked on every process)."""
+        bad = checkpoint.first_nonfinite_parameter(self.model)  # this process's shard of the weights
+        flag = torch.tensor(float(bad is not None), device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, "sum")
+        if flag.item():
+            step = self.state.global_step
+            checkpoint.refuse_nonfinite_weights(bad or "on another process", step, self.args.output_dir)
+
     def _get_output_dir(self, trial: Any) -> str:
         return self._checkpoint_staging or super()._get_output_dir(trial)
 
@@ -301,12 +313,7 @@ class SFTTrainer(Trainer):
         """
         run_dir = super()._get_output_dir(trial)
         step = self.state.global_step
-        bad = checkpoint.first_nonfinite_parameter(self.model)  # this process's shard of the weights
-        flag = torch.tensor(float(bad is not None), device=self.args.device)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, "sum")
-        if flag.item():
-            checkpoint.refuse_nonfinite_weights(bad or "on another process", step, self.args.output_dir)
+        self._refuse_nonfinite_weights()
         name = f"{checkpoint.PREFIX_CHECKPOINT_DIR}-{step}"
         staging = checkpoint.staging_dir(run_dir, step)
         if self.args.should_save:

@@ -187,7 +187,7 @@ def test_save_total_limit_keeps_the_best_and_the_latest(tmp_path, tiny_model_dir
     out = tmp_path / "out"
     args = quick_args(out, max_steps=4, save_strategy="steps", save_steps=1, eval_strategy="steps",
                       eval_steps=1, save_total_limit=2, metric_for_best_model="eval_loss",
-                      greater_is_better=True, learning_rate=1e-2)  # fmt: skip
+                      greater_is_better=True, load_best_model_at_end=True, learning_rate=1e-2)  # fmt: skip
     # greater_is_better on a falling loss: the best is the first checkpoint, not the last.
     trainer = SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=ROWS, eval_dataset=ROWS)
     trainer.train()
@@ -196,6 +196,8 @@ def test_save_total_limit_keeps_the_best_and_the_latest(tmp_path, tiny_model_dir
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["best_model_checkpoint"] == str(out / "checkpoint-1") and state["global_step"] == 4
     assert checkpoint_problem(out / "checkpoint-1") is None
+    best = load_file(out / "checkpoint-1" / "model.safetensors")  # load_best_model_at_end loaded it
+    assert all(torch.equal(p.detach(), best[n]) for n, p in trainer.model.named_parameters() if n in best)
 
 
 def test_save_by_epoch_and_over_an_existing_checkpoint(tmp_path, tiny_model_dir):
@@ -294,6 +296,16 @@ def test_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(
     for name in checkpoints(out):
         weights = load_file(out / name / "model.safetensors")
         assert all(torch.isfinite(w).all() for w in weights.values()), name
+
+
+def test_nan_weights_after_the_last_step_are_refused(tmp_path, tiny_model_dir):
+    """The last update overflowed and nothing was saved: train() raises, so train.py saves no model."""
+    args = quick_args(tmp_path / "out", max_steps=3)
+    trainer = SFTTrainer(
+        model=str(tiny_model_dir), args=args, train_dataset=ROWS, callbacks=[PoisonAt(3, "step_end")]
+    )
+    with pytest.raises(NonFiniteLossError, match=r"after step 3 .* no checkpoint was written before it"):
+        trainer.train()
 
 
 # ---- the run's record ------------------------------------------------------------------------
