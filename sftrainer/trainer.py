@@ -318,6 +318,7 @@ class SFTTrainer(Trainer):
         staging = checkpoint.staging_dir(run_dir, step)
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)  # left by an earlier crash
+        self.accelerator.wait_for_everyone()  # before any process writes its part (DeepSpeed, FSDP shards)
         self._checkpoint_staging = staging
         try:
             super()._save_checkpoint(model, trial)
