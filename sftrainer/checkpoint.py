@@ -241,7 +241,7 @@ def run_info(argv: list[str] | None = None) -> dict[str, Any]:
         "cwd": os.getcwd(),
         "versions": versions,
         "platform": platform.platform(),
-        "devices": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
 
 

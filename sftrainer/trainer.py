@@ -13,6 +13,9 @@ counted (rows, truncated, dropped); ``trainer.data_pipeline`` prepares them, and
 ``trainer.exact_match_predictions`` holds the prompt, reference and prediction of each row scored
 by the last exact-match evaluation.
 
+Checkpoints are written atomically, ``train(resume_from_checkpoint=True)`` skips incomplete ones, and
+a NaN / inf loss or weights stop training with ``NonFiniteLossError`` (see ``sftrainer.checkpoint``).
+
 Train and eval logs carry TRL's token metrics (``mean_token_accuracy``, ``entropy``, ``num_tokens``)
 and, with ``exact_match_samples``, ``eval_exact_match``: all in the metrics that callbacks and
 ``metric_for_best_model`` see.
