@@ -7,16 +7,12 @@ train -> evaluate -> save model, tokenizer, metrics and the resolved config.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-from transformers.trainer_utils import get_last_checkpoint
-
 from sftrainer import builtin, report
+from sftrainer.checkpoint import resolve_checkpoint, write_run_record
 from sftrainer.data import load as data_load
-from sftrainer.errors import ConfigError
 from sftrainer.export import run_card
 from sftrainer.lora import peft_config_from
 from sftrainer.model import load_model, load_tokenizer
@@ -51,24 +47,6 @@ def resolve_data(cfg: RunConfig) -> tuple[Any, Any]:
     return train_ds, eval_ds
 
 
-def resolve_checkpoint(resume: str | bool | None, output_dir: str) -> str | None:
-    """The checkpoint directory to resume from: ``True`` means the latest one in ``output_dir``."""
-    if resume is None or resume is False:
-        return None
-    if resume is True:
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None:
-            raise ConfigError(
-                f"resume_from_checkpoint: true, but {output_dir} holds no checkpoint-<step> directory "
-                "(checkpoints are written every save_steps with save_strategy: steps)"
-            )
-        logger.info("Resuming from the latest checkpoint, %s", last)
-        return last
-    if not os.path.isdir(resume):
-        raise ConfigError(f"resume_from_checkpoint: no such checkpoint directory: {resume}")
-    return resume
-
-
 def train(cfg: RunConfig) -> dict[str, float]:
     """Run one fine-tune. Returns the final metrics (also written to ``<output_dir>/all_results.json``)."""
     args = cfg.train
@@ -94,6 +72,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
         processing_class=tokenizer,
         peft_config=peft_config_from(cfg.lora),
     )
+    if trainer.args.should_save:  # before training: a run stopped early still says what it was
+        write_run_record(cfg, args.output_dir)
 
     metrics: dict[str, float] = {}
     if eval_ds is not None:
@@ -106,11 +86,9 @@ def train(cfg: RunConfig) -> dict[str, float]:
     output_dir = Path(args.output_dir)
     trainer.save_model(str(output_dir))
     trainer.save_metrics("all", metrics, combined=False)
-    (output_dir / "sftrainer_config.yaml").write_text(yaml.safe_dump(cfg.source, sort_keys=False))
-    if trainer.is_world_process_zero():  # README.md: base model, data, settings, metrics, the command
-        run_card(cfg, metrics, {"train": _rows(train_ds), "eval": _rows(eval_ds)})
     logger.info("Saved the %s to %s", "LoRA adapter" if cfg.lora else "model", output_dir)
     if trainer.is_world_process_zero():
+        run_card(cfg, metrics, {"train": _rows(train_ds), "eval": _rows(eval_ds)})  # README.md
         try:
             report.save_run_inputs(trainer, output_dir)
             png, page = report.write_report(output_dir)

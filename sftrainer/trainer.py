@@ -15,6 +15,9 @@ Logging: ``ConsoleCallback`` (console.py) replaces transformers' progress / prin
 log event is appended to ``<output_dir>/metrics.jsonl`` and generation samples go to TensorBoard / W&B
 (tracking.py).
 
+Checkpoints are written atomically, ``train(resume_from_checkpoint=True)`` skips incomplete ones, and
+a NaN / inf loss or weights stop training with ``NonFiniteLossError`` (see ``sftrainer.checkpoint``).
+
 Train and eval logs carry TRL's token metrics (``mean_token_accuracy``, ``entropy``, ``num_tokens``);
 train logs add ``train_tokens_per_second`` (trained tokens per second of training time since the
 previous log), eval metrics ``eval_perplexity`` (exp of ``eval_loss``).
@@ -35,6 +38,8 @@ import itertools
 import json
 import logging
 import math
+import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -46,8 +51,9 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import rotate_checkpoints
 
-from sftrainer import lora, precision
+from sftrainer import checkpoint, lora, precision
 from sftrainer.config import SFTConfig, to_sft_config
 from sftrainer.console import ConsoleCallback
 from sftrainer.data import load as data_load
@@ -192,6 +198,7 @@ class SFTTrainer(Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         self._checked_for_training = False
+        self._checkpoint_staging: str | None = None  # set while _save_checkpoint writes
         self.add_callback(_RowIsolationCheck(self))
         # Compact lines, a bar on terminals and a summary instead of the raw dicts transformers prints.
         for printer in {ProgressCallback, PrinterCallback, DEFAULT_PROGRESS_CALLBACK}:
@@ -290,6 +297,81 @@ class SFTTrainer(Trainer):
             mode = "train" if model.training else "eval"
             self._token_metrics.add(mode, stats, _input_tokens(inputs) if mode == "train" else None)
         return (loss, outputs) if return_outputs else loss
+
+    # ---- checkpoints (sftrainer/checkpoint.py) ----
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Trainer's ``train``; ``resume_from_checkpoint=True`` skips incomplete checkpoints (with a warning)."""
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            resume_from_checkpoint = checkpoint.resolve_checkpoint(
+                resume_from_checkpoint, self.args.output_dir
+            )
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        self._refuse_nonfinite_weights()  # the last update may have overflowed: never save such weights
+        return output
+
+    def training_step(
+        self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Stop before the optimizer applies a NaN / inf loss (every process, so none waits on the others).
+        bad = (~torch.isfinite(loss.detach())).float().sum()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        if bad.item():  # this process's loss, or NaN when another process had the bad one
+            local = loss.detach() if not torch.isfinite(loss.detach()).all() else torch.tensor(float("nan"))
+            checkpoint.check_loss(local, self.state.global_step + 1, self.args.output_dir)
+        return loss
+
+    def _refuse_nonfinite_weights(self) -> None:
+        """``NonFiniteLossError`` if a trainable weight holds NaN / inf (checked on every process)."""
+        bad = checkpoint.first_nonfinite_parameter(self.model)  # this process's shard of the weights
+        flag = torch.tensor(float(bad is not None), device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, "sum")
+        if flag.item():
+            step = self.state.global_step
+            checkpoint.refuse_nonfinite_weights(bad or "on another process", step, self.args.output_dir)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._checkpoint_staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Trainer's checkpoint, written atomically: into ``tmp-checkpoint-<step>/``, then renamed.
+
+        Trainer writes ``checkpoint-<step>`` in place; a crash while saving would leave a broken
+        latest checkpoint. Here ``_get_output_dir`` points Trainer at the staging directory while
+        it saves; the best-checkpoint path and the rotation (``save_total_limit``) are then redone
+        on the real output directory.
+        """
+        run_dir = super()._get_output_dir(trial)
+        step = self.state.global_step
+        self._refuse_nonfinite_weights()
+        name = f"{checkpoint.PREFIX_CHECKPOINT_DIR}-{step}"
+        staging = checkpoint.staging_dir(run_dir, step)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # left by an earlier crash
+        self.accelerator.wait_for_everyone()  # before any process writes its part (DeepSpeed, FSDP shards)
+        self._checkpoint_staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging = None
+        best = self.state.best_global_step
+        if best and (
+            best == step or os.path.isdir(os.path.join(run_dir, f"{checkpoint.PREFIX_CHECKPOINT_DIR}-{best}"))
+        ):
+            self.state.best_model_checkpoint = os.path.join(
+                run_dir, f"{checkpoint.PREFIX_CHECKPOINT_DIR}-{best}"
+            )
+        self.accelerator.wait_for_everyone()  # every process has written its part
+        if self.args.should_save:
+            self.state.save_to_json(os.path.join(staging, name, checkpoint.TRAINER_STATE))  # the final paths
+            checkpoint.publish(staging, run_dir, name)
+            rotate_checkpoints(
+                run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True
+            )
+        self.accelerator.wait_for_everyone()
 
     def _activation_offloading(self, model: Any) -> Any:
         """Tensors saved for backward go to (pinned) CPU memory and come back for backward."""

@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -230,7 +231,7 @@ def test_resume_from_checkpoint_true_resumes_the_latest_checkpoint(capsys, caplo
     state = json.loads(state_file.read_text())
     state["log_history"][0]["loss"] = 123.0
     state_file.write_text(json.dumps(state))
-    with caplog.at_level("INFO", logger="sftrainer.train"):
+    with caplog.at_level("INFO", logger="sftrainer"):
         code, _, err = run_cli(capsys, "train", *short, "max_steps=4", "resume_from_checkpoint=true")
     assert code == 0, err
     assert f"Resuming from the latest checkpoint, {out_dir / 'checkpoint-2'}" in caplog.text
@@ -256,6 +257,42 @@ def test_resume_from_checkpoint_true_without_a_checkpoint_exits_2(capsys, tmp_pa
     code, _, err = run_cli(capsys, "train", f"resume_from_checkpoint={tmp_path / 'nope'}")
     assert code == 2
     assert f"no such checkpoint directory: {tmp_path / 'nope'}" in error_message(err)
+
+
+def test_rerunning_the_saved_config_reproduces_the_run(capsys, tmp_path):
+    """`sftrainer train OUT/sftrainer_config.yaml output_dir=OUT2` ends with the same weights."""
+    from safetensors.torch import load_file
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    code, _, err = run_cli(capsys, "train", f"output_dir={first}", "data.eval=null", "exact_match_samples=0",
+                           "max_steps=3", "per_device_train_batch_size=8", "learning_rate=1e-2")  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", str(first / "sftrainer_config.yaml"), f"output_dir={second}")
+    assert code == 0, err
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+    saved = yaml.safe_load((second / "sftrainer_config.yaml").read_text())
+    assert {**saved, "output_dir": str(first)} == yaml.safe_load(
+        (first / "sftrainer_config.yaml").read_text()
+    )
+
+
+def test_nan_loss_exits_2_naming_the_step(capsys, tmp_path):
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", f"output_dir={out_dir}", "data.eval=null", "exact_match_samples=0",
+                             "max_steps=8", "per_device_train_batch_size=8", "learning_rate=1e30",
+                             "max_grad_norm=0", "save_strategy=steps", "save_steps=1")  # fmt: skip
+    assert code == 2 and "Traceback" not in err and out == ""
+    message = error_message(err)
+    # lr 1e30: the weights overflow within a few steps; whichever guard sees it first names the step.
+    assert re.match(r"sftrainer: error: the (training loss is (nan|inf) at|weights hold nan or inf after) step \d+\b",
+                    message), message  # fmt: skip
+    assert "is kept" in message or "no checkpoint was written" in message
+    assert not (out_dir / "model.safetensors").exists()
+    for checkpoint in out_dir.glob("checkpoint-*"):  # every checkpoint left is a good one
+        assert "nan" not in json.dumps(
+            json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+        )
 
 
 # ---- the demo, shortened ------------------------------------------------------------------
@@ -318,7 +355,8 @@ def test_demo_writes_a_loadable_model(demo_run):
 
 
 def test_demo_saves_the_resolved_config(demo_run):
-    """sftrainer_config.yaml is the demo config plus the overrides, and loads back as a config."""
+    """sftrainer_config.yaml is the demo config plus the overrides, every default filled in, and loads
+    back as a config; run_info.json names the versions and the command line."""
     from sftrainer import builtin
 
     _, _, out_dir = demo_run
@@ -326,9 +364,13 @@ def test_demo_saves_the_resolved_config(demo_run):
     assert saved["max_steps"] == 30 and saved["exact_match_samples"] == 20
     assert saved["output_dir"] == str(out_dir)
     assert saved["learning_rate"] == builtin.DEMO_CONFIG["learning_rate"]
-    assert saved["model"] == builtin.DEMO_CONFIG["model"]
+    assert saved["model"]["name_or_path"] == builtin.DEMO_CONFIG["model"]["name_or_path"]
+    assert saved["model"]["dtype"] == "auto" and saved["truncation_mode"] == "keep_start"  # defaults
     cfg = load_config(out_dir / "sftrainer_config.yaml")
     assert cfg.train.max_steps == 30 and cfg.data.train == "builtin"
+    info = json.loads((out_dir / "run_info.json").read_text())
+    assert info["command"] == sys.argv  # this process's command line (pytest's, here)
+    assert info["versions"]["sftrainer"] and info["versions"]["transformers"] and info["versions"]["torch"]
 
 
 # ---- LoRA from the shipped config ---------------------------------------------------------
