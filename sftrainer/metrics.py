@@ -25,7 +25,12 @@ class TokenMetrics:
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self._num_tokens: torch.Tensor | None = None  # this process's input tokens trained so far
+        self._num_tokens_before = 0.0  # all processes' count when this run started (a resumed run's)
         self.last_count: dict[str, float] = {}  # trained tokens (all processes) of the last pop, per mode
+
+    def start_count(self, num_tokens: float) -> None:
+        """A training run starts with ``num_tokens`` already trained (0, or the count a resumed run had)."""
+        self._num_tokens, self._num_tokens_before = None, float(num_tokens)
 
     def add(self, mode: str, stats: torch.Tensor, num_tokens: torch.Tensor | int | None = None) -> None:
         """Add one batch: ``stats`` = [trained tokens, top-1 hits, summed entropy]; input tokens when training."""
@@ -47,5 +52,6 @@ class TokenMetrics:
             f"{prefix}mean_token_accuracy": hits / n if n else 0.0,
         }
         if self._num_tokens is not None:
-            out[f"{prefix}num_tokens"] = float(reduce(self._num_tokens.clone()).item())
+            count = float(reduce(self._num_tokens.clone()).item())
+            out[f"{prefix}num_tokens"] = self._num_tokens_before + count
         return out

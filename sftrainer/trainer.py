@@ -199,7 +199,7 @@ class SFTTrainer(Trainer):
         )
         self._checked_for_training = False
         self._checkpoint_staging: str | None = None  # set while _save_checkpoint writes
-        self.add_callback(_RowIsolationCheck(self))
+        self.add_callback(_TrainingRunHooks(self))
         # Compact lines, a bar on terminals and a summary instead of the raw dicts transformers prints.
         for printer in {ProgressCallback, PrinterCallback, DEFAULT_PROGRESS_CALLBACK}:
             self.remove_callback(printer)
@@ -529,9 +529,10 @@ def _has_positions(dataset: Any) -> bool:
     return "position_ids" in columns or "seq_lengths" in columns
 
 
-class _RowIsolationCheck(TrainerCallback):
-    """Runs ``SFTTrainer.check_packed_isolation`` once the model is placed and prepared for training,
-    before the first optimizer step."""
+class _TrainingRunHooks(TrainerCallback):
+    """What SFTTrainer does when a training run starts, once the model is placed and prepared and a
+    resumed run's state is loaded, before the first optimizer step: check that packed rows are
+    isolated, open the tokens/s window, and continue ``num_tokens`` from where a resumed run was."""
 
     def __init__(self, trainer: SFTTrainer):
         self.trainer = trainer
@@ -540,6 +541,8 @@ class _RowIsolationCheck(TrainerCallback):
         self.trainer.check_packed_isolation()
         self.trainer._checked_for_training = True
         self.trainer._log_window = (time.perf_counter(), 0.0)
+        logged = [e["num_tokens"] for e in state.log_history if "num_tokens" in e and "loss" in e]
+        self.trainer._token_metrics.start_count(logged[-1] if logged else 0.0)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._checked_for_training = False

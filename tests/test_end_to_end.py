@@ -6,6 +6,7 @@ Each step has its own focused tests elsewhere; this one checks that they fit tog
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -73,6 +74,8 @@ def test_train_kill_resume_report_merge_generate(tmp_path):
     assert state["global_step"] == 60
     steps = [e["step"] for e in state["log_history"] if "loss" in e]
     assert steps == sorted(set(steps)) and steps[-1] == 60  # one loss per logging step, none repeated
+    counts = [e["num_tokens"] for e in state["log_history"] if "loss" in e]
+    assert all(b > a for a, b in itertools.pairwise(counts)), counts  # num_tokens goes on after resuming
     results = json.loads((run / "all_results.json").read_text())
     assert results["eval_loss"] < results["eval_before_loss"]
     assert (run / "metrics.jsonl").is_file() and (run / "README.md").is_file()
