@@ -47,12 +47,26 @@ CHAT_COLUMNS = ("tools", "chat_template_kwargs")  # read with every format rende
 OPTIONAL_COLUMNS: dict[Format, tuple[str, ...]] = {
     Format.TOKENIZED: ("labels", "attention_mask", "completion_mask", "assistant_masks"),
     Format.MESSAGES: CHAT_COLUMNS,
-    Format.SHAREGPT: ("system", *CHAT_COLUMNS),
+    Format.SHAREGPT: ("system", "chosen", *CHAT_COLUMNS),
     Format.ALPACA: ("input", "system", *CHAT_COLUMNS),
     Format.PROMPT_COMPLETION: ("system", *CHAT_COLUMNS),
     Format.PROMPT_RESPONSE: ("system", *CHAT_COLUMNS),
 }
 KNOWN_COLUMNS = sorted({c for cols in (*REQUIRED_COLUMNS.values(), *OPTIONAL_COLUMNS.values()) for c in cols})
+
+# Layouts public data sets use, read as one of the formats above when no format's columns are all
+# present: (columns that must all be there, {their column: ours}). The first that fits wins.
+COLUMN_LAYOUTS: list[tuple[tuple[str, ...], dict[str, str]]] = [
+    # databricks-dolly-15k
+    (("instruction", "context", "response"), {"context": "input", "response": "output"}),
+    (("instruction", "response"), {"response": "output"}),
+    (("prompt", "answer"), {"answer": "response"}),
+    (("question", "answer"), {"question": "prompt", "answer": "response"}),
+    (("query", "response"), {"query": "prompt"}),
+    (("input", "output"), {"input": "prompt", "output": "response"}),
+    # preference data: the chosen answer is trained, `rejected` is not read
+    (("prompt", "chosen"), {"chosen": "completion"}),
+]
 
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT speakers and other common spellings, mapped to chat-template roles.
@@ -136,6 +150,17 @@ def detect_format(columns: Sequence[str], source: str, text_field: str | None = 
         "Rename columns with data.columns (YAML, e.g. `columns: {question: prompt, answer: response}`), "
         "or pass dataset_text_field= or formatting_func=."
     )
+
+
+def implied_columns(columns: Sequence[str]) -> dict[str, str]:
+    """The renaming a known public layout implies ({} when the columns already name a format, or
+    match no layout). ShareGPT preference rows keep their columns: ``chosen`` ends the conversation."""
+    if any(all(c in columns for c in required) for required in REQUIRED_COLUMNS.values()):
+        return {}
+    for required, mapping in COLUMN_LAYOUTS:
+        if all(c in columns for c in required) and not any(new in columns for new in mapping.values()):
+            return dict(mapping)
+    return {}
 
 
 def _as_text(value: Any, field_name: str, *, allow_empty: bool = True) -> str:
@@ -310,6 +335,10 @@ def normalise_row(row: Mapping[str, Any], fmt: Format, text_field: str | None, p
         return _chat(row, normalise_messages(row.get("messages"), "messages"))
     if fmt is Format.SHAREGPT:
         turns = normalise_messages(row.get("conversations"), "conversations", "from", "value")
+        chosen = row.get("chosen")
+        if chosen is not None:  # a preference row: the conversation ends on the user; train the chosen answer
+            chosen = chosen if isinstance(chosen, list) else [chosen]
+            turns += normalise_messages(chosen, "chosen", "from", "value")
         return _chat(row, _with_system(row, turns))
     if fmt is Format.ALPACA:
         instruction = _as_text(row.get("instruction"), "instruction")

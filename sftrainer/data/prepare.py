@@ -20,6 +20,7 @@ from sftrainer.data.formats import (
     ChatExample,
     Format,
     detect_format,
+    implied_columns,
     normalise_row,
     pairs_as_chat,
     rename_columns,
@@ -203,6 +204,18 @@ def prepare(
     if settings.columns:
         dataset = dataset.rename_columns(rename_columns(columns, settings.columns, name))
         columns = _column_names(dataset, name)
+    elif formatting_func is None and settings.text_field is None and implied_columns(columns):
+        mapping = implied_columns(columns)
+        dataset = dataset.rename_columns(mapping)
+        columns = _column_names(dataset, name)
+        logger.info(
+            "%s: columns %s read as %s (set data.columns to map them otherwise)",
+            name,
+            ", ".join(f"{a} -> {b}" for a, b in mapping.items()),
+            ", ".join(sorted(mapping.values())),
+        )
+    if formatting_func is None and "chosen" in columns:
+        logger.info("%s: preference data: the chosen answers are trained; 'rejected' is not used", name)
     fmt = None if formatting_func is not None else detect_format(columns, name, settings.text_field)
     fmt_name = "formatting_func" if fmt is None else fmt.value
     keep_start = settings.truncation_mode == "keep_start"  # keep_end cuts whole rows afterwards

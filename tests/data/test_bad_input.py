@@ -73,9 +73,9 @@ CASES = [
          "data.columns"],
     ),
     (
-        "missing column",
-        rows({"question": "Q", "answer": "A"}),
-        ["['question', 'answer']", "Known formats", "alpaca: instruction, output", "data.columns"],
+        "missing column",  # (question/answer is a layout sftrainer reads: see test_public_layouts.py)
+        rows({"ask": "Q", "reply": "A"}),
+        ["['ask', 'reply']", "Known formats", "alpaca: instruction, output", "data.columns"],
     ),
     ("empty list", rows(), ["the list of rows is empty"]),
     ("empty file", text_file("train.jsonl", ""), ["train.jsonl is empty"]),
