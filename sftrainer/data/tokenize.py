@@ -62,6 +62,7 @@ class ExampleTokenizer:
         self.train_on = train_on
         self.template_kwargs = dict(template_kwargs or {})
         self._headers: dict[tuple[Any, ...], str] = {}
+        self._warned_null_content = False
 
     @cached_property
     def bos_id(self) -> int | None:
@@ -143,15 +144,29 @@ class ExampleTokenizer:
     def _render_without_null_content(self, example: ChatExample, err: Exception) -> tuple[ChatExample, str]:
         """Templates without tool support read every message's content, and transformers drops a
         null one (a turn that only calls tools): render those as empty text, so that the turn is
-        then reported for what it is, a tool call the template cannot show."""
+        then reported for what it is, a tool call the template cannot show.
+
+        Some templates that do render tool calls also break on the dropped key (Qwen3). Empty text is
+        what those templates mean by "no content", but a template that tests ``content is none``
+        (DeepSeek-R1-Distill) renders an extra empty turn for it: said once per process, so the
+        rendering can be checked rather than trusted silently."""
         if not any(m.get("content") is None for m in example.messages):
             raise RowError("messages", f"the chat template rejected this conversation: {err}") from None
         messages = [{**m, "content": m.get("content") or ""} for m in example.messages]
         example = dataclasses.replace(example, messages=messages)
         try:
-            return example, self._render(example, messages, False)
+            full = self._render(example, messages, False)
         except Exception as again:
             raise RowError("messages", f"the chat template rejected this conversation: {again}") from None
+        if not self._warned_null_content:
+            self._warned_null_content = True
+            logger.warning(
+                "The chat template fails on a message without `content` (transformers drops a null "
+                "`content`, as in turns that only call tools); such messages are rendered with empty "
+                "text instead. Check that tool-call turns render as the model expects (report.html "
+                'shows the masking preview), or write `content: ""` into the data yourself.'
+            )
+        return example, full
 
     def _assistant_header(self, example: ChatExample, i: int) -> str:
         """The text the generation prompt adds before an answer (``<|im_start|>assistant\\n``).

@@ -134,3 +134,15 @@ def test_tool_call_under_a_template_without_tool_support_is_refused_with_the_rea
     with pytest.raises(DataError) as err:
         zoo.prep([{"messages": rt.TOOL_CALL, "tools": [rt.WEATHER_TOOL]}], tok)
     assert "row 1" in str(err.value) and "no tool-call support" in str(err.value)
+
+
+def test_null_content_rendered_as_empty_text_is_said_once(caplog):
+    """Qwen3's template breaks on the null content transformers drops; sftrainer renders it as empty
+    text (the tool call is still trained) and says so once, not per row."""
+    import logging
+
+    tok = rt.tokenizer("qwen3")
+    with caplog.at_level(logging.WARNING, logger="sftrainer.data.tokenize"):
+        rows, _ = zoo.prep([{"messages": rt.TOOL_CALL, "tools": [rt.WEATHER_TOOL]}] * 3, tok)
+    assert spans(rows, tok)[0][0].startswith("<tool_call>")
+    assert caplog.text.count("rendered with empty text") == 1
