@@ -188,6 +188,13 @@ class SFTConfig(TrainingArguments):
             "help": "'nll' (cross-entropy) or 'dft' (token losses weighted by the detached p(target))."
         },
     )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Positions per chunk of the loss, which never holds full-vocabulary logits; "
+            "None: about 8M logits per chunk (vocabulary-dependent)."
+        },
+    )
     activation_offloading: bool = field(
         default=False,
         metadata={"help": "Keep the activations saved for backward in CPU memory (GPU only)."},
@@ -241,7 +248,7 @@ class SFTConfig(TrainingArguments):
         """Every invalid SFT setting, as 'key: problem'."""
         out = self.data_settings().problems() + packing_strategy_problems(self.packing_strategy)
         out += trl_field_problems(self)
-        for key in ("max_length", "max_seq_length", "pad_to_multiple_of"):
+        for key in ("max_length", "max_seq_length", "pad_to_multiple_of", "loss_chunk_size"):
             value = getattr(self, key)
             if key == "pad_to_multiple_of" and value == "auto":
                 continue

@@ -70,7 +70,15 @@ from sftrainer.evaluate import (
     mean_scores,
 )
 from sftrainer.isolation import check_row_isolation
-from sftrainer.loss import TRAINER, plan_loss, sft_loss, token_stats
+from sftrainer.loss import (
+    CHUNKED,
+    TRAINER,
+    plan_loss,
+    sft_loss,
+    token_stats,
+    verify_chunked,
+    without_chunking,
+)
 from sftrainer.metrics import TokenMetrics
 from sftrainer.model import load_model, load_tokenizer, prepare_tokenizer
 from sftrainer.tracking import MetricsFileCallback, SamplesCallback
@@ -169,9 +177,13 @@ class SFTTrainer(Trainer):
         if data_collator is None:
             data_collator = self._default_collator(model, processing_class.pad_token_id, args, by_position)
         self.loss_plan = plan_loss(
-            model, args.loss_type, args.router_aux_loss_coef, compute_loss_func, args.label_smoothing_factor
+            model,
+            args.loss_type,
+            args.router_aux_loss_coef,
+            compute_loss_func,
+            args.label_smoothing_factor,
+            args.loss_chunk_size,
         )
-        logger.info("%s", self.loss_plan.describe())
         if by_position:
             if self.loss_plan.virtual_tokens:
                 raise ConfigError(
@@ -197,6 +209,10 @@ class SFTTrainer(Trainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        engine = _parameter_sharding(self)
+        if engine:
+            self.loss_plan = without_chunking(self.loss_plan, f"{engine} shards the LM head's weight")
+        logger.info("%s", self.loss_plan.describe())
         self._checked_for_training = False
         self._checkpoint_staging: str | None = None  # set while _save_checkpoint writes
         self.add_callback(_TrainingRunHooks(self))
@@ -280,6 +296,8 @@ class SFTTrainer(Trainer):
                     v = plan.virtual_tokens
                     stats = token_stats(outputs.logits[:, v : v + labels.shape[1] - 1], labels[:, 1:])
             else:
+                if plan.kind == CHUNKED and not plan.verified and "input_ids" in inputs:
+                    self.loss_plan = plan = verify_chunked(model, inputs["input_ids"], plan)
                 full = return_outputs and self._logits_needed
                 loss, outputs, stats = sft_loss(model, inputs, num_items_in_batch, plan, full_logits=full)
                 if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -557,3 +575,13 @@ def _model_path(model: Any) -> str:
             "pass processing_class= (the tokenizer): the model does not say where it was loaded from"
         )
     return path
+
+
+def _parameter_sharding(trainer: Trainer) -> str | None:
+    """The engine that shards parameters across processes (FSDP, DeepSpeed ZeRO-3), if one is used."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return "FSDP"
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
+        return "DeepSpeed ZeRO-3"
+    return None
