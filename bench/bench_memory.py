@@ -131,6 +131,7 @@ def run_one(trainer_name: str, settings: dict, suite_name: str, args: argparse.N
         disable_tqdm=True,
         gradient_checkpointing=bool(settings.get("gradient_checkpointing")),
         **({"optim": settings["optim"]} if "optim" in settings else {}),  # else the default: fused AdamW
+        **({"loss_chunk_size": settings["chunk"]} if "chunk" in settings else {}),
     )
     if trainer_name == "trl":
         from trl import SFTConfig, SFTTrainer

@@ -192,7 +192,7 @@ class SFTConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Positions per chunk of the loss, which never holds full-vocabulary logits; "
-            "None: about 8M logits per chunk (vocabulary-dependent)."
+            "None: about 4M logits per chunk (vocabulary-dependent)."
         },
     )
     activation_offloading: bool = field(

@@ -41,7 +41,7 @@ from sftrainer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-CHUNK_LOGITS = 2**23  # logits per chunk (32 MiB in fp32) when loss_chunk_size is not set
+CHUNK_LOGITS = 2**22  # logits per chunk (16 MiB in fp32) when loss_chunk_size is not set
 CHUNK_POSITIONS = 2048  # positions per fp32 upcast when the model's own logits are used
 # PEFT prompt-learning methods that prepend virtual token embeddings to the input (logits get longer).
 PREPENDING_PEFT = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
