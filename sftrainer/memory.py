@@ -66,7 +66,7 @@ def offloading_problems(activation_offloading: bool, use_cpu: bool) -> list[str]
     return [
         "activation_offloading: keeps the activations saved for backward in CPU memory instead of CUDA GPU "
         f"memory, so it needs a CUDA GPU, but {where}. Set activation_offloading=false; "
-        "gradient_checkpointing=true also saves activation memory"
+        "activation_checkpointing=true (gradient checkpointing) also saves activation memory"
     ]
 
 
