@@ -78,6 +78,16 @@ def test_8bit_adamw_keeps_8bit_state_on_the_cpu(tiny_model, tokenizer, tmp_path)
     assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
 
 
+def test_default_optimizer_is_torchs_fused_adamw_and_it_runs_on_the_cpu(tiny_model, tokenizer, tmp_path):
+    args = quick_args(tmp_path)
+    assert (
+        getattr(args.optim, "value", args.optim) == "adamw_torch_fused"
+    )  # transformers' default with torch >= 2.8
+    trainer = SFTTrainer(model=tiny_model, args=args, train_dataset=ROWS, processing_class=tokenizer)
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+
+
 # ---- weight decay: not on norms or biases ----------------------------------------------------
 
 
