@@ -21,6 +21,7 @@ from sftrainer.data.pack import packing_strategy_problems
 from sftrainer.data.prepare import DataSettings
 from sftrainer.errors import ConfigError
 from sftrainer.evaluate import load_scorer
+from sftrainer.memory import offloading_problems, optimizer_problems
 from sftrainer.model import chat_template_problems
 
 logger = logging.getLogger(__name__)
@@ -197,7 +198,9 @@ class SFTConfig(TrainingArguments):
     )
     activation_offloading: bool = field(
         default=False,
-        metadata={"help": "Keep the activations saved for backward in CPU memory (GPU only)."},
+        metadata={
+            "help": "Keep the activations saved for backward in CPU memory (CUDA GPU only; parameters stay put)."
+        },
     )
     router_aux_loss_coef: float | None = field(
         default=None,
@@ -248,6 +251,7 @@ class SFTConfig(TrainingArguments):
         """Every invalid SFT setting, as 'key: problem'."""
         out = self.data_settings().problems() + packing_strategy_problems(self.packing_strategy)
         out += trl_field_problems(self)
+        out += optimizer_problems(self.optim) + offloading_problems(self.activation_offloading, self.use_cpu)
         for key in ("max_length", "max_seq_length", "pad_to_multiple_of", "loss_chunk_size"):
             value = getattr(self, key)
             if key == "pad_to_multiple_of" and value == "auto":

@@ -32,7 +32,6 @@ step-<global_step>.jsonl``, copied to ``OUTPUT_DIR/eval_samples.jsonl``), set be
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import json
@@ -53,7 +52,7 @@ from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-from sftrainer import checkpoint, lora, precision
+from sftrainer import checkpoint, lora, memory, precision
 from sftrainer.config import SFTConfig, to_sft_config
 from sftrainer.console import ConsoleCallback
 from sftrainer.data import load as data_load
@@ -121,6 +120,7 @@ class SFTTrainer(Trainer):
         # A copy: the older keywords and remove_unused_columns are written onto it, not the caller's.
         args = copy.copy(to_sft_config(args, output_dir))
         processing_class = self._apply_legacy(args, processing_class, legacy)
+        self._resolve_checkpointing(args)
 
         callers_model = not isinstance(model, str)
         if isinstance(model, str):
@@ -234,6 +234,19 @@ class SFTTrainer(Trainer):
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
         with self.accelerator.autocast():
             check_row_isolation(self.model, self.data_collator, dtypes.get(self.accelerator.mixed_precision))
+
+    @staticmethod
+    def _resolve_checkpointing(args: SFTConfig) -> None:
+        """Gradient checkpointing on ``args`` (the trainer's copy): non-reentrant unless the user says otherwise.
+
+        transformers 5.x reads ``activation_checkpointing``; ``gradient_checkpointing`` (TRL's name) mirrors
+        it once the config is built, so a script that sets either one afterwards gets checkpointing.
+        """
+        enabled = bool(args.activation_checkpointing or args.gradient_checkpointing)
+        given = args.activation_checkpointing_kwargs or args.gradient_checkpointing_kwargs
+        kwargs = memory.checkpointing_kwargs(enabled, given)  # a new dict: the caller's stays as it was
+        args.activation_checkpointing = args.gradient_checkpointing = enabled
+        args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = kwargs
 
     @staticmethod
     def _apply_legacy(args: SFTConfig, processing_class: Any, legacy: dict[str, Any]) -> Any:
@@ -393,9 +406,7 @@ class SFTTrainer(Trainer):
 
     def _activation_offloading(self, model: Any) -> Any:
         """Tensors saved for backward go to (pinned) CPU memory and come back for backward."""
-        if self.args.activation_offloading and model.training:
-            return torch.autograd.graph.save_on_cpu(pin_memory=True)
-        return contextlib.nullcontext()
+        return memory.offload_saved_tensors(bool(self.args.activation_offloading) and model.training)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the token metrics of its window
