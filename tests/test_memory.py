@@ -59,7 +59,10 @@ def _first_step_grads(model_dir, tmp_path, checkpointing: bool, lora: bool, pack
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     layer_calls = []
     # A module inside the block: the block checkpoints its forward, which re-runs inside backward.
-    model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: layer_calls.append(1))
+    # No-grad forwards (the chunked loss's one-time check of the model's logits) do not count.
+    model.model.layers[0].mlp.register_forward_pre_hook(
+        lambda module, args: layer_calls.append(1) if torch.is_grad_enabled() else None
+    )
     peft_config = (
         LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear") if lora else None
     )
