@@ -431,7 +431,7 @@ def verify_chunked(model: Any, input_ids: torch.Tensor, plan: LossPlan) -> LossP
     try:
         with torch.no_grad(), _head_input(head, passthrough=True) as captured:
             theirs = model(input_ids=probe, use_cache=False).logits.float()
-            ours = plan.transform(head(captured["hidden"]).float())
+            ours = plan.transform(head(captured["hidden"])).float()  # in the model's dtype, as it does
     except Exception as error:  # a model that cannot run on a bare prompt: keep its own head
         problem = f"the probe forward failed ({type(error).__name__}: {error})"
     else:

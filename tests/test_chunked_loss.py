@@ -229,8 +229,9 @@ def test_a_model_whose_logits_it_cannot_reproduce_falls_back_to_its_own_head(cap
     torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-6)  # the model's own (odd) logits
 
 
-def test_bf16_autocast_keeps_the_chunked_loss_close_to_the_models_own():
-    model = _model("llama")
+@pytest.mark.parametrize("arch", ["llama", "gemma2-softcap"])
+def test_bf16_autocast_keeps_the_chunked_loss_close_to_the_models_own(arch):
+    model = _model(arch)
     batch = FLAT(_rows())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         own = model(**batch, use_cache=False).loss
