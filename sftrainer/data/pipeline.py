@@ -14,10 +14,11 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from datasets import Dataset, IterableDataset
+from datasets import Dataset, IterableDataset, concatenate_datasets
 
 from sftrainer.constants import LOSS_MASK_COLUMNS
 from sftrainer.data import load as data_load
+from sftrainer.data.mixture import Mixture, describe_plan
 from sftrainer.data.pack import PackStats, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
 from sftrainer.errors import ConfigError, DataError
@@ -58,6 +59,15 @@ class DataPipeline:
         """Prepare one data set (a Dataset, IterableDataset, list of dicts, file path...)."""
         if self.is_prepared(dataset):
             return dataset
+        if isinstance(dataset, Mixture):
+            if self.skip:
+                raise ConfigError(
+                    f"{name}: a mixture is sampled and prepared source by source; "
+                    "dataset_kwargs.skip_prepare_dataset=true cannot use one"
+                )
+            out = self._prepare(dataset, name, pack)
+            self._prepared.append(out)
+            return out
         dataset = data_load.load(dataset, name)
         out = self._as_given(dataset, name) if self.skip else self._prepare(dataset, name, pack)
         self._prepared.append(out)
@@ -78,15 +88,18 @@ class DataPipeline:
         return self._shuffle(dataset)
 
     def _prepare(
-        self, dataset: Dataset | IterableDataset, name: str, pack: bool
+        self, dataset: Dataset | IterableDataset | Mixture, name: str, pack: bool
     ) -> Dataset | IterableDataset:
         args = self.args
         settings = args.data_settings()
         if pack and args.packing_strategy in ("bfd_split", "wrapped"):
             settings = dataclasses.replace(settings, max_length=None)  # the packer cuts long rows
-        prepared, self.data_stats[name] = prepare(
-            dataset, self.tokenizer, settings, name, self.formatting_func
-        )
+        if isinstance(dataset, Mixture):
+            prepared, self.data_stats[name] = self._prepare_mixture(dataset, name, settings)
+        else:
+            prepared, self.data_stats[name] = prepare(
+                dataset, self.tokenizer, settings, name, self.formatting_func
+            )
         self._note_differences(self.data_stats[name].format, pack)
         if not pack:
             return self._shuffle(prepared)
@@ -105,6 +118,36 @@ class DataPipeline:
             f"; {truncated} rows were truncated to max_length first" if truncated else "",
         )
         return self._shuffle(packed)
+
+    def _prepare_mixture(self, mixture: Mixture, name: str, settings: Any) -> tuple[Dataset, PrepareStats]:
+        """Each source sampled and prepared on its own (its format and columns), then concatenated.
+        Per-source counts are kept as ``data_stats["<name> [<source>]"]``; ``data_stats[name]`` sums them."""
+        seed = self.args.seed if mixture.seed is None else mixture.seed
+        parts, plan, formats = [], [], []
+        total = PrepareStats(name=name, format="mixture")
+        for k, (source, rows) in enumerate(mixture.sample(name, seed)):
+            part_name = f"{name} [{source.label}]"
+            if part_name in self.data_stats:  # the same file twice (other columns or split)
+                part_name = f"{name} [{k + 1}: {source.label}]"
+            prepared, stats = prepare(
+                rows,
+                self.tokenizer,
+                dataclasses.replace(settings, columns=source.columns or settings.columns),
+                part_name,
+                self.formatting_func,
+            )
+            self.data_stats[part_name] = stats
+            parts.append(prepared)
+            plan.append((source, len(source.data), len(rows)))
+            formats.append(stats.format)
+            self._note_differences(stats.format, False)
+            counted = ("rows", "kept", "truncated", "dropped_empty", "dropped_invalid", "rewritten_turns")
+            for key in (*counted, "same_role_rows"):
+                setattr(total, key, getattr(total, key) + getattr(stats, key))
+        total.format = "mixture: " + "; ".join(formats)
+        logger.info(describe_plan(name, seed, plan))
+        features = parts[0].features
+        return concatenate_datasets([p.cast(features) if p.features != features else p for p in parts]), total
 
     def _note_differences(self, fmt: str, pack: bool) -> None:
         """Say once where the rows are prepared differently from TRL 1.16 (README: "Switching from TRL")."""

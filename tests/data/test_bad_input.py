@@ -29,7 +29,8 @@ from datasets import Dataset, IterableDataset
 import sftrainer
 from sftrainer.data.load import load
 from sftrainer.data.prepare import DataSettings, prepare
-from sftrainer.errors import DataError, SFTrainerError
+from sftrainer.errors import ConfigError, DataError, SFTrainerError
+from sftrainer.run_config import build_config
 
 GOOD = {"prompt": "What is the capital of France?", "response": "Paris."}
 USER = {"role": "user", "content": "Hi"}
@@ -90,6 +91,14 @@ def streamed_jsonl(tmp: Path) -> IterableDataset:
     import datasets
 
     return datasets.load_dataset("json", data_files=str(path), split="train", streaming=True)
+
+
+def mixture_config(**source) -> Callable[[Path], object]:
+    def make(tmp: Path):
+        path = jsonl(json.dumps(GOOD))(tmp)
+        return build_config({"data": {"train": [{"path": str(path), **source}, {"path": str(path)}]}})
+
+    return make
 
 
 def run(source, tokenizer=None, **settings):
@@ -300,6 +309,18 @@ CASES = [
         rows({"question": "Q", "answer": "A"}),
         ["data.columns maps to ['promt']", "(did you mean 'prompt'?)"],
         columns={"question": "promt", "answer": "response"},
+    ),
+    case(
+        "mixture weight that is negative",
+        mixture_config(weight=-1),
+        ["data.train[0].weight: must be > 0, got -1", "remove the source to leave it out"],
+        error=ConfigError,
+    ),
+    case(
+        "mixture source with both weight and rows",
+        mixture_config(weight=2, rows=10),
+        ["data.train[0]: set weight (a share of the mix) or rows (a number of rows), not both"],
+        error=ConfigError,
     ),
     case(
         "streamed source that breaks halfway",
