@@ -270,36 +270,41 @@ def guard_stream(dataset: IterableDataset, name: str) -> IterableDataset:
     """The same stream, but a failure while reading it (a broken line halfway through a file, a lost
     connection) raises ``DataError`` naming the source, the rows read before it, and what to do.
 
-    A stream is read during training, so such a failure surfaces only when the run reaches it.
+    A stream is read during training, so such a failure surfaces only when the run reaches it. The
+    source's shards stay separate shards (DataLoader workers and ranks still split them).
     """
     files = _stream_files(dataset)
+    n = max(1, dataset.num_shards)
+    shards = [dataset.shard(n, i) for i in range(n)] if n > 1 else [dataset]
     return IterableDataset.from_generator(
         _guarded_rows,
         features=dataset.features,
-        gen_kwargs={"dataset": dataset, "name": name, "files": files},
+        gen_kwargs={"shards": shards, "name": name, "files": tuple(files)},  # a list would be sharded
     )
 
 
-def _guarded_rows(dataset: IterableDataset, name: str, files: list[str]):
+def _guarded_rows(shards: list[IterableDataset], name: str, files: tuple[str, ...]):
     read = 0
-    rows = iter(dataset)
-    while True:
-        try:
-            row = next(rows)
-        except StopIteration:
-            return
-        except DataError:
-            raise
-        except Exception as err:
-            where = f" (files: {', '.join(files)})" if files else ""
-            raise DataError(
-                f"{name}{where}: reading the streamed data failed after {read} rows: {_root_message(err)}. "
-                "A streamed data set is read while training, so a broken line or a lost connection is "
-                "found only when it is reached: fix or download the file again, and check it up front "
-                "by loading it without streaming (a local file given by path is checked line by line)."
-            ) from None
-        read += 1
-        yield row
+    for shard in shards:
+        rows = iter(shard)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except DataError:
+                raise
+            except Exception as err:
+                where = f" (files: {', '.join(files)})" if files else ""
+                raise DataError(
+                    f"{name}{where}: reading the streamed data failed after {read} rows: "
+                    f"{_root_message(err)}. A streamed data set is read while training, so a broken line "
+                    "or a lost connection is found only when it is reached: fix or download the file "
+                    "again, and check it up front by loading it without streaming (a local file given "
+                    "by path is checked line by line)."
+                ) from None
+            read += 1
+            yield row
 
 
 def _stream_files(dataset: IterableDataset) -> list[str]:
