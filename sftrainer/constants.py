@@ -9,3 +9,6 @@ PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")  # see SFTConfig.packing_st
 TRUNCATION_MODES = ("keep_start", "keep_end")  # which end of an overlong row is kept
 LOSS_TYPES = ("nll", "dft")  # see SFTConfig.loss_type
 LOSS_MASK_COLUMNS = ("completion_mask", "assistant_masks")  # TRL's 0/1 loss masks of pre-tokenized rows
+
+# A weighted mixture source repeated this many times or more is likely a mistake: it is warned about.
+MIXTURE_REPEAT_WARNING = 10

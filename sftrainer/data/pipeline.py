@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset, IterableDataset, concatenate_datasets
 
-from sftrainer.constants import LOSS_MASK_COLUMNS
+from sftrainer.constants import LOSS_MASK_COLUMNS, MIXTURE_REPEAT_WARNING
 from sftrainer.data import load as data_load
 from sftrainer.data.mixture import Mixture, describe_plan
 from sftrainer.data.pack import PackStats, pack_dataset
@@ -146,6 +146,18 @@ class DataPipeline:
                 setattr(total, key, getattr(total, key) + getattr(stats, key))
         total.format = "mixture: " + "; ".join(formats)
         logger.info(describe_plan(name, seed, plan))
+        for source, size, n in plan:
+            if source.weight is not None and n >= MIXTURE_REPEAT_WARNING * size:
+                logger.warning(
+                    "%s: its weight repeats every row of %s about %.0f times (%d rows drawn from %d); "
+                    "weights share the weighted sources' total size, so a small source weighted like a "
+                    "large one is repeated. Give it rows: N, or a smaller weight, if that is not meant.",
+                    name,
+                    source.label,
+                    n / size,
+                    n,
+                    size,
+                )
         features = parts[0].features
         return concatenate_datasets([p.cast(features) if p.features != features else p for p in parts]), total
 

@@ -228,3 +228,15 @@ def test_the_same_file_twice_keeps_both_counts(tmp_path):
         pipe.data_stats[f"train data [{pairs}]"].rows,
         pipe.data_stats[f"train data [2: {pairs}]"].rows,
     ) == (2, 4)
+
+
+def test_a_small_source_weighted_like_a_large_one_is_warned_about(tmp_path, caplog):
+    big = write_jsonl(tmp_path / "big.jsonl", completions(40))
+    small = write_jsonl(tmp_path / "small.jsonl", completions(2))
+    with caplog.at_level(logging.WARNING, logger="sftrainer"):
+        rows = pipeline(tmp_path)(
+            Mixture([MixtureSource(big, weight=1), MixtureSource(small, weight=1)]), "t", False
+        )
+    assert len(rows) == 42
+    assert f"repeats every row of {small} about 10 times (21 rows drawn from 2)" in caplog.text
+    assert big not in caplog.text.split("repeats every row of")[1]
