@@ -19,16 +19,21 @@ file can be mixed, and the prepared rows are concatenated in source order (then 
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, IterableDataset
+from datasets import Dataset, IterableDataset, concatenate_datasets
 
+from sftrainer.constants import MIXTURE_REPEAT_WARNING
 from sftrainer.data import load as data_load
+from sftrainer.data.prepare import DataSettings, PrepareStats, prepare
 from sftrainer.errors import ConfigError, DataError, did_you_mean
+
+logger = logging.getLogger(__name__)
 
 # The keys of one source in YAML (``data.train: [{path: ..., weight: 2}, ...]``).
 SOURCE_KEYS = ("path", "weight", "rows", "split", "subset", "data_files", "columns")
@@ -194,3 +199,60 @@ def describe_plan(name: str, seed: int, parts: Sequence[tuple[MixtureSource, int
         repeat = f", each row ~{n / size:.1f}x" if n > size else ""
         items.append(f"{source.label}: {n} of {size} rows ({how}, {100 * n / total:.1f}% of the mix{repeat})")
     return f"{name}: mixture of {len(parts)} sources, seed {seed}: " + "; ".join(items)
+
+
+def prepare_mixture(
+    mixture: Mixture,
+    tokenizer: Any,
+    settings: DataSettings,
+    name: str = "train data",
+    seed: int = 42,
+    formatting_func: Callable[[dict[str, Any]], Any] | None = None,
+) -> tuple[Dataset, PrepareStats, list[PrepareStats]]:
+    """``prepare`` for a mixture: each source sampled (``seed``, unless the mixture has its own),
+    then prepared with its own format and ``columns``; the rows concatenated in source order.
+
+    Returns the rows, their summed counts (``format`` lists each source's), and each source's counts
+    (named ``"<name> [<source>]"``). Logs the rows drawn per source, and warns about a weight that
+    repeats a source ``MIXTURE_REPEAT_WARNING`` times or more.
+    """
+    seed = seed if mixture.seed is None else mixture.seed
+    parts, plan, per_source = [], [], []
+    total = PrepareStats(name=name, format="mixture")
+    counted = (
+        "rows",
+        "kept",
+        "truncated",
+        "dropped_empty",
+        "dropped_invalid",
+        "rewritten_turns",
+        "same_role_rows",
+    )
+    for k, (source, rows) in enumerate(mixture.sample(name, seed)):
+        part_name = f"{name} [{source.label}]"
+        if any(s.name == part_name for s in per_source):  # the same file twice (other columns or split)
+            part_name = f"{name} [{k + 1}: {source.label}]"
+        part_settings = replace(settings, columns=source.columns or settings.columns)
+        prepared, stats = prepare(rows, tokenizer, part_settings, part_name, formatting_func)
+        parts.append(prepared)
+        per_source.append(stats)
+        plan.append((source, len(source.data), len(rows)))
+        for key in counted:
+            setattr(total, key, getattr(total, key) + getattr(stats, key))
+    total.format = "mixture: " + "; ".join(s.format for s in per_source)
+    logger.info(describe_plan(name, seed, plan))
+    for source, size, n in plan:
+        if source.weight is not None and n >= MIXTURE_REPEAT_WARNING * size:
+            logger.warning(
+                "%s: its weight repeats every row of %s about %.0f times (%d rows drawn from %d); "
+                "weights share the weighted sources' total size, so a small source weighted like a "
+                "large one is repeated. Give it rows: N, or a smaller weight, if that is not meant.",
+                name,
+                source.label,
+                n / size,
+                n,
+                size,
+            )
+    features = parts[0].features
+    rows = concatenate_datasets([p.cast(features) if p.features != features else p for p in parts])
+    return rows, total, per_source

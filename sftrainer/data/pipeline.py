@@ -14,11 +14,11 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from datasets import Dataset, IterableDataset, concatenate_datasets
+from datasets import Dataset, IterableDataset
 
-from sftrainer.constants import LOSS_MASK_COLUMNS, MIXTURE_REPEAT_WARNING
+from sftrainer.constants import LOSS_MASK_COLUMNS
 from sftrainer.data import load as data_load
-from sftrainer.data.mixture import Mixture, describe_plan
+from sftrainer.data.mixture import Mixture, prepare_mixture
 from sftrainer.data.pack import PackStats, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
 from sftrainer.errors import ConfigError, DataError
@@ -120,46 +120,14 @@ class DataPipeline:
         return self._shuffle(packed)
 
     def _prepare_mixture(self, mixture: Mixture, name: str, settings: Any) -> tuple[Dataset, PrepareStats]:
-        """Each source sampled and prepared on its own (its format and columns), then concatenated.
-        Per-source counts are kept as ``data_stats["<name> [<source>]"]``; ``data_stats[name]`` sums them."""
-        seed = self.args.seed if mixture.seed is None else mixture.seed
-        parts, plan, formats = [], [], []
-        total = PrepareStats(name=name, format="mixture")
-        for k, (source, rows) in enumerate(mixture.sample(name, seed)):
-            part_name = f"{name} [{source.label}]"
-            if part_name in self.data_stats:  # the same file twice (other columns or split)
-                part_name = f"{name} [{k + 1}: {source.label}]"
-            prepared, stats = prepare(
-                rows,
-                self.tokenizer,
-                dataclasses.replace(settings, columns=source.columns or settings.columns),
-                part_name,
-                self.formatting_func,
-            )
-            self.data_stats[part_name] = stats
-            parts.append(prepared)
-            plan.append((source, len(source.data), len(rows)))
-            formats.append(stats.format)
+        """Each source sampled and prepared on its own; ``data_stats`` gets each source's counts too."""
+        prepared, total, parts = prepare_mixture(
+            mixture, self.tokenizer, settings, name, self.args.seed, self.formatting_func
+        )
+        for stats in parts:
+            self.data_stats[stats.name] = stats
             self._note_differences(stats.format, False)
-            counted = ("rows", "kept", "truncated", "dropped_empty", "dropped_invalid", "rewritten_turns")
-            for key in (*counted, "same_role_rows"):
-                setattr(total, key, getattr(total, key) + getattr(stats, key))
-        total.format = "mixture: " + "; ".join(formats)
-        logger.info(describe_plan(name, seed, plan))
-        for source, size, n in plan:
-            if source.weight is not None and n >= MIXTURE_REPEAT_WARNING * size:
-                logger.warning(
-                    "%s: its weight repeats every row of %s about %.0f times (%d rows drawn from %d); "
-                    "weights share the weighted sources' total size, so a small source weighted like a "
-                    "large one is repeated. Give it rows: N, or a smaller weight, if that is not meant.",
-                    name,
-                    source.label,
-                    n / size,
-                    n,
-                    size,
-                )
-        features = parts[0].features
-        return concatenate_datasets([p.cast(features) if p.features != features else p for p in parts]), total
+        return prepared, total
 
     def _note_differences(self, fmt: str, pack: bool) -> None:
         """Say once where the rows are prepared differently from TRL 1.16 (README: "Switching from TRL")."""

@@ -240,3 +240,17 @@ def test_a_small_source_weighted_like_a_large_one_is_warned_about(tmp_path, capl
     assert len(rows) == 42
     assert f"repeats every row of {small} about 10 times (21 rows drawn from 2)" in caplog.text
     assert big not in caplog.text.split("repeats every row of")[1]
+
+
+def test_prepare_mixture_without_a_trainer_gives_rows_and_counts_per_source(tmp_path):
+    """The function the pipeline (and a data preview) calls: no SFTConfig needed."""
+    from sftrainer.data.mixture import prepare_mixture
+    from sftrainer.data.prepare import DataSettings
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", completions(5))
+    mixture = Mixture([MixtureSource(pairs, rows=3), MixtureSource(conversations(2), name="chats")])
+    rows, total, parts = prepare_mixture(mixture, zoo.chatml(), DataSettings(max_length=None), seed=0)
+    assert len(rows) == 5 and [s.name for s in parts] == [f"train data [{pairs}]", "train data [chats]"]
+    assert (total.rows, total.kept) == (5, 5) and total.format.startswith("mixture: prompt_completion")
+    again, _, _ = prepare_mixture(mixture, zoo.chatml(), DataSettings(max_length=None), seed=0)
+    assert again["input_ids"] == rows["input_ids"]
