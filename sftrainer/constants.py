@@ -9,3 +9,5 @@ PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")  # see SFTConfig.packing_st
 TRUNCATION_MODES = ("keep_start", "keep_end")  # which end of an overlong row is kept
 LOSS_TYPES = ("nll", "dft")  # see SFTConfig.loss_type
 LOSS_MASK_COLUMNS = ("completion_mask", "assistant_masks")  # TRL's 0/1 loss masks of pre-tokenized rows
+BNB_QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes 4-bit data types; see model.bnb_4bit_quant_type
+BNB_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # see model.bnb_4bit_compute_dtype

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from sftrainer import quant
 from sftrainer.coerce import coerce
 from sftrainer.config import SFTConfig, init_fields
 from sftrainer.errors import ConfigError, did_you_mean
@@ -41,14 +42,71 @@ class ModelConfig:
         default=False, metadata={"help": "Run model code from the checkpoint (unsafe)."}
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the frozen base in 4 bits (QLoRA; needs a lora: section and sftrainer[quant])."
+        },
+    )
+    load_in_8bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the frozen base in 8 bits, LLM.int8 (needs a lora: section and sftrainer[quant])."
+        },
+    )
+    bnb_4bit_quant_type: str | None = field(
+        default=None, metadata={"help": "4-bit data type: nf4 (default) or fp4."}
+    )
+    bnb_4bit_use_double_quant: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Quantize the 4-bit quantization constants too (default true; ~0.4 bit/weight less)."
+        },
+    )
+    bnb_4bit_compute_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dtype 4-bit layers compute in: auto (default: bfloat16 on an accelerator that supports "
+            "it, else float32), float32, bfloat16 or float16."
+        },
+    )
+    quantization_config: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "transformers BitsAndBytesConfig arguments, instead of the keys above."},
+    )
 
     def problems(self) -> list[str]:
         dtypes = ("auto", "float32", "bfloat16", "float16")
+        out = []
         if self.dtype not in dtypes:
-            return [
+            out.append(
                 f"model.dtype: must be one of {dtypes}, got {self.dtype!r}{did_you_mean(self.dtype, dtypes)}"
-            ]
-        return []
+            )
+        out += quant.settings_problems(
+            self.load_in_4bit,
+            self.load_in_8bit,
+            self.bnb_4bit_quant_type,
+            self.bnb_4bit_use_double_quant,
+            self.bnb_4bit_compute_dtype,
+            self.quantization_config,
+        )
+        return out
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base is loaded quantized (4-bit or 8-bit)."""
+        return self.load_in_4bit or self.load_in_8bit or self.quantization_config is not None
+
+    def bnb_config(self) -> Any:
+        """The ``BitsAndBytesConfig`` these settings describe, or None (see ``sftrainer.quant``)."""
+        return quant.model_bnb_config(
+            load_in_4bit=self.load_in_4bit,
+            load_in_8bit=self.load_in_8bit,
+            bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=self.bnb_4bit_compute_dtype,
+            quantization_config=self.quantization_config,
+        )
 
 
 @dataclass
@@ -125,6 +183,17 @@ class LoraSettings:
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full (e.g. lm_head)."}
     )
+    use_rslora: bool = field(
+        default=False,
+        metadata={"help": "Rank-stabilised LoRA: scale the update by alpha / sqrt(r) instead of alpha / r."},
+    )
+    trainable_tokens: list[str | int] | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens (strings, or ids) whose embedding rows are trained, e.g. chat-template tokens "
+            "the base never trained; the rest of the embeddings stays frozen."
+        },
+    )
 
     def problems(self) -> list[str]:
         out = []
@@ -134,6 +203,8 @@ class LoraSettings:
             out.append(f"lora.dropout: must be in [0, 1), got {self.dropout}")
         if self.bias not in ("none", "all", "lora_only"):
             out.append(f"lora.bias: must be none, all or lora_only, got {self.bias!r}")
+        if self.trainable_tokens is not None and not self.trainable_tokens:
+            out.append("lora.trainable_tokens: an empty list trains nothing; give tokens or remove the key")
         return out
 
 
@@ -256,6 +327,15 @@ def build_config(raw: Mapping[str, Any], where: str = "") -> RunConfig:
         problems.append(
             f"eval_strategy: '{getattr(strategy, 'value', strategy)}' needs evaluation data; "
             "set data.eval, data.eval_split or data.eval_split_name, or eval_strategy: 'no'"
+        )
+    model_cfg = built.get("model")
+    if model_cfg is not None and model_cfg.quantized and "lora" in sections and sections["lora"] is None:
+        key = next(
+            k for k in ("load_in_4bit", "load_in_8bit", "quantization_config") if getattr(model_cfg, k)
+        )
+        problems.append(
+            f"model.{key}: a quantized base cannot be fine-tuned in full (its 4-bit / 8-bit weights cannot be "
+            "updated); add a lora: section to train a LoRA adapter on it (QLoRA), or load the model unquantized"
         )
     if problems:
         raise ConfigError(

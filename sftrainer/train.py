@@ -61,6 +61,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
         attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
+        quantization_config=cfg.model.bnb_config(),
     )
     if cfg.lora is None:
         logger.info("Full fine-tuning (no lora: section)")
@@ -70,7 +71,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=peft_config_from(cfg.lora),
+        peft_config=peft_config_from(cfg.lora, tokenizer, model),
     )
     if trainer.args.should_save:  # before training: a run stopped early still says what it was
         write_run_record(cfg, args.output_dir)

@@ -53,7 +53,7 @@ from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-from sftrainer import checkpoint, lora, precision
+from sftrainer import checkpoint, lora, precision, quant
 from sftrainer.config import SFTConfig, to_sft_config
 from sftrainer.console import ConsoleCallback
 from sftrainer.data import load as data_load
@@ -141,6 +141,7 @@ class SFTTrainer(Trainer):
             pad_token=args.pad_token,
         )
         model = lora.apply(model, peft_config, gradient_checkpointing=bool(args.gradient_checkpointing))
+        quant.check_trainable(model)  # a 4-bit / 8-bit base trains only through an adapter
         model = precision.keep_master_weights(model, args.bf16 or args.fp16, callers_model)
         self.generation_samples: list[dict[str, Any]] = []  # filled by evaluate(); see the module docstring
         self.generation_samples_file: Path | None = None
