@@ -187,7 +187,7 @@ class LoraSettings:
         default=False,
         metadata={"help": "Rank-stabilised LoRA: scale the update by alpha / sqrt(r) instead of alpha / r."},
     )
-    trainable_tokens: list[str | int] | None = field(
+    trainable_tokens: list[int | str] | None = field(
         default=None,
         metadata={
             "help": "Tokens (strings, or ids) whose embedding rows are trained, e.g. chat-template tokens "
