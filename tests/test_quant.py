@@ -62,16 +62,19 @@ IDS = [1, 40, 41, 42, 43, 44, 45, 46, 47, 48]
         {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
         {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
         {"load_in_8bit": True},
+        {"load_in_4bit": True, "dora": True},
     ],
-    ids=["nf4-double", "fp4", "int8"],
+    ids=["nf4-double", "fp4", "int8", "nf4-dora"],
 )
 def test_qlora_trains_only_the_adapter_and_the_base_stays_quantized(llama_dir, tmp_path, bnb):
+    bnb = dict(bnb)
+    dora = bnb.pop("dora", False)
     trainer = SFTTrainer(
         model=str(llama_dir),
         args=quick_args(tmp_path, max_steps=3),
         train_dataset=ROWS,
         quantization_config=bnb,  # a mapping works as well as a BitsAndBytesConfig
-        peft_config=LoraConfig(**LORA),
+        peft_config=LoraConfig(**LORA, use_dora=dora),
     )
     model = trainer.model
     kind = "Params4bit" if bnb.get("load_in_4bit") else "Int8Params"
@@ -79,6 +82,7 @@ def test_qlora_trains_only_the_adapter_and_the_base_stays_quantized(llama_dir, t
     assert type(q_proj.weight).__name__ == kind
     frozen, adapters = base_weights(model), trainable_snapshot(model)
     assert adapters and all("lora_" in n for n in adapters)
+    assert any("lora_magnitude_vector" in n for n in adapters) == dora
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
     trainer.train()
     assert sorted(changed(model, adapters)) == sorted(adapters)  # every adapter tensor moved
@@ -244,7 +248,10 @@ def test_yaml_keys_make_a_bitsandbytes_config():
     cfg = load_config(None, defaults={"model": {"load_in_4bit": True}, "lora": {}})
     bnb = cfg.model.bnb_config()
     assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
-    assert bnb.bnb_4bit_compute_dtype == torch.float32  # no accelerator here; bfloat16 on one that has it
+    from sftrainer.precision import accelerator_supports_bf16
+
+    expected = torch.bfloat16 if accelerator_supports_bf16() else torch.float32
+    assert bnb.bnb_4bit_compute_dtype == expected
     cfg = load_config(
         None,
         defaults={"lora": {}},
