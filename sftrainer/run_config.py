@@ -97,6 +97,36 @@ class ModelConfig:
         """Whether the base is loaded quantized (4-bit or 8-bit)."""
         return self.load_in_4bit or self.load_in_8bit or self.quantization_config is not None
 
+    def init_kwargs_clashes(self, init: Mapping[str, Any]) -> list[str]:
+        """Keys of TRL's ``model_init_kwargs`` that repeat a setting of this section."""
+        mine = {
+            "dtype": self.dtype != "auto",
+            "torch_dtype": self.dtype != "auto",
+            "attn_implementation": self.attn_implementation is not None,
+            "revision": self.revision is not None,
+            "quantization_config": self.quantized,
+            "load_in_4bit": self.quantized,
+            "load_in_8bit": self.quantized,
+        }
+        return [k for k in init if mine.get(k)]
+
+    def load_kwargs(self, model_init_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Keyword arguments of ``model.load_model``: this section, plus TRL's ``model_init_kwargs``
+        (a top-level YAML key) for what the section leaves unset."""
+        kwargs: dict[str, Any] = dict(model_init_kwargs or {})
+        kwargs.setdefault(
+            "dtype", kwargs.pop("torch_dtype", self.dtype) if self.dtype == "auto" else self.dtype
+        )
+        kwargs.pop("torch_dtype", None)
+        kwargs["trust_remote_code"] = self.trust_remote_code or bool(kwargs.get("trust_remote_code"))
+        if self.attn_implementation is not None:
+            kwargs["attn_implementation"] = self.attn_implementation
+        if self.revision is not None:
+            kwargs["revision"] = self.revision
+        if self.quantized:
+            kwargs["quantization_config"] = self.bnb_config()
+        return kwargs
+
     def bnb_config(self) -> Any:
         """The ``BitsAndBytesConfig`` these settings describe, or None (see ``sftrainer.quant``)."""
         return quant.model_bnb_config(
@@ -329,13 +359,20 @@ def build_config(raw: Mapping[str, Any], where: str = "") -> RunConfig:
             "set data.eval, data.eval_split or data.eval_split_name, or eval_strategy: 'no'"
         )
     model_cfg = built.get("model")
-    if model_cfg is not None and model_cfg.quantized and "lora" in sections and sections["lora"] is None:
-        key = next(
-            k for k in ("load_in_4bit", "load_in_8bit", "quantization_config") if getattr(model_cfg, k)
-        )
+    init = getattr(train, "model_init_kwargs", None) or {}
+    if model_cfg is not None:
+        problems += [
+            f"model_init_kwargs.{k}: the model: section sets it too; set it in one place"
+            for k in model_cfg.init_kwargs_clashes(init)
+        ]
+    quant_keys = ("load_in_4bit", "load_in_8bit", "quantization_config")
+    quantized_by = [f"model.{k}" for k in quant_keys if getattr(model_cfg, k, None)]
+    quantized_by += [f"model_init_kwargs.{k}" for k in quant_keys if init.get(k)]
+    if quantized_by and "lora" in sections and sections["lora"] is None:
         problems.append(
-            f"model.{key}: a quantized base cannot be fine-tuned in full (its 4-bit / 8-bit weights cannot be "
-            "updated); add a lora: section to train a LoRA adapter on it (QLoRA), or load the model unquantized"
+            f"{quantized_by[0]}: a quantized base cannot be fine-tuned in full (its 4-bit / 8-bit weights "
+            "cannot be updated); add a lora: section to train a LoRA adapter on it (QLoRA), or load the "
+            "model unquantized"
         )
     if problems:
         raise ConfigError(

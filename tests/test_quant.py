@@ -302,6 +302,27 @@ def test_impossible_settings_are_refused_before_any_work(model, lora, expected):
     assert expected in str(err.value)
 
 
+def test_yaml_model_init_kwargs_reach_the_loader():
+    """TRL's spelling at the top of a YAML file: used for what the model: section leaves unset,
+    refused where both set the same thing, and a quantized base without lora: is refused as well."""
+    init = {"quantization_config": {"load_in_4bit": True}, "attn_implementation": "eager"}
+    cfg = load_config(None, defaults={"model_init_kwargs": init, "lora": {}})
+    kwargs = cfg.model.load_kwargs(cfg.train.model_init_kwargs)
+    assert (
+        kwargs["quantization_config"] == {"load_in_4bit": True} and kwargs["attn_implementation"] == "eager"
+    )
+    assert kwargs["dtype"] == "auto" and kwargs["trust_remote_code"] is False
+    with pytest.raises(ConfigError) as err:
+        load_config(None, defaults={"model_init_kwargs": init, "model": {"load_in_8bit": True}, "lora": {}})
+    assert "model_init_kwargs.quantization_config: the model: section sets it too" in str(err.value)
+    with pytest.raises(
+        ConfigError, match=r"model_init_kwargs\.quantization_config: a quantized base cannot be"
+    ):
+        load_config(None, defaults={"model_init_kwargs": init})
+    cfg = load_config(None, defaults={"model_init_kwargs": {"torch_dtype": "bfloat16"}})
+    assert cfg.model.load_kwargs(cfg.train.model_init_kwargs)["dtype"] == "bfloat16"
+
+
 def test_full_fine_tuning_a_quantized_model_is_refused(llama_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"full fine-tuning is impossible\. Train a LoRA adapter"):
         SFTTrainer(
