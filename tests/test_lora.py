@@ -163,3 +163,21 @@ def test_trainable_tokens_errors(tok):
         lora.peft_config_from(LoraSettings(trainable_tokens=[100000]), tok, model)
     with pytest.raises(ConfigError, match="an empty list trains nothing"):
         load_config(None, ["lora.trainable_tokens=[]"])
+
+
+def test_seed_decides_the_initial_adapter(untied_dir, tmp_path):
+    """LoRA's A matrices are random: the same seed gives the same adapter, in one process too."""
+    from peft import LoraConfig
+
+    def initial(seed):
+        trainer = SFTTrainer(
+            model=str(untied_dir),
+            args=quick_args(tmp_path, seed=seed),
+            train_dataset=CHATS,
+            peft_config=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
+        )
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n}
+
+    first, again, other = initial(0), initial(0), initial(1)
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert not any(torch.equal(first[n], other[n]) for n in first)

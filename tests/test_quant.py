@@ -392,3 +392,33 @@ def test_8bit_cast_notice_is_said_once(llama_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         trainer.train()
     assert caplog.text.count("MatMul8bitLt: inputs will be cast") <= 1
+
+
+def test_qlora_resumes_from_a_checkpoint(llama_dir, tmp_path):
+    """A checkpoint of a QLoRA run holds the adapter and optimizer; resuming it ends where an
+    uninterrupted run ends."""
+
+    def run(out, max_steps, resume=None):
+        trainer = SFTTrainer(
+            model=str(llama_dir),
+            # constant: a run stopped at 2 of 4 steps must not decay its rate over 2 steps
+            args=quick_args(
+                out, max_steps=max_steps, save_strategy="steps", save_steps=2, lr_scheduler_type="constant"
+            ),
+            train_dataset=ROWS * 2,
+            quantization_config={"load_in_4bit": True},
+            peft_config=LoraConfig(**LORA),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer_weights(trainer)
+
+    def trainer_weights(trainer):
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+    straight = run(tmp_path / "straight", 4)
+    run(tmp_path / "stopped", 2)
+    assert (tmp_path / "stopped" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    resumed = run(tmp_path / "stopped", 4, resume=True)
+    assert resumed.keys() == straight.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], atol=1e-6, rtol=1e-5)
