@@ -29,3 +29,5 @@ BITSANDBYTES_OPTIMIZERS = (
     "rmsprop_bnb_32bit",
 )
 TORCHAO_OPTIMIZERS = ("adamw_torch_4bit", "adamw_torch_8bit")
+BNB_QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes 4-bit data types; see model.bnb_4bit_quant_type
+BNB_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # see model.bnb_4bit_compute_dtype

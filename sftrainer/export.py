@@ -44,10 +44,11 @@ class Run:
 
     @property
     def was_quantized(self) -> bool:
-        """Whether the run loaded its base quantized (QLoRA): TRL's model_init_kwargs spelling."""
-        init = self.config.get("model_init_kwargs")
+        """Whether the run loaded its base quantized (QLoRA): the ``model:`` section's keys, or TRL's
+        ``model_init_kwargs`` spelling."""
         keys = ("quantization_config", "load_in_4bit", "load_in_8bit")
-        return isinstance(init, dict) and any(init.get(k) for k in keys)
+        sections = (self.config.get("model_init_kwargs"), self.config.get("model"))
+        return any(isinstance(s, dict) and any(s.get(k) for k in keys) for s in sections)
 
 
 def read_run(run_dir: str | Path) -> Run:
@@ -208,7 +209,9 @@ ADAPTER_KEYS = (
     "lora_dropout",
     "target_modules",
     "use_dora",
+    "use_rslora",
     "modules_to_save",
+    "trainable_token_indices",
 )
 SETTING_KEYS = (
     "max_length", "num_train_epochs", "max_steps", "per_device_train_batch_size",

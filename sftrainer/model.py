@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from sftrainer import quant
 from sftrainer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def load_model(
             raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
     kwargs.setdefault("use_safetensors", True)
+    _quantization_kwargs(kwargs)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
@@ -96,7 +98,27 @@ def load_model(
     logger.info(
         "Loaded %s: %s, %.1fM parameters, %s", name_or_path, type(model).__name__, n_params / 1e6, model.dtype
     )
+    if kwargs.get("quantization_config") is not None:
+        logger.info("Quantized base: %s", quant.describe(kwargs["quantization_config"]))
     return model
+
+
+def _quantization_kwargs(kwargs: dict[str, Any]) -> None:
+    """Resolve quantization in ``from_pretrained`` kwargs, in place: a ``quantization_config`` mapping
+    becomes a ``BitsAndBytesConfig``, and the older ``load_in_4bit`` / ``load_in_8bit`` keywords (in
+    many TRL ``model_init_kwargs``; transformers 5 removed them) become one. ``ConfigError`` without
+    bitsandbytes, naming the extra."""
+    flags = {k: kwargs.pop(k) for k in ("load_in_4bit", "load_in_8bit") if k in kwargs}
+    if any(flags.values()):
+        if kwargs.get("quantization_config") is not None:
+            raise ConfigError(f"set quantization_config or {', '.join(flags)}, not both")
+        kwargs["quantization_config"] = {k: v for k, v in flags.items() if v}
+    if kwargs.get("quantization_config") is None:
+        return
+    config = quant.to_bnb_config(kwargs["quantization_config"])
+    kwargs["quantization_config"] = config
+    if getattr(config, "load_in_8bit", False):
+        quant.say_once_per_message("bitsandbytes.autograd._functions")
 
 
 def default_chat_template(tokenizer: Any) -> str:

@@ -118,10 +118,11 @@ def keep_master_weights(model: Any, autocast: bool, callers_model: bool = True) 
     own inputs; so if a trainable non-adapter tensor (``modules_to_save``, a bias) sits in a
     half-precision base, the whole model goes to fp32. ``callers_model``: the model object came from
     the caller, who may still hold it, so the conversion is a warning rather than an info line.
+
+    A quantized base (QLoRA) follows the same policy for its non-quantized tensors (embeddings, norms,
+    lm_head); its 4-bit / 8-bit weights are never converted (``model.to`` is refused for them).
     """
-    if is_quantized(model):
-        return model
-    params = list(model.named_parameters())
+    params = [(n, p) for n, p in model.named_parameters() if not _is_quantized_param(p)]
     half_trained = [p for _, p in params if p.requires_grad and p.dtype in HALF_DTYPES]
     if not half_trained:
         return model
@@ -131,6 +132,10 @@ def keep_master_weights(model: Any, autocast: bool, callers_model: bool = True) 
         for param in half_trained:
             param.data = param.data.to(torch.float32)
         what = f"the model's {len(half_trained)} trainable {dtypes} tensors (frozen ones keep their dtype)"
+    elif is_quantized(model):
+        for param in half_trained + half_frozen:
+            param.data = param.data.to(torch.float32)
+        what = f"all the model's non-quantized {_names(half_trained + half_frozen)} weights"
     else:
         model.to(torch.float32)
         what = f"all the model's {_names(half_trained + half_frozen)} weights"
@@ -148,6 +153,11 @@ def keep_master_weights(model: Any, autocast: bool, callers_model: bool = True) 
         dtypes,
     )
     return model
+
+
+def _is_quantized_param(param: torch.nn.Parameter) -> bool:
+    """bitsandbytes' packed 4-bit / int8 weights (by class name: bitsandbytes is an optional extra)."""
+    return type(param).__name__ in ("Params4bit", "Int8Params")
 
 
 def _names(params: list[torch.nn.Parameter]) -> str:

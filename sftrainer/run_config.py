@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from sftrainer import quant
 from sftrainer.coerce import coerce
 from sftrainer.config import SFTConfig, init_fields
 from sftrainer.errors import ConfigError, did_you_mean
@@ -41,14 +42,101 @@ class ModelConfig:
         default=False, metadata={"help": "Run model code from the checkpoint (unsafe)."}
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the frozen base in 4 bits (QLoRA; needs a lora: section and sftrainer[quant])."
+        },
+    )
+    load_in_8bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the frozen base in 8 bits, LLM.int8 (needs a lora: section and sftrainer[quant])."
+        },
+    )
+    bnb_4bit_quant_type: str | None = field(
+        default=None, metadata={"help": "4-bit data type: nf4 (default) or fp4."}
+    )
+    bnb_4bit_use_double_quant: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Quantize the 4-bit quantization constants too (default true; ~0.4 bit/weight less)."
+        },
+    )
+    bnb_4bit_compute_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dtype 4-bit layers compute in: auto (default: bfloat16 on an accelerator that supports "
+            "it, else float32), float32, bfloat16 or float16."
+        },
+    )
+    quantization_config: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "transformers BitsAndBytesConfig arguments, instead of the keys above."},
+    )
 
     def problems(self) -> list[str]:
         dtypes = ("auto", "float32", "bfloat16", "float16")
+        out = []
         if self.dtype not in dtypes:
-            return [
+            out.append(
                 f"model.dtype: must be one of {dtypes}, got {self.dtype!r}{did_you_mean(self.dtype, dtypes)}"
-            ]
-        return []
+            )
+        out += quant.settings_problems(
+            self.load_in_4bit,
+            self.load_in_8bit,
+            self.bnb_4bit_quant_type,
+            self.bnb_4bit_use_double_quant,
+            self.bnb_4bit_compute_dtype,
+            self.quantization_config,
+        )
+        return out
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base is loaded quantized (4-bit or 8-bit)."""
+        return self.load_in_4bit or self.load_in_8bit or self.quantization_config is not None
+
+    def init_kwargs_clashes(self, init: Mapping[str, Any]) -> list[str]:
+        """Keys of TRL's ``model_init_kwargs`` that repeat a setting of this section."""
+        mine = {
+            "dtype": self.dtype != "auto",
+            "torch_dtype": self.dtype != "auto",
+            "attn_implementation": self.attn_implementation is not None,
+            "revision": self.revision is not None,
+            "quantization_config": self.quantized,
+            "load_in_4bit": self.quantized,
+            "load_in_8bit": self.quantized,
+        }
+        return [k for k in init if mine.get(k)]
+
+    def load_kwargs(self, model_init_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Keyword arguments of ``model.load_model``: this section, plus TRL's ``model_init_kwargs``
+        (a top-level YAML key) for what the section leaves unset."""
+        kwargs: dict[str, Any] = dict(model_init_kwargs or {})
+        kwargs.setdefault(
+            "dtype", kwargs.pop("torch_dtype", self.dtype) if self.dtype == "auto" else self.dtype
+        )
+        kwargs.pop("torch_dtype", None)
+        kwargs["trust_remote_code"] = self.trust_remote_code or bool(kwargs.get("trust_remote_code"))
+        if self.attn_implementation is not None:
+            kwargs["attn_implementation"] = self.attn_implementation
+        if self.revision is not None:
+            kwargs["revision"] = self.revision
+        if self.quantized:
+            kwargs["quantization_config"] = self.bnb_config()
+        return kwargs
+
+    def bnb_config(self) -> Any:
+        """The ``BitsAndBytesConfig`` these settings describe, or None (see ``sftrainer.quant``)."""
+        return quant.model_bnb_config(
+            load_in_4bit=self.load_in_4bit,
+            load_in_8bit=self.load_in_8bit,
+            bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=self.bnb_4bit_compute_dtype,
+            quantization_config=self.quantization_config,
+        )
 
 
 @dataclass
@@ -165,6 +253,17 @@ class LoraSettings:
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full (e.g. lm_head)."}
     )
+    use_rslora: bool = field(
+        default=False,
+        metadata={"help": "Rank-stabilised LoRA: scale the update by alpha / sqrt(r) instead of alpha / r."},
+    )
+    trainable_tokens: list[int | str] | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens (strings, or ids) whose embedding rows are trained, e.g. chat-template tokens "
+            "the base never trained; the rest of the embeddings stays frozen."
+        },
+    )
 
     def problems(self) -> list[str]:
         out = []
@@ -174,6 +273,8 @@ class LoraSettings:
             out.append(f"lora.dropout: must be in [0, 1), got {self.dropout}")
         if self.bias not in ("none", "all", "lora_only"):
             out.append(f"lora.bias: must be none, all or lora_only, got {self.bias!r}")
+        if self.trainable_tokens is not None and not self.trainable_tokens:
+            out.append("lora.trainable_tokens: an empty list trains nothing; give tokens or remove the key")
         return out
 
 
@@ -296,6 +397,22 @@ def build_config(raw: Mapping[str, Any], where: str = "") -> RunConfig:
         problems.append(
             f"eval_strategy: '{getattr(strategy, 'value', strategy)}' needs evaluation data; "
             "set data.eval, data.eval_split or data.eval_split_name, or eval_strategy: 'no'"
+        )
+    model_cfg = built.get("model")
+    init = getattr(train, "model_init_kwargs", None) or {}
+    if model_cfg is not None:
+        problems += [
+            f"model_init_kwargs.{k}: the model: section sets it too; set it in one place"
+            for k in model_cfg.init_kwargs_clashes(init)
+        ]
+    quant_keys = ("load_in_4bit", "load_in_8bit", "quantization_config")
+    quantized_by = [f"model.{k}" for k in quant_keys if getattr(model_cfg, k, None)]
+    quantized_by += [f"model_init_kwargs.{k}" for k in quant_keys if init.get(k)]
+    if quantized_by and "lora" in sections and sections["lora"] is None:
+        problems.append(
+            f"{quantized_by[0]}: a quantized base cannot be fine-tuned in full (its 4-bit / 8-bit weights "
+            "cannot be updated); add a lora: section to train a LoRA adapter on it (QLoRA), or load the "
+            "model unquantized"
         )
     if problems:
         raise ConfigError(

@@ -76,13 +76,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
     model_path = str(builtin.model_dir()) if name == builtin.BUILTIN else name
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
     train_ds, eval_ds = resolve_data(cfg)
-    model = load_model(
-        model_path,
-        dtype=cfg.model.dtype,
-        attn_implementation=cfg.model.attn_implementation,
-        trust_remote_code=cfg.model.trust_remote_code,
-        revision=cfg.model.revision,
-    )
+    model = load_model(model_path, **cfg.model.load_kwargs(args.model_init_kwargs))
     if cfg.lora is None:
         logger.info("Full fine-tuning (no lora: section)")
     trainer = SFTTrainer(
@@ -91,7 +85,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=peft_config_from(cfg.lora),
+        peft_config=peft_config_from(cfg.lora, tokenizer, model),
     )
     if trainer.args.should_save:  # before training: a run stopped early still says what it was
         write_run_record(cfg, args.output_dir)

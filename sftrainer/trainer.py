@@ -47,12 +47,12 @@ from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-from sftrainer import checkpoint, lora, memory, precision
+from sftrainer import checkpoint, lora, memory, precision, quant
 from sftrainer.config import SFTConfig, to_sft_config
 from sftrainer.console import ConsoleCallback
 from sftrainer.data import load as data_load
@@ -148,7 +148,12 @@ class SFTTrainer(Trainer):
             eos_token=args.eos_token,
             pad_token=args.pad_token,
         )
+        if peft_config is not None:
+            # LoRA's A matrices are drawn at random here, before Trainer.__init__ seeds torch: without
+            # this, two trainers built in one process start from different adapters whatever `seed` says.
+            set_seed(args.seed)
         model = lora.apply(model, peft_config, gradient_checkpointing=bool(args.gradient_checkpointing))
+        quant.check_trainable(model)  # a 4-bit / 8-bit base trains only through an adapter
         model = precision.keep_master_weights(model, args.bf16 or args.fp16, callers_model)
         self.generation_samples: list[dict[str, Any]] = []  # filled by evaluate(); see the module docstring
         self.generation_samples_file: Path | None = None
