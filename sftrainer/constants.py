@@ -9,3 +9,11 @@ PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")  # see SFTConfig.packing_st
 TRUNCATION_MODES = ("keep_start", "keep_end")  # which end of an overlong row is kept
 LOSS_TYPES = ("nll", "dft")  # see SFTConfig.loss_type
 LOSS_MASK_COLUMNS = ("completion_mask", "assistant_masks")  # TRL's 0/1 loss masks of pre-tokenized rows
+
+# Pre-flight learning-rate warnings (sftrainer.preflight): (low, high) outside which a run is flagged.
+# Published SFT recipes use about 1e-4 to 3e-4 for LoRA (LoRA, Hu et al. 2021; QLoRA, Dettmers et al.
+# 2023: 2e-4 / 1e-4; PEFT and TRL examples) and about 1e-5 to 2e-5 for full fine-tuning (Alpaca,
+# Tulu 2, Zephyr: 2e-5). The bounds sit about an order of magnitude outside those.
+LORA_LR_RANGE = (1e-5, 1e-3)
+FULL_LR_RANGE = (1e-7, 1e-4)
+TRUNCATED_WARN_FRACTION = 0.5  # warn when more than this share of the rows is cut to max_length
