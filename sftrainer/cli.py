@@ -336,7 +336,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Only `sftrainer train --help` lists the keys: that imports the config (transformers, torch).
     parser = _parser(with_keys=argv[:1] == ["train"] and ("-h" in argv or "--help" in argv))
-    args = parser.parse_args(argv)
+    if argv[:1] == ["data"]:  # key=value may follow --options (argparse stops collecting them there)
+        args, extra = parser.parse_known_args(argv)
+        if any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.items += extra
+    else:
+        args = parser.parse_args(argv)
     _setup_logging()
     try:
         if args.command == "train":
