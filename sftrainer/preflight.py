@@ -272,6 +272,7 @@ def check_run(
     rows: int,
     truncated: int,
     missing_stop: int,
+    dropped: int = 0,
     duplicates: int,
     eval_rows: int | None,
     learning_rate: float,
@@ -290,6 +291,11 @@ def check_run(
         out.append(
             f"{truncated} of {rows} rows ({truncated / rows:.0%}) are cut to max_length: raise max_length, "
             "or use packing_strategy=bfd_split to split instead of cutting."
+        )
+    if dropped:
+        out.append(
+            f"{dropped} of {rows} rows are dropped (reasons above); a prompt that fills max_length "
+            "leaves no trained token: raise max_length or use truncation_mode=keep_end."
         )
     if eval_rows == 0:
         out.append(
@@ -489,6 +495,7 @@ def summarize(
     warnings = check_run(
         rows=stats.rows,
         truncated=stats.truncated,
+        dropped=stats.dropped_empty + stats.dropped_invalid,
         missing_stop=rows_missing_stop(arrays, stop_ids, args.max_length),
         duplicates=duplicates,
         eval_rows=eval_rows,
