@@ -258,3 +258,12 @@ def test_histogram_png_marks_max_length(tmp_path):
     write_histogram_png(str(path), hist, max_length=16)
     _, _, raw = read_png(path)
     assert bytes((200, 60, 40)) in raw  # the max_length line is drawn
+
+
+def test_data_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["data", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("CONFIG.yaml | DATA --model M", "--rows N", "--plot FILE", "--probe", "⟦", "pre-flight"):
+        assert text in out, f"{text!r} missing from data --help"
