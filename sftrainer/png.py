@@ -211,7 +211,7 @@ def write_bars(
         value = peak * (i + 1) / 5
         gy = round(py1 - value / peak * (py1 - py0))
         canvas.line(px0, gy, px1, gy, LIGHT)
-        label = tick_label(value)
+        label = f"{value:.0f}" if 1 <= value < 1e6 else tick_label(value)  # counts: whole numbers fit
         canvas.text(px0 - 6 - len(label) * CHAR_W, gy - CHAR_H // 2, label, GREY)
     every = max(1, math.ceil(n * 4 * CHAR_W / (px1 - px0)))  # skip labels that would overlap
     for k, (label, value) in enumerate(bars):

@@ -559,6 +559,8 @@ def for_trainer(trainer: Any, train_raw: Any, lora: bool | None) -> tuple[Prefli
         eval_rows=eval_rows,
         lora=lora,
         eager_attention=getattr(model_config, "_attn_implementation", None) == "eager",
-        time_note=f"measured on the first {PROBE_STEPS + 1} optimizer steps, logged then",
+        time_note=f"measured on the first {PROBE_STEPS + 1} optimizer steps, logged then"
+        if plan_from_args(len(dataset), trainer.args).total_steps > PROBE_STEPS
+        else "not measured (the run is shorter than the steps it takes to time)",
     )
     return report, ""

@@ -30,6 +30,7 @@ from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.formats import implied_columns
 from sftrainer.data.pack import PackStats, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
+from sftrainer.errors import ConfigError
 
 MARKERS = ("⟦", "⟧")
 ASCII_MARKERS = ("[[", "]]")
@@ -330,7 +331,9 @@ def preview_run(
     train = describe_data(train_raw, tokenizer, args, "train data", data_load.describe(cfg.data.train), cfg)
     out = train.summary_lines(args.max_length)
     eval_rows = None
-    if eval_raw is not None:
+    if eval_raw is None:
+        out.append("eval data: none (data.eval or data.eval_split would measure held-out loss)")
+    else:
         try:
             evaluation = describe_data(eval_raw, tokenizer, args, "eval data", _eval_source(cfg), cfg)
             out += evaluation.summary_lines(args.max_length)
@@ -405,6 +408,10 @@ def describe_data(raw: Any, tokenizer: Any, args: Any, name: str, source: str, c
     columns = list(raw.column_names or [])
     mapping = column_mapping(columns, cfg.data.columns, args.dataset_text_field)
     prepared, stats, pack = prepare_for_preview(raw, tokenizer, args, name)
+    if not isinstance(prepared, Dataset):
+        raise ConfigError(
+            f"{name}: sftrainer data counts a map-style data set; this one is streamed ({type(raw).__name__})"
+        )
     arrays = row_arrays(prepared)
     return DataPreview(name, source, columns, mapping, stats, arrays, pack, count_duplicates(raw))
 
