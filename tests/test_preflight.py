@@ -1,6 +1,4 @@
-"""Pre-flight (sftrainer/preflight.py): the step count against what Trainer runs, the memory formula,
-each warning on crafted data (and none on clean data), the probe, and the block ``sftrainer train`` logs.
-"""
+"""Pre-flight (sftrainer/preflight.py): the step count against what Trainer runs, each warning on crafted data (and none on clean data), the probe, and the block ``sftrainer train`` logs."""
 
 from __future__ import annotations
 
@@ -16,13 +14,9 @@ from sftrainer import SFTTrainer
 from sftrainer.constants import FULL_LR_RANGE, IGNORE_INDEX, LORA_LR_RANGE
 from sftrainer.data.load import load
 from sftrainer.preflight import (
-    ModelShape,
     StepTimeCallback,
     check_run,
-    estimate_memory,
     for_trainer,
-    meta_model,
-    model_shape,
     plan_from_args,
     plan_steps,
     rows_missing_stop,
@@ -65,47 +59,6 @@ def test_plan_steps_arithmetic():
     assert plan_steps(100, 8, devices=2).steps_per_epoch == 7
     assert plan_steps(3, 8).steps_per_epoch == 1
     assert math.isclose(plan_steps(100, 10, max_steps=25).epochs, 2.5)
-
-
-# ---- memory ------------------------------------------------------------------------------------
-
-
-SHAPE = ModelShape(
-    params=1000, trainable=1000, frozen_bytes=0, fp32_params=1000, half_frozen=False,
-    hidden=16, layers=2, intermediate=32, kv_dim=8, heads=2, vocab=50,
-)  # fmt: skip
-
-
-def test_memory_formula_parts():
-    est = estimate_memory(SHAPE, batch_size=2, seq_len=10, mixed_precision=False)
-    assert est.weights == 4 * 1000 and est.gradients == 4 * 1000 and est.optimizer == 8 * 1000
-    per_token_layer = 10 * 16 + 3 * 8 + 4 * 32
-    assert est.activations == 2 * (2 * 10 * per_token_layer * 4)
-    assert est.logits == 2 * 10 * 50 * (4 + 8)
-    assert est.total == est.weights + est.gradients + est.optimizer + est.activations + est.logits
-    mixed = estimate_memory(SHAPE, 2, 10, mixed_precision=True)
-    assert mixed.weights == 6 * 1000 and mixed.activations == est.activations // 2
-    checkpointed = estimate_memory(SHAPE, 2, 10, mixed_precision=False, gradient_checkpointing=True)
-    assert checkpointed.activations < est.activations
-    eager = estimate_memory(SHAPE, 2, 10, mixed_precision=False, eager_attention=True)
-    assert eager.activations - est.activations == 2 * (2 * 2 * 2 * 10 * 10 * 4)
-    assert estimate_memory(SHAPE, 2, 10, mixed_precision=False, optim="adamw_bnb_8bit").optimizer == 2000
-    assert estimate_memory(SHAPE, 2, 10, mixed_precision=False, optim="sgd").optimizer == 0
-
-
-def test_meta_model_shape_matches_the_loaded_model(tiny_model_dir, tiny_model):
-    from sftrainer import lora
-    from sftrainer.run_config import LoraSettings
-
-    full = model_shape(meta_model(str(tiny_model_dir), "auto", False, None))
-    loaded = model_shape(tiny_model)
-    assert full == loaded  # no weights read, same numbers
-    config = lora.peft_config_from(LoraSettings(r=4))
-    adapted = model_shape(meta_model(str(tiny_model_dir), "bfloat16", False, config))
-    real = lora.apply(tiny_model, config)
-    trainable, total = real.get_nb_trainable_parameters()
-    assert (adapted.trainable, adapted.params) == (trainable, total)
-    assert adapted.half_frozen and adapted.frozen_bytes == 2 * (total - trainable)
 
 
 # ---- warnings ----------------------------------------------------------------------------------
