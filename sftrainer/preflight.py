@@ -10,7 +10,7 @@ Measured vs estimated:
 - time: ``sftrainer data --probe`` runs a few real training steps (``measure_step_time``); at train
   start ``StepTimeCallback`` times the first optimizer steps of the run itself and logs the estimate
   then. Without either, no time is given.
-- memory: ``sftrainer.memory.estimate_memory``, a formula (see its docstring), labelled an estimate.
+- memory: ``sftrainer.memory_estimate.estimate_memory``, a formula (see its docstring), labelled an estimate.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from transformers import TrainerCallback
 
 from sftrainer.constants import FULL_LR_RANGE, LORA_LR_RANGE, TRUNCATED_WARN_FRACTION
-from sftrainer.memory import MemoryEstimate, ModelShape, estimate_memory, format_bytes, model_shape
+from sftrainer.memory_estimate import MemoryEstimate, ModelShape, estimate_memory, format_bytes, model_shape
 
 logger = logging.getLogger(__name__)
 

@@ -308,7 +308,7 @@ def preview_run(
     show_template: bool = False,
 ) -> str:
     """Everything ``sftrainer data`` prints for a run config (``run_config.RunConfig``)."""
-    from sftrainer import builtin, memory, preflight
+    from sftrainer import builtin, memory_estimate, preflight
     from sftrainer.data import load as data_load
     from sftrainer.errors import DataError
     from sftrainer.generate import stop_token_ids
@@ -381,7 +381,7 @@ def preview_run(
     measured = None
     if probe:
         measured = preflight.measure_step_time(cfg, train_raw, tokenizer, rows_per_sequence)
-    meta = memory.meta_model(
+    meta = memory_estimate.meta_model(
         model_path, cfg.model.dtype, cfg.model.trust_remote_code, peft_config_from(cfg.lora)
     )
     report = preflight.summarize(
@@ -389,7 +389,7 @@ def preview_run(
         sequences=sequences,
         args=args,
         stats=train.stats,
-        shape=memory.model_shape(meta),
+        shape=memory_estimate.model_shape(meta),
         stop_ids=stop_ids,
         stop_tokens=", ".join(tokenizer.convert_ids_to_tokens(stop_ids)),
         duplicates=train.duplicates,

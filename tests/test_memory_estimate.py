@@ -1,10 +1,10 @@
-"""The memory estimate (sftrainer/memory.py): each part of the formula, and the shape read from a
+"""The memory estimate (sftrainer/memory_estimate.py): each part of the formula, and the shape read from a
 meta-device model (no weights loaded) equal to the loaded model's, with and without LoRA.
 """
 
 from __future__ import annotations
 
-from sftrainer.memory import ModelShape, estimate_memory, meta_model, model_shape
+from sftrainer.memory_estimate import ModelShape, estimate_memory, meta_model, model_shape
 
 SHAPE = ModelShape(
     params=1000, trainable=1000, frozen_bytes=0, fp32_params=1000, half_frozen=False,
