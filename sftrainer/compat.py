@@ -13,8 +13,6 @@ import warnings
 from collections.abc import Collection
 from typing import Any
 
-import torch
-
 from sftrainer.constants import LOSS_TYPES
 from sftrainer.errors import did_you_mean
 
@@ -52,12 +50,6 @@ def trl_field_problems(cfg: Any) -> list[str]:
         out.append(
             "loss_type: 'dft' weights the plain token losses; it cannot be combined with "
             "label_smoothing_factor (TRL ignores the smoothing silently)"
-        )
-    if cfg.activation_offloading and (cfg.use_cpu or not torch.cuda.is_available()):
-        out.append(
-            "activation_offloading: moves the activations saved for backward from GPU to CPU memory; "
-            "training runs on the CPU here, so there is nothing to offload. Set it to false "
-            "(gradient_checkpointing also saves activation memory)"
         )
     return out
 

@@ -21,6 +21,7 @@ from sftrainer.data.pack import packing_strategy_problems
 from sftrainer.data.prepare import DataSettings
 from sftrainer.errors import ConfigError
 from sftrainer.evaluate import load_scorer
+from sftrainer.memory import offloading_problems, optimizer_problems
 from sftrainer.model import chat_template_problems
 
 logger = logging.getLogger(__name__)
@@ -188,9 +189,18 @@ class SFTConfig(TrainingArguments):
             "help": "'nll' (cross-entropy) or 'dft' (token losses weighted by the detached p(target))."
         },
     )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Positions per chunk of the loss, which never holds full-vocabulary logits; "
+            "None: about 4M logits per chunk (vocabulary-dependent)."
+        },
+    )
     activation_offloading: bool = field(
         default=False,
-        metadata={"help": "Keep the activations saved for backward in CPU memory (GPU only)."},
+        metadata={
+            "help": "Keep the activations saved for backward in CPU memory (CUDA GPU only; parameters stay put)."
+        },
     )
     router_aux_loss_coef: float | None = field(
         default=None,
@@ -241,7 +251,8 @@ class SFTConfig(TrainingArguments):
         """Every invalid SFT setting, as 'key: problem'."""
         out = self.data_settings().problems() + packing_strategy_problems(self.packing_strategy)
         out += trl_field_problems(self)
-        for key in ("max_length", "max_seq_length", "pad_to_multiple_of"):
+        out += optimizer_problems(self.optim) + offloading_problems(self.activation_offloading, self.use_cpu)
+        for key in ("max_length", "max_seq_length", "pad_to_multiple_of", "loss_chunk_size"):
             value = getattr(self, key)
             if key == "pad_to_multiple_of" and value == "auto":
                 continue

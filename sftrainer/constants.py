@@ -9,6 +9,25 @@ PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")  # see SFTConfig.packing_st
 TRUNCATION_MODES = ("keep_start", "keep_end")  # which end of an overlong row is kept
 LOSS_TYPES = ("nll", "dft")  # see SFTConfig.loss_type
 LOSS_MASK_COLUMNS = ("completion_mask", "assistant_masks")  # TRL's 0/1 loss masks of pre-tokenized rows
+# optim names whose optimizer comes from bitsandbytes (the `quant` extra) / torchao (the `torchao` extra)
+BITSANDBYTES_OPTIMIZERS = (
+    "adamw_bnb_8bit",
+    "adamw_8bit",
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+    "ademamix",
+    "ademamix_8bit",
+    "paged_ademamix_32bit",
+    "paged_ademamix_8bit",
+    "lion_32bit",
+    "lion_8bit",
+    "paged_lion_32bit",
+    "paged_lion_8bit",
+    "rmsprop_bnb",
+    "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit",
+)
+TORCHAO_OPTIMIZERS = ("adamw_torch_4bit", "adamw_torch_8bit")
 
 # Pre-flight learning-rate warnings (sftrainer.preflight): (low, high) outside which a run is flagged.
 # Published SFT recipes use about 1e-4 to 3e-4 for LoRA (LoRA, Hu et al. 2021; QLoRA, Dettmers et al.

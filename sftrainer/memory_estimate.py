@@ -122,6 +122,7 @@ def estimate_memory(
     optim: str = "adamw_torch",
     gradient_checkpointing: bool = False,
     eager_attention: bool = False,
+    logits_at_once: int | None = None,
 ) -> MemoryEstimate:
     """Peak training memory of one device, an estimate: the sum of
 
@@ -136,7 +137,9 @@ def estimate_memory(
       activation, product); ``p`` = 2 under bf16/fp16 (or a half-precision LoRA base), else 4; eager
       attention adds ``2 * b * heads * s^2 * p`` per layer (scores and probabilities); with gradient
       checkpointing ``L`` blocks keep only their input (``b * s * h * p`` each) plus one block's full set;
-    - logits: ``b * s * V * (p + 8)``: the lm_head output, its fp32 copy for the loss and its gradient.
+    - logits: ``n * (p + 8)`` for ``n`` logits alive at once (the head output, its fp32 copy for the
+      loss and its gradient): ``n = b * s * V`` for a full-logits loss, at most ``logits_at_once``
+      (one chunk) with sftrainer's chunked loss.
 
     b: per-device batch, s: the longest sequence (max_length when packing), L layers, h hidden,
     kv: width of K and V, i: MLP width, V: vocabulary. Not counted: the CUDA context and allocator
@@ -158,7 +161,7 @@ def estimate_memory(
         gradients=4 * shape.trainable,
         optimizer=optimizer_stateformat_bytes(optim) * shape.trainable,
         activations=activations,
-        logits=tokens * shape.vocab * (p + 8),
+        logits=min(tokens * shape.vocab, logits_at_once or tokens * shape.vocab) * (p + 8),
         notes=notes,
     )
 

@@ -298,6 +298,7 @@ def summarize(
     eval_rows: int | None,
     lora: bool | None,
     eager_attention: bool = False,
+    chunked_loss: bool = True,
     probe: Probe | None = None,
     time_note: str = "",
 ) -> Preflight:
@@ -317,6 +318,10 @@ def summarize(
             optim=args.optim,
             gradient_checkpointing=bool(args.gradient_checkpointing),
             eager_attention=eager_attention,
+            logits_at_once=logits_at_once(args, shape.vocab) if chunked_loss else None,
+        )
+        memory.notes.append(
+            "logits: one chunk of the chunked loss" if chunked_loss else "logits: all at once"
         )
     warnings = check_run(
         rows=stats.rows,
@@ -331,6 +336,15 @@ def summarize(
     )
     trained = int(np.asarray(arrays.trained_per_row()).sum())
     return Preflight(trained, plan, memory, warnings, probe, time_note)
+
+
+def logits_at_once(args: Any, vocab: int) -> int:
+    """Logits one chunk of the chunked loss holds (``sftrainer.loss``: loss_chunk_size positions, else
+    CHUNK_LOGITS logits)."""
+    from sftrainer.loss import CHUNK_LOGITS
+
+    size = getattr(args, "loss_chunk_size", None)
+    return size * vocab if size else CHUNK_LOGITS
 
 
 def _count(n: float) -> str:
@@ -378,6 +392,7 @@ def for_trainer(trainer: Any, train_raw: Any, lora: bool | None) -> tuple[Prefli
         eval_rows=eval_rows,
         lora=lora,
         eager_attention=getattr(model_config, "_attn_implementation", None) == "eager",
+        chunked_loss=getattr(getattr(trainer, "loss_plan", None), "kind", None) == "chunked",
         time_note=f"measured on the first {PROBE_STEPS + 1} optimizer steps, logged then"
         if plan_from_args(len(dataset), trainer.args).total_steps > PROBE_STEPS
         else "not measured (the run is shorter than the steps it takes to time)",

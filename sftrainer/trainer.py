@@ -32,7 +32,6 @@ step-<global_step>.jsonl``, copied to ``OUTPUT_DIR/eval_samples.jsonl``), set be
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import json
@@ -53,7 +52,7 @@ from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-from sftrainer import checkpoint, lora, precision
+from sftrainer import checkpoint, lora, memory, precision
 from sftrainer.config import SFTConfig, to_sft_config
 from sftrainer.console import ConsoleCallback
 from sftrainer.data import load as data_load
@@ -70,7 +69,15 @@ from sftrainer.evaluate import (
     mean_scores,
 )
 from sftrainer.isolation import check_row_isolation
-from sftrainer.loss import TRAINER, plan_loss, sft_loss, token_stats
+from sftrainer.loss import (
+    CHUNKED,
+    TRAINER,
+    plan_loss,
+    sft_loss,
+    token_stats,
+    verify_chunked,
+    without_chunking,
+)
 from sftrainer.metrics import TokenMetrics
 from sftrainer.model import load_model, load_tokenizer, prepare_tokenizer
 from sftrainer.tracking import MetricsFileCallback, SamplesCallback
@@ -113,6 +120,7 @@ class SFTTrainer(Trainer):
         # A copy: the older keywords and remove_unused_columns are written onto it, not the caller's.
         args = copy.copy(to_sft_config(args, output_dir))
         processing_class = self._apply_legacy(args, processing_class, legacy)
+        self._resolve_checkpointing(args)
 
         callers_model = not isinstance(model, str)
         if isinstance(model, str):
@@ -169,9 +177,13 @@ class SFTTrainer(Trainer):
         if data_collator is None:
             data_collator = self._default_collator(model, processing_class.pad_token_id, args, by_position)
         self.loss_plan = plan_loss(
-            model, args.loss_type, args.router_aux_loss_coef, compute_loss_func, args.label_smoothing_factor
+            model,
+            args.loss_type,
+            args.router_aux_loss_coef,
+            compute_loss_func,
+            args.label_smoothing_factor,
+            args.loss_chunk_size,
         )
-        logger.info("%s", self.loss_plan.describe())
         if by_position:
             if self.loss_plan.virtual_tokens:
                 raise ConfigError(
@@ -197,6 +209,10 @@ class SFTTrainer(Trainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        engine = _parameter_sharding(self)
+        if engine:
+            self.loss_plan = without_chunking(self.loss_plan, f"{engine} shards the LM head's weight")
+        logger.info("%s", self.loss_plan.describe())
         self._checked_for_training = False
         self._checkpoint_staging: str | None = None  # set while _save_checkpoint writes
         self.add_callback(_TrainingRunHooks(self))
@@ -218,6 +234,19 @@ class SFTTrainer(Trainer):
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
         with self.accelerator.autocast():
             check_row_isolation(self.model, self.data_collator, dtypes.get(self.accelerator.mixed_precision))
+
+    @staticmethod
+    def _resolve_checkpointing(args: SFTConfig) -> None:
+        """Gradient checkpointing on ``args`` (the trainer's copy): non-reentrant unless the user says otherwise.
+
+        transformers 5.x reads ``activation_checkpointing``; ``gradient_checkpointing`` (TRL's name) mirrors
+        it once the config is built, so a script that sets either one afterwards gets checkpointing.
+        """
+        enabled = bool(args.activation_checkpointing or args.gradient_checkpointing)
+        given = args.activation_checkpointing_kwargs or args.gradient_checkpointing_kwargs
+        kwargs = memory.checkpointing_kwargs(enabled, given)  # a new dict: the caller's stays as it was
+        args.activation_checkpointing = args.gradient_checkpointing = enabled
+        args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = kwargs
 
     @staticmethod
     def _apply_legacy(args: SFTConfig, processing_class: Any, legacy: dict[str, Any]) -> Any:
@@ -280,6 +309,8 @@ class SFTTrainer(Trainer):
                     v = plan.virtual_tokens
                     stats = token_stats(outputs.logits[:, v : v + labels.shape[1] - 1], labels[:, 1:])
             else:
+                if plan.kind == CHUNKED and not plan.verified and "input_ids" in inputs:
+                    self.loss_plan = plan = verify_chunked(model, inputs["input_ids"], plan)
                 full = return_outputs and self._logits_needed
                 loss, outputs, stats = sft_loss(model, inputs, num_items_in_batch, plan, full_logits=full)
                 if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -375,9 +406,7 @@ class SFTTrainer(Trainer):
 
     def _activation_offloading(self, model: Any) -> Any:
         """Tensors saved for backward go to (pinned) CPU memory and come back for backward."""
-        if self.args.activation_offloading and model.training:
-            return torch.autograd.graph.save_on_cpu(pin_memory=True)
-        return contextlib.nullcontext()
+        return memory.offload_saved_tensors(bool(self.args.activation_offloading) and model.training)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the token metrics of its window
@@ -557,3 +586,13 @@ def _model_path(model: Any) -> str:
             "pass processing_class= (the tokenizer): the model does not say where it was loaded from"
         )
     return path
+
+
+def _parameter_sharding(trainer: Trainer) -> str | None:
+    """The engine that shards parameters across processes (FSDP, DeepSpeed ZeRO-3), if one is used."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return "FSDP"
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
+        return "DeepSpeed ZeRO-3"
+    return None

@@ -42,3 +42,10 @@ def test_meta_model_shape_matches_the_loaded_model(tiny_model_dir, tiny_model):
     trainable, total = real.get_nb_trainable_parameters()
     assert (adapted.trainable, adapted.params) == (trainable, total)
     assert adapted.half_frozen and adapted.frozen_bytes == 2 * (total - trainable)
+
+
+def test_chunked_loss_holds_one_chunk_of_logits():
+    full = estimate_memory(SHAPE, 2, 10, mixed_precision=False)
+    chunked = estimate_memory(SHAPE, 2, 10, mixed_precision=False, logits_at_once=100)
+    assert chunked.logits == 100 * (4 + 8) < full.logits
+    assert estimate_memory(SHAPE, 2, 10, mixed_precision=False, logits_at_once=10**9).logits == full.logits
