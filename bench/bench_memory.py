@@ -37,6 +37,7 @@ SUITES = {
     "vocab": dict(hidden=256, layers=2, heads=4, intermediate=688, vocab=128_256, max_length=2048, batch=1),
     "ladder": dict(hidden=512, layers=8, heads=8, intermediate=1408, vocab=32_000, max_length=1024, batch=2),
 }
+TINY = dict(hidden=64, layers=2, heads=2, intermediate=128, vocab=8192, max_length=128)
 # (rung name, settings added to the rung before); "lean" = sftrainer without its chunked loss
 LADDER = [
     ("fp32", {"lean": True}),
@@ -182,7 +183,8 @@ def run_one(trainer_name: str, settings: dict, suite_name: str, args: argparse.N
 
 def _run(trainer_name: str, settings: dict, suite: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, suite, "--only", trainer_name, json.dumps(settings)]
-    cmd += ["--steps", str(args.steps), "--workdir", args.workdir]
+    cmd += ["--steps", str(args.steps), "--workdir", args.workdir.removesuffix("-tiny")]
+    cmd += ["--tiny"] if args.tiny else []
     print(f"running {suite}: {trainer_name} {settings} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if proc.returncode != 0:
@@ -201,9 +203,15 @@ def main() -> None:
     )
     parser.add_argument("--workdir", default="/tmp/sftrainer-bench-memory")
     parser.add_argument("--rungs", type=int, default=len(LADDER), help="ladder: run the first N rungs")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a tiny model and short rows: checks that every run works"
+    )
     parser.add_argument("--only", nargs=2, metavar=("TRAINER", "SETTINGS_JSON"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="results JSON (default bench/memory-SUITE.json)")
     args = parser.parse_args()
+    if args.tiny:
+        SUITES[args.suite] = {**SUITES[args.suite], **TINY}
+        args.workdir += "-tiny"
     if args.only:
         trainer_name = args.only[0].split()[0]
         print(json.dumps(run_one(trainer_name, json.loads(args.only[1]), args.suite, args)))
@@ -230,7 +238,7 @@ def main() -> None:
             f"{label:<40}{r['peak_rss_mb']:>12.0f}{r['trained_tokens_per_s']:>15.0f}"
             f"{r['seconds_per_step']:>8.2f}{r['final_loss']:>8.3f}"
         )
-    out = Path(args.out or f"bench/memory-{args.suite}.json")
+    out = Path(args.out or f"bench/memory-{args.suite}{'-tiny' if args.tiny else ''}.json")
     out.write_text(json.dumps({"suite": SUITES[args.suite], "runs": rows}, indent=2) + "\n")
 
 

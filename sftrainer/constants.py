@@ -5,6 +5,7 @@ from __future__ import annotations
 IGNORE_INDEX = -100  # label of a token that carries no loss (the value torch's cross_entropy skips)
 TRAIN_ON = ("response", "all", "last_turn")  # which tokens carry loss; see SFTConfig.train_on
 PAIR_TEMPLATES = ("auto", "chat", "raw")  # how prompt/response pairs are rendered
+MIXTURE_REPEAT_WARNING = 10  # a weighted mixture source repeated this often is warned about
 PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")  # see SFTConfig.packing_strategy
 TRUNCATION_MODES = ("keep_start", "keep_end")  # which end of an overlong row is kept
 LOSS_TYPES = ("nll", "dft")  # see SFTConfig.loss_type

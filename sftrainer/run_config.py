@@ -53,9 +53,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str | list[str] = field(
+    train: str | list[str | dict[str, Any]] = field(
         default="builtin",
-        metadata={"help": "File(s), directory, glob or hub id (org/name); 'builtin': the demo tasks."},
+        metadata={
+            "help": "File(s), directory, glob or hub id (org/name); 'builtin': the demo tasks. A list of "
+            "mappings is a mixture: each {path, weight or rows, split, subset, data_files, columns}."
+        },
     )
     eval: str | list[str] | None = field(
         default=None, metadata={"help": "Evaluation file(s) or hub id; 'builtin' for the demo."}
@@ -86,6 +89,20 @@ class DataConfig:
     )
 
     def problems(self) -> list[str]:
+        if self.is_mixture():
+            from sftrainer.data.mixture import spec_problems  # datasets is imported only when needed
+
+            out = [p for i, spec in enumerate(self.train) for p in spec_problems(spec, f"data.train[{i}]")]
+            if self.eval_split:
+                out.append(
+                    "data.eval_split: a mixture has no single data set to hold rows out of; set data.eval"
+                )
+            if self.eval is None and self.eval_split_name is not None:
+                out.append(
+                    "data.eval_split_name: with a mixture in data.train, name the eval data in data.eval"
+                )
+            if out:
+                return out
         if not 0.0 <= self.eval_split < 1.0:
             return [f"data.eval_split: must be in [0, 1), got {self.eval_split}"]
         if self.eval is not None and self.eval_split:
@@ -93,6 +110,29 @@ class DataConfig:
         if self.eval_split_name is not None and self.eval_split:
             return ["data.eval_split: set data.eval_split (a fraction) or data.eval_split_name, not both"]
         return []
+
+    def is_mixture(self) -> bool:
+        """data.train lists sources as mappings (path + weight / rows / ...): see sftrainer.data.mixture."""
+        return isinstance(self.train, list) and any(isinstance(s, dict) for s in self.train)
+
+    def mixture_sources(self) -> list[Any]:
+        """The ``MixtureSource`` of each data.train entry; split, subset, data_files and columns
+        default to the data: keys of the same name. Paths are not loaded yet."""
+        from sftrainer.data.mixture import MixtureSource
+
+        specs = [s if isinstance(s, dict) else {"path": s} for s in self.train]
+        return [
+            MixtureSource(
+                data=spec["path"],
+                weight=spec.get("weight"),
+                rows=spec.get("rows"),
+                columns=spec.get("columns") or self.columns,
+                split=spec.get("split", self.split),
+                subset=spec.get("subset", self.subset),
+                data_files=spec.get("data_files", self.data_files),
+            )
+            for spec in specs
+        ]
 
     def has_eval(self) -> bool:
         return self.eval is not None or bool(self.eval_split) or self.eval_split_name is not None

@@ -6,6 +6,7 @@ train -> evaluate -> save model, tokenizer, metrics and the resolved config.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from sftrainer import builtin, preflight, report
 from sftrainer.checkpoint import resolve_checkpoint, write_run_record
 from sftrainer.data import load as data_load
+from sftrainer.data.mixture import Mixture
 from sftrainer.export import run_card
 from sftrainer.lora import peft_config_from
 from sftrainer.model import load_model, load_tokenizer
@@ -23,8 +25,27 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_data(cfg: RunConfig) -> tuple[Any, Any]:
-    """Train and eval sources, with 'builtin' replaced by the demo data files."""
+    """Train and eval sources, with 'builtin' replaced by the demo data files.
+
+    A mixture (data.train listing sources as mappings) comes back as a ``Mixture`` with every source
+    loaded; the trainer samples and prepares it source by source.
+    """
     train_src, eval_src = cfg.data.train, cfg.data.eval
+    if cfg.data.is_mixture():
+        sources = [
+            dataclasses.replace(s, data=str(builtin.data_files()[0])) if s.data == builtin.BUILTIN else s
+            for s in cfg.data.mixture_sources()
+        ]
+        mixture = Mixture(sources, seed=cfg.train.seed).loaded("train data")
+        eval_ds = None
+        if eval_src is not None:
+            eval_src = str(builtin.data_files()[1]) if eval_src == builtin.BUILTIN else eval_src
+            eval_ds = data_load.load(
+                eval_src, f"eval data ({data_load.describe(eval_src)})", split=cfg.data.eval_split_name
+            )
+            if cfg.data.columns:
+                eval_ds = data_load.rename(eval_ds, cfg.data.columns, "eval data")
+        return mixture, eval_ds
     if eval_src is None and cfg.data.eval_split_name is not None:
         eval_src = train_src  # another split of the same dataset
     if builtin.BUILTIN in (train_src, eval_src):

@@ -242,3 +242,22 @@ def test_bf16_autocast_keeps_the_chunked_loss_close_to_the_models_own(arch):
     for name in want:  # bf16 matmuls on both sides: same direction, bf16-sized differences
         cos = torch.nn.functional.cosine_similarity(got[name].flatten(), want[name].flatten(), dim=0)
         assert cos > 0.99, name
+
+
+def test_trainer_training_and_evaluation_never_build_full_vocabulary_logits(tiny_model_dir, tmp_path):
+    from tiny_models import ROWS, quick_args
+
+    from sftrainer import SFTTrainer
+
+    rows = ROWS * 4
+    args = quick_args(tmp_path, max_steps=1, per_device_train_batch_size=8, loss_chunk_size=4)
+    trainer = SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=rows, eval_dataset=rows)
+    vocab = trainer.model.config.vocab_size
+    hidden = trainer.model.config.hidden_size
+    with VocabSizedTensors(vocab) as seen:
+        trainer.train()
+        metrics = trainer.evaluate()
+    assert trainer.loss_plan.kind == CHUNKED and trainer.loss_plan.verified
+    assert metrics["eval_num_tokens"] > 8 and metrics["eval_loss"] > 0
+    # The one-time check of the model's logits runs the head on 8 positions; nothing spans more.
+    assert _positions_times_vocab(seen.shapes, vocab, hidden) <= 8

@@ -472,6 +472,7 @@ def test_shipped_config(path, monkeypatch):
     cfg = load_config(Path("configs") / path.name)
     # its data files are shipped
     sources = cfg.data.train if isinstance(cfg.data.train, list) else [cfg.data.train]
+    sources = [s["path"] if isinstance(s, dict) else s for s in sources]  # a mixture lists mappings
     for source in [*sources, cfg.data.eval]:
         if source is not None and Path(source).suffix in (".jsonl", ".json", ".csv", ".parquet"):
             assert (REPO / source).is_file(), f"{source} is not shipped"

@@ -15,6 +15,7 @@ Problems with a row raise ``RowError`` naming the field; the caller adds the row
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -145,11 +146,20 @@ def detect_format(columns: Sequence[str], source: str, text_field: str | None = 
         if c not in KNOWN_COLUMNS and did_you_mean(c, KNOWN_COLUMNS)
     ]
     hint = f" Possibly misspelled: {', '.join(hints)}." if hints else ""
+    if any(_looks_like_data(c) for c in columns):
+        hint += (
+            " The column names look like data: a CSV file's first line must be a header naming the "
+            "columns (e.g. prompt,response)."
+        )
     raise DataError(
         f"{source}: cannot tell the data format from the columns {columns}.{hint}\n{format_help()}\n"
         "Rename columns with data.columns (YAML, e.g. `columns: {question: prompt, answer: response}`), "
         "or pass dataset_text_field= or formatting_func=."
     )
+
+
+def _looks_like_data(column: str) -> bool:
+    return bool(column.strip()) and (" " in column.strip() or column[-1] in "?.!" or column.isdigit())
 
 
 def implied_columns(columns: Sequence[str]) -> dict[str, str]:
@@ -166,8 +176,8 @@ def implied_columns(columns: Sequence[str]) -> dict[str, str]:
 def _as_text(value: Any, field_name: str, *, allow_empty: bool = True) -> str:
     if isinstance(value, list) and all(isinstance(p, Mapping) and p.get("type") == "text" for p in value):
         value = "".join(str(p.get("text", "")) for p in value)  # content given as text parts
-    if value is None:
-        raise RowError(field_name, "is missing (null)")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise RowError(field_name, "is missing (null; NaN and an empty CSV cell read as null too)")
     if not isinstance(value, str):
         raise RowError(field_name, f"must be a string, got {type(value).__name__}: {str(value)[:60]!r}")
     if not allow_empty and not value.strip():
@@ -328,6 +338,8 @@ def pairs_as_chat(fmt: Format, pair_template: str) -> bool:
 
 def normalise_row(row: Mapping[str, Any], fmt: Format, text_field: str | None, pair_as_chat: bool) -> Example:
     """Turn one row of a known format into an example. Raises ``RowError``."""
+    if text_field is None:
+        _check_one_format(row, fmt)
     if fmt is Format.TEXT:
         name = text_field or "text"
         return TextExample(_as_text(row.get(name), name, allow_empty=False))
@@ -356,6 +368,28 @@ def normalise_row(row: Mapping[str, Any], fmt: Format, text_field: str | None, p
         prompt_text = _as_text(prompt, "prompt")
         return _pair(row, prompt_text, _as_text(answer, answer_field, allow_empty=False), pair_as_chat)
     raise AssertionError(f"normalise_row does not handle {fmt}")  # tokenized rows never get here
+
+
+def _check_one_format(row: Mapping[str, Any], fmt: Format) -> None:
+    """A row missing its format's columns but holding another format's: the data mixes formats
+    (read as the first format whose columns appear among all rows' columns)."""
+    required = REQUIRED_COLUMNS.get(fmt, ())
+    missing = [c for c in required if row.get(c) is None]
+    if not missing:
+        return
+    present = [c for c, v in row.items() if v is not None]
+    other = next(
+        (f for f, cols in REQUIRED_COLUMNS.items() if f is not fmt and all(c in present for c in cols)), None
+    )
+    if other is None:
+        return  # a plain missing value: reported by the field's own check
+    raise RowError(
+        missing[0],
+        f"is missing: this row has the columns of the {other.value} format "
+        f"({', '.join(REQUIRED_COLUMNS[other])}), while the data set is read as {fmt.value}. "
+        "One data set holds one format: put these rows in a file of their own and list both files as "
+        "sources of a mixture (data.train: [{path: ...}, {path: ...}]), or convert them",
+    )
 
 
 def split_turns(example: ChatExample) -> list[ChatExample]:

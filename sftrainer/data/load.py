@@ -5,6 +5,7 @@ Every failure names the source: a broken JSONL line gives ``file:line``, a missi
 
 from __future__ import annotations
 
+import csv
 import glob
 import inspect
 import json
@@ -154,6 +155,9 @@ def _from_files(source: Any, name: str, split: str = "train") -> AnyDataset:
     if builder == "json":
         for f in files:
             check_json_file(f)
+    elif builder == "csv":
+        for f in files:
+            check_csv_file(f)
     try:
         ds = datasets.load_dataset(builder, data_files=files, split=split)
     except Exception as err:
@@ -165,21 +169,42 @@ def _from_files(source: Any, name: str, split: str = "train") -> AnyDataset:
     return ds
 
 
+def _utf8_error(path: str, data: bytes, err: UnicodeDecodeError, first_line: int = 1) -> DataError:
+    line = first_line + data.count(b"\n", 0, err.start)
+    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+    return DataError(
+        f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column}). "
+        "Save the file as UTF-8 (for example `iconv -f latin1 -t utf-8 in > out`)."
+    )
+
+
+def _text_lines(path: str):
+    """(line number, text) of each line, raising ``DataError`` at the first one that is not UTF-8."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _utf8_error(path, raw, err, lineno) from None
+
+
 def check_json_file(path: str) -> None:
     """Raise ``DataError`` with the line number of the first malformed line of a JSON/JSONL file.
 
     Reads the file once as text; on a well-formed file this is cheap next to tokenization.
     """
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:
         head = fh.read(1 << 16).lstrip()
-    if head.startswith("["):  # one JSON array
-        with open(path, encoding="utf-8") as fh:
-            try:
-                rows = json.load(fh)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})"
-                ) from None
+    if head.startswith(b"["):  # one JSON array
+        data = Path(path).read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise _utf8_error(path, data, err) from None
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise DataError(
@@ -189,22 +214,117 @@ def check_json_file(path: str) -> None:
             raise DataError(f"{path}: the JSON array is empty")
         return
     rows = 0
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            rows += 1
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno}). "
-                    "Each line of a .jsonl file must be one JSON object."
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        rows += 1
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno}). "
+                "Each line of a .jsonl file must be one JSON object."
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
     if not rows:
         raise DataError(f"{path}: has no rows (only blank lines)")
+
+
+def check_csv_file(path: str) -> None:
+    """Raise ``DataError`` for a CSV file that is not UTF-8, whose header names a column twice or
+    not at all (the CSV reader would rename such columns to 'response.1' / 'Unnamed: 2', and their
+    values would go unread), or with a row of more fields than the header."""
+    reader = csv.reader(line for _, line in _text_lines(path))
+    header: list[str] | None = None
+    for fields in reader:
+        if header is None:
+            if not any(f.strip() for f in fields):
+                continue
+            header = fields
+            _check_csv_header(path, reader.line_num, header)
+        elif len(fields) > len(header):
+            raise DataError(
+                f"{path}:{reader.line_num}: {len(fields)} fields, but the header names {len(header)} "
+                f'({", ".join(header)}). Quote values that hold a comma ("a, b"), or add the column '
+                "to the header."
+            )
+
+
+def _check_csv_header(path: str, lineno: int, header: list[str]) -> None:
+    for k, column in enumerate(header, start=1):
+        if not column.strip():
+            raise DataError(
+                f"{path}:{lineno}: column {k} of the header has no name (header: {header}). "
+                "The first line of a CSV file names every column: name it, or remove the column."
+            )
+        if header.index(column) != k - 1:
+            raise DataError(
+                f"{path}:{lineno}: the header names column '{column}' twice (columns "
+                f"{header.index(column) + 1} and {k}); one of them would be read as "
+                f"'{column}.1' and not trained. Rename or remove one."
+            )
+
+
+def guard_stream(dataset: IterableDataset, name: str) -> IterableDataset:
+    """The same stream, but a failure while reading it (a broken line halfway through a file, a lost
+    connection) raises ``DataError`` naming the source, the rows read before it, and what to do.
+
+    A stream is read during training, so such a failure surfaces only when the run reaches it. The
+    source's shards stay separate shards (DataLoader workers and ranks still split them).
+    """
+    files = _stream_files(dataset)
+    n = max(1, dataset.num_shards)
+    shards = [dataset.shard(n, i) for i in range(n)] if n > 1 else [dataset]
+    return IterableDataset.from_generator(
+        _guarded_rows,
+        features=dataset.features,
+        gen_kwargs={"shards": shards, "name": name, "files": tuple(files)},  # a list would be sharded
+    )
+
+
+def _guarded_rows(shards: list[IterableDataset], name: str, files: tuple[str, ...]):
+    read = 0
+    for shard in shards:
+        rows = iter(shard)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except DataError:
+                raise
+            except Exception as err:
+                where = f" (files: {', '.join(files)})" if files else ""
+                raise DataError(
+                    f"{name}{where}: reading the streamed data failed after {read} rows: "
+                    f"{_root_message(err)}. A streamed data set is read while training, so a broken line "
+                    "or a lost connection is found only when it is reached: fix or download the file "
+                    "again, and check it up front by loading it without streaming (a local file given "
+                    "by path is checked line by line)."
+                ) from None
+            read += 1
+            yield row
+
+
+def _stream_files(dataset: IterableDataset) -> list[str]:
+    """The files a streamed ``load_dataset`` reads, where datasets exposes them; [] otherwise.
+
+    Best effort: datasets (5.x) keeps them in the ``base_files`` argument of its innermost example
+    iterable, which is not public API, so any surprise gives [] and the message names the data set only.
+    """
+    try:
+        it: Any = dataset._ex_iterable
+        for _ in range(32):
+            files = (getattr(it, "kwargs", None) or {}).get("base_files")
+            if files:
+                return [str(f) for f in files][:5]
+            it = getattr(it, "ex_iterable", None)
+            if it is None:
+                break
+    except Exception:
+        pass
+    return []
 
 
 def _from_hub(dataset_id: str, name: str, hub_args: Mapping[str, Any]) -> AnyDataset:

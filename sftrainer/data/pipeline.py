@@ -18,6 +18,7 @@ from datasets import Dataset, IterableDataset
 
 from sftrainer.constants import LOSS_MASK_COLUMNS
 from sftrainer.data import load as data_load
+from sftrainer.data.mixture import Mixture, prepare_mixture
 from sftrainer.data.pack import PackStats, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
 from sftrainer.errors import ConfigError, DataError
@@ -58,6 +59,15 @@ class DataPipeline:
         """Prepare one data set (a Dataset, IterableDataset, list of dicts, file path...)."""
         if self.is_prepared(dataset):
             return dataset
+        if isinstance(dataset, Mixture):
+            if self.skip:
+                raise ConfigError(
+                    f"{name}: a mixture is sampled and prepared source by source; "
+                    "dataset_kwargs.skip_prepare_dataset=true cannot use one"
+                )
+            out = self._prepare(dataset, name, pack)
+            self._prepared.append(out)
+            return out
         dataset = data_load.load(dataset, name)
         out = self._as_given(dataset, name) if self.skip else self._prepare(dataset, name, pack)
         self._prepared.append(out)
@@ -78,15 +88,18 @@ class DataPipeline:
         return self._shuffle(dataset)
 
     def _prepare(
-        self, dataset: Dataset | IterableDataset, name: str, pack: bool
+        self, dataset: Dataset | IterableDataset | Mixture, name: str, pack: bool
     ) -> Dataset | IterableDataset:
         args = self.args
         settings = args.data_settings()
         if pack and args.packing_strategy in ("bfd_split", "wrapped"):
             settings = dataclasses.replace(settings, max_length=None)  # the packer cuts long rows
-        prepared, self.data_stats[name] = prepare(
-            dataset, self.tokenizer, settings, name, self.formatting_func
-        )
+        if isinstance(dataset, Mixture):
+            prepared, self.data_stats[name] = self._prepare_mixture(dataset, name, settings)
+        else:
+            prepared, self.data_stats[name] = prepare(
+                dataset, self.tokenizer, settings, name, self.formatting_func
+            )
         self._note_differences(self.data_stats[name].format, pack)
         if not pack:
             return self._shuffle(prepared)
@@ -105,6 +118,16 @@ class DataPipeline:
             f"; {truncated} rows were truncated to max_length first" if truncated else "",
         )
         return self._shuffle(packed)
+
+    def _prepare_mixture(self, mixture: Mixture, name: str, settings: Any) -> tuple[Dataset, PrepareStats]:
+        """Each source sampled and prepared on its own; ``data_stats`` gets each source's counts too."""
+        prepared, total, parts = prepare_mixture(
+            mixture, self.tokenizer, settings, name, self.args.seed, self.formatting_func
+        )
+        for stats in parts:
+            self.data_stats[stats.name] = stats
+            self._note_differences(stats.format, False)
+        return prepared, total
 
     def _note_differences(self, fmt: str, pack: bool) -> None:
         """Say once where the rows are prepared differently from TRL 1.16 (README: "Switching from TRL")."""

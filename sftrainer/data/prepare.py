@@ -7,6 +7,7 @@ and counted, so nothing disappears silently.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -17,6 +18,7 @@ from datasets import Dataset, IterableDataset
 
 from sftrainer.constants import PAIR_TEMPLATES, TRAIN_ON, TRUNCATION_MODES
 from sftrainer.data.formats import (
+    REQUIRED_COLUMNS,
     ChatExample,
     Format,
     detect_format,
@@ -26,6 +28,7 @@ from sftrainer.data.formats import (
     rename_columns,
     split_turns,
 )
+from sftrainer.data.load import guard_stream
 from sftrainer.data.tokenize import ExampleTokenizer, Tokenized, tokenize_pretokenized
 from sftrainer.errors import ConfigError, DataError, RowError, did_you_mean
 
@@ -75,16 +78,31 @@ class PrepareStats:
     dropped_empty: int = 0
     dropped_invalid: int = 0
     rewritten_turns: int = 0  # assistant turns the template renders differently in the finished conversation
+    same_role_rows: int = 0  # conversations with two consecutive turns of one role, rendered as given
 
     def summary(self, max_length: int | None) -> str:
         parts = [f"{self.name}: {self.rows} rows ({self.format}), {self.kept} kept"]
         if self.truncated:
             parts.append(f"{self.truncated} truncated to max_length={max_length}")
         if self.dropped_empty:
-            parts.append(f"{self.dropped_empty} dropped: no trained token left (all -100)")
+            why = (
+                f"; where the prompt fills max_length={max_length}, raise it or set truncation_mode='keep_end'"
+                if max_length is not None
+                else ""
+            )
+            parts.append(f"{self.dropped_empty} dropped: no trained token left (all -100{why})")
         if self.dropped_invalid:
             parts.append(f"{self.dropped_invalid} dropped as invalid (skip_invalid_rows=true)")
         return ", ".join(parts)
+
+    def same_role_note(self) -> str | None:
+        if not self.same_role_rows:
+            return None
+        return (
+            f"{self.name}: {self.same_role_rows} conversation(s) have two consecutive turns of the same role "
+            "(user after user, ...); they are rendered as given by the chat template, not merged. "
+            "Merge such turns if the model expects roles to alternate."
+        )
 
     def rewritten_warning(self) -> str | None:
         if not self.rewritten_turns:
@@ -119,7 +137,13 @@ class _TokenizeBatch:
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         keys = list(batch)
         rows = [dict(zip(keys, values)) for values in zip(*batch.values())]
-        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "_issue": [], "_rewritten": []}
+        out: dict[str, list[Any]] = {
+            "input_ids": [],
+            "labels": [],
+            "_issue": [],
+            "_rewritten": [],
+            "_same_role": [],
+        }
         rendered, slots = [], []
         for row, index in zip(rows, indices):
             try:
@@ -132,8 +156,9 @@ class _TokenizeBatch:
             except RowError as err:
                 self._put(out, None, f"row {index + 1}: {err}")
                 continue
+            same_role = any(_same_role(example) for example in examples)
             for example, (segments, rewritten) in zip(examples, renders):
-                slots.append(self._put(out, None, OK, rewritten))
+                slots.append(self._put(out, None, OK, rewritten, same_role))
                 rendered.append((example, segments))
         for k, tokenized in zip(slots, self.encoder.encode(rendered)):
             tokenized = self._truncate(tokenized)
@@ -144,6 +169,8 @@ class _TokenizeBatch:
 
     def _examples(self, row: dict[str, Any]) -> list[Any]:
         example = self._example(row)
+        if isinstance(example, ChatExample) and self.settings.train_on != "all":
+            _check_has_answer(example, self.fmt)
         if self.settings.split_turns and isinstance(example, ChatExample):
             return split_turns(example)
         return [example]
@@ -172,7 +199,12 @@ class _TokenizeBatch:
         raise RowError("formatting_func", f"must return a str or a dict, got {type(formatted).__name__}")
 
     def _put(
-        self, out: dict[str, list[Any]], tokenized: Tokenized | None, issue: str = OK, rewritten: int = 0
+        self,
+        out: dict[str, list[Any]],
+        tokenized: Tokenized | None,
+        issue: str = OK,
+        rewritten: int = 0,
+        same_role: bool = False,
     ) -> int:
         """Append one output row; returns its index."""
         tokenized = self._truncate(tokenized) if tokenized is not None else None
@@ -180,7 +212,32 @@ class _TokenizeBatch:
         out["labels"].append(tokenized.labels if tokenized is not None else [])
         out["_issue"].append(_issue_of(tokenized) if tokenized is not None else issue)
         out["_rewritten"].append(rewritten)
+        out["_same_role"].append(same_role)
         return len(out["_issue"]) - 1
+
+
+def _check_has_answer(example: ChatExample, fmt: Format | None) -> None:
+    """A conversation with no assistant turn to train (only a prompt, or only a system message)
+    would be all -100: refused by name rather than dropped as 'no trained token left'."""
+    if any(m["role"] == "assistant" for m in example.messages[example.first_trainable :]):
+        return
+    field = REQUIRED_COLUMNS[fmt][0] if fmt in (Format.MESSAGES, Format.SHAREGPT) else "messages"
+    if fmt in (Format.PROMPT_COMPLETION, Format.PROMPT_RESPONSE):
+        field = "completion" if fmt is Format.PROMPT_COMPLETION else "response"
+    roles = ", ".join(m["role"] for m in example.messages)
+    raise RowError(
+        field,
+        f"has no assistant turn to train on (roles: {roles}). Add the answer, drop such rows with "
+        "skip_invalid_rows=true, or set train_on='all' to train on every token",
+    )
+
+
+def _same_role(example: Any) -> bool:
+    """Two consecutive turns of one role (tool results may follow each other: parallel calls)."""
+    if not isinstance(example, ChatExample):
+        return False
+    roles = [m["role"] for m in example.messages]
+    return any(a == b and a != "tool" for a, b in itertools.pairwise(roles))
 
 
 def _issue_of(tokenized: Tokenized) -> str:
@@ -200,6 +257,8 @@ def prepare(
     problems = settings.problems()
     if problems:
         raise ConfigError("; ".join(problems))
+    if isinstance(dataset, IterableDataset):
+        dataset = guard_stream(dataset, name)
     columns = _column_names(dataset, name)
     if settings.columns:
         dataset = dataset.rename_columns(rename_columns(columns, settings.columns, name))
@@ -283,11 +342,14 @@ def prepare(
         mapped = mapped.filter(lambda issue: issue in (OK, TRUNCATED), input_columns="_issue")
     stats.kept = len(mapped)
     stats.rewritten_turns = sum(mapped["_rewritten"])
+    stats.same_role_rows = sum(mapped["_same_role"])
     log = logger.warning if stats.truncated or stats.dropped_empty or stats.dropped_invalid else logger.info
     log(stats.summary(settings.max_length))
+    if stats.same_role_note():
+        logger.info(stats.same_role_note())
     if stats.rewritten_warning():
         logger.warning(stats.rewritten_warning())
-    return mapped.remove_columns(["_issue", "_rewritten"]), stats
+    return mapped.remove_columns(["_issue", "_rewritten", "_same_role"]), stats
 
 
 def _prepare_iterable(
@@ -307,7 +369,7 @@ def _prepare_iterable(
     logger.info(
         "%s: streaming (%s); truncation and drop counts are not known in advance", stats.name, stats.format
     )
-    return mapped.remove_columns(["_issue", "_rewritten"])
+    return mapped.remove_columns(["_issue", "_rewritten", "_same_role"])
 
 
 def _column_names(dataset: Dataset | IterableDataset, name: str) -> list[str]:

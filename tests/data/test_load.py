@@ -226,3 +226,27 @@ def test_split_slices_local_files_and_subset_needs_a_dataset(tmp_path):
     assert rows_of(load(path, split="train[:2]")) == ROWS[:2]
     with pytest.raises(DataError, match="subset and data_files apply to a Hugging Face dataset"):
         load(path, subset="default")
+
+
+def test_a_guarded_stream_keeps_its_rows_and_shards(tmp_path):
+    """The guard that names a stream failing midway (test_bad_input.py) changes nothing else:
+    the same rows in order, and the source's shards stay shards for DataLoader workers and ranks."""
+    import json
+
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    from sftrainer.data.load import guard_stream
+
+    files = []
+    for k in range(3):
+        path = tmp_path / f"part{k}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"{k}-{i}"}) + "\n" for i in range(4)))
+        files.append(str(path))
+    stream = datasets.load_dataset("json", data_files=files, split="train", streaming=True)
+    guarded = guard_stream(stream, "train data")
+    assert [r["text"] for r in guarded] == [r["text"] for r in stream]
+    assert guarded.num_shards == 3 and guarded.column_names == ["text"]
+    assert [r["text"] for r in split_dataset_by_node(guarded, rank=1, world_size=3)] == [
+        f"1-{i}" for i in range(4)
+    ]
