@@ -28,6 +28,7 @@ from datasets import Dataset
 
 from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.formats import implied_columns
+from sftrainer.data.mixture import Mixture, prepare_mixture
 from sftrainer.data.pack import PackStats, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
 from sftrainer.errors import ConfigError
@@ -93,14 +94,26 @@ def prepare_for_preview(
 ) -> tuple[Dataset, PrepareStats, PackStats | None]:
     """The rows as training prepares them (``DataPipeline`` without the shuffle): the unpacked rows,
     their counts, and the packing counts when ``args.packing``."""
+    prepared, stats, pack, _ = _prepare_with_sources(dataset, tokenizer, args, name)
+    return prepared, stats, pack
+
+
+def _prepare_with_sources(
+    dataset: Any, tokenizer: Any, args: Any, name: str
+) -> tuple[Dataset, PrepareStats, PackStats | None, list[PrepareStats]]:
+    """``prepare_for_preview``, plus each source's counts for a mixture."""
+    sources: list[PrepareStats] = []
     settings = args.data_settings()
     if args.packing and args.packing_strategy in ("bfd_split", "wrapped"):
         settings = dataclasses.replace(settings, max_length=None)  # the packer cuts long rows
-    prepared, stats = prepare(dataset, tokenizer, settings, name)
+    if isinstance(dataset, Mixture):  # each source sampled and prepared on its own, as training does
+        prepared, stats, sources = prepare_mixture(dataset, tokenizer, settings, name, args.seed)
+    else:
+        prepared, stats = prepare(dataset, tokenizer, settings, name)
     pack = None
     if args.packing and isinstance(prepared, Dataset):
         _, pack = pack_dataset(prepared, args.max_length, args.packing_strategy)
-    return prepared, stats, pack
+    return prepared, stats, pack, sources
 
 
 def column_mapping(
@@ -262,6 +275,7 @@ class DataPreview:
     arrays: RowArrays
     pack: PackStats | None
     duplicates: int
+    sources: list[PrepareStats] = dataclasses.field(default_factory=list)  # a mixture's, each
 
     def summary_lines(self, max_length: int | None) -> list[str]:
         s = self.stats
@@ -285,6 +299,10 @@ class DataPreview:
             lines.append(
                 f"  tokens per row: min {lengths.min()}, median {int(np.median(lengths))}, "
                 f"max {lengths.max()}; trained tokens: {int(self.arrays.trained_per_row().sum())}"
+            )
+        for part in self.sources:
+            lines.append(
+                f"  source {part.name.removeprefix(self.name).strip()}: {part.kept} of the mix's rows"
             )
         if self.pack is not None:
             lines.append(f"  packing: {self.pack.summary(self.name).split(': ', 1)[1]}")
@@ -405,15 +423,19 @@ def preview_run(
 
 def describe_data(raw: Any, tokenizer: Any, args: Any, name: str, source: str, cfg: Any) -> DataPreview:
     """Prepare one raw data set as training would, and describe it."""
-    columns = list(raw.column_names or [])
-    mapping = column_mapping(columns, cfg.data.columns, args.dataset_text_field)
-    prepared, stats, pack = prepare_for_preview(raw, tokenizer, args, name)
+    mixture = isinstance(raw, Mixture)
+    columns = [f"a mixture of {len(raw.sources)} sources"] if mixture else list(raw.column_names or [])
+    mapping = {} if mixture else column_mapping(columns, cfg.data.columns, args.dataset_text_field)
+    prepared, stats, pack, sources = _prepare_with_sources(raw, tokenizer, args, name)
+    if mixture:
+        source = "mixture of " + ", ".join(s.label for s in raw.sources)
     if not isinstance(prepared, Dataset):
         raise ConfigError(
             f"{name}: sftrainer data counts a map-style data set; this one is streamed ({type(raw).__name__})"
         )
     arrays = row_arrays(prepared)
-    return DataPreview(name, source, columns, mapping, stats, arrays, pack, count_duplicates(raw))
+    duplicates = 0 if mixture else count_duplicates(raw)  # a mixture repeats rows by its weights
+    return DataPreview(name, source, columns, mapping, stats, arrays, pack, duplicates, sources)
 
 
 def _eval_source(cfg: Any) -> str:

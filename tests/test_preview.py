@@ -267,3 +267,19 @@ def test_data_help(capsys):
     out = capsys.readouterr().out
     for text in ("CONFIG.yaml | DATA --model M", "--rows N", "--plot FILE", "--probe", "⟦", "pre-flight"):
         assert text in out, f"{text!r} missing from data --help"
+
+
+def test_data_command_shows_the_mix_of_a_mixture(tmp_path, capsys, tiny_model_dir):
+    chats = write_jsonl(tmp_path / "chats.jsonl", CHAT_ROWS)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 5)
+    config = tmp_path / "mix.yaml"
+    config.write_text(
+        f"model:\n  name_or_path: builtin\ndata:\n  train:\n    - path: {chats}\n    - path: {pairs}\n"
+        "      rows: 4\nmax_length: 128\n"
+    )
+    assert main(["data", str(config), "--rows", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"train data: mixture of {chats}, {pairs}" in out
+    assert "rows: 6 read, 6 kept" in out
+    assert f"source [{chats}]: 2 of the mix's rows" in out and f"source [{pairs}]: 4 of the mix's rows" in out
+    assert "optimizer steps: 3 (1 per epoch x 3 epochs; 6 sequences, 8 per step)" in out
