@@ -10,7 +10,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
-from sftrainer.errors import SFTrainerError
+from sftrainer.errors import ConfigError, SFTrainerError
 
 TRAIN_HELP = """\
 Fine-tune a causal language model.
@@ -45,9 +45,30 @@ examples:
   sftrainer eval outputs/run/checkpoint-500 data/test.jsonl exact_match_samples=100
 """
 
+DATA_HELP = """\
+See the data before training on it: the detected format and column mapping, row counts (read, kept,
+truncated, dropped and why), a token-length histogram, the first rows as rendered with the trained
+tokens marked (green on a terminal; elsewhere between ⟦ and ⟧), the chat template and where it
+came from, and the pre-flight check: trained tokens, optimizer steps, time per epoch (--probe
+measures it), estimated peak memory, and warnings for likely mistakes.
+
+CONFIG.yaml and key=value are read as `sftrainer train` reads them (no CONFIG: the built-in demo).
+Or give a data file, directory or hub id and --model (a model directory, hub id or 'builtin'): only
+its tokenizer and config are read, unless --probe.
+"""
+
+DATA_EXAMPLES = """\
+examples:
+  sftrainer data                                    # the built-in demo's data
+  sftrainer data configs/builtin-lora.yaml --rows 5 --plot lengths.png
+  sftrainer data data/train.jsonl --model path/to/model max_length=2048
+  sftrainer data my.yaml --probe                    # also time 3 training steps on this machine
+"""
+
 MAIN_EPILOG = """\
 examples:
   sftrainer train                                   # no CONFIG: the built-in demo (tiny model, CPU, minutes)
+  sftrainer data CONFIG.yaml                        # what the run would train on, and pre-flight checks
   sftrainer train CONFIG.yaml                       # a run described by one YAML file (see configs/)
   sftrainer train CONFIG.yaml lora.r=32 max_steps=100   # any key=value after it overrides the file
   sftrainer report outputs/demo                     # report.html + report.png of a run
@@ -87,6 +108,24 @@ def _parser(with_keys: bool) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    data = sub.add_parser(
+        "data",
+        help="preview the data as it will be trained, with pre-flight checks (steps, time, memory)",
+        usage="%(prog)s [-h] [CONFIG.yaml | DATA --model M] [key=value ...] [options]",
+        description=DATA_HELP,
+        epilog=DATA_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data.add_argument("items", nargs="*", metavar="[CONFIG.yaml | DATA] [key=value ...]")
+    data.add_argument(
+        "--model", help="model directory, hub id or 'builtin' (its tokenizer and chat template)"
+    )
+    data.add_argument("--rows", type=int, default=3, metavar="N", help="rendered rows to show (default 3)")
+    data.add_argument("--plot", metavar="FILE", help="also write the token-length histogram as a PNG")
+    data.add_argument(
+        "--probe", action="store_true", help="load the model and time a few training steps on this machine"
+    )
+    data.add_argument("--template", action="store_true", help="print the chat template in use")
     evaluate = sub.add_parser(
         "eval",
         help="evaluate a saved model, LoRA adapter or checkpoint (loss, perplexity, generation metrics)",
@@ -166,6 +205,48 @@ def cmd_train(items: Sequence[str]) -> int:
     cfg = load_config(config, overrides, defaults=builtin.DEMO_CONFIG if config is None else None)
     metrics = train(cfg)
     print(_summary(metrics, cfg.train.output_dir))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from sftrainer import builtin
+    from sftrainer.preview import markers_for, preview_run
+    from sftrainer.run_config import load_config
+
+    items = list(args.items)
+    first = items[0] if items and "=" not in items[0] else None
+    overrides = items[1:] if first else items
+    if first is not None and not first.lower().endswith((".yaml", ".yml")):  # a data source
+        if args.model is None:
+            raise ConfigError(
+                f"sftrainer data {first}: give --model (a model directory, hub id or 'builtin'): "
+                "its tokenizer and chat template decide the tokens"
+            )
+        overrides = [f"data.train={first}", "data.eval=null", *overrides]
+        first = None
+        defaults = {"model": {"name_or_path": args.model}}
+    else:
+        defaults = builtin.DEMO_CONFIG if first is None else None
+    if args.model is not None:
+        overrides.append(f"model.name_or_path={args.model}")
+    if args.rows < 0:
+        raise ConfigError(f"--rows: must be >= 0, got {args.rows}")
+    cfg = load_config(first, overrides, defaults=defaults)
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    markers = markers_for(getattr(sys.stdout, "encoding", None))
+    bar = "\u2588" if markers != ("[[", "]]") else "#"
+    print(
+        preview_run(
+            cfg,
+            rows=args.rows,
+            colour=colour,
+            markers=markers,
+            bar=bar,
+            plot=args.plot,
+            probe=args.probe,
+            show_template=args.template,
+        )
+    )
     return 0
 
 
@@ -255,11 +336,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Only `sftrainer train --help` lists the keys: that imports the config (transformers, torch).
     parser = _parser(with_keys=argv[:1] == ["train"] and ("-h" in argv or "--help" in argv))
-    args = parser.parse_args(argv)
+    if argv[:1] == ["data"]:  # key=value may follow --options (argparse stops collecting them there)
+        args, extra = parser.parse_known_args(argv)
+        if any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.items += extra
+    else:
+        args = parser.parse_args(argv)
     _setup_logging()
     try:
         if args.command == "train":
             return cmd_train(args.items)
+        if args.command == "data":
+            return cmd_data(args)
         if args.command == "eval":
             return cmd_eval(args.target, args.items, args.output)
         if args.command == "report":

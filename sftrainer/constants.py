@@ -31,3 +31,11 @@ BITSANDBYTES_OPTIMIZERS = (
 TORCHAO_OPTIMIZERS = ("adamw_torch_4bit", "adamw_torch_8bit")
 BNB_QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes 4-bit data types; see model.bnb_4bit_quant_type
 BNB_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # see model.bnb_4bit_compute_dtype
+
+# Pre-flight learning-rate warnings (sftrainer.preflight): (low, high) outside which a run is flagged.
+# Published SFT recipes use about 1e-4 to 3e-4 for LoRA (LoRA, Hu et al. 2021; QLoRA, Dettmers et al.
+# 2023: 2e-4 / 1e-4; PEFT and TRL examples) and about 1e-5 to 2e-5 for full fine-tuning (Alpaca,
+# Tulu 2, Zephyr: 2e-5). The bounds sit about an order of magnitude outside those.
+LORA_LR_RANGE = (1e-5, 1e-3)
+FULL_LR_RANGE = (1e-7, 1e-4)
+TRUNCATED_WARN_FRACTION = 0.5  # warn when more than this share of the rows is cut to max_length

@@ -1,4 +1,4 @@
-"""Line charts as PNG files, in pure Python (zlib + struct): no plotting library to install.
+"""Line charts (and a bar chart) as PNG files, in pure Python (zlib + struct): no plotting library to install.
 
 ``write_charts(path, charts)`` draws the charts side by side; each chart is a title and a list of
 series ``(label, (r, g, b), [(x, y), ...])``. Axes carry tick labels in a small bitmap font; series
@@ -8,6 +8,7 @@ with few points are also drawn as dots (an eval curve of a handful of evaluation
 from __future__ import annotations
 
 import itertools
+import math
 import struct
 import zlib
 from collections.abc import Sequence
@@ -59,6 +60,7 @@ SCALE = 2  # font pixels per glyph pixel
 CHAR_W, CHAR_H = 4 * SCALE, 5 * SCALE
 
 WHITE, BLACK, GREY, LIGHT = (255, 255, 255), (40, 40, 40), (120, 120, 120), (225, 225, 225)
+BAR, MARK = (70, 130, 180), (200, 60, 40)  # histogram bars; a limit line
 
 
 class Canvas:
@@ -183,5 +185,48 @@ def write_charts(
     canvas = Canvas(w * max(1, len(charts)), h)
     for i, (title, series) in enumerate(charts):
         draw_chart(canvas, i * w, 0, w, h, title, series)
+    with open(path, "wb") as f:
+        f.write(canvas.png())
+
+
+def write_bars(
+    path: str,
+    title: str,
+    bars: Sequence[tuple[str, float]],
+    marker: str | None = None,
+    marker_at: float | None = None,
+    size: tuple[int, int] = (640, 320),
+) -> None:
+    """A bar chart (one bar per ``(label, value)``, labels under the bars) in one PNG file;
+    ``marker_at`` (in bar units from the left edge) draws a labelled vertical line, e.g. a limit."""
+    w, h = size
+    canvas = Canvas(w, h)
+    left, right, top, bottom = 62, 12, 40, 34
+    px0, py0, px1, py1 = left, top, w - right, h - bottom
+    canvas.text(left, 8, title)
+    peak = max((v for _, v in bars), default=0) or 1
+    n = max(1, len(bars))
+    slot = (px1 - px0) / n
+    for i in range(5):  # grid and value ticks
+        value = peak * (i + 1) / 5
+        gy = round(py1 - value / peak * (py1 - py0))
+        canvas.line(px0, gy, px1, gy, LIGHT)
+        label = f"{value:.0f}" if 1 <= value < 1e6 else tick_label(value)  # counts: whole numbers fit
+        canvas.text(px0 - 6 - len(label) * CHAR_W, gy - CHAR_H // 2, label, GREY)
+    every = max(1, math.ceil(n * 4 * CHAR_W / (px1 - px0)))  # skip labels that would overlap
+    for k, (label, value) in enumerate(bars):
+        x0, x1 = round(px0 + k * slot) + 1, round(px0 + (k + 1) * slot) - 1
+        y = round(py1 - value / peak * (py1 - py0))
+        if value:
+            canvas.rect(x0, min(y, py1 - 1), x1, py1, BAR)
+        if k % every == 0:
+            canvas.text(x0, py1 + 8, label, GREY)
+    canvas.line(px0, py0, px0, py1, BLACK)
+    canvas.line(px0, py1, px1, py1, BLACK)
+    if marker_at is not None:
+        mx = round(px0 + marker_at * slot)
+        canvas.line(mx, py0, mx, py1, MARK, width=2)
+        if marker:
+            canvas.text(max(px0, mx - len(marker) * CHAR_W - 4), py0 + 4, marker, MARK)
     with open(path, "wb") as f:
         f.write(canvas.png())

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sftrainer import builtin, report
+from sftrainer import builtin, preflight, report
 from sftrainer.checkpoint import resolve_checkpoint, write_run_record
 from sftrainer.data import load as data_load
 from sftrainer.data.mixture import Mixture
@@ -87,6 +87,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
         processing_class=tokenizer,
         peft_config=peft_config_from(cfg.lora, tokenizer, model),
     )
+    _preflight(trainer, train_ds, None if name == builtin.BUILTIN else cfg.lora is not None)
     if trainer.args.should_save:  # before training: a run stopped early still says what it was
         write_run_record(cfg, args.output_dir)
 
@@ -111,6 +112,21 @@ def train(cfg: RunConfig) -> dict[str, float]:
         except Exception as err:  # the model is saved: a failed report must not fail the run
             logger.warning("Could not write the run report: %s: %s", type(err).__name__, err)
     return metrics
+
+
+def _preflight(trainer: SFTTrainer, train_ds: Any, lora: bool | None) -> None:
+    """Log the pre-flight block, and time the first steps (sftrainer.preflight). ``lora``: None skips
+    the learning-rate check (the built-in model is trained from scratch, not fine-tuned)."""
+    result, why = preflight.for_trainer(trainer, train_ds, lora)
+    if result is None:
+        logger.info("Pre-flight %s", why)
+        return
+    if trainer.is_world_process_zero():
+        logger.info("%s", result.format())
+    plan = result.plan
+    trainer.add_callback(
+        preflight.StepTimeCallback(preflight.PROBE_STEPS, plan.steps_per_epoch, plan.total_steps)
+    )
 
 
 def _rows(dataset: Any) -> int | None:

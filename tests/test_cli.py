@@ -45,7 +45,15 @@ def test_main_help(capsys):
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for text in ("usage: sftrainer", "train", "CONFIG", "key=value", "demo", "sftrainer train --help"):
+    for text in (
+        "usage: sftrainer",
+        "train",
+        "data",
+        "CONFIG",
+        "key=value",
+        "demo",
+        "sftrainer train --help",
+    ):
         assert text in out, f"{text!r} missing from --help"
 
 

@@ -1,0 +1,400 @@
+"""Pre-flight: what a run will cost and what looks wrong, before it spends compute.
+
+Printed by ``sftrainer data`` and logged at the start of ``sftrainer train``: trained tokens,
+optimizer steps, time per epoch (measured, never guessed), an estimate of peak accelerator memory,
+and warnings for likely mistakes.
+
+Measured vs estimated:
+
+- steps: computed the way ``transformers.Trainer`` computes them (tested against ``state.max_steps``).
+- time: ``sftrainer data --probe`` runs a few real training steps (``measure_step_time``); at train
+  start ``StepTimeCallback`` times the first optimizer steps of the run itself and logs the estimate
+  then. Without either, no time is given.
+- memory: ``sftrainer.memory_estimate.estimate_memory``, a formula (see its docstring), labelled an estimate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from transformers import TrainerCallback
+
+from sftrainer.constants import FULL_LR_RANGE, LORA_LR_RANGE, TRUNCATED_WARN_FRACTION
+from sftrainer.memory_estimate import MemoryEstimate, ModelShape, estimate_memory, format_bytes, model_shape
+
+logger = logging.getLogger(__name__)
+
+PROBE_STEPS = 3  # timed optimizer steps, after one untimed warm-up step
+
+
+# ---- steps -----------------------------------------------------------------------------------
+
+
+@dataclass
+class StepPlan:
+    sequences: int  # rows (packed sequences when packing) in one epoch
+    per_step: int  # sequences per optimizer step: batch x devices x accumulation
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def epochs(self) -> float:
+        return self.total_steps / self.steps_per_epoch
+
+
+def plan_steps(
+    sequences: int,
+    batch_size: int,
+    grad_accum: int = 1,
+    epochs: float = 1.0,
+    max_steps: int = -1,
+    devices: int = 1,
+    drop_last: bool = False,
+) -> StepPlan:
+    """Optimizer steps as ``Trainer.set_initial_training_values`` counts them: batches per epoch
+    (``ceil(sequences / (batch_size * devices))``, floor with ``drop_last``), then ``ceil(batches /
+    grad_accum)`` steps per epoch; ``max_steps > 0`` wins over ``epochs``."""
+    per_batch = batch_size * devices
+    batches = sequences // per_batch if drop_last else math.ceil(sequences / per_batch)
+    per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
+    total = max_steps if max_steps > 0 else math.ceil(epochs * per_epoch)
+    return StepPlan(sequences, per_batch * grad_accum, per_epoch, total)
+
+
+def plan_from_args(sequences: int, args: Any) -> StepPlan:
+    return plan_steps(
+        sequences,
+        args.train_batch_size,  # per device x GPUs of one process (DataParallel)
+        args.gradient_accumulation_steps,
+        args.num_train_epochs,
+        args.max_steps,
+        max(1, args.world_size),
+        args.dataloader_drop_last,
+    )
+
+
+# ---- warnings --------------------------------------------------------------------------------
+
+
+def rows_missing_stop(arrays: Any, stop_ids: list[int], max_length: int | None) -> int:
+    """Rows that train no EOS / end-of-turn token, not counting rows cut at max_length (which lose
+    theirs by truncation, counted apart)."""
+    if not arrays.lengths.size:
+        return 0
+    missing = ~arrays.rows_with_any(stop_ids)
+    if max_length is not None:
+        missing &= arrays.lengths < max_length
+    return int(missing.sum())
+
+
+def check_run(
+    *,
+    rows: int,
+    truncated: int,
+    missing_stop: int,
+    dropped: int = 0,
+    duplicates: int,
+    eval_rows: int | None,
+    learning_rate: float,
+    lora: bool | None,
+    stop_tokens: str = "EOS",
+) -> list[str]:
+    """Warnings for likely mistakes. ``eval_rows``: None when no eval data is configured.
+    ``lora``: None skips the learning-rate check (the built-in model is trained from scratch)."""
+    out = []
+    if missing_stop:
+        out.append(
+            f"{missing_stop} of {rows} rows train no end token ({stop_tokens}): the model may not learn "
+            "to stop. Check the chat template (does the assistant turn end with it?) and train_on."
+        )
+    if rows and truncated / rows > TRUNCATED_WARN_FRACTION:
+        out.append(
+            f"{truncated} of {rows} rows ({truncated / rows:.0%}) are cut to max_length: raise max_length, "
+            "or use packing_strategy=bfd_split to split instead of cutting."
+        )
+    if dropped:
+        out.append(
+            f"{dropped} of {rows} rows are dropped (reasons above); a prompt that fills max_length "
+            "leaves no trained token: raise max_length or use truncation_mode=keep_end."
+        )
+    if eval_rows == 0:
+        out.append(
+            "the eval split is empty: evaluation would measure nothing; give data.eval or a larger eval_split."
+        )
+    if duplicates:
+        out.append(f"{duplicates} rows repeat an earlier row exactly (they are trained more than once).")
+    if lora is not None:
+        low, high = LORA_LR_RANGE if lora else FULL_LR_RANGE
+        kind = "LoRA" if lora else "full fine-tuning"
+        if not low <= learning_rate <= high:
+            out.append(
+                f"learning_rate={learning_rate:g} is outside the usual range for {kind} "
+                f"({low:g} to {high:g}; see sftrainer/constants.py)."
+            )
+    return out
+
+
+# ---- time ------------------------------------------------------------------------------------
+
+
+class StepTimeCallback(TrainerCallback):
+    """Times optimizer steps: after one warm-up step, the next ``steps`` ones. ``seconds_per_step``
+    is then set; with ``steps_per_epoch`` given, the estimate is logged once."""
+
+    def __init__(
+        self, steps: int = PROBE_STEPS, steps_per_epoch: int | None = None, total: int | None = None
+    ):
+        self.steps = steps
+        self.steps_per_epoch = steps_per_epoch
+        self.total = total
+        self.seconds_per_step: float | None = None
+        self._start: tuple[int, float] | None = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        now = time.perf_counter()
+        if self._start is None:
+            self._start = (state.global_step, now)  # after the warm-up step
+            return
+        done = state.global_step - self._start[0]
+        if self.seconds_per_step is None and done >= self.steps:
+            self.seconds_per_step = (now - self._start[1]) / done
+            if self.steps_per_epoch and state.is_world_process_zero:
+                logger.info(
+                    "Pre-flight: %s",
+                    format_time(self.seconds_per_step, self.steps_per_epoch, self.total, done),
+                )
+
+
+def format_time(seconds_per_step: float, steps_per_epoch: int, total: int | None, measured: int) -> str:
+    run = f", {_duration(seconds_per_step * total)} for {total} steps" if total else ""
+    return (
+        f"measured {seconds_per_step:.3g} s per optimizer step (over {measured} steps) -> "
+        f"about {_duration(seconds_per_step * steps_per_epoch)} per epoch{run}"
+    )
+
+
+@dataclass
+class Probe:
+    seconds_per_step: float
+    steps: int
+    peak_memory: int | None  # bytes, measured by torch.cuda (None on CPU)
+    device: str
+
+
+def measure_step_time(cfg: Any, train_rows: Any, tokenizer: Any, rows_per_sequence: float = 1.0) -> Probe:
+    """Load the model and run 1 + ``PROBE_STEPS`` real training steps (the run's settings, batch
+    size and accumulation) on a sample of the training rows; time the last ``PROBE_STEPS``."""
+    import torch
+
+    from sftrainer import builtin
+    from sftrainer.lora import peft_config_from
+    from sftrainer.model import load_model
+    from sftrainer.run_config import apply_overrides, build_config
+    from sftrainer.trainer import SFTTrainer
+
+    with tempfile.TemporaryDirectory(prefix="sftrainer-probe-") as tmp:
+        overrides = [
+            f"output_dir={tmp}",
+            f"max_steps={PROBE_STEPS + 1}",
+            "save_strategy=no",
+            "eval_strategy=no",
+            "logging_strategy=no",
+            "report_to=none",
+            "disable_tqdm=true",
+            "exact_match_samples=0",
+            "generation_prompts=null",
+            "resume_from_checkpoint=null",
+            "load_best_model_at_end=false",
+        ]
+        probe_cfg = build_config(apply_overrides(cfg.source, overrides))
+        args = probe_cfg.train
+        need = math.ceil(
+            (PROBE_STEPS + 1) * args.train_batch_size * args.gradient_accumulation_steps * rows_per_sequence
+        )
+        rows = train_rows.shuffle(seed=args.seed)
+        rows = rows.select(range(min(len(rows), need))) if hasattr(rows, "select") else rows.take(need)
+        name = cfg.model.name_or_path
+        model = load_model(
+            str(builtin.model_dir()) if name == builtin.BUILTIN else name,
+            dtype=cfg.model.dtype,
+            attn_implementation=cfg.model.attn_implementation,
+            trust_remote_code=cfg.model.trust_remote_code,
+            revision=cfg.model.revision,
+        )
+        timer = StepTimeCallback(PROBE_STEPS)
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=rows,
+            processing_class=tokenizer,
+            peft_config=peft_config_from(cfg.lora),
+            callbacks=[timer],
+        )
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+        peak = torch.cuda.max_memory_allocated() if cuda else None
+        device = str(trainer.args.device)
+    return Probe(timer.seconds_per_step or float("nan"), PROBE_STEPS, peak, device)
+
+
+# ---- the block ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Preflight:
+    trained_tokens: int  # per epoch
+    plan: StepPlan
+    memory: MemoryEstimate | None
+    warnings: list[str]
+    probe: Probe | None = None
+    time_note: str = ""
+
+    def format(self) -> str:
+        plan = self.plan
+        lines = [
+            "Pre-flight:",
+            f"  trained tokens: {_count(self.trained_tokens)} per epoch, "
+            f"{_count(round(self.trained_tokens * plan.epochs))} over the run",
+            f"  optimizer steps: {plan.total_steps} ({plan.steps_per_epoch} per epoch x {plan.epochs:.3g} "
+            f"epochs; {plan.sequences} sequences, {plan.per_step} per step)",
+        ]
+        if self.probe is not None:
+            timing = format_time(
+                self.probe.seconds_per_step, plan.steps_per_epoch, plan.total_steps, self.probe.steps
+            )
+            lines.append(f"  time ({self.probe.device}): {timing}")
+        elif self.time_note:
+            lines.append(f"  time: {self.time_note}")
+        if self.memory is not None:
+            lines.append(
+                f"  peak memory, estimated: {self.memory.describe()}; {'; '.join(self.memory.notes)}"
+            )
+        if self.probe is not None and self.probe.peak_memory is not None:
+            lines.append(
+                f"  peak memory, measured by the probe (torch.cuda): {format_bytes(self.probe.peak_memory)}"
+            )
+        lines += [f"  warning: {w}" for w in self.warnings] or ["  warnings: none"]
+        return "\n".join(lines)
+
+
+def summarize(
+    *,
+    arrays: Any,
+    sequences: int,
+    args: Any,
+    stats: Any,
+    shape: ModelShape | None,
+    stop_ids: list[int],
+    stop_tokens: str,
+    duplicates: int,
+    eval_rows: int | None,
+    lora: bool | None,
+    eager_attention: bool = False,
+    chunked_loss: bool = True,
+    probe: Probe | None = None,
+    time_note: str = "",
+) -> Preflight:
+    """The pre-flight of a run from its prepared train rows (``RowArrays``, packed rows split back)."""
+    plan = plan_from_args(sequences, args)
+    lengths = arrays.lengths
+    seq_len = (
+        args.max_length if args.packing and args.max_length else int(lengths.max() if lengths.size else 1)
+    )
+    memory = None
+    if shape is not None:
+        memory = estimate_memory(
+            shape,
+            args.per_device_train_batch_size,
+            seq_len,
+            mixed_precision=bool(args.bf16 or args.fp16),
+            optim=args.optim,
+            gradient_checkpointing=bool(args.gradient_checkpointing),
+            eager_attention=eager_attention,
+            logits_at_once=logits_at_once(args, shape.vocab) if chunked_loss else None,
+        )
+        memory.notes.append(
+            "logits: one chunk of the chunked loss" if chunked_loss else "logits: all at once"
+        )
+    warnings = check_run(
+        rows=stats.rows,
+        truncated=stats.truncated,
+        dropped=stats.dropped_empty + stats.dropped_invalid,
+        missing_stop=rows_missing_stop(arrays, stop_ids, args.max_length),
+        duplicates=duplicates,
+        eval_rows=eval_rows,
+        learning_rate=args.learning_rate,
+        lora=lora,
+        stop_tokens=stop_tokens,
+    )
+    trained = int(np.asarray(arrays.trained_per_row()).sum())
+    return Preflight(trained, plan, memory, warnings, probe, time_note)
+
+
+def logits_at_once(args: Any, vocab: int) -> int:
+    """Logits one chunk of the chunked loss holds (``sftrainer.loss``: loss_chunk_size positions, else
+    CHUNK_LOGITS logits)."""
+    from sftrainer.loss import CHUNK_LOGITS
+
+    size = getattr(args, "loss_chunk_size", None)
+    return size * vocab if size else CHUNK_LOGITS
+
+
+def _count(n: float) -> str:
+    from sftrainer.console import human
+
+    return human(n)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
+
+
+def for_trainer(trainer: Any, train_raw: Any, lora: bool | None) -> tuple[Preflight | None, str]:
+    """The pre-flight of a constructed ``SFTTrainer`` (its prepared rows and loaded model), or None
+    and why not. The time per epoch is left to ``StepTimeCallback`` (measured on the run's own steps)."""
+    from datasets import Dataset
+
+    from sftrainer.generate import stop_token_ids
+    from sftrainer.preview import count_duplicates, row_arrays
+
+    dataset, stats = trainer.train_dataset, trainer.data_stats.get("train data")
+    if not isinstance(dataset, Dataset) or "labels" not in dataset.column_names or stats is None:
+        return None, "skipped: the train data is streamed or used as given, so it cannot be counted up front"
+    tokenizer = trainer.processing_class
+    stop_ids = stop_token_ids(tokenizer)
+    eval_rows = None
+    if isinstance(trainer.eval_dataset, Dataset):
+        eval_rows = len(trainer.eval_dataset)
+    model_config = getattr(trainer.model, "config", None)
+    report = summarize(
+        arrays=row_arrays(dataset),
+        sequences=len(dataset),
+        args=trainer.args,
+        stats=stats,
+        shape=model_shape(trainer.model),
+        stop_ids=stop_ids,
+        stop_tokens=", ".join(tokenizer.convert_ids_to_tokens(stop_ids)),
+        duplicates=count_duplicates(train_raw) if isinstance(train_raw, Dataset) else 0,
+        eval_rows=eval_rows,
+        lora=lora,
+        eager_attention=getattr(model_config, "_attn_implementation", None) == "eager",
+        chunked_loss=getattr(getattr(trainer, "loss_plan", None), "kind", None) == "chunked",
+        time_note=f"measured on the first {PROBE_STEPS + 1} optimizer steps, logged then"
+        if plan_from_args(len(dataset), trainer.args).total_steps > PROBE_STEPS
+        else "not measured (the run is shorter than the steps it takes to time)",
+    )
+    return report, ""

@@ -1,0 +1,242 @@
+"""Pre-flight (sftrainer/preflight.py): the step count against what Trainer runs, each warning on crafted data (and none on clean data), the probe, and the block ``sftrainer train`` logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+from tiny_models import quick_args
+
+from sftrainer import SFTTrainer
+from sftrainer.constants import FULL_LR_RANGE, IGNORE_INDEX, LORA_LR_RANGE
+from sftrainer.data.load import load
+from sftrainer.preflight import (
+    StepTimeCallback,
+    check_run,
+    for_trainer,
+    plan_from_args,
+    plan_steps,
+    rows_missing_stop,
+)
+from sftrainer.preview import prepare_for_preview, row_arrays
+
+PAIRS = [{"prompt": f"Count the words: {'sun ' * n}", "response": str(n)} for n in range(1, 12)]
+
+
+# ---- steps ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(max_steps=-1, num_train_epochs=2, per_device_train_batch_size=3, gradient_accumulation_steps=2),
+        dict(max_steps=-1, num_train_epochs=1.5, per_device_train_batch_size=4),
+        dict(max_steps=-1, num_train_epochs=1, per_device_train_batch_size=2, packing=True, max_length=48),
+        dict(max_steps=-1, num_train_epochs=1, per_device_train_batch_size=4, dataloader_drop_last=True),
+        dict(max_steps=5, per_device_train_batch_size=2),
+    ],
+    ids=["epochs+accumulation", "fractional-epochs", "packing", "drop-last", "max-steps"],
+)
+def test_step_count_is_what_trainer_runs(tmp_path, tiny_model, tokenizer, overrides):
+    args = quick_args(tmp_path, learning_rate=1e-4, **overrides)
+    trainer = SFTTrainer(model=tiny_model, args=args, train_dataset=PAIRS, processing_class=tokenizer)
+    plan = plan_from_args(len(trainer.train_dataset), trainer.args)
+    trainer.train()
+    assert trainer.state.max_steps == plan.total_steps
+    assert trainer.state.global_step == plan.total_steps
+    # sftrainer data counts the same sequences without a trainer (packing included)
+    _, stats, pack = prepare_for_preview(load(PAIRS), tokenizer, trainer.args)
+    assert (pack.sequences if pack else stats.kept) == len(trainer.train_dataset)
+
+
+def test_plan_steps_arithmetic():
+    plan = plan_steps(100, 8, grad_accum=4, epochs=3)  # 13 batches -> 4 steps per epoch
+    assert (plan.steps_per_epoch, plan.total_steps, plan.per_step) == (4, 12, 32)
+    assert plan_steps(100, 8, grad_accum=4, drop_last=True).steps_per_epoch == 3  # 12 batches
+    assert plan_steps(100, 8, devices=2).steps_per_epoch == 7
+    assert plan_steps(3, 8).steps_per_epoch == 1
+    assert math.isclose(plan_steps(100, 10, max_steps=25).epochs, 2.5)
+
+
+# ---- warnings ----------------------------------------------------------------------------------
+
+CLEAN = dict(rows=10, truncated=0, missing_stop=0, duplicates=0, eval_rows=5, learning_rate=2e-4, lora=True)
+
+
+def test_no_warning_on_a_clean_run():
+    assert check_run(**CLEAN) == []
+    assert check_run(**{**CLEAN, "lora": False, "learning_rate": 2e-5}) == []
+    assert check_run(**{**CLEAN, "eval_rows": None}) == []  # no eval data configured: nothing to warn about
+    assert check_run(**{**CLEAN, "truncated": 5}) == []  # half is not most
+
+
+@pytest.mark.parametrize(
+    "change, text",
+    [
+        ({"missing_stop": 3}, "3 of 10 rows train no end token"),
+        ({"truncated": 6}, "6 of 10 rows (60%) are cut to max_length"),
+        ({"eval_rows": 0}, "the eval split is empty"),
+        ({"dropped": 4}, "4 of 10 rows are dropped"),
+        ({"duplicates": 2}, "2 rows repeat an earlier row"),
+        ({"learning_rate": LORA_LR_RANGE[1] * 2}, "outside the usual range for LoRA"),
+        ({"learning_rate": LORA_LR_RANGE[0] / 2}, "outside the usual range for LoRA"),
+        (
+            {"learning_rate": FULL_LR_RANGE[1] * 2, "lora": False},
+            "outside the usual range for full fine-tuning",
+        ),
+    ],
+)
+def test_each_warning_fires(change, text):
+    found = check_run(**{**CLEAN, **change})
+    assert len(found) == 1 and text in found[0], found
+
+
+def test_missing_end_token_is_found_in_prepared_rows(tmp_path, tokenizer):
+    """Pre-tokenized rows that never train EOS are counted; chat rows (which train <|im_end|>) are not;
+    a row cut at max_length lost its EOS to truncation and is not counted as missing it."""
+    eos = tokenizer.eos_token_id
+    args = quick_args(tmp_path, max_length=8)
+    rows = [
+        {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]},  # no EOS trained
+        {"input_ids": [5, 6, eos], "labels": [IGNORE_INDEX, 6, eos]},
+        {
+            "input_ids": [5, 6, 7, eos],
+            "labels": [IGNORE_INDEX, 6, 7, IGNORE_INDEX],
+        },  # EOS present, not trained
+        {"input_ids": list(range(5, 17)), "labels": list(range(5, 17))},  # truncated to 8
+    ]
+    prepared, stats, _ = prepare_for_preview(load(rows), tokenizer, args)
+    assert stats.truncated == 1
+    assert rows_missing_stop(row_arrays(prepared), [eos], args.max_length) == 2
+    chat, _, _ = prepare_for_preview(load(PAIRS), tokenizer, quick_args(tmp_path, max_length=64))
+    assert rows_missing_stop(row_arrays(chat), [eos], 64) == 0
+
+
+def test_warnings_from_crafted_files_through_the_command(tmp_path, capsys, tiny_model_dir):
+    """Duplicates, most rows truncated and a learning rate far too high for full fine-tuning, on one
+    file with a real (non-builtin) model directory; then a clean file with none of them."""
+    from sftrainer.cli import main
+
+    model_dir = tmp_path / "model"
+    import shutil
+
+    shutil.copytree(tiny_model_dir, model_dir)
+    long = [{"prompt": "Say sun 20 times", "response": "sun " * 20}] * 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in long + PAIRS[:2]))
+    assert (
+        main(
+            [
+                "data",
+                str(bad),
+                "--model",
+                str(model_dir),
+                "--rows",
+                "0",
+                "max_length=24",
+                "learning_rate=1e-3",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("  warning:")]
+    assert len(warnings) == 3, out
+    assert "2 rows repeat an earlier row" in out and "3 of 5 rows (60%) are cut" in out
+    assert "learning_rate=0.001 is outside the usual range for full fine-tuning" in out
+
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    assert main(["data", str(clean), "--model", str(model_dir), "--rows", "0", "learning_rate=2e-5"]) == 0
+    assert "  warnings: none" in capsys.readouterr().out
+
+
+def test_empty_eval_split_is_reported_not_fatal(tmp_path, capsys, tiny_model_dir):
+    """Eval rows that all lose their trained tokens leave an empty eval split: a warning in the preview."""
+    from sftrainer.cli import main
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    evaluation = tmp_path / "eval.jsonl"
+    evaluation.write_text(json.dumps({"input_ids": [5, 6], "labels": [IGNORE_INDEX, IGNORE_INDEX]}) + "\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model:\n  name_or_path: builtin\ndata:\n  train: {train}\n  eval: {evaluation}\n")
+    assert main(["data", str(config), "--rows", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: the eval split is empty" in out
+
+
+# ---- time --------------------------------------------------------------------------------------
+
+
+def test_probe_times_real_training_steps(tmp_path, capsys, tiny_model_dir):
+    from sftrainer.cli import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    assert (
+        main(
+            [
+                "data",
+                str(data),
+                "--model",
+                "builtin",
+                "--rows",
+                "0",
+                "--probe",
+                "per_device_train_batch_size=2",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("  time ("))
+    assert "measured" in line and "s per optimizer step (over 3 steps)" in line and "per epoch" in line
+    seconds = float(line.split("measured ")[1].split(" s per")[0])
+    assert seconds > 0 and math.isfinite(seconds)
+
+
+def test_step_timer_measures_after_a_warm_up_step():
+    class State:
+        global_step = 0
+        is_world_process_zero = True
+
+    timer = StepTimeCallback(steps=2)
+    state = State()
+    for step in range(1, 5):
+        state.global_step = step
+        timer.on_step_end(None, state, None)
+        assert (timer.seconds_per_step is None) == (step < 3)
+    assert timer.seconds_per_step >= 0
+
+
+# ---- at train start ----------------------------------------------------------------------------
+
+
+def test_train_logs_the_preflight_and_the_measured_time(tmp_path, caplog, tiny_model_dir):
+    from sftrainer.cli import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS * 2))
+    with caplog.at_level(logging.INFO, logger="sftrainer"):
+        code = main(["train", f"data.train={data}", "data.eval=null", f"output_dir={tmp_path / 'run'}",
+                     "max_steps=5", "per_device_train_batch_size=2", "exact_match_samples=0",
+                     "save_strategy=no", "disable_tqdm=true"])  # fmt: skip
+    assert code == 0
+    text = caplog.text
+    assert "Pre-flight:" in text and "optimizer steps: 5 (11 per epoch" in text
+    assert "time: measured on the first 4 optimizer steps, logged then" in text
+    assert "Pre-flight: measured" in text and "per epoch, " in text and "for 5 steps" in text
+
+
+def test_for_trainer_matches_the_trainer(tmp_path, tiny_model, tokenizer):
+    args = quick_args(tmp_path, max_steps=-1, num_train_epochs=1, per_device_train_batch_size=4)
+    trainer = SFTTrainer(model=tiny_model, args=args, train_dataset=PAIRS, processing_class=tokenizer)
+    report, why = for_trainer(trainer, load(PAIRS), lora=False)
+    assert why == "" and report.plan.total_steps == 3 and report.plan.sequences == len(PAIRS)
+    labels = np.concatenate([np.asarray(r["labels"]) for r in trainer.train_dataset])
+    assert report.trained_tokens == int((labels != IGNORE_INDEX).sum())
+    assert report.memory is not None and report.memory.total > 0

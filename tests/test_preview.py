@@ -1,0 +1,285 @@
+"""``sftrainer data``: the preview of prepared rows (sftrainer/preview.py) and the command end to end.
+
+Rendered rows are checked against the labels (the text inside the markers is exactly the trained
+tokens), the histogram against the kept rows, the PNG by decoding it, the warnings on crafted data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sftrainer import SFTConfig
+from sftrainer.cli import main
+from sftrainer.constants import IGNORE_INDEX
+from sftrainer.data.load import load
+from sftrainer.preview import (
+    ANSI_RESET,
+    ANSI_TRAINED,
+    ASCII_MARKERS,
+    MARKERS,
+    count_duplicates,
+    format_histogram,
+    length_histogram,
+    markers_for,
+    prepare_for_preview,
+    render_row,
+    row_arrays,
+    template_source,
+)
+
+CHAT_ROWS = [
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Reverse the words: cat dog"},
+            {"role": "assistant", "content": "dog cat"},
+            {"role": "user", "content": "Count the words: sun sun"},
+            {"role": "assistant", "content": "2"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Last word of: apple berry"},
+            {"role": "assistant", "content": "berry"},
+        ]
+    },
+]
+PAIRS = [
+    {"prompt": "Reverse the words: cat dog", "response": "dog cat"},
+    {"prompt": "Sort the words: owl egg", "response": "egg owl"},
+    {"prompt": "Count the words: sun sun sun sun sun sun sun sun", "response": "8"},
+]
+
+
+def args(tmp_path: Path, **overrides) -> SFTConfig:
+    values = dict(output_dir=str(tmp_path / "out"), max_length=64, report_to="none")
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+def spans_from_labels(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
+    """Each run of consecutive trained tokens, decoded: what the markers must hold."""
+    runs: list[list[int]] = []
+    previous = False
+    for token, label in zip(ids, labels):
+        trained = label != IGNORE_INDEX
+        if trained and not previous:
+            runs.append([])
+        if trained:
+            runs[-1].append(token)
+        previous = trained
+    return [tokenizer.decode(run) for run in runs]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# ---- rendered rows -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [CHAT_ROWS, PAIRS], ids=["multi-turn", "pairs"])
+def test_markers_hold_exactly_the_trained_tokens(tmp_path, tokenizer, rows):
+    prepared, stats, _ = prepare_for_preview(load(rows), tokenizer, args(tmp_path))
+    arrays = row_arrays(prepared)
+    assert arrays.lengths.size == stats.kept == len(rows)
+    for k in range(len(rows)):
+        a, b = arrays.offsets[k], arrays.offsets[k + 1]
+        ids, labels = arrays.ids[a:b].tolist(), arrays.labels[a:b].tolist()
+        expected = spans_from_labels(tokenizer, ids, labels)
+        assert expected and all(span.endswith("<|im_end|>") for span in expected)
+
+        marked = render_row(ids, labels, tokenizer, markers=MARKERS)
+        assert re.findall("⟦(.*?)⟧", marked, flags=re.S) == expected
+        assert marked.replace("⟦", "").replace("⟧", "") == tokenizer.decode(ids)  # nothing else changed
+
+        coloured = render_row(ids, labels, tokenizer, colour=True)
+        pattern = re.escape(ANSI_TRAINED) + "(.*?)" + re.escape(ANSI_RESET)
+        assert re.findall(pattern, coloured, flags=re.S) == expected
+    if rows is CHAT_ROWS:  # both assistant turns of the first conversation are marked, apart
+        first = render_row(
+            arrays.ids[: arrays.offsets[1]].tolist(), arrays.labels[: arrays.offsets[1]].tolist(), tokenizer
+        )
+        assert re.findall("⟦(.*?)⟧", first, flags=re.S) == ["dog cat<|im_end|>", "2<|im_end|>"]
+
+
+def test_long_rows_are_cut_with_a_count(tokenizer):
+    ids = tokenizer("word " * 50, add_special_tokens=False)["input_ids"]
+    text = render_row(ids, ids, tokenizer, limit=10)
+    assert text.endswith(f" ... ({len(ids) - 10} more tokens)")
+
+
+def test_markers_fall_back_to_ascii_where_the_encoding_cannot_write_them():
+    assert markers_for("utf-8") == MARKERS
+    assert markers_for("ascii") == ASCII_MARKERS
+    assert markers_for(None) == ASCII_MARKERS
+
+
+def test_packed_rows_are_split_back_into_their_rows(tmp_path, tokenizer):
+    unpacked, _, _ = prepare_for_preview(load(PAIRS), tokenizer, args(tmp_path))
+    _, _, pack = prepare_for_preview(load(PAIRS), tokenizer, args(tmp_path, packing=True, max_length=128))
+    assert pack is not None and pack.rows == 3 and pack.sequences == 1
+    from sftrainer.data.pack import pack_dataset
+
+    packed, _ = pack_dataset(unpacked, 128)
+    arrays = row_arrays(packed)
+    assert sorted(arrays.lengths.tolist()) == sorted(row_arrays(unpacked).lengths.tolist())
+
+
+# ---- counts and the histogram --------------------------------------------------------------------
+
+
+def test_histogram_counts_sum_to_the_kept_rows(tmp_path, tokenizer):
+    """Rows of every length up to past max_length: some truncated, some dropped (the prompt alone
+    fills max_length, so no trained token is left); the histogram counts exactly the kept ones."""
+    rows = [{"prompt": "Count the words: " + "sun " * n, "response": str(n)} for n in range(1, 40)]
+    prepared, stats, _ = prepare_for_preview(load(rows), tokenizer, args(tmp_path, max_length=32))
+    lengths = row_arrays(prepared).lengths
+    hist = length_histogram(lengths)
+    assert stats.truncated > 0 and stats.dropped_empty > 0 and 0 < stats.kept < len(rows)
+    assert hist.total == stats.kept == lengths.size
+    for k, count in enumerate(hist.counts):  # each bin holds exactly the rows in its range
+        assert count == int(((lengths >= hist.edges[k]) & (lengths < hist.edges[k + 1])).sum())
+    assert len(hist.counts) <= 12 and lengths.max() <= 32
+    lines = format_histogram(hist).splitlines()
+    assert [int(line.rsplit(" ", 1)[1]) for line in lines] == hist.counts
+
+
+def test_histogram_of_dropped_rows_counts_only_the_kept(tmp_path, tokenizer):
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [IGNORE_INDEX, 6, 7, 8]}] * 3 + [
+        {"input_ids": [5, 6], "labels": [IGNORE_INDEX, IGNORE_INDEX]}
+    ] * 2
+    prepared, stats, _ = prepare_for_preview(load(rows), tokenizer, args(tmp_path))
+    assert (stats.rows, stats.kept, stats.dropped_empty) == (5, 3, 2)
+    assert length_histogram(row_arrays(prepared).lengths).total == 3
+
+
+def test_duplicates_are_counted():
+    rows = [{"prompt": "a", "response": "b"}, {"prompt": "a", "response": "c"}] * 3 + [
+        {"prompt": "z", "response": "b"}
+    ]
+    assert count_duplicates(load(rows)) == 4
+    assert count_duplicates(load(PAIRS)) == 0
+
+
+def test_template_source_names_where_it_came_from():
+    assert template_source("{{x}}", None, None, "m") == "the tokenizer's own (m)"
+    assert template_source(None, None, None, "m").startswith("sftrainer's built-in default")
+    assert template_source("{{x}}", "t.jinja", None, "m") == "the chat_template setting (t.jinja)"
+    assert template_source("{{x}}", "{% for m in messages %}", None, "m").endswith(
+        "(Jinja text in the config)"
+    )
+    assert template_source(None, None, "org/model", "m") == "chat_template_path (org/model)"
+
+
+# ---- the command ----------------------------------------------------------------------------------
+
+
+def read_png(path: Path) -> tuple[int, int, bytes]:
+    """(width, height, raw scanlines) of an 8-bit RGB PNG, checking its signature and every CRC."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body), kind
+        chunks[kind] = chunks.get(kind, b"") + body
+        pos += 12 + length
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, colour) == (8, 2) and b"IEND" in chunks
+    raw = zlib.decompress(chunks[b"IDAT"])
+    assert len(raw) == height * (1 + 3 * width)
+    return width, height, raw
+
+
+def test_data_command_on_a_jsonl_file(tmp_path, capsys, tiny_model_dir):
+    data = write_jsonl(tmp_path / "train.jsonl", CHAT_ROWS * 2 + [{"messages": [
+        {"role": "user", "content": "Sort the words: owl egg"}, {"role": "assistant", "content": "egg owl"}]}])  # fmt: skip
+    plot = tmp_path / "lengths.png"
+    code = main(
+        ["data", str(data), "--model", "builtin", "--rows", "2", "--plot", str(plot), "max_length=96"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"train data: {data}" in out
+    assert "format: messages, chat template; columns: messages" in out
+    assert "rows: 5 read, 5 kept, 0 truncated to max_length=96" in out
+    assert "chat template: the tokenizer's own (builtin)" in out
+    assert out.count("--- row ") == 2  # --rows 2
+    assert "⟦dog cat<|im_end|>⟧" in out  # not a terminal: markers, not colour
+    assert "\033[" not in out
+    assert (
+        "Pre-flight:" in out and "optimizer steps: 3 (1 per epoch x 3 epochs; 5 sequences, 8 per step)" in out
+    )
+    assert "warning: 2 rows repeat an earlier row exactly" in out
+    width, height, raw = read_png(plot)
+    assert (width, height) == (640, 320)
+    assert len(set(raw)) > 3  # bars and text were drawn, not a blank image
+
+
+def test_data_command_reads_a_config_with_overrides(tmp_path, capsys, tiny_model_dir):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 4)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model:\n  name_or_path: builtin\ndata:\n  train: {data}\n  eval_split: 0.25\n"
+        "lora:\n  r: 4\nlearning_rate: 2.0e-4\nper_device_train_batch_size: 2\nmax_length: 32\n"
+    )
+    code = main(["data", str(config), "--rows", "0", "gradient_accumulation_steps=3", "num_train_epochs=2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "train data:" in out and "eval data: 0.25 of the train data (data.eval_split)" in out
+    assert "rows: 9 read, 9 kept" in out and "rows: 3 read, 3 kept" in out
+    assert "--- row" not in out
+    assert "optimizer steps: 4 (2 per epoch x 2 epochs; 9 sequences, 6 per step)" in out
+
+
+def test_data_command_needs_a_model_for_a_data_file(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    assert main(["data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "sftrainer: error: sftrainer data" in err and "give --model" in err
+
+
+def test_histogram_png_marks_max_length(tmp_path):
+    from sftrainer.preview import write_histogram_png
+
+    hist = length_histogram(np.array([3, 5, 9, 9, 12, 20]))
+    path = tmp_path / "h.png"
+    write_histogram_png(str(path), hist, max_length=16)
+    _, _, raw = read_png(path)
+    assert bytes((200, 60, 40)) in raw  # the max_length line is drawn
+
+
+def test_data_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["data", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("CONFIG.yaml | DATA --model M", "--rows N", "--plot FILE", "--probe", "⟦", "pre-flight"):
+        assert text in out, f"{text!r} missing from data --help"
+
+
+def test_data_command_shows_the_mix_of_a_mixture(tmp_path, capsys, tiny_model_dir):
+    chats = write_jsonl(tmp_path / "chats.jsonl", CHAT_ROWS)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 5)
+    config = tmp_path / "mix.yaml"
+    config.write_text(
+        f"model:\n  name_or_path: builtin\ndata:\n  train:\n    - path: {chats}\n    - path: {pairs}\n"
+        "      rows: 4\nmax_length: 128\n"
+    )
+    assert main(["data", str(config), "--rows", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"train data: mixture of {chats}, {pairs}" in out
+    assert "rows: 6 read, 6 kept" in out
+    assert f"source [{chats}]: 2 of the mix's rows" in out and f"source [{pairs}]: 4 of the mix's rows" in out
+    assert "optimizer steps: 3 (1 per epoch x 3 epochs; 6 sequences, 8 per step)" in out
