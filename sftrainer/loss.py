@@ -307,8 +307,19 @@ def linear_cross_entropy(
     if type(head) is torch.nn.Linear:
         weight, bias = head.weight, head.bias
         chunk = chunk_positions(plan, weight.shape[0])
-        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, plan.transform, chunk, plan.loss_type)
+        # A model spread over devices (device_map) may keep its head elsewhere than its last layer.
+        hidden, targets = hidden.to(weight.device), targets.to(weight.device)
+        return _LinearCrossEntropy.apply(
+            hidden, weight, bias, targets, plan.transform, chunk, plan.loss_type, torch.is_grad_enabled()
+        )
     return _module_cross_entropy(head, hidden, targets, plan)
+
+
+def _head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The head's output as ``linear_cross_entropy`` computes it."""
+    if type(head) is torch.nn.Linear:
+        return F.linear(hidden.to(head.weight.device), head.weight, head.bias)
+    return head(hidden)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -317,8 +328,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     no chunk's logits are kept for backward. Returns (summed loss, [3] stats)."""
 
     @staticmethod
-    def forward(ctx: Any, hidden, weight, bias, targets, transform, chunk, loss_type):  # type: ignore[override]
-        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+    def forward(ctx: Any, hidden, weight, bias, targets, transform, chunk, loss_type, grad_enabled):  # type: ignore[override]
+        # needs_input_grad ignores no_grad (evaluation): no gradients are computed there.
+        want_h, want_w, want_b = (grad_enabled and want for want in ctx.needs_input_grad[:3])
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
@@ -363,7 +375,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("the chunked loss computes its gradients once: backward ran twice through it")
         grads = [None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.grads]
         ctx.grads = None
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def _chunk_losses(z: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor) -> tuple:
@@ -431,7 +443,8 @@ def verify_chunked(model: Any, input_ids: torch.Tensor, plan: LossPlan) -> LossP
     try:
         with torch.no_grad(), _head_input(head, passthrough=True) as captured:
             theirs = model(input_ids=probe, use_cache=False).logits.float()
-            ours = plan.transform(head(captured["hidden"])).float()  # in the model's dtype, as it does
+            # In the model's dtype (as it computes), with the head as the loss calls it.
+            ours = plan.transform(_head_logits(head, captured["hidden"])).float().to(theirs.device)
     except Exception as error:  # a model that cannot run on a bare prompt: keep its own head
         problem = f"the probe forward failed ({type(error).__name__}: {error})"
     else:

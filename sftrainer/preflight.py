@@ -341,10 +341,9 @@ def summarize(
 def logits_at_once(args: Any, vocab: int) -> int:
     """Logits one chunk of the chunked loss holds (``sftrainer.loss``: loss_chunk_size positions, else
     CHUNK_LOGITS logits)."""
-    from sftrainer.loss import CHUNK_LOGITS
+    from sftrainer.loss import LossPlan, chunk_positions
 
-    size = getattr(args, "loss_chunk_size", None)
-    return size * vocab if size else CHUNK_LOGITS
+    return chunk_positions(LossPlan(chunk_size=getattr(args, "loss_chunk_size", None)), vocab) * vocab
 
 
 def _count(n: float) -> str:

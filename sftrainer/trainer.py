@@ -120,6 +120,14 @@ class SFTTrainer(Trainer):
         # A copy: the older keywords and remove_unused_columns are written onto it, not the caller's.
         args = copy.copy(to_sft_config(args, output_dir))
         processing_class = self._apply_legacy(args, processing_class, legacy)
+        if args.n_gpu > 1:
+            # Trainer would wrap the model in nn.DataParallel, which splits every tensor argument
+            # (logits_to_keep too) across the GPUs of one process. TRL refuses it as well.
+            raise ConfigError(
+                f"{args.n_gpu} GPUs are visible to one process: launch with `torchrun --nproc_per_node "
+                f"{args.n_gpu}` or `accelerate launch` (one process per GPU), or make one GPU visible "
+                "with CUDA_VISIBLE_DEVICES"
+            )
         self._resolve_checkpointing(args)
 
         callers_model = not isinstance(model, str)
@@ -594,9 +602,12 @@ def _model_path(model: Any) -> str:
 
 
 def _parameter_sharding(trainer: Trainer) -> str | None:
-    """The engine that shards parameters across processes (FSDP, DeepSpeed ZeRO-3), if one is used."""
+    """The engine that shards parameters across processes (FSDP, DeepSpeed ZeRO-3, tensor
+    parallelism), if one is used."""
     if getattr(trainer, "is_fsdp_enabled", False):
         return "FSDP"
+    if trainer.get_tp_size() > 1:
+        return "tensor parallelism"
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
         return "DeepSpeed ZeRO-3"

@@ -261,3 +261,27 @@ def test_trainer_training_and_evaluation_never_build_full_vocabulary_logits(tiny
     assert metrics["eval_num_tokens"] > 8 and metrics["eval_loss"] > 0
     # The one-time check of the model's logits runs the head on 8 positions; nothing spans more.
     assert _positions_times_vocab(seen.shapes, vocab, hidden) <= 8
+
+
+def test_several_gpus_in_one_process_are_refused_with_the_launch_to_use(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    from tiny_models import ROWS, quick_args
+
+    from sftrainer import ConfigError, SFTConfig, SFTTrainer
+
+    args = quick_args(tmp_path)
+    monkeypatch.setattr(SFTConfig, "n_gpu", property(lambda self: 2))
+    with pytest.raises(ConfigError, match="torchrun --nproc_per_node 2"):
+        SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=ROWS)
+
+
+def test_evaluation_computes_no_gradients_inside_the_loss():
+    model = _model("llama")
+    batch = FLAT(_rows())
+    plan = verify_chunked(model, batch["input_ids"], plan_loss(model, chunk_size=4))
+    with torch.no_grad(), VocabSizedTensors(VOCAB) as seen:
+        sft_loss(model, {**batch, "use_cache": False}, plan=plan)
+    assert (VOCAB, 32) not in seen.shapes  # no [vocabulary, hidden] weight gradient was built
+    sft_loss(model, {**batch, "use_cache": False}, plan=plan).loss.backward()
+    assert model.lm_head.weight.grad is not None

@@ -138,6 +138,8 @@ class Mixture:
                 f"{where}: a mixture samples rows from each source, so it needs map-style data; this "
                 "source is streamed. Load it without streaming, or train on it alone."
             )
+        if len(data) == 0:
+            raise DataError(f"{where}: has no rows; remove it from the mixture or point it at data")
         return data
 
     def __len__(self) -> int:

@@ -132,6 +132,16 @@ def test_a_streamed_source_is_refused_with_the_reason(tmp_path):
         pipeline(tmp_path)(Mixture([MixtureSource(stream, weight=1)]), "train data", pack=False)
 
 
+def test_a_source_with_no_rows_is_refused_not_divided_by(tmp_path):
+    empty = Dataset.from_dict({"text": []})
+    with pytest.raises(DataError, match="has no rows"):
+        pipeline(tmp_path)(
+            Mixture([MixtureSource(empty, weight=1), MixtureSource([{"text": "x"}], weight=1)]),
+            "train data",
+            pack=False,
+        )
+
+
 def test_a_source_that_cannot_be_read_is_named(tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", completions(2))
     with pytest.raises(DataError) as err:
