@@ -20,6 +20,7 @@ from sftrainer.constants import LOSS_MASK_COLUMNS
 from sftrainer.data import load as data_load
 from sftrainer.data.pack import PackStats, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
+from sftrainer.distributed import main_process_first
 from sftrainer.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -58,8 +59,11 @@ class DataPipeline:
         """Prepare one data set (a Dataset, IterableDataset, list of dicts, file path...)."""
         if self.is_prepared(dataset):
             return dataset
-        dataset = data_load.load(dataset, name)
-        out = self._as_given(dataset, name) if self.skip else self._prepare(dataset, name, pack)
+        # Once: the main process writes the datasets cache, the others then read it (every process
+        # must call this, as every process builds the trainer).
+        with main_process_first(self.args, f"preparing {name}"):
+            dataset = data_load.load(dataset, name)
+            out = self._as_given(dataset, name) if self.skip else self._prepare(dataset, name, pack)
         self._prepared.append(out)
         return out
 
