@@ -187,7 +187,8 @@ def cmd_train(items: Sequence[str], nproc: int = 1) -> int:
 
     cfg = load_config(config, overrides, defaults=builtin.DEMO_CONFIG if config is None else None)
     metrics = train(cfg)
-    print(_summary(metrics, cfg.train.output_dir))
+    if cfg.train.process_index == 0:  # once, under torchrun / accelerate launch
+        print(_summary(metrics, cfg.train.output_dir))
     return 0
 
 
