@@ -3,8 +3,9 @@
 usage: python tests/dist_train.py MODEL_DIR DATA_FILE OUT_DIR BATCH_PER_PROCESS
    or: python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_train.py ...
 
-Writes OUT_DIR/padded and OUT_DIR/packed (each a run directory). Before training, builds the
-built-in demo data in ``$SFTRAINER_HOME`` the way ``train`` does (main process first).
+Writes OUT_DIR/padded and OUT_DIR/packed (each a run directory, checkpoints at steps 2 and 4), then
+OUT_DIR/resumed: the padded run again, resumed from OUT_DIR/padded/checkpoint-2. Before training,
+builds the built-in demo data in ``$SFTRAINER_HOME`` the way ``train`` does (main process first).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from sftrainer.train import train
 STEPS = 4
 
 
-def config(model_dir: str, data: str, out: str, batch: int, packing: bool) -> object:
+def config(
+    model_dir: str, data: str, out: str, batch: int, packing: bool, resume: str | None = None
+) -> object:
     return build_config(
         {
             "model": {"name_or_path": model_dir},
@@ -39,6 +42,7 @@ def config(model_dir: str, data: str, out: str, batch: int, packing: bool) -> ob
             "disable_tqdm": True,
             "seed": 0,
             "use_cpu": True,
+            "resume_from_checkpoint": resume,
         }
     )
 
@@ -54,6 +58,7 @@ def main() -> None:
         builtin.data_files()
     for cfg in runs.values():
         train(cfg)
+    train(config(model_dir, data, f"{out}/resumed", batch, False, resume=f"{out}/padded/checkpoint-2"))
 
 
 if __name__ == "__main__":
