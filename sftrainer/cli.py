@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import logging
 import os
+import shlex
+import subprocess
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -28,6 +30,7 @@ examples:
   sftrainer train                                   # the built-in demo
   sftrainer train output_dir=/tmp/demo num_train_epochs=1
   sftrainer train configs/builtin-lora.yaml lora.r=32 learning_rate=1e-3
+  sftrainer train CONFIG.yaml --nproc 4                # 4 processes (GPUs) on this machine, via torchrun
 """
 
 
@@ -102,12 +105,21 @@ def _parser(with_keys: bool) -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="fine-tune a model (no arguments: the built-in CPU demo)",
-        usage="%(prog)s [-h] [CONFIG.yaml] [key=value ...]",
+        usage="%(prog)s [-h] [--nproc N] [CONFIG.yaml] [key=value ...]",
         description=TRAIN_HELP,
         epilog=TRAIN_EXAMPLES + ("\n" + _keys_help() if with_keys else ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train in N processes on this machine (one per GPU): runs torchrun --standalone "
+        "--nproc_per_node=N -m sftrainer train ...; for several machines use torchrun or accelerate "
+        "launch directly (README: Multi-GPU and multi-node)",
+    )
     data = sub.add_parser(
         "data",
         help="preview the data as it will be trained, with pre-flight checks (steps, time, memory)",
@@ -195,16 +207,27 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def cmd_train(items: Sequence[str]) -> int:
+def cmd_train(items: Sequence[str], nproc: int = 1) -> int:
+    config = items[0] if items and "=" not in items[0] else None
+    overrides = list(items[1:] if config else items)
+    if nproc != 1:
+        import torch
+
+        from sftrainer.distributed import launch_command
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        command = launch_command(config, overrides, nproc, gpus)
+        print(f"sftrainer: running {shlex.join(command)}", file=sys.stderr)
+        return subprocess.run(command, check=False).returncode
+
     from sftrainer import builtin
     from sftrainer.run_config import load_config
     from sftrainer.train import train
 
-    config = items[0] if items and "=" not in items[0] else None
-    overrides = list(items[1:] if config else items)
     cfg = load_config(config, overrides, defaults=builtin.DEMO_CONFIG if config is None else None)
     metrics = train(cfg)
-    print(_summary(metrics, cfg.train.output_dir))
+    if cfg.train.process_index == 0:  # once, under torchrun / accelerate launch
+        print(_summary(metrics, cfg.train.output_dir))
     return 0
 
 
@@ -336,18 +359,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Only `sftrainer train --help` lists the keys: that imports the config (transformers, torch).
     parser = _parser(with_keys=argv[:1] == ["train"] and ("-h" in argv or "--help" in argv))
-    if argv[:1] == ["data"]:  # key=value may follow --options (argparse stops collecting them there)
-        args, extra = parser.parse_known_args(argv)
-        if any(item.startswith("-") for item in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.items += extra
-    else:
-        args = parser.parse_args(argv)
+    # parse_known_args: key=value may follow --options (`train CONFIG --nproc 2 key=value`,
+    # `data DATA --model M key=value`): argparse stops collecting positionals at an option.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command not in ("train", "data") or any(item.startswith("-") for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging()
     try:
         if args.command == "train":
-            return cmd_train(args.items)
+            return cmd_train([*args.items, *extra], args.nproc)
         if args.command == "data":
+            args.items += extra
             return cmd_data(args)
         if args.command == "eval":
             return cmd_eval(args.target, args.items, args.output)

@@ -59,9 +59,10 @@ def evaluate_saved(
         trainer.state.global_step = int(json.loads(state.read_text()).get("global_step", 0))
     metrics = trainer.evaluate()
     out_dir = Path(cfg.train.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "eval_results.json"
-    results.write_text(json.dumps(metrics, indent=2) + "\n")
+    if trainer.is_world_process_zero():  # once, under torchrun / accelerate launch
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics, results
 
 

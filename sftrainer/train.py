@@ -15,6 +15,7 @@ from sftrainer import builtin, preflight, report
 from sftrainer.checkpoint import resolve_checkpoint, write_run_record
 from sftrainer.data import load as data_load
 from sftrainer.data.mixture import Mixture
+from sftrainer.distributed import main_process_first
 from sftrainer.export import run_card
 from sftrainer.lora import peft_config_from
 from sftrainer.model import load_model, load_tokenizer
@@ -73,9 +74,11 @@ def train(cfg: RunConfig) -> dict[str, float]:
     args = cfg.train
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     name = cfg.model.name_or_path
-    model_path = str(builtin.model_dir()) if name == builtin.BUILTIN else name
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
-    train_ds, eval_ds = resolve_data(cfg)
+    # The built-in assets and the datasets cache are built by one process; the others wait and read them.
+    with main_process_first(args, "building the demo assets and loading the data"):
+        model_path = str(builtin.model_dir()) if name == builtin.BUILTIN else name
+        tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
+        train_ds, eval_ds = resolve_data(cfg)
     model = load_model(model_path, **cfg.model.load_kwargs(args.model_init_kwargs))
     if cfg.lora is None:
         logger.info("Full fine-tuning (no lora: section)")

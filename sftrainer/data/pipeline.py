@@ -21,6 +21,7 @@ from sftrainer.data import load as data_load
 from sftrainer.data.mixture import Mixture, prepare_mixture
 from sftrainer.data.pack import PackStats, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
+from sftrainer.distributed import main_process_first
 from sftrainer.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -65,11 +66,15 @@ class DataPipeline:
                     f"{name}: a mixture is sampled and prepared source by source; "
                     "dataset_kwargs.skip_prepare_dataset=true cannot use one"
                 )
-            out = self._prepare(dataset, name, pack)
+            with main_process_first(self.args, f"preparing {name}"):
+                out = self._prepare(dataset, name, pack)
             self._prepared.append(out)
             return out
-        dataset = data_load.load(dataset, name)
-        out = self._as_given(dataset, name) if self.skip else self._prepare(dataset, name, pack)
+        # Once: the main process writes the datasets cache, the others then read it (every process
+        # must call this, as every process builds the trainer).
+        with main_process_first(self.args, f"preparing {name}"):
+            dataset = data_load.load(dataset, name)
+            out = self._as_given(dataset, name) if self.skip else self._prepare(dataset, name, pack)
         self._prepared.append(out)
         return out
 
