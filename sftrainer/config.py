@@ -193,7 +193,7 @@ class SFTConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Positions per chunk of the loss, which never holds full-vocabulary logits; "
-            "None: about 4M logits per chunk (vocabulary-dependent)."
+            "None: about 16M logits per chunk (vocabulary-dependent)."
         },
     )
     activation_offloading: bool = field(

@@ -41,7 +41,7 @@ from sftrainer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-CHUNK_LOGITS = 2**22  # logits per chunk (16 MiB in fp32) when loss_chunk_size is not set
+CHUNK_LOGITS = 2**24  # logits per chunk (64 MiB in fp32) when loss_chunk_size is not set
 CHUNK_POSITIONS = 2048  # positions per fp32 upcast when the model's own logits are used
 # PEFT prompt-learning methods that prepend virtual token embeddings to the input (logits get longer).
 PREPENDING_PEFT = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
@@ -357,7 +357,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[lo : lo + chunk] = grad @ weight.to(grad.dtype)
             if grad_w is not None:
-                grad_w += grad.t() @ h.to(grad.dtype)
+                if grad.dtype == h.dtype == grad_w.dtype:
+                    grad_w.addmm_(grad.t(), h)  # in place: no [vocabulary, hidden] temporary
+                else:  # autocast: the product in its dtype, accumulated in fp32
+                    grad_w += grad.t() @ h.to(grad.dtype)
             if grad_b is not None:
                 grad_b += grad.sum(0)
         # Kept on ctx, not saved: they are outputs of this forward, scaled in place in backward.

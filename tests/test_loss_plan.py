@@ -57,7 +57,7 @@ class NoLogitsToKeep(LlamaForCausalLM):
     [
         (
             {},
-            "in chunks of 4,194,304 logits; no full-vocabulary logits (LlamaForCausalLM takes logits_to_keep)",
+            "in chunks of 16,777,216 logits; no full-vocabulary logits (LlamaForCausalLM takes logits_to_keep)",
         ),
         ({"label_smoothing_factor": 0.1}, "Trainer.compute_loss (label_smoothing_factor > 0"),
         ({"loss_type": "dft"}, "Loss: dft over trained tokens"),

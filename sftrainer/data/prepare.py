@@ -7,6 +7,7 @@ and counted, so nothing disappears silently.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections import Counter
@@ -317,6 +318,7 @@ def prepare(
         remove_columns=columns,
         num_proc=settings.num_proc,
         desc=f"Tokenizing {name}",
+        new_fingerprint=_fingerprint(dataset, fn, columns),
     )
     issues = mapped["_issue"]
     counts = Counter(issue if issue in (OK, TRUNCATED, EMPTY) else "invalid" for issue in issues)
@@ -350,6 +352,32 @@ def prepare(
     if stats.rewritten_warning():
         logger.warning(stats.rewritten_warning())
     return mapped.remove_columns(["_issue", "_rewritten", "_same_role"]), stats
+
+
+@functools.cache
+def _code_version() -> str:
+    """A hash of this package's data code: datasets fingerprints a map by the function object, not the
+    code of the helpers it calls, so without it a cache written by an older sftrainer is reused."""
+    import hashlib
+    from pathlib import Path
+
+    from sftrainer import __version__
+
+    digest = hashlib.sha256(__version__.encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _fingerprint(dataset: Dataset, fn: Any, columns: list[str]) -> str | None:
+    """The prepared data set's cache key: the data, the tokenizing function (settings, tokenizer,
+    template) and the code that prepares it. None (datasets decides) if ``fn`` cannot be hashed."""
+    from datasets.fingerprint import Hasher
+
+    try:
+        return Hasher.hash([dataset._fingerprint, fn, columns, _code_version()])
+    except Exception:  # an unpicklable formatting_func: datasets then uses a random fingerprint
+        return None
 
 
 def _prepare_iterable(

@@ -212,3 +212,22 @@ def test_split_turns_gives_one_row_per_assistant_turn(chatml):
         ["Rome, of course.<|im_end|>"],
         ["The Tiber.<|im_end|>"],
     ]
+
+
+def test_the_prepared_cache_is_keyed_by_sftrainer_code(tmp_path, monkeypatch):
+    """datasets keys a map by the function object, not the helpers it calls: a cache written by other
+    sftrainer code must not be reused."""
+    from sftrainer.data import prepare as prepare_module
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "a b", "response": "c d"}\n' * 4)
+    from datasets import load_dataset
+
+    tok = zoo.chatml()
+    settings = DataSettings(max_length=256)
+    first, _ = prepare(load_dataset("json", data_files=str(path), split="train"), tok, settings, "train")
+    again, _ = prepare(load_dataset("json", data_files=str(path), split="train"), tok, settings, "train")
+    assert again._fingerprint == first._fingerprint  # same data, settings and code: the cache is reused
+    monkeypatch.setattr(prepare_module, "_code_version", lambda: "other code")
+    changed, _ = prepare(load_dataset("json", data_files=str(path), split="train"), tok, settings, "train")
+    assert changed._fingerprint != first._fingerprint
