@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 from peft import PeftModel
+from tiny_models import quick_args, save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftrainer import SFTTrainer, builtin, lora
 from sftrainer.errors import ConfigError
 from sftrainer.run_config import LoraSettings, load_config
-from tests.tiny_models import quick_args, save_tiny_model
 
 CHATS = [
     {"messages": [{"role": "user", "content": "Reverse the words: cat dog"}, {"role": "assistant", "content": "dog cat"}]},

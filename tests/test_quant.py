@@ -13,12 +13,12 @@ import sys
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
+from tiny_models import ROWS, changed, quick_args, save_tiny_model, trainable_snapshot
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from sftrainer import SFTTrainer, quant
 from sftrainer.errors import ConfigError
 from sftrainer.run_config import load_config
-from tests.tiny_models import ROWS, changed, quick_args, save_tiny_model, trainable_snapshot
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None,
