@@ -240,7 +240,13 @@ def main() -> None:
             f"{label:<40}{r['peak_rss_mb']:>12.0f}{r['trained_tokens_per_s']:>15.0f}"
             f"{r['seconds_per_step']:>8.2f}{r['final_loss']:>8.3f}"
         )
-    out = Path(args.out or f"bench/memory-{args.suite}{'-tiny' if args.tiny else ''}.json")
+    # A --tiny run only checks that every run works: its numbers go next to its assets, not into bench/.
+    default = (
+        Path(args.workdir) / f"memory-{args.suite}.json"
+        if args.tiny
+        else Path(f"bench/memory-{args.suite}.json")
+    )
+    out = Path(args.out) if args.out else default
     out.write_text(json.dumps({"suite": SUITES[args.suite], "runs": rows}, indent=2) + "\n")
 
 
