@@ -30,10 +30,10 @@ import random
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-WORDS = [f"w{i}" for i in range(3000)]
+from bench_train import WORDS, Meter, step_clock  # bench/ is on sys.path when a script here is run
+
 SUITES = {
     "vocab": dict(hidden=256, layers=2, heads=4, intermediate=688, vocab=128_256, max_length=2048, batch=1),
     "ladder": dict(hidden=512, layers=8, heads=8, intermediate=1408, vocab=32_000, max_length=1024, batch=2),
@@ -98,7 +98,7 @@ def build_assets(root: Path, suite: dict, rows: int = 64, seed: int = 0) -> tupl
 def run_one(trainer_name: str, settings: dict, suite_name: str, args: argparse.Namespace) -> dict:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     suite = SUITES[suite_name]
     torch.manual_seed(0)
@@ -151,26 +151,13 @@ def run_one(trainer_name: str, settings: dict, suite_name: str, args: argparse.N
         from sftrainer.loss import without_chunking
 
         trainer.loss_plan = without_chunking(trainer.loss_plan, "bench: the model's own LM head")
-    trained: list[int] = []
-    collator = trainer.data_collator
-
-    def counting(features):
-        batch = collator(features)
-        trained.append(int((batch["labels"][:, 1:] != -100).sum()))
-        return batch
-
-    trainer.data_collator = counting
-    step_times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            step_times.append(time.perf_counter() - self.t)
-
-    trainer.add_callback(Clock())
+    meter = Meter(trainer.data_collator, tokenizer.pad_token_id)
+    trainer.data_collator = meter
+    clock = step_clock()
+    step_times = clock.times
+    trainer.add_callback(clock)
     trainer.train()
+    trained = [b[2] for b in meter.batches]  # trained tokens of each batch
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     seconds = sum(step_times[1:])
     return {

@@ -78,10 +78,27 @@ class Meter:
         return batch
 
 
+def step_clock():
+    """A TrainerCallback that records the seconds of every optimizer step in ``.times``."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, *_, **__):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            self.times.append(time.perf_counter() - self.start)
+
+    return StepClock()
+
+
 def run_one(trainer_name: str, batching: str, precision: str, args: argparse.Namespace) -> dict:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     model_dir, data_file = build_assets(Path(args.workdir), args.rows)
@@ -125,16 +142,9 @@ def run_one(trainer_name: str, batching: str, precision: str, args: argparse.Nam
     prep_seconds = time.perf_counter() - prep_start
     meter = Meter(trainer.data_collator, tokenizer.pad_token_id)
     trainer.data_collator = meter
-    step_times: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            step_times.append(time.perf_counter() - self.t)
-
-    trainer.add_callback(Clock())
+    clock = step_clock()
+    step_times = clock.times
+    trainer.add_callback(clock)
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     # Skip the warm-up step (first batches, allocator growth); batches == steps (no accumulation).
