@@ -128,7 +128,11 @@ class SFTConfig(TrainingArguments):
         metadata={"help": "TRL name: True trains on assistant turns only (already the default)."},
     )
     dataset_num_proc: int | None = field(
-        default=None, metadata={"help": "Processes used to tokenize the data."}
+        default=None,
+        metadata={
+            "help": "Processes used to tokenize the data. Unset: one per 10,000 rows, at most one per CPU core "
+            "(TRL: one process)."
+        },
     )
     skip_invalid_rows: bool = field(
         default=False, metadata={"help": "Drop (and count) rows that cannot be used instead of failing."}

@@ -152,18 +152,24 @@ def _from_files(source: Any, name: str, split: str = "train") -> AnyDataset:
         if os.path.getsize(f) == 0:
             raise DataError(f"{name}: {f} is empty")
     builder = kinds.pop()
-    if builder == "json":
+    if builder == "csv":  # a header naming a column twice loads, renamed: checked first
         for f in files:
-            check_json_file(f)
-    elif builder == "csv":
-        for f in files:
-            check_csv_file(f)
+            check_csv_header(f)
     try:
-        ds = datasets.load_dataset(builder, data_files=files, split=split)
+        ds, failure = datasets.load_dataset(builder, data_files=files, split=split), None
+        # pyarrow's readers take invalid UTF-8 into string columns; reading them would fail later.
+        ds.data.table.validate(full=True)
     except Exception as err:
-        if "corresponds to no data" in str(err):  # datasets' words for zero rows (a CSV header only)
+        ds, failure = None, err
+    if failure is not None:
+        # The files are parsed once, by datasets (and then read from its cache); only when that
+        # fails are they read line by line, for a message naming the file and line at fault.
+        checker = {"json": check_json_file, "csv": check_csv_file}.get(builder)
+        for f in files if checker else ():
+            checker(f)
+        if "corresponds to no data" in str(failure):  # datasets' words for zero rows (a CSV header only)
             raise DataError(f"{name}: {', '.join(files)} has no rows") from None
-        raise DataError(f"{name}: could not read {', '.join(files)}: {_root_message(err)}") from None
+        raise DataError(f"{name}: could not read {', '.join(files)}: {_root_message(failure)}") from None
     if len(ds) == 0:
         raise DataError(f"{name}: {', '.join(files)} has no rows")
     return ds
@@ -229,6 +235,15 @@ def check_json_file(path: str) -> None:
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
     if not rows:
         raise DataError(f"{path}: has no rows (only blank lines)")
+
+
+def check_csv_header(path: str) -> None:
+    """``check_csv_file`` for the header line only (columns named twice or not at all)."""
+    reader = csv.reader(line for _, line in _text_lines(path))
+    for fields in reader:
+        if any(f.strip() for f in fields):
+            _check_csv_header(path, reader.line_num, fields)
+            return
 
 
 def check_csv_file(path: str) -> None:

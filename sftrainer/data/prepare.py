@@ -10,14 +10,17 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-from collections import Counter
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from datasets import Dataset, IterableDataset
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset, Features, IterableDataset, List, Value
 
-from sftrainer.constants import PAIR_TEMPLATES, TRAIN_ON, TRUNCATION_MODES
+from sftrainer.constants import PAIR_TEMPLATES, ROWS_PER_PREPARE_PROCESS, TRAIN_ON, TRUNCATION_MODES
 from sftrainer.data.formats import (
     REQUIRED_COLUMNS,
     ChatExample,
@@ -39,6 +42,15 @@ MAX_LISTED_PROBLEMS = 5
 
 # Values of the temporary "_issue" column.
 OK, TRUNCATED, EMPTY = "", "truncated", "empty"
+PREPARED_FEATURES = Features(
+    {
+        "input_ids": List(Value("int64")),
+        "labels": List(Value("int64")),
+        "_issue": Value("string"),
+        "_rewritten": Value("int64"),
+        "_same_role": Value("bool"),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -311,21 +323,33 @@ def prepare(
     if isinstance(dataset, IterableDataset):
         return _prepare_iterable(dataset, fn, columns, stats), stats
 
+    num_proc = settings.num_proc if settings.num_proc is not None else auto_num_proc(len(dataset))
+    if settings.num_proc is None and num_proc > 1:
+        logger.info(
+            "%s: tokenizing in %d processes (dataset_num_proc unset: one per CPU core for large data sets; "
+            "TRL uses one process; set dataset_num_proc to choose)",
+            name,
+            num_proc,
+        )
     mapped = dataset.map(
         fn,
         batched=True,
         with_indices=True,
         remove_columns=columns,
-        num_proc=settings.num_proc,
+        num_proc=num_proc if num_proc > 1 else None,
+        features=PREPARED_FEATURES,  # typed: Arrow infers the type of a list of ints 15x slower
         desc=f"Tokenizing {name}",
         new_fingerprint=_fingerprint(dataset, fn, columns),
     )
-    issues = mapped["_issue"]
-    counts = Counter(issue if issue in (OK, TRUNCATED, EMPTY) else "invalid" for issue in issues)
+    # Counted on the Arrow columns: reading a column through datasets formats it row by row.
+    issues = mapped.data.column("_issue")
+    counts = {k["values"]: k["counts"] for k in pc.value_counts(issues).to_pylist()}
     stats.rows = len(issues)
-    stats.truncated = counts[TRUNCATED]
-    stats.dropped_empty = counts[EMPTY]
-    invalid = [issue for issue in issues if issue not in (OK, TRUNCATED, EMPTY)]
+    stats.truncated = counts.get(TRUNCATED, 0)
+    stats.dropped_empty = counts.get(EMPTY, 0)
+    usable = pc.is_in(issues, value_set=pa.array([OK, TRUNCATED]))
+    invalid_mask = pc.invert(pc.or_(usable, pc.equal(issues, EMPTY)))
+    invalid = pc.filter(issues, invalid_mask).to_pylist()
     if invalid and not settings.skip_invalid_rows:
         listed = "\n".join(f"  {p}" for p in invalid[:MAX_LISTED_PROBLEMS])
         more = (
@@ -338,20 +362,32 @@ def prepare(
             "Fix these rows, or set skip_invalid_rows=true to drop them (they are counted)."
         )
     stats.dropped_invalid = len(invalid)
-    if counts[OK] + counts[TRUNCATED] == 0:
+    kept = np.flatnonzero(usable.to_numpy(zero_copy_only=False))
+    if kept.size == 0:
         raise DataError(f"{name}: no row has any token to train on. {stats.summary(settings.max_length)}")
-    if len(invalid) + stats.dropped_empty:
-        mapped = mapped.filter(lambda issue: issue in (OK, TRUNCATED), input_columns="_issue")
+    stats.rewritten_turns = int(pc.sum(pc.filter(mapped.data.column("_rewritten"), usable)).as_py() or 0)
+    stats.same_role_rows = int(pc.sum(pc.filter(mapped.data.column("_same_role"), usable)).as_py() or 0)
+    mapped = mapped.remove_columns(["_issue", "_rewritten", "_same_role"])
+    if kept.size < stats.rows:
+        mapped = mapped.select(kept)
     stats.kept = len(mapped)
-    stats.rewritten_turns = sum(mapped["_rewritten"])
-    stats.same_role_rows = sum(mapped["_same_role"])
     log = logger.warning if stats.truncated or stats.dropped_empty or stats.dropped_invalid else logger.info
     log(stats.summary(settings.max_length))
     if stats.same_role_note():
         logger.info(stats.same_role_note())
     if stats.rewritten_warning():
         logger.warning(stats.rewritten_warning())
-    return mapped.remove_columns(["_issue", "_rewritten", "_same_role"]), stats
+    return mapped, stats
+
+
+def auto_num_proc(rows: int) -> int:
+    """Processes for ``dataset_num_proc`` unset: one per ``ROWS_PER_PREPARE_PROCESS`` rows, at most
+    one per CPU core this process may run on."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, rows // ROWS_PER_PREPARE_PROCESS))
 
 
 @functools.cache

@@ -18,13 +18,14 @@ Output rows (``tokenize_examples``): ``input_ids`` list[int], ``labels`` list[in
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
+
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from sftrainer.constants import IGNORE_INDEX, LOSS_MASK_COLUMNS
 from sftrainer.data.formats import ChatExample, Example, PairExample, TextExample
@@ -44,7 +45,7 @@ class Tokenized:
     @property
     def n_trained(self) -> int:
         """Tokens that carry loss. The first label is never predicted (nothing precedes it)."""
-        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+        return max(0, len(self.labels) - 1 - self.labels[1:].count(IGNORE_INDEX))
 
 
 class ExampleTokenizer:
@@ -63,6 +64,13 @@ class ExampleTokenizer:
         self.template_kwargs = dict(template_kwargs or {})
         self._headers: dict[tuple[Any, ...], str] = {}
         self._warned_null_content = False
+        # Keyed by "has no tools": the template to use, and whether direct rendering matched.
+        self._templates: dict[bool, str] = {}
+        self._direct: dict[bool, bool] = {}
+
+    @cached_property
+    def _special_tokens(self) -> dict[str, str]:
+        return dict(self.tokenizer.special_tokens_map)
 
     @cached_property
     def bos_id(self) -> int | None:
@@ -107,13 +115,48 @@ class ExampleTokenizer:
         return self._chat_segments(example)
 
     def _render(self, example: ChatExample, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+        kwargs = {**self.template_kwargs, **example.template_kwargs}
+        key = example.tools is None
+        if self._direct.get(key) is False:
+            return self._apply_chat_template(messages, example.tools, generation_prompt, kwargs)
+        if key in self._direct:
+            return self._render_direct(messages, example.tools, generation_prompt, kwargs)
+        # First rendering of this kind: check the direct path against apply_chat_template once.
+        reference = self._apply_chat_template(messages, example.tools, generation_prompt, kwargs)
+        try:
+            direct = self._render_direct(messages, example.tools, generation_prompt, kwargs)
+        except Exception:
+            direct = None
+        self._direct[key] = direct == reference
+        if direct != reference:
+            logger.debug("Rendering through apply_chat_template: the direct rendering differs")
+        return reference
+
+    def _apply_chat_template(
+        self, messages: list[dict[str, Any]], tools: Any, generation_prompt: bool, kwargs: dict[str, Any]
+    ) -> str:
         return self.tokenizer.apply_chat_template(
-            messages,
-            tools=example.tools,
-            add_generation_prompt=generation_prompt,
-            tokenize=False,
-            **{**self.template_kwargs, **example.template_kwargs},
+            messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False, **kwargs
         )
+
+    def _render_direct(
+        self, messages: list[dict[str, Any]], tools: Any, generation_prompt: bool, kwargs: dict[str, Any]
+    ) -> str:
+        """What ``apply_chat_template(tokenize=False)`` renders, without its per-call overhead (about
+        half the time of a rendering): the template looked up once, null keys dropped as it drops them.
+        Used only after one rendering of each kind matched ``apply_chat_template`` exactly."""
+        key = tools is None
+        if key not in self._templates:
+            self._templates[key] = self.tokenizer.get_chat_template(None, tools)
+        plain = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        rendered, _ = render_jinja_template(
+            conversations=[plain],
+            tools=tools,
+            chat_template=self._templates[key],
+            add_generation_prompt=generation_prompt,
+            **{**self._special_tokens, **kwargs},
+        )
+        return rendered[0]
 
     def _chat_segments(self, example: ChatExample) -> tuple[list[Segment], int]:
         try:
@@ -131,10 +174,22 @@ class ExampleTokenizer:
             turns = turns[-1:]
         if not turns:
             return [(full, False)], 0
+        spans = self._diff_turns_at_once(example, full, turns)
+        if spans is not None:
+            try:
+                return self._turn_segments(example, full, turns, spans)
+            except (RowError, TemplateError):
+                pass  # decided turn by turn below, as the message then names the turn at fault
+        return self._turn_segments(example, full, turns, None)
+
+    def _turn_segments(
+        self, example: ChatExample, full: str, turns: list[int], spans: list[tuple[int, int]] | None
+    ) -> tuple[list[Segment], int]:
         segments: list[Segment] = []
         pos = rewritten = 0
-        for i in turns:
-            start, end = self._locate_turn(example, full, i, self._assistant_header(example, i), pos)
+        for k, i in enumerate(turns):
+            c, e = spans[k] if spans is not None else self._diff_turn(example, full, i)
+            start, end = self._locate_turn(example, full, i, self._assistant_header(example, i), pos, c, e)
             segments += [(full[pos:start], False), (full[start:end], True)]
             rewritten += not _renders_whole_turn(example.messages[i], full[start:end])
             pos = end
@@ -200,14 +255,13 @@ class ExampleTokenizer:
         offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return max((s for s, _ in offsets["offset_mapping"] if s <= cut), default=0)
 
-    def _locate_turn(self, example: ChatExample, full: str, i: int, header: str, pos: int) -> tuple[int, int]:
-        """Where assistant turn ``i`` lies in the full rendering: (start, end) character offsets.
+    def _diff_turn(self, example: ChatExample, full: str, i: int) -> tuple[int, int]:
+        """Where the template's text for assistant turn ``i`` lies in the full rendering (c, e).
 
         The conversation is rendered again with this turn replaced by a marker; the renderings
         agree before and after the turn, and differ exactly where the template put its text
         (reasoning, content and tool calls). This finds every turn a finished conversation holds,
-        whatever the template does to history or after the last turn. The trained span then
-        starts after the assistant header and runs through the end-of-turn token that follows.
+        whatever the template does to history or after the last turn.
         """
         where = f"messages[{i}]"
         probe = None
@@ -220,7 +274,72 @@ class ExampleTokenizer:
         if probe is None:
             raise RowError(where, f"the chat template cannot render this conversation: {error}") from None
         c = _common_prefix(full, probe)
-        e = len(full) - _common_suffix(full, probe, limit=min(len(full), len(probe)) - c)
+        return c, len(full) - _common_suffix(full, probe, limit=min(len(full), len(probe)) - c)
+
+    def _diff_turns_at_once(
+        self, example: ChatExample, full: str, turns: list[int]
+    ) -> list[tuple[int, int]] | None:
+        """``_diff_turn`` for every turn from one rendering, or None where that cannot be trusted.
+
+        Every trained turn is replaced by a marker of its own. The rendering splits at the markers
+        into context pieces P0 M1 P1 ... Mk Pk; the full rendering must then read P0 T1 P1 ... Tk Pk,
+        with each piece found in the same place searching from the left and from the right (so the
+        turns' texts are the only way to read it). Anything else (a template whose context depends
+        on what the turns say, a piece that could match in two places, a turn the template cannot
+        render as plain text) gives None, and each turn is rendered on its own instead.
+        """
+        if len(turns) < 2:
+            return None
+        markers = {i: f"{MARKER[:-1]}{k}{MARKER[-1]}" for k, i in enumerate(turns)}
+        marked = [
+            {"role": "assistant", "content": markers[j]} if j in markers else m
+            for j, m in enumerate(example.messages)
+        ]
+        try:
+            probe = self._render(example, marked, False)
+        except Exception:
+            return None
+        pieces, rest = [], probe
+        for i in turns:
+            before, found, rest = rest.partition(markers[i])
+            if not found:
+                return None
+            pieces.append(before)
+        pieces.append(rest)
+        inner = pieces[1:-1]
+        if (
+            MARKER[0] in "".join(pieces)  # a marker rendered twice (or out of order)
+            or not all(inner)
+            or not full.startswith(pieces[0])
+            or not full.endswith(pieces[-1])
+            or len(full) < len(pieces[0]) + len(pieces[-1])
+        ):
+            return None
+        forward, pos = [], len(pieces[0])
+        for piece in inner:
+            at = full.find(piece, pos)
+            if at < 0:
+                return None
+            forward.append((pos, at))
+            pos = at + len(piece)
+        last_end = len(full) - len(pieces[-1])
+        if last_end < pos:
+            return None
+        forward.append((pos, last_end))
+        backward, end = [], last_end
+        for piece in reversed(inner):
+            at = full.rfind(piece, 0, end)
+            backward.append((at + len(piece), end))
+            end = at
+        backward.append((len(pieces[0]), end))
+        return forward if forward == backward[::-1] else None
+
+    def _locate_turn(
+        self, example: ChatExample, full: str, i: int, header: str, pos: int, c: int, e: int
+    ) -> tuple[int, int]:
+        """The trained span of assistant turn ``i`` whose text lies at [c, e) of the full rendering:
+        it starts after what the model is prompted with and runs through the end-of-turn token."""
+        where = f"messages[{i}]"
         if c < pos:
             raise TemplateError(
                 where,
@@ -258,6 +377,11 @@ class ExampleTokenizer:
         assistant header, found before the turn's own text.
         """
         prompt = None
+        if i > 0 and header and full.find(header, max(0, pos - len(header)), c) == c - len(header):
+            # The answer follows its header, the only one since the previous turn: a prompt that is a
+            # prefix of the conversation ends with that header (the generation prompt), so it ends at
+            # c, which is also where the header search below ends. No need to render it.
+            return c
         if i > 0:
             try:
                 prompt = self._render(example, example.messages[:i], True)
@@ -311,30 +435,28 @@ class ExampleTokenizer:
         merged = [_merge_same(segs) for _, segs in rows]
         if not getattr(self.tokenizer, "is_fast", False):  # no offsets: tokenize piece by piece
             return [
-                self._finish(ex, *self._tokenize_segmentwise(segs)) for (ex, _), segs in zip(rows, merged)
+                self._finish(ex, segs, *self._tokenize_segmentwise(segs))
+                for (ex, _), segs in zip(rows, merged)
             ]
-        texts = ["".join(text for text, _ in segs) for segs in merged]
-        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self.tokenizer(
+            ["".join(text for text, _ in segs) for segs in merged],
+            add_special_tokens=False,
+            return_attention_mask=False,  # not used: converting it to lists costs a quarter of the call
+            return_token_type_ids=False,
+        )
         out = []
-        for (example, _), segs, ids, offsets in zip(rows, merged, enc["input_ids"], enc["offset_mapping"]):
-            ends = _segment_ends(segs)
-            if _boundaries_clean(offsets, ends[:-1]):
-                last = len(segs) - 1
-                seg_of = [min(bisect.bisect_right(ends, start), last) for start, _ in offsets]
-                labels = [tok if segs[s][1] else IGNORE_INDEX for tok, s in zip(ids, seg_of)]
-            else:
-                ids, labels = self._tokenize_segmentwise(segs)
-            out.append(self._finish(example, list(ids), labels))
+        for k, ((example, _), segs) in enumerate(zip(rows, merged)):
+            ids = enc["input_ids"][k]
+            counts = _segment_token_counts(enc.encodings[k], segs, len(ids))
+            if counts is None:  # a token crosses a boundary: tokenize the segments one by one
+                ids, counts = self._tokenize_segmentwise(segs)
+            out.append(self._finish(example, segs, ids, counts))
         return out
 
     def _tokenize_segmentwise(self, segs: list[Segment]) -> tuple[list[int], list[int]]:
-        enc = self._tokenize_pieces([text for text, _ in segs])
-        ids: list[int] = []
-        labels: list[int] = []
-        for (_, trained), seg_ids in zip(segs, enc):
-            ids += seg_ids
-            labels += seg_ids if trained else [IGNORE_INDEX] * len(seg_ids)
-        return ids, labels
+        """The ids of the segments tokenized one after the other, and each segment's token count."""
+        pieces = self._tokenize_pieces([text for text, _ in segs])
+        return [t for piece in pieces for t in piece], [len(piece) for piece in pieces]
 
     def _tokenize_pieces(self, texts: list[str]) -> list[list[int]]:
         """Tokenize consecutive pieces of one text, each piece after the first as a continuation.
@@ -354,34 +476,65 @@ class ExampleTokenizer:
                 out.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return out
 
-    def _finish(self, example: Example, ids: list[int], labels: list[int]) -> Tokenized:
-        """Add BOS once, make sure every trained span ends with a stop token, truncate."""
-        if isinstance(example, TextExample | PairExample):
-            if not ids or ids[-1] != self.eos_id:
-                ids.append(self.eos_id)
-                labels.append(self.eos_id)
-        else:
-            ids, labels = self._close_trained_spans(ids, labels)
-        if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
-            ids.insert(0, self.bos_id)
-            labels.insert(0, IGNORE_INDEX)
-        truncated = self.max_length is not None and len(ids) > self.max_length
-        if truncated:
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-        return Tokenized(ids, labels, truncated)
-
-    def _close_trained_spans(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-        """A template without an end-of-turn token would never teach the model to stop: add EOS."""
+    def _finish(self, example: Example, segs: list[Segment], ids: list[int], counts: list[int]) -> Tokenized:
+        """Labels from the segments' token counts; every trained span of a conversation ends with a
+        stop token (a template without an end-of-turn token would never teach the model to stop: EOS
+        is added), text and pairs end with EOS; BOS once at the start; truncation."""
+        runs: list[list[Any]] = []  # [trained, tokens]: consecutive segments with tokens, merged
+        for (_, trained), n in zip(segs, counts):
+            if n and runs and runs[-1][0] == trained:
+                runs[-1][1] += n
+            elif n:
+                runs.append([trained, n])
+        close_spans = isinstance(example, ChatExample)
         out_ids: list[int] = []
-        out_labels: list[int] = []
-        for k, (tok, label) in enumerate(zip(ids, labels)):
-            out_ids.append(tok)
-            out_labels.append(label)
-            span_ends = label != IGNORE_INDEX and (k + 1 == len(ids) or labels[k + 1] == IGNORE_INDEX)
-            if span_ends and tok not in self.stop_ids:
+        labels: list[int] = []
+        pos = 0
+        for trained, n in runs:
+            piece = ids[pos : pos + n]
+            pos += n
+            out_ids += piece
+            if not trained:
+                labels += [IGNORE_INDEX] * n
+                continue
+            labels += piece
+            if close_spans and piece[-1] not in self.stop_ids:
                 out_ids.append(self.eos_id)
-                out_labels.append(self.eos_id)
-        return out_ids, out_labels
+                labels.append(self.eos_id)
+        if not close_spans and (not out_ids or out_ids[-1] != self.eos_id):
+            out_ids.append(self.eos_id)
+            labels.append(self.eos_id)
+        if self.bos_id is not None and (not out_ids or out_ids[0] != self.bos_id):
+            out_ids.insert(0, self.bos_id)
+            labels.insert(0, IGNORE_INDEX)
+        truncated = self.max_length is not None and len(out_ids) > self.max_length
+        if truncated:
+            out_ids, labels = out_ids[: self.max_length], labels[: self.max_length]
+        return Tokenized(out_ids, labels, truncated)
+
+
+def _segment_token_counts(encoding: Any, segs: list[Segment], n_tokens: int) -> list[int] | None:
+    """Tokens per segment of a text tokenized whole, or None when a token crosses a boundary.
+
+    A boundary is clean when a token starts exactly there and the token before it ends exactly
+    there. Checking both sides also catches tokenizers that trim offsets (a token " Paris" reported
+    as starting at "P" while it really swallowed the prompt's trailing space).
+    """
+    counts, pos, previous = [], 0, 0
+    for text, _ in segs[:-1]:
+        pos += len(text)
+        t = encoding.char_to_token(pos)
+        if (
+            t is None
+            or t == 0
+            or encoding.token_to_chars(t)[0] != pos
+            or encoding.token_to_chars(t - 1)[1] != pos
+        ):
+            return None
+        counts.append(t - previous)
+        previous = t
+    counts.append(n_tokens - previous)
+    return counts
 
 
 def _renders_whole_turn(message: dict[str, Any], span: str) -> bool:
@@ -438,27 +591,6 @@ def _merge_same(segments: list[Segment]) -> list[Segment]:
         else:
             merged.append((text, trained))
     return merged
-
-
-def _segment_ends(segments: list[Segment]) -> list[int]:
-    ends, pos = [], 0
-    for text, _ in segments:
-        pos += len(text)
-        ends.append(pos)
-    return ends
-
-
-def _boundaries_clean(offsets: Sequence[Sequence[int]], boundaries: Sequence[int]) -> bool:
-    """True when, at each boundary, one token ends exactly there and the next starts exactly there.
-
-    Checking both sides also catches tokenizers that trim offsets (a token " Paris" reported as
-    starting at "P" while it really swallowed the prompt's trailing space).
-    """
-    if not boundaries:
-        return True
-    starts = {s for s, _ in offsets}
-    ends = {e for _, e in offsets}
-    return all(b in starts and b in ends for b in boundaries)
 
 
 def tokenize_pretokenized(row: dict[str, Any], max_length: int | None, use_masks: bool = True) -> Tokenized:

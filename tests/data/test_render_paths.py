@@ -1,0 +1,130 @@
+"""The shortcuts that make chat preparation fast give exactly what the slow, general paths give.
+
+``ExampleTokenizer`` renders a conversation twice (the conversation, and once with every trained
+turn replaced by a marker), renders through ``render_jinja_template`` directly once that matched
+``apply_chat_template``, and skips rendering a turn's prompt when its header settles where the turn
+starts. Each shortcut is compared here with the path it replaces, for every released template and
+zoo template, on conversations with reasoning, tool calls, whitespace at the edges and several turns.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import released_templates as rt
+import tokenizers_zoo as zoo
+
+from sftrainer.data.formats import ChatExample, normalise_messages
+from sftrainer.data.tokenize import ExampleTokenizer
+
+THREE_TURNS = [
+    {"role": "system", "content": "Be brief. "},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": " The capital is Paris.\n"},
+    {"role": "user", "content": "And of Italy?"},
+    {"role": "assistant", "content": "Rome."},
+    {"role": "user", "content": "Rome?"},
+    {"role": "assistant", "content": "Rome, of course."},
+]
+CONVERSATIONS = {
+    "2turns": rt.TWO_TURNS,
+    "3turns": THREE_TURNS,
+    "reasoning": rt.REASONING,
+    "tools": rt.TOOL_CALL,
+    "same_answer": [  # two identical answers: the one-render split must not confuse them
+        {"role": "user", "content": "Say yes."},
+        {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": "Again."},
+        {"role": "assistant", "content": "Yes."},
+    ],
+}
+
+
+TOKENIZERS = [f"released:{name}" for name in rt.NAMES] + [f"zoo:{name}" for name in zoo.TEMPLATES]
+
+
+def build(name: str):
+    kind, _, template = name.partition(":")
+    return rt.tokenizer(template) if kind == "released" else zoo.TEMPLATES[template][0]()
+
+
+def outcome(encoder: ExampleTokenizer, example: ChatExample):
+    try:
+        out = encoder.tokenize([example])[0]
+        return out.input_ids, out.labels, encoder.render(example)[1]
+    except Exception as err:
+        return type(err).__name__, str(err)
+
+
+def examples(conv: str) -> list[ChatExample]:
+    messages = normalise_messages(copy.deepcopy(CONVERSATIONS[conv]), "messages")
+    tools = [rt.WEATHER_TOOL] if conv == "tools" else None
+    return [ChatExample(messages, tools=tools), ChatExample(messages, first_trainable=2, tools=tools)]
+
+
+class TurnByTurn(ExampleTokenizer):
+    """The general path: every turn located by a rendering of its own, every prompt rendered."""
+
+    def _diff_turns_at_once(self, example, full, turns):
+        return None
+
+    def _turn_start(self, example, full, i, header, pos, c):
+        # The prompt rendered first, as before the header shortcut; then the same header search.
+        if i > 0:
+            try:
+                prompt = self._render(example, example.messages[:i], True)
+            except Exception:
+                prompt = None
+            if prompt is not None and pos <= len(prompt) <= c and full.startswith(prompt):
+                return len(prompt)
+        return super()._turn_start(example, full, i, header, pos, c)
+
+
+class ViaApplyChatTemplate(ExampleTokenizer):
+    """Every rendering through ``apply_chat_template``."""
+
+    def _render(self, example, messages, generation_prompt):
+        kwargs = {**self.template_kwargs, **example.template_kwargs}
+        return self._apply_chat_template(messages, example.tools, generation_prompt, kwargs)
+
+
+@pytest.mark.parametrize("conv", CONVERSATIONS)
+@pytest.mark.parametrize("name", TOKENIZERS)
+@pytest.mark.parametrize("train_on", ["response", "last_turn"])
+def test_shortcuts_give_what_the_general_paths_give(name, conv, train_on):
+    tok = build(name)
+    for example in examples(conv):
+        fast = outcome(ExampleTokenizer(tok, train_on=train_on), example)
+        assert fast == outcome(TurnByTurn(tok, train_on=train_on), example)
+        assert fast == outcome(ViaApplyChatTemplate(tok, train_on=train_on), example)
+
+
+def test_a_conversation_is_rendered_twice_under_chatml(monkeypatch):
+    """Three trained turns: the conversation and one marked copy, no rendering per turn or prompt
+    (after the first row, which also renders each kind of header once)."""
+    encoder = ExampleTokenizer(rt.tokenizer("qwen2.5-instruct"))
+    example = examples("3turns")[0]
+    encoder.tokenize([example])
+    calls = []
+    original = encoder._render_direct
+    monkeypatch.setattr(encoder, "_render_direct", lambda *a: calls.append(a) or original(*a))
+    encoder.tokenize([example])
+    assert len(calls) == 2
+
+
+def test_direct_rendering_is_used_only_after_it_matched_apply_chat_template():
+    class Decorated(type(rt.tokenizer("qwen2.5-instruct"))):
+        """A tokenizer whose apply_chat_template adds text: the direct path must not be used."""
+
+        def apply_chat_template(self, *args, **kwargs):
+            return super().apply_chat_template(*args, **kwargs) + "\n"
+
+    tok = rt.tokenizer("qwen2.5-instruct")
+    tok.__class__ = Decorated
+    encoder = ExampleTokenizer(tok)
+    example = examples("2turns")[0]
+    first = encoder.tokenize([example])[0]
+    assert encoder._direct == {True: False}
+    assert encoder.tokenize([example])[0] == first
+    assert tok.decode(first.input_ids).endswith("\n")
