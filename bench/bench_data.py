@@ -202,7 +202,11 @@ def run_stream(rows: int, args: argparse.Namespace) -> dict:
     path = data_file(workdir, "pair", "sftrainer", rows)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(workdir))
     config = SFTConfig(
-        output_dir=str(workdir / "out"), max_length=args.max_length, packing=True, report_to="none", use_cpu=True
+        output_dir=str(workdir / "out"),
+        max_length=args.max_length,
+        packing=True,
+        report_to="none",
+        use_cpu=True,
     )
     stream = load_dataset("json", data_files=str(path), split="train", streaming=True)
     start = time.perf_counter()
@@ -237,7 +241,9 @@ def _child(argv: list[str], env: dict[str, str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("suite", choices=["prepare", "stream"])
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--stream-rows", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -290,7 +296,9 @@ def main() -> None:
 
 def _print_prepare_table(results: list[dict]) -> None:
     by = {(r["trainer"], r["format"], r["phase"]): r for r in results}
-    print(f"\n{'format':<12}{'phase':<8}{'sftrainer rows/s':>18}{'TRL rows/s':>12}{'ratio':>8}{'sftrainer s':>13}")
+    print(
+        f"\n{'format':<12}{'phase':<8}{'sftrainer rows/s':>18}{'TRL rows/s':>12}{'ratio':>8}{'sftrainer s':>13}"
+    )
     for fmt in FORMATS:
         for phase in ("cold", "cached"):
             ours, theirs = by.get(("sftrainer", fmt, phase)), by.get(("trl", fmt, phase))
@@ -298,7 +306,9 @@ def _print_prepare_table(results: list[dict]) -> None:
                 continue
             ratio = f"{ours['rows_per_s'] / theirs['rows_per_s']:.2f}x" if theirs else "-"
             trl = f"{theirs['rows_per_s']:.0f}" if theirs else "-"
-            print(f"{fmt:<12}{phase:<8}{ours['rows_per_s']:>18.0f}{trl:>12}{ratio:>8}{ours['seconds']:>13.2f}")
+            print(
+                f"{fmt:<12}{phase:<8}{ours['rows_per_s']:>18.0f}{trl:>12}{ratio:>8}{ours['seconds']:>13.2f}"
+            )
 
 
 if __name__ == "__main__":
