@@ -137,6 +137,13 @@ class SFTConfig(TrainingArguments):
     skip_invalid_rows: bool = field(
         default=False, metadata={"help": "Drop (and count) rows that cannot be used instead of failing."}
     )
+    overwrite_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "Prepare the data again even if a prepared copy is cached (the cache is keyed by the data, "
+            "tokenizer, template, settings and sftrainer version, so this is rarely needed)."
+        },
+    )
     pad_to_multiple_of: int | str | None = field(
         default=None,
         metadata={"help": "Pad batches to a multiple of this ('auto', TRL's default: None here)."},
@@ -315,6 +322,7 @@ class SFTConfig(TrainingArguments):
             chat_template_kwargs=dict(self.chat_template_kwargs or {}),
             split_turns=self.split_turns,
             truncation_mode=self.truncation_mode,
+            overwrite_cache=self.overwrite_cache,
         )
 
 

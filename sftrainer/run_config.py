@@ -175,8 +175,23 @@ class DataConfig:
     columns: dict[str, str] = field(
         default_factory=dict, metadata={"help": "Rename columns: {their_name: prompt}."}
     )
+    revision: str | None = field(
+        default=None,
+        metadata={"help": "Revision (branch, tag or commit) of a hub dataset: load_dataset's revision."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read data.train as a stream (data larger than memory): tokenized and packed on the fly; "
+            "needs max_steps."
+        },
+    )
 
     def problems(self) -> list[str]:
+        if self.streaming and self.is_mixture():
+            return ["data.streaming: a mixture samples rows from each source and needs map-style data"]
+        if self.streaming and self.eval_split:
+            return ["data.eval_split: a stream cannot hold rows out; set data.eval (read without streaming)"]
         if self.is_mixture():
             from sftrainer.data.mixture import spec_problems  # datasets is imported only when needed
 
@@ -226,17 +241,24 @@ class DataConfig:
         return self.eval is not None or bool(self.eval_split) or self.eval_split_name is not None
 
     def hub_args(self, eval: bool = False) -> dict[str, Any]:
-        """``split`` / ``subset`` / ``data_files`` of ``sftrainer.data.load.load`` for train or eval.
-
-        subset and data_files belong to data.train; eval shares them when it reads the same dataset.
+        """``split`` / ``subset`` / ``data_files`` / ``revision`` (+ ``streaming`` for train) of
+        ``sftrainer.data.load.load``. subset, data_files and revision belong to data.train; eval shares
+        them when it reads the same dataset. Eval data is never streamed (its rows are counted).
         """
         if not eval:
-            return {"split": self.split, "subset": self.subset, "data_files": self.data_files}
+            return {
+                "split": self.split,
+                "subset": self.subset,
+                "data_files": self.data_files,
+                "revision": self.revision,
+                "streaming": self.streaming,
+            }
         same = self.eval is None or self.eval == self.train
         return {
             "split": self.eval_split_name,
             "subset": self.subset if same else None,
             "data_files": self.data_files if same else None,
+            "revision": self.revision if same else None,
         }
 
 
@@ -397,6 +419,11 @@ def build_config(raw: Mapping[str, Any], where: str = "") -> RunConfig:
         problems.append(
             f"eval_strategy: '{getattr(strategy, 'value', strategy)}' needs evaluation data; "
             "set data.eval, data.eval_split or data.eval_split_name, or eval_strategy: 'no'"
+        )
+    if data.streaming and train is not None and train.max_steps <= 0:
+        problems.append(
+            "data.streaming: a stream has no length, so the run cannot count its steps from epochs; "
+            "set max_steps (the optimizer steps to train)"
         )
     model_cfg = built.get("model")
     init = getattr(train, "model_init_kwargs", None) or {}

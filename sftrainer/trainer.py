@@ -588,6 +588,14 @@ class _TrainingRunHooks(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._checked_for_training = False
+        for stats in self.trainer.data_stats.values():
+            if stats.streamed and stats.rows and state.is_world_process_zero:
+                log = (
+                    logger.warning
+                    if stats.truncated or stats.dropped_empty or stats.dropped_invalid
+                    else logger.info
+                )
+                log(stats.summary(args.max_length))
 
 
 def _model_path(model: Any) -> str:

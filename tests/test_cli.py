@@ -285,6 +285,21 @@ def test_rerunning_the_saved_config_reproduces_the_run(capsys, tmp_path):
     )
 
 
+def test_train_streams_a_file_and_packs_it_on_the_fly(capsys, caplog, tmp_path):
+    """data.streaming: the demo file read as a stream, tokenized and packed while training."""
+    from sftrainer import builtin
+
+    with caplog.at_level("INFO", logger="sftrainer"):
+        code, _, err = run_cli(capsys, "train", f"output_dir={tmp_path / 'run'}", "data.eval=null",
+                               "exact_match_samples=0", "data.streaming=true", "max_steps=3", "packing=true",
+                               f"data.train={builtin.data_files()[0]}", "per_device_train_batch_size=2")  # fmt: skip
+    assert code == 0, err
+    assert "packed on the fly (streaming)" in caplog.text
+    assert "train data: 2000 rows read so far" in caplog.text  # one packing window of the 6,000 rows
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["step"] == 3 and "train_loss" in logged[-1]
+
+
 def test_nan_loss_exits_2_naming_the_step(capsys, tmp_path):
     out_dir = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", f"output_dir={out_dir}", "data.eval=null", "exact_match_samples=0",

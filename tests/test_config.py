@@ -528,3 +528,35 @@ def test_yaml_data_columns_are_applied(tmp_path):
     bad = load_config(None, [f"data.train={path}", "data.columns={questoin: prompt}"])
     with pytest.raises(DataError, match="did you mean 'question'"):
         resolve_data(bad)
+
+
+# ---- streaming and hub revisions ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (["data.streaming=true"], "data.streaming: a stream has no length"),
+        (["data.streaming=true", "max_steps=5", "data.eval_split=0.1"], "a stream cannot hold rows out"),
+        (
+            ["data.streaming=true", "max_steps=5", "data.train=[{path: a.jsonl, weight: 1}]"],
+            "a mixture samples rows from each source",
+        ),
+    ],
+)
+def test_streaming_settings_that_cannot_work_are_refused(overrides, words):
+    assert words in config_error(None, overrides)
+
+
+def test_streaming_and_revision_reach_the_loader():
+    cfg = load_config(None, ["data.streaming=true", "max_steps=5", "data.revision=v2", "data.train=org/set"])
+    assert cfg.data.hub_args() == {
+        "split": "train",
+        "subset": None,
+        "data_files": None,
+        "revision": "v2",
+        "streaming": True,
+    }
+    assert cfg.data.hub_args(eval=True)["revision"] == "v2" and "streaming" not in cfg.data.hub_args(
+        eval=True
+    )

@@ -7,12 +7,12 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from transformers import AutoModelForCausalLM
 
 from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.collate import PaddedCollator, PositionCollator
-from sftrainer.data.pack import best_fit_decreasing, pack_dataset
+from sftrainer.data.pack import StreamPacker, best_fit_decreasing, pack_dataset
 from sftrainer.isolation import ContaminationError, check_row_isolation
 
 
@@ -98,6 +98,37 @@ def test_pack_dataset_refuses_overlong_rows_unless_split():
     pieces = sorted(len(s[0]) for r in packed.to_list() for s in _segments(r))
     assert pieces == [3, 4, 8]  # 12 tokens -> 8 + 4
     assert sum(pieces) == 15
+
+
+# ---- streams -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["bfd", "bfd_split", "wrapped"])
+def test_stream_packer_gives_the_rows_of_pack_dataset(strategy):
+    """One window holding every row packs exactly as the map-style packer does."""
+    rows = _rows([5, 3, 7, 2, 9, 4, 8, 1, 6, 14] if strategy != "bfd" else [5, 3, 7, 2, 9, 4, 8, 1, 6])
+    table, _ = pack_dataset(Dataset.from_list(rows), 10, strategy)
+    batch = {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
+    assert StreamPacker(10, strategy)(batch) == table.to_dict()
+
+
+def test_a_packed_stream_keeps_every_row_and_reads_one_window_at_a_time():
+    rows = _rows([int(n) for n in np.random.default_rng(3).integers(1, 30, size=500)])
+    read = []
+
+    def source():
+        for k, row in enumerate(rows):
+            read.append(k)
+            yield row
+
+    stream = IterableDataset.from_generator(source).map(StreamPacker(32, "bfd"), batched=True, batch_size=100)
+    packed = iter(stream)
+    first = next(packed)
+    assert len(read) <= 100  # one window read, not the data set: memory does not grow with the data
+    out = [first, *packed]
+    assert all(len(r["input_ids"]) <= 32 for r in out)
+    found = sorted((tuple(ids), tuple(labels)) for r in out for ids, labels in _segments(r))
+    assert found == sorted((tuple(r["input_ids"]), tuple([IGNORE_INDEX, *r["labels"][1:]])) for r in rows)
 
 
 # ---- equivalence with unpacked rows -------------------------------------------------------

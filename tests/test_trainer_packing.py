@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from tiny_models import quick_args
 from transformers import AttentionInterface, AutoModelForCausalLM, TrainerCallback
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -91,10 +91,19 @@ def test_bfd_split_splits_long_rows_and_counts_them(tiny_model_dir, tmp_path):
     assert all(len(r) <= 32 for r in trainer.train_dataset["input_ids"])
 
 
-def test_packing_refuses_a_streaming_dataset(tiny_model_dir, tmp_path):
-    stream = Dataset.from_list(_rows(8)).to_iterable_dataset()
-    with pytest.raises(ConfigError, match="packing needs a map-style"):
-        SFTTrainer(model=str(tiny_model_dir), args=_args(tmp_path, packing=True), train_dataset=stream)
+def test_a_streaming_dataset_is_packed_on_the_fly_and_trains(tiny_model_dir, tmp_path):
+    rows = _rows(40)
+    args = _args(tmp_path, packing=True, shuffle_dataset=False)
+    stream = SFTTrainer(
+        model=str(tiny_model_dir), args=args, train_dataset=Dataset.from_list(rows).to_iterable_dataset()
+    )
+    mapped = SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=rows)
+    assert isinstance(stream.train_dataset, IterableDataset)
+    # One window holds all 40 rows here, so the stream packs them as the map-style data set does.
+    assert list(stream.train_dataset) == mapped.train_dataset.to_list()
+    assert isinstance(stream.data_collator, PositionCollator)
+    result = stream.train()
+    assert stream.state.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
 
 
 def test_bad_packing_strategy_is_a_config_error(tmp_path):

@@ -52,6 +52,8 @@ def load(
     split: str | None = None,
     subset: str | None = None,
     data_files: str | Sequence[str] | Mapping[str, Any] | None = None,
+    revision: str | None = None,
+    streaming: bool = False,
 ) -> AnyDataset:
     """Return a ``Dataset`` (or ``IterableDataset``) for any accepted source.
 
@@ -62,7 +64,9 @@ def load(
     ``split`` (default 'train'; slices such as 'train[:1000]' work), ``subset`` (the dataset's
     configuration, ``name`` of ``datasets.load_dataset``) and ``data_files`` are passed to
     ``datasets.load_dataset`` for a hub id. A local directory given any of them is loaded the same
-    way (a dataset folder with its own splits), instead of as the set of files in it.
+    way (a dataset folder with its own splits), instead of as the set of files in it. ``revision``
+    (a branch, tag or commit) applies to a hub id. ``streaming`` returns an ``IterableDataset`` read
+    as training goes (files are then not checked up front: a broken line is reported when reached).
     """
     if isinstance(source, Dataset | IterableDataset):
         return source
@@ -70,20 +74,21 @@ def load(
         raise DataError(f"{name}: pass one split of the DatasetDict (splits: {list(source)})")
     if isinstance(source, list) and (not source or not isinstance(source[0], str | os.PathLike)):
         return _from_rows(source, name)
-    hub_args = {"split": split, "name": subset, "data_files": data_files}
+    hub_args = {"split": split, "name": subset, "data_files": data_files, "revision": revision}
     if isinstance(source, str | os.PathLike):
         path = str(source)
         if os.path.isdir(path) and any(v is not None for v in hub_args.values()):
-            return _from_hub(path, name, hub_args)
+            return _from_hub(path, name, {**hub_args, "streaming": streaming or None})
         if not os.path.exists(path) and is_hub_id(path):
-            return _from_hub(path, name, hub_args)
+            return _from_hub(path, name, {**hub_args, "streaming": streaming or None})
     if isinstance(source, str | os.PathLike | list | tuple):
-        if subset is not None or data_files is not None:
+        given = [k for k, v in (("subset", subset), ("data_files", data_files), ("revision", revision)) if v]
+        if given:
             raise DataError(
-                f"{name}: subset and data_files apply to a Hugging Face dataset or a dataset directory, "
-                f"not to files ({describe(source)})"
+                f"{name}: {' and '.join(given)} (given) only apply to a Hugging Face dataset or a dataset "
+                f"directory, not to files ({describe(source)})"
             )
-        return _from_files(source, name, split or "train")
+        return _from_files(source, name, split or "train", streaming)
     raise DataError(
         f"{name}: cannot load a {type(source).__name__}. Pass a list of dicts, a datasets.Dataset, "
         "or path(s) to .json, .jsonl, .csv or .parquet files."
@@ -137,7 +142,7 @@ def expand_files(source: str | os.PathLike | Sequence[str | os.PathLike], name: 
     return files
 
 
-def _from_files(source: Any, name: str, split: str = "train") -> AnyDataset:
+def _from_files(source: Any, name: str, split: str = "train", streaming: bool = False) -> AnyDataset:
     files = expand_files(source, name)
     missing = [f for f in files if not os.path.exists(f)]
     if missing:
@@ -152,6 +157,8 @@ def _from_files(source: Any, name: str, split: str = "train") -> AnyDataset:
         if os.path.getsize(f) == 0:
             raise DataError(f"{name}: {f} is empty")
     builder = kinds.pop()
+    if streaming:  # read as training goes; guard_stream names the file if a line breaks midway
+        return datasets.load_dataset(builder, data_files=files, split=split, streaming=True)
     if builder == "csv":  # a header naming a column twice loads, renamed: checked first
         for f in files:
             check_csv_header(f)

@@ -172,10 +172,17 @@ def pack_dataset(dataset: Dataset, max_length: int, strategy: str = "bfd") -> tu
     offsets = ids_col.offsets.to_numpy().astype(np.int64)
     if not np.array_equal(offsets, labels_col.offsets.to_numpy()):
         raise ValueError("every row's labels must be as long as its input_ids")
-    ids = ids_col.values.to_numpy()
-    labels = labels_col.values.to_numpy()
-    starts, lengths = offsets[:-1], np.diff(offsets)
+    table, stats = pack_arrays(
+        ids_col.values.to_numpy(), labels_col.values.to_numpy(), offsets, max_length, strategy
+    )
+    return Dataset(table), stats
 
+
+def pack_arrays(
+    ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, max_length: int, strategy: str
+) -> tuple[pa.Table, PackStats]:
+    """Rows given as flat token arrays and row offsets -> a table of packed sequences."""
+    starts, lengths = offsets[:-1], np.diff(offsets)
     if strategy == "wrapped":
         starts, lengths, bins, split_rows = _wrap(offsets, max_length)
         order = np.arange(lengths.size)  # stream order
@@ -209,4 +216,29 @@ def pack_dataset(dataset: Dataset, max_length: int, strategy: str = "bfd") -> tu
         max_length=max_length,
         split_rows=split_rows,
     )
-    return Dataset(table), stats
+    return table, stats
+
+
+class StreamPacker:
+    """The function given to a stream's batched ``map``: each window of rows packed on its own.
+
+    Memory holds one window; bins are closed at the end of each window, so the last sequences of a
+    window may be less full than packing the whole data set at once would make them.
+    """
+
+    def __init__(self, max_length: int, strategy: str):
+        problems = packing_strategy_problems(strategy)
+        if problems:
+            raise ConfigError(problems[0])
+        self.max_length, self.strategy = max_length, strategy
+
+    def __call__(self, batch: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+        rows, row_labels = batch["input_ids"], batch["labels"]
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        if any(len(a) != len(b) for a, b in zip(rows, row_labels)):
+            raise ValueError("every row's labels must be as long as its input_ids")
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        ids = np.fromiter((t for r in rows for t in r), dtype=np.int64, count=int(offsets[-1]))
+        labels = np.fromiter((t for r in row_labels for t in r), dtype=np.int64, count=int(offsets[-1]))
+        table, _ = pack_arrays(ids, labels, offsets, self.max_length, self.strategy)
+        return table.to_pydict()

@@ -19,7 +19,7 @@ from datasets import Dataset, IterableDataset
 from sftrainer.constants import LOSS_MASK_COLUMNS
 from sftrainer.data import load as data_load
 from sftrainer.data.mixture import Mixture, prepare_mixture
-from sftrainer.data.pack import PackStats, pack_dataset
+from sftrainer.data.pack import PackStats, StreamPacker, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
 from sftrainer.distributed import main_process_first
 from sftrainer.errors import ConfigError, DataError
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SHUFFLE_BUFFER = 1000  # rows held by a streaming shuffle
+STREAM_PACK_ROWS = 2000  # rows of a stream packed together (best-fit decreasing within them)
 
 
 class DataPipeline:
@@ -108,11 +109,16 @@ class DataPipeline:
         self._note_differences(self.data_stats[name].format, pack)
         if not pack:
             return self._shuffle(prepared)
-        if not isinstance(prepared, Dataset):
-            raise ConfigError(
-                f"{name}: packing needs a map-style datasets.Dataset, not a streaming IterableDataset; "
-                "load the data without streaming, or set packing=False (padding_free=True also avoids padding)"
+        if isinstance(prepared, IterableDataset):
+            logger.info(
+                "%s: packed on the fly (streaming), %d rows at a time into sequences of <= %d tokens",
+                name,
+                STREAM_PACK_ROWS,
+                args.max_length,
             )
+            packer = StreamPacker(args.max_length, args.packing_strategy)
+            packed = prepared.map(packer, batched=True, batch_size=STREAM_PACK_ROWS)
+            return self._shuffle(packed)
         # Shuffled before packing too, so wrapped sequences do not hold neighbouring rows (as TRL).
         packed, stats = pack_dataset(self._shuffle(prepared), args.max_length, args.packing_strategy)
         self.pack_stats[name] = stats

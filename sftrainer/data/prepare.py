@@ -7,6 +7,7 @@ and counted, so nothing disappears silently.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -67,6 +68,7 @@ class DataSettings:
     chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     split_turns: bool = False
     truncation_mode: str = "keep_start"
+    overwrite_cache: bool = False
 
     def problems(self) -> list[str]:
         """Every invalid choice, as 'key: problem' (the one place these settings are checked)."""
@@ -92,9 +94,11 @@ class PrepareStats:
     dropped_invalid: int = 0
     rewritten_turns: int = 0  # assistant turns the template renders differently in the finished conversation
     same_role_rows: int = 0  # conversations with two consecutive turns of one role, rendered as given
+    streamed: bool = False  # counted as the stream is read: the rows read so far
 
     def summary(self, max_length: int | None) -> str:
-        parts = [f"{self.name}: {self.rows} rows ({self.format}), {self.kept} kept"]
+        read = " read so far" if self.streamed else ""
+        parts = [f"{self.name}: {self.rows} rows{read} ({self.format}), {self.kept} kept"]
         if self.truncated:
             parts.append(f"{self.truncated} truncated to max_length={max_length}")
         if self.dropped_empty:
@@ -338,6 +342,7 @@ def prepare(
         remove_columns=columns,
         num_proc=num_proc if num_proc > 1 else None,
         features=PREPARED_FEATURES,  # typed: Arrow infers the type of a list of ints 15x slower
+        load_from_cache_file=False if settings.overwrite_cache else None,  # None: datasets' setting
         desc=f"Tokenizing {name}",
         new_fingerprint=_fingerprint(dataset, fn, columns),
     )
@@ -410,8 +415,11 @@ def _fingerprint(dataset: Dataset, fn: Any, columns: list[str]) -> str | None:
     template) and the code that prepares it. None (datasets decides) if ``fn`` cannot be hashed."""
     from datasets.fingerprint import Hasher
 
+    # How many processes prepare it, and whether a cached copy may be used, do not change the rows.
+    settings = dataclasses.replace(fn.settings, num_proc=None, overwrite_cache=False)
     try:
-        return Hasher.hash([dataset._fingerprint, fn, columns, _code_version()])
+        key = [fn.encoder, fn.fmt, settings, fn.formatting_func]
+        return Hasher.hash([dataset._fingerprint, key, columns, _code_version()])
     except Exception:  # an unpicklable formatting_func: datasets then uses a random fingerprint
         return None
 
@@ -419,19 +427,32 @@ def _fingerprint(dataset: Dataset, fn: Any, columns: list[str]) -> str | None:
 def _prepare_iterable(
     dataset: IterableDataset, fn: _TokenizeBatch, columns: list[str], stats: PrepareStats
 ) -> IterableDataset:
-    """Lazy version: problems surface when a bad row is reached; counts are not known up front."""
+    """Lazy version: problems surface when a bad row is reached; ``stats`` counts the rows read so
+    far (in this process: DataLoader worker processes count their own)."""
+    stats.streamed = True
 
     def strict(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         out = fn(batch, indices)
         bad = [i for i in out["_issue"] if i not in (OK, TRUNCATED, EMPTY)]
         if bad and not fn.settings.skip_invalid_rows:
             raise DataError(f"{stats.name}: {bad[0]}")
+        issues = out["_issue"]
+        stats.rows += len(issues)
+        stats.truncated += issues.count(TRUNCATED)
+        stats.dropped_empty += issues.count(EMPTY)
+        stats.dropped_invalid += len(bad)
+        stats.kept += issues.count(OK) + issues.count(TRUNCATED)
         return out
 
     mapped = dataset.map(strict, batched=True, with_indices=True, remove_columns=columns)
-    mapped = mapped.filter(lambda issue: issue in (OK, TRUNCATED), input_columns="_issue")
+    mapped = mapped.filter(
+        lambda issues: [issue in (OK, TRUNCATED) for issue in issues], input_columns="_issue", batched=True
+    )
     logger.info(
-        "%s: streaming (%s); truncation and drop counts are not known in advance", stats.name, stats.format
+        "%s: streaming (%s); rows are counted as they are read (truncated, dropped), "
+        "and the counts are logged at the end of training",
+        stats.name,
+        stats.format,
     )
     return mapped.remove_columns(["_issue", "_rewritten", "_same_role"])
 

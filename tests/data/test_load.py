@@ -224,8 +224,23 @@ def test_local_dataset_directory_with_splits(tmp_path):
 def test_split_slices_local_files_and_subset_needs_a_dataset(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
     assert rows_of(load(path, split="train[:2]")) == ROWS[:2]
-    with pytest.raises(DataError, match="subset and data_files apply to a Hugging Face dataset"):
+    with pytest.raises(DataError, match=r"subset \(given\) only apply to a Hugging Face dataset"):
         load(path, subset="default")
+    with pytest.raises(DataError, match=r"revision \(given\) only apply to a Hugging Face dataset"):
+        load(path, revision="v1.0")
+
+
+def test_hub_revision_and_streaming_reach_load_dataset(recorded_load_dataset):
+    load("HuggingFaceH4/ultrachat_200k", split="train_sft", revision="3ba2d0b", streaming=True)
+    assert recorded_load_dataset == [
+        ("HuggingFaceH4/ultrachat_200k", (), {"split": "train_sft", "revision": "3ba2d0b", "streaming": True})
+    ]
+
+
+def test_a_local_file_can_be_streamed(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    stream = load(path, streaming=True)
+    assert isinstance(stream, IterableDataset) and [dict(r) for r in stream] == ROWS
 
 
 def test_a_guarded_stream_keeps_its_rows_and_shards(tmp_path):
