@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 
-from sftrainer.constants import IGNORE_INDEX
+from sftrainer.constants import IGNORE_INDEX, STREAM_PREVIEW_ROWS
 from sftrainer.data.formats import implied_columns
 from sftrainer.data.mixture import Mixture, prepare_mixture
 from sftrainer.data.pack import PackStats, pack_dataset
@@ -422,17 +422,22 @@ def preview_run(
 
 
 def describe_data(raw: Any, tokenizer: Any, args: Any, name: str, source: str, cfg: Any) -> DataPreview:
-    """Prepare one raw data set as training would, and describe it."""
+    """Prepare one raw data set as training would, and describe it. A stream is described by its
+    first ``STREAM_PREVIEW_ROWS`` rows (said in the source line)."""
+    if isinstance(raw, IterableDataset):
+        from sftrainer.data import load as data_load
+
+        rows = list(raw.take(STREAM_PREVIEW_ROWS))
+        if not rows:
+            raise ConfigError(f"{name}: the stream has no rows")
+        raw = data_load.load(rows, name)
+        source = f"{source} (streamed: its first {len(rows):,} rows, not the whole stream)"
     mixture = isinstance(raw, Mixture)
     columns = [f"a mixture of {len(raw.sources)} sources"] if mixture else list(raw.column_names or [])
     mapping = {} if mixture else column_mapping(columns, cfg.data.columns, args.dataset_text_field)
     prepared, stats, pack, sources = _prepare_with_sources(raw, tokenizer, args, name)
     if mixture:
         source = "mixture of " + ", ".join(s.label for s in raw.sources)
-    if not isinstance(prepared, Dataset):
-        raise ConfigError(
-            f"{name}: sftrainer data counts a map-style data set; this one is streamed ({type(raw).__name__})"
-        )
     arrays = row_arrays(prepared)
     duplicates = 0 if mixture else count_duplicates(raw)  # a mixture repeats rows by its weights
     return DataPreview(name, source, columns, mapping, stats, arrays, pack, duplicates, sources)

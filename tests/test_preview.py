@@ -283,3 +283,17 @@ def test_data_command_shows_the_mix_of_a_mixture(tmp_path, capsys, tiny_model_di
     assert "rows: 6 read, 6 kept" in out
     assert f"source [{chats}]: 2 of the mix's rows" in out and f"source [{pairs}]: 4 of the mix's rows" in out
     assert "optimizer steps: 3 (1 per epoch x 3 epochs; 6 sequences, 8 per step)" in out
+
+
+def test_data_command_describes_a_stream_by_its_first_rows(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    from sftrainer import preview
+
+    monkeypatch.setattr(preview, "STREAM_PREVIEW_ROWS", 4)
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 4)
+    code = main(
+        ["data", str(data), "--model", "builtin", "--rows", "1", "data.streaming=true", "max_steps=2"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"train data: {data} (streamed: its first 4 rows, not the whole stream)" in out
+    assert "rows: 4 read, 4 kept" in out and out.count("--- row ") == 1
