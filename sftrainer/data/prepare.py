@@ -327,7 +327,10 @@ def prepare(
     if isinstance(dataset, IterableDataset):
         return _prepare_iterable(dataset, fn, columns, stats), stats
 
+    fingerprint = _fingerprint(dataset, fn, columns)
     num_proc = settings.num_proc if settings.num_proc is not None else auto_num_proc(len(dataset))
+    if settings.num_proc is None and fingerprint is None:
+        num_proc = 1  # what cannot be pickled (a formatting_func) cannot be sent to other processes
     if settings.num_proc is None and num_proc > 1:
         logger.info(
             "%s: tokenizing in %d processes (dataset_num_proc unset: one per CPU core for large data sets; "
@@ -344,7 +347,7 @@ def prepare(
         features=PREPARED_FEATURES,  # typed: Arrow infers the type of a list of ints 15x slower
         load_from_cache_file=False if settings.overwrite_cache else None,  # None: datasets' setting
         desc=f"Tokenizing {name}",
-        new_fingerprint=_fingerprint(dataset, fn, columns),
+        new_fingerprint=fingerprint,
     )
     # Counted on the Arrow columns: reading a column through datasets formats it row by row.
     issues = mapped.data.column("_issue")

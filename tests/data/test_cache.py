@@ -139,3 +139,19 @@ def test_processes_preparing_the_same_data_at_once_agree(data_file):
     assert [p.returncode for p in procs] == [0, 0], [err.decode()[-2000:] for _, err in outs]
     digests = {out.decode().split()[-1] for out, _ in outs}
     assert len(digests) == 1
+
+
+def test_unset_num_proc_stays_in_one_process_for_what_cannot_be_pickled(monkeypatch):
+    """A formatting_func holding a generator cannot go to another process: the rows are still prepared."""
+    from datasets import Dataset
+
+    monkeypatch.setattr(prepare_module, "ROWS_PER_PREPARE_PROCESS", 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    suffixes = (" ." for _ in iter(int, 1))  # endless, and not picklable
+
+    def formatting_func(row):
+        return {"prompt": row["q"], "completion": " " + row["a"] + next(suffixes)}
+
+    rows = Dataset.from_list([{"q": f"q{i}", "a": f"a{i}"} for i in range(8)])
+    prepared, stats = prepare(rows, zoo.chatml(), DataSettings(), "train", formatting_func)
+    assert stats.kept == 8 and len(prepared) == 8
