@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sftrainer import builtin, preflight, report
+from sftrainer import builtin, preflight, report, sharding
 from sftrainer.checkpoint import resolve_checkpoint, write_run_record
 from sftrainer.data import load as data_load
 from sftrainer.data.mixture import Mixture
@@ -72,6 +72,7 @@ def resolve_data(cfg: RunConfig) -> tuple[Any, Any]:
 def train(cfg: RunConfig) -> dict[str, float]:
     """Run one fine-tune. Returns the final metrics (also written to ``<output_dir>/all_results.json``)."""
     args = cfg.train
+    sharding.check_machine(args)  # before any work: FSDP / DeepSpeed need GPUs (and FSDP a launcher)
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     name = cfg.model.name_or_path
     # The built-in assets and the datasets cache are built by one process; the others wait and read them.
