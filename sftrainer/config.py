@@ -218,6 +218,14 @@ class SFTConfig(TrainingArguments):
         },
     )
 
+    allow_batch_change_on_resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume a checkpoint written at another effective batch size (processes x "
+            "per_device_train_batch_size x gradient_accumulation_steps); refused by default: the examples "
+            "of each step and the steps per epoch change."
+        },
+    )
     # TrainingArguments types this `str | None` (its legacy strings); `fsdp: true` is the 5.x spelling.
     fsdp: bool | str | None = field(
         default=None,

@@ -357,6 +357,7 @@ class SFTTrainer(Trainer):
             resume_from_checkpoint = checkpoint.resolve_checkpoint(
                 resume_from_checkpoint, self.args.output_dir
             )
+            checkpoint.check_resume_layout(resume_from_checkpoint, self.args)
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self._refuse_nonfinite_weights()  # the last update may have overflowed: never save such weights
         return output
@@ -418,6 +419,7 @@ class SFTTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every process has written its part
         if self.args.should_save:
             self.state.save_to_json(os.path.join(staging, name, checkpoint.TRAINER_STATE))  # the final paths
+            checkpoint.write_layout(os.path.join(staging, name), self.args)
             checkpoint.publish(staging, run_dir, name)
             rotate_checkpoints(
                 run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True
