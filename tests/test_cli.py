@@ -433,7 +433,7 @@ def test_gpu_configs_stop_before_training_on_a_machine_without_gpus(capsys, tmp_
         pytest.skip("this machine has an accelerator: the config would train (tests/test_sharded_gpu.py)")
     monkeypatch.chdir(REPO)
     out_dir = tmp_path / "out"
-    for launcher in ([],):
+    for launcher in ([], ["--nproc", "2"]):  # in this process, and before starting any
         code, _, err = run_cli(capsys, "train", f"configs/{name}", f"output_dir={out_dir}", *launcher)
         assert code == 2
         message = error_message(err)
