@@ -16,6 +16,7 @@ traceback, or not at all:
   (``AcceleratorState``): a CPU job runs as plain DDP with the FSDP settings dropped, without a word.
   FSDP in one process without a launcher (transformers: "Using fsdp only works in distributed training").
 - ``quantized_problems``: a 4-bit base under FSDP / ZeRO-3 must be stored in the model's float dtype.
+- ``is_partitioned(model)``: ZeRO-3 partitioned it while loading; its dtypes are DeepSpeed's to keep.
 - ``gathers_nothing_on_save(trainer)``: transformers 5.25 ``Trainer.save_model`` writes no weights
   at all for an FSDP run with ``state_dict_type: SHARDED_STATE_DICT``; ``SFTTrainer.save_model``
   gathers the full weights for the final model instead (checkpoints stay sharded).
@@ -224,6 +225,13 @@ def check_machine(args: Any, launched: bool | None = None) -> None:
     problems = machine_problems(args, accelerator_type(), launched)
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def is_partitioned(model: Any) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitioned ``model``'s parameters as it loaded (``zero.Init``): each
+    then holds an empty placeholder and its partition in ``ds_tensor``. transformers 5.25 does this
+    under ZeRO-3 for models loaded after the config, except quantized ones (``from_pretrained``)."""
+    return any(hasattr(param, "ds_tensor") for param in model.parameters())
 
 
 # ---- saving --------------------------------------------------------------------------------

@@ -48,7 +48,6 @@ from typing import Any
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
@@ -164,7 +163,7 @@ class SFTTrainer(Trainer):
             set_seed(args.seed)
         model = lora.apply(model, peft_config, gradient_checkpointing=bool(args.gradient_checkpointing))
         quant.check_trainable(model)  # a 4-bit / 8-bit base trains only through an adapter
-        if is_deepspeed_zero3_enabled():
+        if sharding.is_partitioned(model):
             # ZeRO-3 partitioned the weights as they loaded (each parameter holds an empty placeholder)
             # and its optimizer keeps fp32 master copies itself under bf16 / fp16.
             logger.info("DeepSpeed ZeRO-3 keeps the master weights: their dtypes are left as loaded")

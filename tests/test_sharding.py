@@ -209,3 +209,10 @@ def test_only_a_sharded_fsdp_save_needs_the_full_weights_gathered():
     assert sharding.gathers_nothing_on_save(plugin_trainer("SHARDED_STATE_DICT"))
     assert not sharding.gathers_nothing_on_save(plugin_trainer("FULL_STATE_DICT"))
     assert not sharding.gathers_nothing_on_save(plugin_trainer(None))
+
+
+def test_only_a_model_zero3_partitioned_is_left_to_deepspeed(tiny_model):
+    assert not sharding.is_partitioned(tiny_model)
+    # DeepSpeed's zero.Init gives every parameter its partition as `ds_tensor` (and an empty placeholder)
+    next(tiny_model.parameters()).ds_tensor = None
+    assert sharding.is_partitioned(tiny_model)
