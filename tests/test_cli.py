@@ -64,7 +64,7 @@ def test_train_help(capsys):
         main(["train", "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for text in ("usage: sftrainer train [-h] [--nproc N] [CONFIG.yaml] [key=value ...]", "With no CONFIG", "built-in",
+    for text in ("usage: sftrainer train [-h] [--nproc N] [--accelerate-config FILE] [CONFIG.yaml] [key=value ...]", "With no CONFIG", "built-in",
                  "demo", "key=value", "configs/builtin-lora.yaml"):  # fmt: skip
         assert text in out, f"{text!r} missing from train --help"
     # every key is documented, under the name the YAML and the overrides use
