@@ -8,6 +8,10 @@
 - ``check_loss``: a NaN or infinite loss stops training (``NonFiniteLossError``) before the optimizer
   applies it; weights that turned NaN / inf anyway are refused at the next save
   (``refuse_nonfinite_weights``), so no checkpoint of a bad state is ever written.
+- ``write_layout`` / ``check_resume_layout``: each checkpoint records the number of processes and the
+  batch sizes it was written with; resuming it at another effective batch is refused (the examples of
+  every later step would change), at the same effective batch with another number of processes it
+  continues with a warning.
 - ``write_run_record``: the resolved config (``sftrainer_config.yaml``, every default filled in, loadable
   by ``sftrainer train``) and the library versions and command line (``run_info.json``).
 """
@@ -38,6 +42,8 @@ logger = logging.getLogger(__name__)
 STAGING_PREFIX = f"tmp-{PREFIX_CHECKPOINT_DIR}-"  # not matched by Trainer's `checkpoint-*` glob
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
+# Processes and batch sizes a checkpoint was written with (absent from older checkpoints).
+LAYOUT_FILE = "sftrainer_layout.json"
 # One of these in a checkpoint holds the weights (full model, PEFT adapter, sharded, FSDP, DeepSpeed).
 WEIGHT_PATTERNS = (
     "model*.safetensors",
@@ -145,6 +151,99 @@ def resolve_checkpoint(resume: str | bool | None, output_dir: str) -> str | None
     if problem is not None:
         raise ConfigError(f"resume_from_checkpoint: {resume} cannot be resumed from: {problem}")
     return str(resume)
+
+
+# ---- the process layout a checkpoint was written with ----------------------------------------
+
+
+def batch_layout(args: Any) -> dict[str, int]:
+    """Processes, per-process batch and accumulation of ``args``, and the effective batch they make."""
+    world = int(args.world_size)
+    per_device, accumulation = int(args.per_device_train_batch_size), int(args.gradient_accumulation_steps)
+    return {
+        "world_size": world,
+        "per_device_train_batch_size": per_device,
+        "gradient_accumulation_steps": accumulation,
+        "effective_batch_size": world * per_device * accumulation,
+    }
+
+
+def write_layout(checkpoint_dir: str | Path, args: Any) -> None:
+    """Record ``batch_layout(args)`` in ``checkpoint_dir/LAYOUT_FILE`` (read back on resume)."""
+    text = json.dumps(batch_layout(args), indent=2) + "\n"
+    _write_atomic(Path(checkpoint_dir) / LAYOUT_FILE, text)
+
+
+def resume_layout_problem(recorded: dict[str, Any], args: Any, name: str) -> tuple[str | None, str | None]:
+    """(error, warning) for resuming checkpoint ``name``, written with layout ``recorded``, under ``args``.
+
+    The data order of the steps after a checkpoint is a function of the effective batch: every step
+    takes the next effective-batch-sized slice of the (seeded) sample order, whatever the number of
+    processes sharing it. Another number of processes at the same effective batch resumes the same
+    examples step by step (only per-process random states, such as dropout's, are not restored).
+    Another effective batch changes what every step trains on and the steps per epoch: refused unless
+    ``allow_batch_change_on_resume``.
+    """
+    now = batch_layout(args)
+    then_world, now_world = recorded.get("world_size"), now["world_size"]
+    then_batch, now_batch = recorded.get("effective_batch_size"), now["effective_batch_size"]
+    if then_batch is None or then_world is None:
+        return None, None
+    if then_batch != now_batch:
+        message = (
+            f"{name} was written by {then_world} process(es) at an effective batch of {then_batch} "
+            f"({recorded.get('per_device_train_batch_size')} per process x {then_world} x accumulation "
+            f"{recorded.get('gradient_accumulation_steps')}); this run has {now_world} process(es) at "
+            f"{now_batch} ({now['per_device_train_batch_size']} x {now_world} x accumulation "
+            f"{now['gradient_accumulation_steps']}). Every step after the checkpoint would train on other "
+            "examples, and the steps per epoch (and so the learning-rate schedule of an epoch-based run) change"
+        )
+        if not args.allow_batch_change_on_resume:
+            hint = _same_batch_hint(then_batch, now_world, now["gradient_accumulation_steps"])
+            return (
+                f"resume_from_checkpoint: {message}. {hint}, or set allow_batch_change_on_resume: true "
+                "to continue at the new batch anyway",
+                None,
+            )
+        return None, f"{message} (allow_batch_change_on_resume: true)"
+    if then_world != now_world:
+        return None, (
+            f"{name} was written by {then_world} process(es), this run has {now_world}: the effective batch "
+            f"({now_batch}) is unchanged, so each step trains on the same examples as it would have; "
+            "random states are per process (dropout), and are restored only for the processes the "
+            "checkpoint had"
+        )
+    return None, None
+
+
+def check_resume_layout(checkpoint_dir: str, args: Any, warn: bool = True) -> None:
+    """Refuse (``ConfigError``) or warn about resuming ``checkpoint_dir`` with another process layout.
+
+    Checkpoints written before the layout was recorded (no ``LAYOUT_FILE``) resume unchecked.
+    ``warn=False``: only refuse (an early check; the warning comes when training resumes).
+    """
+    path = Path(checkpoint_dir) / LAYOUT_FILE
+    if not path.is_file():
+        if warn:
+            logger.info("%s records no process layout (an older checkpoint): not checked", checkpoint_dir)
+        return
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        logger.warning("Could not read %s (%s): the process layout is not checked", path, err)
+        return
+    error, warning = resume_layout_problem(recorded, args, Path(checkpoint_dir).name)
+    if error:
+        raise ConfigError(error)
+    if warning and warn and args.should_log:
+        logger.warning("Resuming: %s", warning)
+
+
+def _same_batch_hint(effective: int, world: int, accumulation: int) -> str:
+    """How to get ``effective`` back with ``world`` processes, as an instruction."""
+    if effective % (world * accumulation) == 0:
+        return f"Set per_device_train_batch_size={effective // (world * accumulation)} to keep it"
+    return f"Choose per_device_train_batch_size x gradient_accumulation_steps = {effective} / {world}"
 
 
 # ---- NaN / inf guard ---------------------------------------------------------------------------

@@ -31,6 +31,8 @@ examples:
   sftrainer train output_dir=/tmp/demo num_train_epochs=1
   sftrainer train configs/builtin-lora.yaml lora.r=32 learning_rate=1e-3
   sftrainer train CONFIG.yaml --nproc 4                # 4 processes (GPUs) on this machine, via torchrun
+  sftrainer train configs/fsdp2.yaml --nproc 8         # FSDP2 across 8 GPUs (configs/zero3.yaml: DeepSpeed)
+  sftrainer train CONFIG.yaml --accelerate-config acc.yaml   # through accelerate launch --config_file
 """
 
 
@@ -105,7 +107,7 @@ def _parser(with_keys: bool) -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="fine-tune a model (no arguments: the built-in CPU demo)",
-        usage="%(prog)s [-h] [--nproc N] [CONFIG.yaml] [key=value ...]",
+        usage="%(prog)s [-h] [--nproc N] [--accelerate-config FILE] [CONFIG.yaml] [key=value ...]",
         description=TRAIN_HELP,
         epilog=TRAIN_EXAMPLES + ("\n" + _keys_help() if with_keys else ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -114,11 +116,17 @@ def _parser(with_keys: bool) -> argparse.ArgumentParser:
     train.add_argument(
         "--nproc",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
-        help="train in N processes on this machine (one per GPU): runs torchrun --standalone "
-        "--nproc_per_node=N -m sftrainer train ...; for several machines use torchrun or accelerate "
-        "launch directly (README: Multi-GPU and multi-node)",
+        help="train in N processes on this machine (one per GPU; CPU processes with use_cpu=true): runs "
+        "torchrun --standalone --nproc_per_node=N -m sftrainer train ...; for several machines use "
+        "torchrun or accelerate launch directly (README: Multi-GPU and multi-node)",
+    )
+    train.add_argument(
+        "--accelerate-config",
+        metavar="FILE",
+        help="launch through accelerate launch --config_file FILE (its num_processes, unless --nproc) "
+        "instead of torchrun",
     )
     data = sub.add_parser(
         "data",
@@ -207,18 +215,22 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def cmd_train(items: Sequence[str], nproc: int = 1) -> int:
+def cmd_train(items: Sequence[str], nproc: int | None = None, accelerate_config: str | None = None) -> int:
     config = items[0] if items and "=" not in items[0] else None
     overrides = list(items[1:] if config else items)
-    if nproc != 1:
-        import torch
+    if (nproc is not None and nproc != 1) or accelerate_config is not None:
+        from sftrainer.distributed import prepare_launch
 
-        from sftrainer.distributed import launch_command
-
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        command = launch_command(config, overrides, nproc, gpus)
+        command = prepare_launch(config, overrides, nproc, accelerate_config)
         print(f"sftrainer: running {shlex.join(command)}", file=sys.stderr)
-        return subprocess.run(command, check=False).returncode
+        code = subprocess.run(command, check=False).returncode
+        if code != 0:
+            print(
+                f"sftrainer: error: the training processes failed (exit code {code}); the launcher's "
+                "report above names the rank that failed first (Root Cause)",
+                file=sys.stderr,
+            )
+        return code
 
     from sftrainer import builtin
     from sftrainer.run_config import load_config
@@ -351,6 +363,13 @@ def _summary(metrics: dict[str, float], output_dir: str) -> str:
         """).replace("{table}", table)
 
 
+def _rank_label() -> str:
+    """' (rank R of N)' in a process of a multi-process job, so the launcher's interleaved output says
+    which process failed; '' otherwise."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world.isdigit() and int(world) > 1 else ""
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -367,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     try:
         if args.command == "train":
-            return cmd_train([*args.items, *extra], args.nproc)
+            return cmd_train([*args.items, *extra], args.nproc, args.accelerate_config)
         if args.command == "data":
             args.items += extra
             return cmd_data(args)
@@ -378,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("merge", "generate", "chat"):
             return {"merge": cmd_merge, "generate": cmd_generate, "chat": cmd_chat}[args.command](args)
     except SFTrainerError as err:
-        print(f"sftrainer: error: {err}", file=sys.stderr)
+        print(f"sftrainer: error{_rank_label()}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sftrainer: interrupted", file=sys.stderr)

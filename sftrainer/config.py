@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from sftrainer import precision
+from sftrainer import precision, sharding
 from sftrainer.compat import normalise_trl_values, sft_values_from, trl_field_problems
 from sftrainer.data.pack import packing_strategy_problems
 from sftrainer.data.prepare import DataSettings
@@ -229,6 +229,23 @@ class SFTConfig(TrainingArguments):
         },
     )
 
+    allow_batch_change_on_resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume a checkpoint written at another effective batch size (processes x "
+            "per_device_train_batch_size x gradient_accumulation_steps); refused by default: the examples "
+            "of each step and the steps per epoch change."
+        },
+    )
+    # TrainingArguments types this `str | None` (its legacy strings); `fsdp: true` is the 5.x spelling.
+    fsdp: bool | str | None = field(
+        default=None,
+        metadata={
+            "help": "FSDP (FSDP2 by default): shard weights, gradients and optimizer state across GPUs; "
+            "settings in fsdp_config. Needs GPUs and a launcher (--nproc N)."
+        },
+    )
+
     # Defaults suited to fine-tuning rather than pre-training.
     learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate (AdamW)."})
     logging_steps: float = field(default=10, metadata={"help": "Log the loss every N optimizer steps."})
@@ -263,6 +280,7 @@ class SFTConfig(TrainingArguments):
         out = self.data_settings().problems() + packing_strategy_problems(self.packing_strategy)
         out += trl_field_problems(self)
         out += optimizer_problems(self.optim) + offloading_problems(self.activation_offloading, self.use_cpu)
+        out += sharding.settings_problems(self)
         for key in ("max_length", "max_seq_length", "pad_to_multiple_of", "loss_chunk_size"):
             value = getattr(self, key)
             if key == "pad_to_multiple_of" and value == "auto":

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from sftrainer import quant
+from sftrainer import quant, sharding
 from sftrainer.coerce import coerce
 from sftrainer.config import SFTConfig, init_fields
 from sftrainer.errors import ConfigError, did_you_mean
@@ -440,6 +440,14 @@ def build_config(raw: Mapping[str, Any], where: str = "") -> RunConfig:
             f"{quantized_by[0]}: a quantized base cannot be fine-tuned in full (its 4-bit / 8-bit weights "
             "cannot be updated); add a lora: section to train a LoRA adapter on it (QLoRA), or load the "
             "model unquantized"
+        )
+    if model_cfg is not None and train is not None and not problems:
+        mapping = model_cfg.quantization_config or {}
+        problems += sharding.quantized_problems(
+            train,
+            model_cfg.dtype,
+            mapping.get("bnb_4bit_quant_storage"),
+            four_bit=bool(model_cfg.load_in_4bit or mapping.get("load_in_4bit")),
         )
     if problems:
         raise ConfigError(

@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sftrainer import builtin, preflight, report
-from sftrainer.checkpoint import resolve_checkpoint, write_run_record
+from sftrainer import builtin, preflight, report, sharding
+from sftrainer.checkpoint import check_resume_layout, resolve_checkpoint, write_run_record
 from sftrainer.data import load as data_load
 from sftrainer.data.mixture import Mixture
 from sftrainer.distributed import main_process_first
@@ -72,7 +72,10 @@ def resolve_data(cfg: RunConfig) -> tuple[Any, Any]:
 def train(cfg: RunConfig) -> dict[str, float]:
     """Run one fine-tune. Returns the final metrics (also written to ``<output_dir>/all_results.json``)."""
     args = cfg.train
+    sharding.check_machine(args)  # before any work: FSDP / DeepSpeed need GPUs (and FSDP a launcher)
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint is not None:
+        check_resume_layout(checkpoint, args, warn=False)  # SFTTrainer.train warns, if it must
     name = cfg.model.name_or_path
     # The built-in assets and the datasets cache are built by one process; the others wait and read them.
     with main_process_first(args, "building the demo assets and loading the data"):

@@ -52,7 +52,7 @@ from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-from sftrainer import checkpoint, lora, memory, precision, quant
+from sftrainer import checkpoint, lora, memory, precision, quant, sharding
 from sftrainer.config import SFTConfig, to_sft_config
 from sftrainer.console import ConsoleCallback
 from sftrainer.data import load as data_load
@@ -120,6 +120,7 @@ class SFTTrainer(Trainer):
         # A copy: the older keywords and remove_unused_columns are written onto it, not the caller's.
         args = copy.copy(to_sft_config(args, output_dir))
         processing_class = self._apply_legacy(args, processing_class, legacy)
+        sharding.check_machine(args)  # FSDP / DeepSpeed without GPUs, FSDP without a launcher
         if args.n_gpu > 1:
             # Trainer would wrap the model in nn.DataParallel, which splits every tensor argument
             # (logits_to_keep too) across the GPUs of one process. TRL refuses it as well.
@@ -162,7 +163,12 @@ class SFTTrainer(Trainer):
             set_seed(args.seed)
         model = lora.apply(model, peft_config, gradient_checkpointing=bool(args.gradient_checkpointing))
         quant.check_trainable(model)  # a 4-bit / 8-bit base trains only through an adapter
-        model = precision.keep_master_weights(model, args.bf16 or args.fp16, callers_model)
+        if sharding.is_partitioned(model):
+            # ZeRO-3 partitioned the weights as they loaded (each parameter holds an empty placeholder)
+            # and its optimizer keeps fp32 master copies itself under bf16 / fp16.
+            logger.info("DeepSpeed ZeRO-3 keeps the master weights: their dtypes are left as loaded")
+        else:
+            model = precision.keep_master_weights(model, args.bf16 or args.fp16, callers_model)
         self.generation_samples: list[dict[str, Any]] = []  # filled by evaluate(); see the module docstring
         self.generation_samples_file: Path | None = None
         self._generation_source: Dataset | IterableDataset | None = None
@@ -350,6 +356,7 @@ class SFTTrainer(Trainer):
             resume_from_checkpoint = checkpoint.resolve_checkpoint(
                 resume_from_checkpoint, self.args.output_dir
             )
+            checkpoint.check_resume_layout(resume_from_checkpoint, self.args)
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self._refuse_nonfinite_weights()  # the last update may have overflowed: never save such weights
         return output
@@ -411,11 +418,27 @@ class SFTTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every process has written its part
         if self.args.should_save:
             self.state.save_to_json(os.path.join(staging, name, checkpoint.TRAINER_STATE))  # the final paths
+            checkpoint.write_layout(os.path.join(staging, name), self.args)
             checkpoint.publish(staging, run_dir, name)
             rotate_checkpoints(
                 run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True
             )
         self.accelerator.wait_for_everyone()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer's ``save_model``; an FSDP run saved with ``SHARDED_STATE_DICT`` writes the full model too.
+
+        transformers 5.25 writes no weights at all for such a run (it gathers them only under
+        ``FULL_STATE_DICT``); its checkpoints (``_internal_call``) stay sharded, for a fast resume, and the
+        model saved at the end is gathered, so ``from_pretrained`` loads it. Every process takes part.
+        """
+        if _internal_call or not sharding.gathers_nothing_on_save(self):
+            super().save_model(output_dir, _internal_call)
+            return
+        state_dict = self.accelerator.get_state_dict(self.model)  # a collective: on every process
+        self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _activation_offloading(self, model: Any) -> Any:
         """Tensors saved for backward go to (pinned) CPU memory and come back for backward."""

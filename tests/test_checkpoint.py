@@ -26,11 +26,15 @@ from transformers import TrainerCallback
 
 from sftrainer import SFTTrainer
 from sftrainer.checkpoint import (
+    LAYOUT_FILE,
     NonFiniteLossError,
+    batch_layout,
+    check_resume_layout,
     checkpoint_problem,
     latest_checkpoint,
     resolve_checkpoint,
     resolved_config,
+    resume_layout_problem,
     run_info,
 )
 from sftrainer.errors import ConfigError
@@ -245,6 +249,84 @@ def test_resume_skips_an_incomplete_checkpoint(tmp_path, tiny_model_dir, caplog)
     trainer = SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=ROWS)
     trainer.train(resume_from_checkpoint=True)
     assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3]
+
+
+# ---- the process layout of a checkpoint ---------------------------------------------------
+
+
+def layout_args(world: int, batch: int, accumulation: int = 1, allow: bool = False):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        world_size=world,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        allow_batch_change_on_resume=allow,
+        should_log=True,
+    )
+
+
+def test_a_checkpoint_records_its_process_layout(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    args = quick_args(out, max_steps=2, save_strategy="steps", save_steps=2, gradient_accumulation_steps=2)
+    SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=ROWS).train()
+    recorded = json.loads((out / "checkpoint-2" / LAYOUT_FILE).read_text())
+    assert recorded == {
+        "world_size": 1,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "effective_batch_size": 4,
+    }
+    assert recorded == batch_layout(args)
+    # The same layout resumes without a word; another effective batch is refused before training.
+    check_resume_layout(str(out / "checkpoint-2"), args)
+    other = quick_args(out, max_steps=3)  # batch 2, no accumulation: an effective batch of 2
+    trainer = SFTTrainer(model=str(tiny_model_dir), args=other, train_dataset=ROWS)
+    with pytest.raises(ConfigError, match=r"effective batch of 4 .* this run has 1 process\(es\) at 2 "):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_an_older_checkpoint_without_a_layout_resumes_unchecked(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()
+    check_resume_layout(str(tmp_path / "checkpoint-3"), layout_args(4, 1))  # no error
+
+
+@pytest.mark.parametrize(
+    ("then", "now", "error", "warning"),
+    [
+        ((2, 4, 1), (2, 4, 1), None, None),
+        (
+            (2, 4, 1),
+            (1, 8, 1),
+            None,
+            "written by 2 process(es), this run has 1: the effective batch (8) is unchanged",
+        ),
+        ((2, 4, 1), (4, 1, 2), None, "this run has 4: the effective batch (8) is unchanged"),
+        ((2, 4, 1), (1, 4, 1), "Set per_device_train_batch_size=8 to keep it", None),
+        (
+            (2, 4, 1),
+            (3, 4, 1),
+            "Choose per_device_train_batch_size x gradient_accumulation_steps = 8 / 3",
+            None,
+        ),
+        ((1, 8, 1), (1, 8, 2), "at an effective batch of 8 (8 per process x 1 x accumulation 1)", None),
+    ],
+)
+def test_resume_layout_problem(then, now, error, warning):
+    recorded = batch_layout(layout_args(*then))
+    got_error, got_warning = resume_layout_problem(recorded, layout_args(*now), "checkpoint-2")
+    if error is None:
+        assert got_error is None
+    else:
+        assert got_error.startswith("resume_from_checkpoint: checkpoint-2 was written by")
+        assert error in got_error and "or set allow_batch_change_on_resume: true" in got_error
+        # the override turns it into a warning that still says what changes
+        allowed = layout_args(*now, allow=True)
+        assert resume_layout_problem(recorded, allowed, "checkpoint-2")[0] is None
+        assert "would train on other examples" in resume_layout_problem(recorded, allowed, "checkpoint-2")[1]
+    assert (got_warning is None) == (warning is None)
+    if warning:
+        assert warning in got_warning
 
 
 class PoisonAt(TrainerCallback):

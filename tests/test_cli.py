@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 # Run by their own tests below: the demo (what builtin-full.yaml spells out) and builtin-lora.yaml.
 RUN_ELSEWHERE = {"builtin-full.yaml", "builtin-lora.yaml"}
+# Sharded across GPUs (FSDP2, DeepSpeed): on a machine without one they must stop with a clear error.
+NEEDS_GPUS = {"fsdp2.yaml": "fsdp", "zero2.yaml": "deepspeed", "zero3.yaml": "deepspeed"}
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -62,7 +64,7 @@ def test_train_help(capsys):
         main(["train", "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for text in ("usage: sftrainer train [-h] [--nproc N] [CONFIG.yaml] [key=value ...]", "With no CONFIG", "built-in",
+    for text in ("usage: sftrainer train [-h] [--nproc N] [--accelerate-config FILE] [CONFIG.yaml] [key=value ...]", "With no CONFIG", "built-in",
                  "demo", "key=value", "configs/builtin-lora.yaml"):  # fmt: skip
         assert text in out, f"{text!r} missing from train --help"
     # every key is documented, under the name the YAML and the overrides use
@@ -424,7 +426,9 @@ def test_lora_run_from_shipped_config(capsys, tmp_path, monkeypatch):
 # ---- every other shipped config runs ------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name not in RUN_ELSEWHERE], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [p for p in CONFIGS if p.name not in RUN_ELSEWHERE | NEEDS_GPUS.keys()], ids=lambda p: p.name
+)
 def test_shipped_config_runs(capsys, tmp_path, monkeypatch, path):
     monkeypatch.chdir(REPO)
     out_dir = tmp_path / "out"
@@ -434,3 +438,25 @@ def test_shipped_config_runs(capsys, tmp_path, monkeypatch, path):
     assert (out_dir / "all_results.json").is_file()
     saved = (out_dir / "adapter_model.safetensors", out_dir / "model.safetensors")
     assert any(p.is_file() for p in saved)
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_GPUS))
+def test_gpu_configs_stop_before_training_on_a_machine_without_gpus(capsys, tmp_path, monkeypatch, name):
+    from sftrainer import precision, sharding
+
+    if precision.has_accelerator():
+        pytest.skip("this machine has an accelerator: the config would train (tests/test_sharded_gpu.py)")
+    monkeypatch.chdir(REPO)
+    out_dir = tmp_path / "out"
+    for launcher in ([], ["--nproc", "2"]):  # in this process, and before starting any
+        code, _, err = run_cli(capsys, "train", f"configs/{name}", f"output_dir={out_dir}", *launcher)
+        assert code == 2
+        message = error_message(err)
+        key = NEEDS_GPUS[name]
+        if key == "deepspeed" and not sharding.deepspeed_available() and not launcher:
+            assert "deepspeed: DeepSpeed is not installed: pip install deepspeed" in message
+        else:
+            assert f"{key}: " in message and "this machine has no GPU" in message
+            assert f"remove {'fsdp and fsdp_config' if key == 'fsdp' else 'deepspeed'}" in message
+        assert "torch.distributed.run" not in err  # nothing was launched
+        assert not out_dir.exists()  # and nothing trained

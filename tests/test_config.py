@@ -7,12 +7,14 @@ key the user wrote. Also loads every shipped YAML in configs/.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from sftrainer import sharding
 from sftrainer.coerce import coerce
 from sftrainer.config import SFTConfig
 from sftrainer.errors import ConfigError, DataError
@@ -464,11 +466,25 @@ def test_configs_exist():
     assert {"builtin-full.yaml", "builtin-lora.yaml", "chat-lora.yaml"} <= names
 
 
+def needs_deepspeed(path: Path) -> bool:
+    return "deepspeed" in yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_config(path, monkeypatch):
     first = path.read_text(encoding="utf-8").splitlines()[0]
-    assert first == f"# sftrainer train configs/{path.name}", "first line must be the command that runs it"
+    # the command that runs it; the multi-GPU ones say how many processes
+    assert re.fullmatch(rf"# sftrainer train configs/{re.escape(path.name)}( --nproc \d+)?", first), (
+        "first line must be the command that runs it"
+    )
     monkeypatch.chdir(REPO)  # the command runs from the repository root
+    if needs_deepspeed(path) and not sharding.deepspeed_available():
+        # Without DeepSpeed the config stops at that one key (test_shipped_deepspeed_config checks the rest).
+        with pytest.raises(
+            ConfigError, match=r"1 problem.*\n  deepspeed: DeepSpeed is not installed: pip install"
+        ):
+            load_config(Path("configs") / path.name)
+        pytest.skip("deepspeed is not installed: the full load needs it (pip install deepspeed, with CUDA)")
     cfg = load_config(Path("configs") / path.name)
     # its data files are shipped
     sources = cfg.data.train if isinstance(cfg.data.train, list) else [cfg.data.train]
@@ -481,8 +497,33 @@ def test_shipped_config(path, monkeypatch):
 
 
 def test_shipped_configs_write_to_distinct_dirs():
-    dirs = [load_config(p).train.output_dir for p in CONFIGS]
+    dirs = [yaml.safe_load(p.read_text(encoding="utf-8"))["output_dir"] for p in CONFIGS]
     assert len(set(dirs)) == len(dirs)
+
+
+DEEPSPEED_CONFIGS = [p for p in CONFIGS if needs_deepspeed(p)]
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_CONFIGS, ids=[p.name for p in DEEPSPEED_CONFIGS])
+def test_shipped_deepspeed_config(path):
+    """What can be checked without DeepSpeed: its ZeRO stage is the file's name, the batch and precision
+    keys follow the training keys ("auto"), and sftrainer's own checks pass."""
+    ds = yaml.safe_load(path.read_text(encoding="utf-8"))["deepspeed"]
+    assert f"zero{ds['zero_optimization']['stage']}.yaml" == path.name
+    assert sharding.deepspeed_config_problems(ds) == []
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        assert ds[key] == "auto", f"{key} must follow the training keys"
+    assert ds["bf16"] == {"enabled": "auto"} and ds["fp16"] == {"enabled": "auto"}
+    json.dumps(ds)  # what DeepSpeed receives is plain JSON
+
+
+def test_shipped_fsdp_config_resolves_to_fsdp2():
+    cfg = load_config(REPO / "configs" / "fsdp2.yaml")
+    plugin = cfg.train.fsdp_plugin_args  # what transformers hands to accelerate's FSDP plugin
+    assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is True
+    assert plugin["state_dict_type"] == "SHARDED_STATE_DICT"
+    assert plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert cfg.train.deepspeed is None and cfg.lora is None
 
 
 SKIP = {"output_dir", "logging_dir", "run_name"}  # where a run writes, not what it does
