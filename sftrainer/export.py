@@ -90,11 +90,11 @@ def resolve_base(run: Run, base: str | None = None) -> str:
     ``$SFTRAINER_HOME`` may lack), then the adapter's name as a hub id.
     """
     if base is not None:
-        return str(builtin.model_dir()) if base == builtin.BUILTIN else base
+        return builtin.model_path(base)
     names = [run.adapter_base, (run.config.get("model") or {}).get("name_or_path")]
     for name in [n for n in names if n]:
-        if name == builtin.BUILTIN:
-            return str(builtin.model_dir())
+        if builtin.is_builtin(name):
+            return builtin.model_path(name)
         for candidate in (Path(name).expanduser(), run.path / name):
             if candidate.is_dir():
                 return str(candidate)

@@ -65,6 +65,15 @@ def text_tokenizer(processing_class: Any) -> Any:
     return processing_class.tokenizer if is_processor(processing_class) else processing_class
 
 
+def preview_decoder(processing_class: Any) -> Any:
+    """What decodes rows for people: a processor's runs of image tokens written once (``<image>×576``)."""
+    if not is_processor(processing_class):
+        return processing_class
+    from sftrainer.data.vision import CollapsedImages
+
+    return CollapsedImages(processing_class)
+
+
 def is_vision_model(model: Any) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return is_vision_config(getattr(base, "config", None))

@@ -278,3 +278,92 @@ def test_generation_eval_is_refused_for_a_vlm(vlm_dirs, tmp_path):
         SFTTrainer(
             model=str(vlm_dirs["llava"]), args=_args(tmp_path, exact_match_samples=4), train_dataset=_rows(2)
         )
+
+
+# ---- generate and chat ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llava_run(vlm_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("llava_run")
+    trainer = SFTTrainer(
+        model=str(vlm_dirs["llava"]),
+        args=_args(root, max_steps=2),
+        train_dataset=_rows(4),
+        peft_config=_lora(),
+    )
+    trainer.train()
+    trainer.save_model(str(root / "run"))
+    return root / "run", trainer
+
+
+def test_the_generation_prompt_is_the_training_prompt(llava_run, tmp_path):
+    """What generate feeds the model for a question with an image is exactly the untrained prefix
+    training gave the model before its answer."""
+    from sftrainer.data.vision_collate import prompt_inputs
+
+    _, trainer = llava_run
+    path = tmp_path / "red.png"
+    image("red").save(path)
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    row = {"messages": [*question, {"role": "assistant", "content": "A red square."}], "images": [str(path)]}
+    prepared = trainer.data_pipeline([row], "one row", False)[0]
+    first_trained = next(k for k, lab in enumerate(prepared["labels"]) if lab != IGNORE_INDEX)
+    inputs = prompt_inputs(trainer.processing_class, question, [str(path)])
+    assert inputs["input_ids"][0].tolist() == prepared["input_ids"][:first_trained]
+    assert inputs["pixel_values"].shape[0] == 1
+
+
+def test_generate_and_chat_with_an_image(llava_run, tmp_path):
+    import io
+
+    from sftrainer.generate import chat, generate, load_for_inference
+
+    run, _ = llava_run
+    path = tmp_path / "blue.png"
+    image("blue", shape="circle").save(path)
+    model, processor = load_for_inference(run)
+    messages = [{"role": "user", "content": "What is in the picture?"}]
+    reply = generate(model, processor, messages, max_new_tokens=6, images=[str(path)])
+    assert isinstance(reply, str)
+    lines = iter([f"/image {path}", "What colour?", "And the shape?"])
+    out = io.StringIO()
+    history = chat(model, processor, lambda: _next(lines), out, max_new_tokens=4)
+    assert "(image attached to your next message" in out.getvalue()
+    assert history[0]["content"][0] == {"type": "image"} and history[2]["content"] == "And the shape?"
+
+
+def test_cli_generate_takes_an_image(llava_run, tmp_path, capsys):
+    from sftrainer.cli import main
+
+    run, _ = llava_run
+    path = tmp_path / "red.png"
+    image("red").save(path)
+    code = main(
+        ["generate", str(run), "--prompt", "What is it?", "--image", str(path), "--max-new-tokens", "4"]
+    )
+    assert code == 0
+    code = main(["generate", str(run), "--prompt", "What is it?", "--image", str(tmp_path / "nope.png")])
+    assert code == 2 and "no such image file" in capsys.readouterr().err
+
+
+def _next(lines):
+    try:
+        return next(lines)
+    except StopIteration:
+        raise EOFError from None
+
+
+def test_sftrainer_data_shows_each_image_once(capsys, monkeypatch):
+    from pathlib import Path
+
+    from sftrainer.cli import main
+
+    monkeypatch.chdir(
+        Path(__file__).resolve().parents[1]
+    )  # the config's paths are relative to the repository
+    assert main(["data", "configs/vlm-lora.yaml", "--rows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "<image>×16" in out and "<image><image>" not in out
+    assert "images: " in out and "format: messages, chat template, images" in out
+    assert "ASSISTANT:⟦ " in out or "ASSISTANT:[[ " in out

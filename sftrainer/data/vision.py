@@ -214,12 +214,14 @@ class VisionTokenizer:
 def _expand(segments: list[Segment], placeholder: str, replacements: list[str]) -> list[Segment]:
     """Segments with the k-th placeholder replaced by the k-th image's expansion."""
     reps = iter(replacements)
-    out = []
-    for text, trained in segments:
-        pieces = text.split(placeholder)
-        text = pieces[0] + "".join(next(reps) + piece for piece in pieces[1:])
-        out.append((text, trained))
-    return out
+    return [(expand_placeholders(text, placeholder, reps), trained) for text, trained in segments]
+
+
+def expand_placeholders(text: str, placeholder: str, replacements: Any) -> str:
+    """``text`` with each ``placeholder`` replaced by the next of ``replacements`` (an iterable)."""
+    reps = iter(replacements)
+    pieces = text.split(placeholder)
+    return pieces[0] + "".join(next(reps) + piece for piece in pieces[1:])
 
 
 class _VisionBatch:
@@ -491,3 +493,24 @@ def _fingerprint(dataset: Dataset, fn: Any, columns: list[str]) -> str | None:
         return Hasher.hash([dataset._fingerprint, fn, columns, _code_version()])
     except Exception:  # an unpicklable formatting_func or processor: datasets uses a random fingerprint
         return None
+
+
+class CollapsedImages:
+    """A processor's ``decode`` that writes each run of image tokens once, as ``<image>×576``: what
+    ``sftrainer data`` and the run report show of a row (not 576 placeholders)."""
+
+    def __init__(self, processor: Any):
+        self.tokenizer = processor.tokenizer
+        self.feature_ids = feature_token_ids(processor)
+
+    def decode(self, ids: Sequence[int], **kwargs: Any) -> str:
+        out, start = [], 0
+        ids = list(ids)
+        for k in range(1, len(ids) + 1):
+            if k == len(ids) or (ids[k] in self.feature_ids) != (ids[start] in self.feature_ids):
+                if ids[start] in self.feature_ids:
+                    out.append(f"{self.tokenizer.convert_ids_to_tokens(ids[start])}×{k - start}")
+                else:
+                    out.append(self.tokenizer.decode(ids[start:k], **kwargs))
+                start = k
+        return "".join(out)

@@ -25,6 +25,7 @@ import torch
 from sftrainer.data.collate import PaddedCollator, PositionCollator
 from sftrainer.data.images import load_image
 from sftrainer.data.vision import feature_token_ids, placeholder
+from sftrainer.errors import DataError
 
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "text_replacement_offsets")
 TYPE_ID_KEYS = ("token_type_ids", "mm_token_type_ids")
@@ -71,3 +72,37 @@ def image_inputs(processor: Any, images: Sequence[Sequence[Any]], input_ids: tor
             if key in processed:
                 out[key] = torch.isin(input_ids, torch.tensor(sorted(feature_token_ids(processor)))).long()
     return out
+
+
+def prompt_inputs(
+    processor: Any, messages: list[dict[str, Any]], images: Sequence[Any] = ()
+) -> dict[str, Any]:
+    """Model inputs (batch of one) for generating the answer to ``messages``, rendered and tokenized
+    as training renders them: typed parts, the chat template's generation prompt, each image's
+    expansion, BOS once. ``images`` (paths, bytes, PIL images) fill the messages' ``{"type": "image"}``
+    parts in order, or, when the messages are plain strings, go before the first user text."""
+    from sftrainer.data.formats import ChatExample
+    from sftrainer.data.images import split_images, with_parts
+    from sftrainer.data.vision import VisionTokenizer, expand_placeholders
+
+    row, refs = split_images({"messages": messages, "images": list(images)}, "images" if images else None)
+    loaded = [load_image(ref, f"image {k + 1}") for k, ref in enumerate(refs)]
+    tokenizer = processor.tokenizer
+    parts = with_parts(ChatExample(row["messages"])).messages
+    text = tokenizer.apply_chat_template(parts, add_generation_prompt=True, tokenize=False)
+    encoder = VisionTokenizer(processor)
+    if text.count(encoder.placeholder) != len(loaded):
+        raise DataError(
+            f"the chat template renders {text.count(encoder.placeholder)} image placeholders for "
+            f"{len(loaded)} image(s): give one {{'type': 'image'}} part per image"
+        )
+    text = expand_placeholders(text, encoder.placeholder, encoder.expansions([loaded])[0])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if encoder.text.bos_id is not None and ids[:1] != [encoder.text.bos_id]:
+        ids.insert(0, encoder.text.bos_id)
+    input_ids = torch.tensor([ids])
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        **image_inputs(processor, [loaded], input_ids),
+    }
