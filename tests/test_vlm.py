@@ -367,3 +367,79 @@ def test_sftrainer_data_shows_each_image_once(capsys, monkeypatch):
     assert "<image>×16" in out and "<image><image>" not in out
     assert "images: " in out and "format: messages, chat template, images" in out
     assert "ASSISTANT:⟦ " in out or "ASSISTANT:[[ " in out
+
+
+def test_merge_gives_a_model_auto_model_for_image_text_to_text_loads(llava_run, tmp_path):
+    from sftrainer.export import merge
+
+    run, trainer = llava_run
+    out = merge(run, tmp_path / "merged")
+    merged = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    batch = VisionCollator(processor, processor.tokenizer.pad_token_id)([trainer.train_dataset[0]])
+    adapter = PeftModel.from_pretrained(
+        AutoModelForImageTextToText.from_pretrained(trainer.model.name_or_path), run
+    )
+    torch.testing.assert_close(_logits(merged, batch), _logits(adapter.eval(), batch), atol=1e-5, rtol=1e-5)
+    assert "AutoModelForImageTextToText" in (out / "README.md").read_text()
+
+
+def test_sftrainer_eval_on_a_vlm_run(llava_run, tmp_path, capsys):
+    from sftrainer.cli import main
+
+    run, _ = llava_run
+    picture = tmp_path / "red.png"
+    image("red").save(picture)
+    row = {"messages": [{"role": "user", "content": "What?"}, {"role": "assistant", "content": "Red."}]}
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps({**row, "images": [str(picture)]}) + "\n")
+    assert main(["eval", str(run), str(data), f"output_dir={tmp_path / 'eval'}"]) == 0
+    assert "eval_loss" in capsys.readouterr().out
+
+
+# ---- TRL's layout and TRL's behaviour ------------------------------------------------------------
+
+
+def test_trl_layout_messages_with_typed_parts_and_an_image_feature_column(vlm_dirs, tmp_path):
+    from datasets import Dataset
+
+    messages = [
+        [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]},
+        ]
+        for q in QUESTIONS
+    ]
+    ds = Dataset.from_dict({"messages": messages, "images": [[image("red")] for _ in QUESTIONS]})
+    assert type(ds.features["images"].feature).__name__ == "Image"  # decoded to PIL by datasets
+    trainer = SFTTrainer(model=str(vlm_dirs["idefics3"]), args=_args(tmp_path, max_steps=1), train_dataset=ds)
+    assert all(ref["bytes"] for refs in trainer.train_dataset["images"] for ref in refs)
+    trainer.train()
+
+
+def test_trl_vision_collator_trains_image_tokens_where_sftrainer_trains_none(vlm_dirs, tmp_path):
+    """What TRL 1.16 does with the same row and processor (README, "Vision-language models")."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    processor = AutoProcessor.from_pretrained(vlm_dirs["idefics3"])
+    row = {
+        "messages": [
+            {"role": "user", "content": "What is it?"},
+            {"role": "assistant", "content": "A red square."},
+        ],
+        "images": [image("red")],
+    }
+    image_id = processor.image_token_id
+    trl = DataCollatorForVisionLanguageModeling(processor)([dict(row)])
+    assert (
+        (trl["labels"] != IGNORE_INDEX) & (trl["input_ids"] == image_id)
+    ).sum() > 0  # image tokens trained
+    assistant_only = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)([dict(row)])
+    assert (assistant_only["labels"] != IGNORE_INDEX).sum() == 0  # no {% generation %}: nothing trained
+    ours = SFTTrainer(
+        model=str(vlm_dirs["idefics3"]), args=_args(tmp_path), train_dataset=[row]
+    ).train_dataset[0]
+    trained = [t for t, lab in zip(ours["input_ids"], ours["labels"]) if lab != IGNORE_INDEX]
+    assert (
+        image_id not in trained and processor.tokenizer.decode(trained) == " A red square.<end_of_utterance>"
+    )
