@@ -443,3 +443,15 @@ def test_trl_vision_collator_trains_image_tokens_where_sftrainer_trains_none(vlm
     assert (
         image_id not in trained and processor.tokenizer.decode(trained) == " A red square.<end_of_utterance>"
     )
+
+
+def test_a_streamed_data_set_with_images_trains(vlm_dirs, tmp_path):
+    from sftrainer.data.images import lift_images
+    from sftrainer.data.load import load
+
+    stream = load([lift_images(r) for r in _rows(4)], "rows").to_iterable_dataset()
+    trainer = SFTTrainer(
+        model=str(vlm_dirs["llava"]), args=_args(tmp_path, max_steps=2), train_dataset=stream
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2
