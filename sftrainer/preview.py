@@ -31,7 +31,7 @@ from sftrainer.data.formats import implied_columns
 from sftrainer.data.mixture import Mixture, prepare_mixture
 from sftrainer.data.pack import PackStats, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
-from sftrainer.data.vision import prepare_vision
+from sftrainer.data.vision_prepare import prepare_vision
 from sftrainer.errors import ConfigError
 from sftrainer.vision import is_processor, prepare_processor, preview_decoder, text_tokenizer
 

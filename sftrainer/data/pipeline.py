@@ -22,7 +22,7 @@ from sftrainer.data.images import lift_images
 from sftrainer.data.mixture import Mixture, prepare_mixture
 from sftrainer.data.pack import PackStats, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
-from sftrainer.data.vision import prepare_vision
+from sftrainer.data.vision_prepare import prepare_vision
 from sftrainer.distributed import main_process_first
 from sftrainer.errors import ConfigError, DataError
 from sftrainer.vision import is_processor

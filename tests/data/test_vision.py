@@ -18,8 +18,9 @@ from sftrainer.data.images import SENTINEL, image_ref, lift_images, load_image, 
 from sftrainer.data.load import load
 from sftrainer.data.pack import pack_dataset
 from sftrainer.data.prepare import DataSettings
-from sftrainer.data.vision import feature_token_ids, prepare_vision
+from sftrainer.data.vision import feature_token_ids
 from sftrainer.data.vision_collate import VisionCollator
+from sftrainer.data.vision_prepare import prepare_vision
 from sftrainer.errors import ConfigError, DataError, RowError
 from sftrainer.vision import prepare_processor
 
