@@ -331,8 +331,9 @@ def write_model_card(
     return path
 
 
-def run_card(cfg: Any, metrics: dict[str, Any], rows: dict[str, int | None]) -> Path:
-    """The model card of a finished ``train(cfg)`` run, written to its output_dir."""
+def run_card(cfg: Any, metrics: dict[str, Any], rows: dict[str, int | None], vision: bool = False) -> Path:
+    """The model card of a finished ``train(cfg)`` run, written to its output_dir (``vision``: a
+    vision-language model, tagged image-text-to-text)."""
     args = cfg.train
     settings = {k: getattr(args, k) for k in SETTING_KEYS if hasattr(args, k)}
     settings = {k: getattr(v, "value", v) for k, v in settings.items()}
@@ -353,6 +354,7 @@ def run_card(cfg: Any, metrics: dict[str, Any], rows: dict[str, int | None]) -> 
         kind="adapter" if cfg.lora is not None else "full",
         commands=commands,
         settings=settings,
+        vision=vision,
     )
 
 

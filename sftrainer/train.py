@@ -111,7 +111,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
     trainer.save_metrics("all", metrics, combined=False)
     logger.info("Saved the %s to %s", "LoRA adapter" if cfg.lora else "model", output_dir)
     if trainer.is_world_process_zero():
-        run_card(cfg, metrics, {"train": _rows(train_ds), "eval": _rows(eval_ds)})  # README.md
+        run_card(cfg, metrics, {"train": _rows(train_ds), "eval": _rows(eval_ds)}, vision=vlm)  # README.md
         try:
             report.save_run_inputs(trainer, output_dir)
             png, page = report.write_report(output_dir)

@@ -157,6 +157,8 @@ def adapt_for_training(
     the language model (a copy; the caller's is left alone). Returns the peft config to apply."""
     if hasattr(model, "get_base_model"):  # a PeftModel: its adapter already says what trains
         return peft_config
+    if peft_config is not None and not hasattr(peft_config, "target_modules"):  # prompt tuning etc.
+        return peft_config
     parts = vision_parts(model)
     if parts.language is None:
         raise ValueError(f"{type(model).__name__}: cannot find its language model to train")

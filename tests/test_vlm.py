@@ -222,8 +222,8 @@ def test_packed_rows_with_images_give_the_losses_of_each_row_alone(vlm_dirs, tmp
     print(f"{family} {layout}: {together.numel()} trained tokens, max |difference| {difference:.2e}")
 
 
-def test_packing_trains(vlm_dirs, tmp_path):
-    args = _args(tmp_path, packing=True, learning_rate=1e-2)
+def test_packing_trains_with_gradient_checkpointing(vlm_dirs, tmp_path):
+    args = _args(tmp_path, packing=True, learning_rate=1e-2, activation_checkpointing=True)
     trainer = SFTTrainer(model=str(vlm_dirs["llava"]), args=args, train_dataset=_rows(8), peft_config=_lora())
     assert trainer.pack_stats["train data"].sequences < 8
     trainer.train()
@@ -455,3 +455,25 @@ def test_a_streamed_data_set_with_images_trains(vlm_dirs, tmp_path):
     )
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+def test_sftrainer_train_runs_the_shipped_vlm_config(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from sftrainer.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    out = tmp_path / "run"
+    assert main(["train", "configs/vlm-lora.yaml", f"output_dir={out}", "max_steps=3"]) == 0
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "processor_config.json",
+        "chat_template.jinja",
+    ):
+        assert (out / name).is_file(), name
+    assert "pipeline_tag: image-text-to-text" in (out / "README.md").read_text()
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_loss"] < results["eval_before_loss"]
+    preview = json.loads((out / "masking_preview.json").read_text())
+    assert any("<image>×16" in span["text"] for row in preview for span in row)
