@@ -107,6 +107,12 @@ class DataPipeline:
         self, dataset: Dataset | IterableDataset | Mixture, name: str, pack: bool
     ) -> Dataset | IterableDataset:
         args = self.args
+        if pack and self.vision and isinstance(dataset, IterableDataset):
+            raise ConfigError(
+                f"{name}: packing a streamed image data set is not supported (each packed sequence must "
+                "carry its rows' images); load it without streaming, or set packing=False "
+                "(padding_free=True also avoids padding)"
+            )
         settings = args.data_settings()
         if pack and args.packing_strategy in ("bfd_split", "wrapped"):
             settings = dataclasses.replace(settings, max_length=None)  # the packer cuts long rows
