@@ -31,7 +31,7 @@ from sftrainer.data.formats import implied_columns
 from sftrainer.data.mixture import Mixture, prepare_mixture
 from sftrainer.data.pack import PackStats, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
-from sftrainer.data.vision_prepare import prepare_vision
+from sftrainer.data.vision_prepare import pack_with_images, prepare_vision
 from sftrainer.errors import ConfigError
 from sftrainer.vision import is_processor, prepare_processor, preview_decoder, text_tokenizer
 
@@ -117,8 +117,8 @@ def _prepare_with_sources(
         prepared, stats = prepare(dataset, tokenizer, settings, name)
     pack = None
     if args.packing and isinstance(prepared, Dataset):
-        carry = ("images",) if vision else ()
-        _, pack = pack_dataset(prepared, args.max_length, args.packing_strategy, carry)
+        pack_rows = pack_with_images if vision else pack_dataset
+        _, pack = pack_rows(prepared, args.max_length, args.packing_strategy)
     return prepared, stats, pack, sources
 
 

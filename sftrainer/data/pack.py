@@ -161,23 +161,11 @@ def _list_column(dataset: Dataset, name: str) -> pa.ListArray:
     return column.cast(pa.list_(pa.int64())) if column.type != pa.list_(pa.int64()) else column
 
 
-def pack_dataset(
-    dataset: Dataset, max_length: int, strategy: str = "bfd", carry: tuple[str, ...] = ()
-) -> tuple[Dataset, PackStats]:
-    """Pack a tokenized data set (``input_ids``, ``labels``). See the module docstring.
-
-    ``carry``: list columns (a vision-language row's ``images``) concatenated along with the rows, so
-    that a packed sequence holds its rows' items in the order of the rows. Only whole rows can carry
-    them (strategy ``bfd``): a row split across sequences would be parted from its items.
-    """
+def pack_dataset(dataset: Dataset, max_length: int, strategy: str = "bfd") -> tuple[Dataset, PackStats]:
+    """Pack a tokenized data set (``input_ids``, ``labels``). See the module docstring."""
     problems = packing_strategy_problems(strategy)
     if problems:
         raise ConfigError(problems[0])
-    if carry and strategy != "bfd":
-        raise ConfigError(
-            f"packing_strategy='{strategy}' splits rows across sequences, which would part a row's "
-            f"tokens from its {', '.join(carry)}; use packing_strategy='bfd' (whole rows)"
-        )
     if dataset._indices is not None:  # a filtered/selected view: materialise the rows it selects
         dataset = dataset.flatten_indices()
     ids_col, labels_col = _list_column(dataset, "input_ids"), _list_column(dataset, "labels")
@@ -211,14 +199,9 @@ def pack_dataset(
     def as_list(values: np.ndarray) -> pa.Array:
         return pa.LargeListArray.from_arrays(seq_offsets, pa.array(values, pa.int64())).cast(list_type)
 
-    columns = {"input_ids": as_list(new_ids), "labels": as_list(new_labels), "position_ids": as_list(within)}
-    for name in carry:  # bfd: one piece per row, so `order` lists the rows sequence by sequence
-        items = dataset.data.column(name).combine_chunks().take(pa.array(order))
-        counts = np.diff(items.offsets.to_numpy().astype(np.int64))
-        per_bin = np.bincount(bins[order], weights=counts, minlength=len(tokens_per_bin)).astype(np.int64)
-        item_offsets = pa.array(np.concatenate([[0], np.cumsum(per_bin)]), pa.int32())
-        columns[name] = pa.ListArray.from_arrays(item_offsets, items.flatten())
-    table = pa.table(columns)
+    table = pa.table(
+        {"input_ids": as_list(new_ids), "labels": as_list(new_labels), "position_ids": as_list(within)}
+    )
     stats = PackStats(
         rows=int(offsets.size - 1),
         sequences=len(tokens_per_bin),

@@ -22,7 +22,7 @@ from sftrainer.data.images import lift_images
 from sftrainer.data.mixture import Mixture, prepare_mixture
 from sftrainer.data.pack import PackStats, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
-from sftrainer.data.vision_prepare import prepare_vision
+from sftrainer.data.vision_prepare import pack_with_images, prepare_vision
 from sftrainer.distributed import main_process_first
 from sftrainer.errors import ConfigError, DataError
 from sftrainer.vision import is_processor
@@ -136,8 +136,8 @@ class DataPipeline:
                 "load the data without streaming, or set packing=False (padding_free=True also avoids padding)"
             )
         # Shuffled before packing too, so wrapped sequences do not hold neighbouring rows (as TRL).
-        carry = ("images",) if self.vision else ()  # each packed sequence keeps its rows' images, in order
-        packed, stats = pack_dataset(self._shuffle(prepared), args.max_length, args.packing_strategy, carry)
+        pack_rows = pack_with_images if self.vision else pack_dataset  # each sequence keeps its rows' images
+        packed, stats = pack_rows(self._shuffle(prepared), args.max_length, args.packing_strategy)
         self.pack_stats[name] = stats
         truncated = self.data_stats[name].truncated
         logger.info(

@@ -16,11 +16,10 @@ from transformers import AutoProcessor
 from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.images import SENTINEL, image_ref, lift_images, load_image, split_images
 from sftrainer.data.load import load
-from sftrainer.data.pack import pack_dataset
 from sftrainer.data.prepare import DataSettings
 from sftrainer.data.vision import feature_token_ids
 from sftrainer.data.vision_collate import VisionCollator
-from sftrainer.data.vision_prepare import prepare_vision
+from sftrainer.data.vision_prepare import pack_with_images, prepare_vision
 from sftrainer.errors import ConfigError, DataError, RowError
 from sftrainer.vision import prepare_processor
 
@@ -321,7 +320,7 @@ def test_packing_keeps_each_rows_images_in_token_order(processors, pictures):
         for k, c in enumerate(("red", "blue", "red"))
     ] + [TEXT_ONLY]
     ds, _ = _prep(processor, rows)
-    packed, stats = pack_dataset(ds, max_length=120, carry=("images",))
+    packed, stats = pack_with_images(ds, max_length=120)
     assert stats.rows == 4 and stats.sequences < 4 and sum(len(r) for r in packed["images"]) == 3
     for row in packed:  # the images of each sequence are those of its rows, in the rows' order
         starts = [k for k, p in enumerate(row["position_ids"]) if p == 0]
@@ -329,7 +328,7 @@ def test_packing_keeps_each_rows_images_in_token_order(processors, pictures):
         originals = {tuple(r["input_ids"]): r["images"] for r in ds}
         assert row["images"] == [ref for piece in pieces for ref in originals[tuple(piece)]]
     with pytest.raises(ConfigError, match="packing_strategy='bfd_split' splits rows"):
-        pack_dataset(ds, max_length=120, strategy="bfd_split", carry=("images",))
+        pack_with_images(ds, max_length=120, strategy="bfd_split")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
