@@ -28,6 +28,7 @@ from sftrainer.constants import (
     PROJECTOR_NAMES,
     VISION_TOWER_NAMES,
 )
+from sftrainer.errors import ConfigError
 from sftrainer.isolation import ContaminationError
 from sftrainer.model import is_vision_config, prepare_tokenizer, read_chat_template
 
@@ -161,7 +162,16 @@ def adapt_for_training(
         return peft_config
     parts = vision_parts(model)
     if parts.language is None:
-        raise ValueError(f"{type(model).__name__}: cannot find its language model to train")
+        raise ConfigError(
+            f"{type(model).__name__}: sftrainer cannot find its language model (a module named "
+            f"{' or '.join(LANGUAGE_MODEL_NAMES)}, or get_decoder()), so it cannot tell what to train"
+        )
+    if not parts.vision_tower:
+        logger.warning(
+            "%s: no vision tower found by name (%s); nothing is frozen besides what PEFT freezes",
+            type(model).__name__,
+            ", ".join(VISION_TOWER_NAMES),
+        )
     if peft_config is not None:
         return _lora_config(model, peft_config, parts, train_projector, train_vision_tower)
 

@@ -17,7 +17,7 @@ from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.images import SENTINEL, image_ref, lift_images, load_image, split_images
 from sftrainer.data.load import load
 from sftrainer.data.prepare import DataSettings
-from sftrainer.data.vision import feature_token_ids
+from sftrainer.data.vision import CollapsedImages, feature_token_ids
 from sftrainer.data.vision_collate import VisionCollator
 from sftrainer.data.vision_prepare import pack_with_images, prepare_vision
 from sftrainer.errors import ConfigError, DataError, RowError
@@ -352,3 +352,15 @@ def test_settings_problems_are_config_errors(processors):
     bad = dataclasses.replace(DataSettings(), train_on="assistant")
     with pytest.raises(ConfigError, match="train_on"):
         prepare_vision(Dataset.from_list([{"prompt": "a", "response": "b"}]), processors["llava"], bad)
+
+
+def test_a_processor_without_any_chat_template_gets_a_default_that_renders_images(tmp_path, pictures):
+    processor = build_processor("llava")
+    processor.chat_template = None
+    processor.tokenizer.chat_template = None
+    prepared = prepare_processor(processor)
+    assert processor.chat_template is None and prepared.chat_template  # a copy got the default
+    ds, _ = _prep(prepared, [{"messages": _chat({"type": "image"}), "images": [str(pictures["red"])]}])
+    assert _trained(prepared, ds[0]) == "A red square.</s>Red, of course.</s>"
+    shown = CollapsedImages(prepared).decode(ds[0]["input_ids"])  # as sftrainer data shows it
+    assert shown.startswith("<s>### User:\n<image>×16What is in the picture?\n\n### Assistant:\n")
