@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 VERSION = "v1"
 BUILTIN = "builtin"
+BUILTIN_VLM = "builtin-vlm"  # a tiny LLaVA for the vision-language example (sftrainer.builtin_vlm)
 
 WORDS = (
     "apple", "berry", "cat", "dog", "egg", "fish", "goat", "hat", "ink", "jam", "kite", "lamp",
@@ -194,6 +195,22 @@ def build_model(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def is_builtin(name: str | None) -> bool:
+    """'builtin' or 'builtin-vlm': a model built here from random weights (trained from scratch)."""
+    return name in (BUILTIN, BUILTIN_VLM)
+
+
+def model_path(name: str) -> str:
+    """The directory of a built-in model's name (built on first use); any other name as it is."""
+    if name == BUILTIN:
+        return str(model_dir())
+    if name == BUILTIN_VLM:
+        from sftrainer import builtin_vlm
+
+        return str(builtin_vlm.model_dir())
+    return name
 
 
 def model_dir() -> Path:

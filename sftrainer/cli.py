@@ -193,6 +193,14 @@ def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
         )
         if name == "generate":
             use.add_argument("--prompt", required=True, help="the user message")
+        use.add_argument(
+            "--image",
+            action="append",
+            default=[],
+            metavar="PATH",
+            help="an image for a vision-language model (repeat for several), before the "
+            + ("prompt" if name == "generate" else "first message; /image PATH attaches one to the next"),
+        )
         use.add_argument("--system", help="a system prompt")
         use.add_argument("--max-new-tokens", type=int, default=256)
         use.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
@@ -316,7 +324,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_inference(args.run_dir, base=args.base)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
-    print(generate(model, tokenizer, messages, args.max_new_tokens, args.temperature))
+    print(generate(model, tokenizer, messages, args.max_new_tokens, args.temperature, images=args.image))
     return 0
 
 
@@ -345,6 +353,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         system=args.system,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
+        images=args.image,
     )
     return 0
 

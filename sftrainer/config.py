@@ -220,6 +220,25 @@ class SFTConfig(TrainingArguments):
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run model code from the checkpoint when model is a path (unsafe)."}
     )
+    train_projector: bool = field(
+        default=False,
+        metadata={
+            "help": "Vision-language models: also train the projector between vision tower and language model "
+            "(in full; with LoRA it is saved with the adapter)."
+        },
+    )
+    train_vision_tower: bool = field(
+        default=False,
+        metadata={
+            "help": "Vision-language models: also train the vision tower (in full, or with LoRA on its layers)."
+        },
+    )
+    image_root: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory relative image paths in the data are read from (default: the current one)."
+        },
+    )
     max_seq_length: int | None = field(default=None, metadata={"help": "Deprecated TRL name of max_length."})
     # TrainingArguments types this `str | None`, which refused YAML's `true` (Trainer.train's idiom).
     resume_from_checkpoint: str | bool | None = field(
@@ -300,6 +319,8 @@ class SFTConfig(TrainingArguments):
         for key in ("eos_token", "pad_token"):
             if getattr(self, key) == "":
                 out.append(f"{key}: must be a token of the tokenizer or null, got ''")
+        if self.image_root is not None and not Path(self.image_root).expanduser().is_dir():
+            out.append(f"image_root: no such directory: {self.image_root}")
         return out
 
     def _generation_problems(self) -> list[str]:

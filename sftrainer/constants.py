@@ -43,3 +43,16 @@ BNB_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # see model.bnb
 LORA_LR_RANGE = (1e-5, 1e-3)
 FULL_LR_RANGE = (1e-7, 1e-4)
 TRUNCATED_WARN_FRACTION = 0.5  # warn when more than this share of the rows is cut to max_length
+
+# Vision-language data (sftrainer.data.vision): the columns that hold a row's images, the content
+# part types that hold one image, and the keys of such a part that can hold the image itself.
+IMAGE_COLUMNS = ("images", "image")
+IMAGE_PART_TYPES = ("image", "image_url", "input_image")
+IMAGE_PART_KEYS = ("image", "image_url", "url", "path", "bytes")
+REMOTE_IMAGE_SCHEMES = ("http://", "https://", "ftp://", "s3://", "gs://", "hf://")
+# Module names of a vision-language model's parts (sftrainer.vision), across families: LLaVA,
+# Gemma 3, PaliGemma (vision_tower, multi_modal_projector, language_model), Idefics3 / SmolVLM
+# (vision_model, connector, text_model), Qwen2-VL (visual, its merger).
+LANGUAGE_MODEL_NAMES = ("language_model", "text_model")
+VISION_TOWER_NAMES = ("vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder")
+PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector", "merger", "vision_projection")

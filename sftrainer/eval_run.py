@@ -47,7 +47,7 @@ def evaluate_saved(
     'builtin'). Returns the metrics and the path of ``eval_results.json``. Raises ``ConfigError``."""
     from sftrainer.trainer import SFTTrainer  # torch / transformers: only once a command runs
 
-    path = builtin.model_dir() if target == builtin.BUILTIN else Path(target)
+    path = Path(builtin.model_path(target))
     if not path.is_dir():
         raise ConfigError(f"no such run, model or checkpoint directory: {target}")
     cfg = _run_config(path, overrides, output or str(path))
@@ -98,7 +98,7 @@ def _eval_data(cfg: RunConfig, data: str | None, path: Path) -> Any:
 
 def _load(path: Path, cfg: RunConfig) -> tuple[Any, Any]:
     """Model (with its adapter) and tokenizer: the directory's own tokenizer, else the base model's."""
-    from sftrainer.model import load_model, load_tokenizer
+    from sftrainer.model import is_vision_checkpoint, load_model, load_processor, load_tokenizer
 
     options = dict(
         dtype=cfg.model.dtype,
@@ -112,7 +112,7 @@ def _load(path: Path, cfg: RunConfig) -> tuple[Any, Any]:
         base = json.loads(adapter.read_text()).get("base_model_name_or_path")
         if not base:
             raise ConfigError(f"{adapter}: no base_model_name_or_path: cannot tell which model it adapts")
-        base = str(builtin.model_dir()) if base == builtin.BUILTIN else base
+        base = builtin.model_path(base)
         with warnings.catch_warnings():  # peft 0.21 on transformers 5.x: see lora.apply
             warnings.filterwarnings(
                 "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
@@ -125,7 +125,10 @@ def _load(path: Path, cfg: RunConfig) -> tuple[Any, Any]:
     else:
         raise ConfigError(f"{path}: not a model directory (no config.json or adapter_config.json)")
     has_tokenizer = (path / "tokenizer_config.json").is_file()
-    return model, load_tokenizer(str(path) if has_tokenizer else base, cfg.model.trust_remote_code)
+    source = str(path) if has_tokenizer else base
+    if is_vision_checkpoint(base, cfg.model.trust_remote_code):  # its processor (sftrainer.vision)
+        return model, load_processor(source, cfg.model.trust_remote_code)
+    return model, load_tokenizer(source, cfg.model.trust_remote_code)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -90,11 +90,11 @@ def resolve_base(run: Run, base: str | None = None) -> str:
     ``$SFTRAINER_HOME`` may lack), then the adapter's name as a hub id.
     """
     if base is not None:
-        return str(builtin.model_dir()) if base == builtin.BUILTIN else base
+        return builtin.model_path(base)
     names = [run.adapter_base, (run.config.get("model") or {}).get("name_or_path")]
     for name in [n for n in names if n]:
-        if name == builtin.BUILTIN:
-            return str(builtin.model_dir())
+        if builtin.is_builtin(name):
+            return builtin.model_path(name)
         for candidate in (Path(name).expanduser(), run.path / name):
             if candidate.is_dir():
                 return str(candidate)
@@ -148,7 +148,7 @@ def merge(
     ('auto': the base checkpoint's own dtype)."""
     import torch
 
-    from sftrainer.model import DTYPES, load_model, load_tokenizer
+    from sftrainer.model import DTYPES, is_vision_checkpoint, load_model, load_processor, load_tokenizer
 
     run = read_run(run_dir)
     if not run.is_adapter:
@@ -180,7 +180,8 @@ def merge(
         model = model.to(saved_dtype)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    load_tokenizer(str(run.path), trust_remote_code).save_pretrained(out)
+    vlm = is_vision_checkpoint(base_path, trust_remote_code)  # then the run holds its processor
+    (load_processor if vlm else load_tokenizer)(str(run.path), trust_remote_code).save_pretrained(out)
     if run.config_path is not None:
         shutil.copyfile(run.config_path, out / CONFIG_FILE)
     if run.metrics:
@@ -195,6 +196,7 @@ def merge(
         rows=run.card_facts.get("rows") or {},
         kind="merged",
         commands=[*_train_commands(run.config_path), f"sftrainer merge {run_dir} {out_dir}"],
+        vision=vlm,
     )
     logger.info("Merged the adapter of %s into %s; saved the full model to %s", run_dir, base_path, out)
     return out
@@ -244,6 +246,7 @@ def write_model_card(
     kind: str,
     commands: list[str],
     settings: dict[str, Any] | None = None,
+    vision: bool = False,
 ) -> Path:
     """Write ``directory/README.md``: YAML front matter (base_model, library_name, tags), then the base
     model, data, settings, metrics and the commands that reproduce the model. ``kind`` is 'adapter',
@@ -257,7 +260,7 @@ def write_model_card(
     front: dict[str, Any] = {
         "base_model": base_model,
         "library_name": "peft" if kind == "adapter" else "transformers",
-        "pipeline_tag": "text-generation",
+        "pipeline_tag": "image-text-to-text" if vision else "text-generation",
         "tags": tags,
         "sftrainer": {"rows": {k: v for k, v in rows.items() if v is not None}},
     }
@@ -311,7 +314,13 @@ def write_model_card(
     else:
         lines.append("No metrics were recorded.")
     lines += ["", "## Reproduce", "", "```bash", *commands, "```", ""]
-    if kind == "merged":
+    if kind == "merged" and vision:
+        lines += [
+            "Load it with `AutoModelForImageTextToText.from_pretrained` and `AutoProcessor.from_pretrained`;",
+            "prompt it with the processor's chat template (`sftrainer generate --image` / `sftrainer chat` do).",
+            "",
+        ]
+    elif kind == "merged":
         lines += [
             "Load it with `AutoModelForCausalLM.from_pretrained`; prompt it with the chat template of its",
             "tokenizer (`sftrainer generate` / `sftrainer chat` do).",
@@ -322,8 +331,9 @@ def write_model_card(
     return path
 
 
-def run_card(cfg: Any, metrics: dict[str, Any], rows: dict[str, int | None]) -> Path:
-    """The model card of a finished ``train(cfg)`` run, written to its output_dir."""
+def run_card(cfg: Any, metrics: dict[str, Any], rows: dict[str, int | None], vision: bool = False) -> Path:
+    """The model card of a finished ``train(cfg)`` run, written to its output_dir (``vision``: a
+    vision-language model, tagged image-text-to-text)."""
     args = cfg.train
     settings = {k: getattr(args, k) for k in SETTING_KEYS if hasattr(args, k)}
     settings = {k: getattr(v, "value", v) for k, v in settings.items()}
@@ -344,6 +354,7 @@ def run_card(cfg: Any, metrics: dict[str, Any], rows: dict[str, int | None]) -> 
         kind="adapter" if cfg.lora is not None else "full",
         commands=commands,
         settings=settings,
+        vision=vision,
     )
 
 

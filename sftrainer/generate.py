@@ -10,15 +10,24 @@ with (``<|im_end|>``, ``<|eot_id|>``, ...), and only the new text is returned.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 from transformers import GenerationConfig, TextStreamer
 
+from sftrainer.data.vision_collate import prompt_inputs
+from sftrainer.errors import DataError
 from sftrainer.export import load_adapter, read_run, resolve_base
-from sftrainer.model import default_chat_template, load_model, load_tokenizer
+from sftrainer.model import (
+    default_chat_template,
+    is_vision_checkpoint,
+    load_model,
+    load_processor,
+    load_tokenizer,
+)
+from sftrainer.vision import is_processor, prepare_processor, text_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -28,14 +37,18 @@ PROBE = "\ufdd0sftrainer-probe\ufdd1"  # Unicode noncharacters: never in a templ
 def load_for_inference(
     run_dir: str | Path, base: str | None = None, dtype: str = "auto", trust_remote_code: bool = False
 ) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) of a run directory: a full model, or an adapter on its base."""
+    """(model in eval mode, tokenizer) of a run directory: a full model, or an adapter on its base.
+    For a vision-language model the "tokenizer" is its processor (saved with the run)."""
     run = read_run(run_dir)
-    tokenizer = load_tokenizer(str(run.path), trust_remote_code)
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = default_chat_template(tokenizer)
-        logger.warning("%s has no chat template; using sftrainer's default", run_dir)
+    base_path = resolve_base(run, base) if run.is_adapter else str(run.path)
+    if is_vision_checkpoint(base_path, trust_remote_code):  # the processor saved with the run
+        tokenizer = prepare_processor(load_processor(str(run.path), trust_remote_code))
+    else:
+        tokenizer = load_tokenizer(str(run.path), trust_remote_code)
+        if not tokenizer.chat_template:
+            tokenizer.chat_template = default_chat_template(tokenizer)
+            logger.warning("%s has no chat template; using sftrainer's default", run_dir)
     if run.is_adapter:
-        base_path = resolve_base(run, base)
         model = load_model(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
         model = load_adapter(model, run.path)
         logger.info("Loaded the LoRA adapter of %s on %s", run_dir, base_path)
@@ -99,10 +112,22 @@ def generate(
     temperature: float = 0.0,
     stream: TextIO | None = None,
     stop: list[int] | None = None,
+    images: Sequence[Any] = (),
 ) -> str:
     """The assistant's reply to ``messages`` (greedy when ``temperature`` is 0), new text only.
-    With ``stream``, the text is also written there token by token as it is generated."""
-    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=model.device)
+    With ``stream``, the text is also written there token by token as it is generated.
+
+    With a vision-language processor as ``tokenizer``, ``images`` (paths, bytes or PIL images) fill
+    the messages' ``{"type": "image"}`` parts in order, or go before the first user text."""
+    if is_processor(tokenizer):
+        inputs = {k: v.to(model.device) for k, v in prompt_inputs(tokenizer, messages, images).items()}
+        tokenizer = tokenizer.tokenizer
+    elif images:
+        raise DataError("images need a vision-language model (this run's model is a text model)")
+    else:
+        ids = torch.tensor([prompt_ids(tokenizer, messages)], device=model.device)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    ids = inputs["input_ids"]
     stop = stop if stop is not None else stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     sample = temperature > 0
@@ -116,8 +141,7 @@ def generate(
         pad_token_id=pad,
     )
     out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
+        **inputs,
         generation_config=config,
         streamer=_Streamer(tokenizer, stream) if stream is not None else None,
     )
@@ -136,13 +160,21 @@ def chat(
     system: str | None = None,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
-) -> list[dict[str, str]]:
+    images: Sequence[Any] = (),
+) -> list[dict[str, Any]]:
     """A multi-turn chat: each line from ``read_line`` (which raises ``EOFError`` at the end) is a user
     turn; the reply streams to ``out``. ``/reset`` clears the history (the system prompt stays),
-    ``/exit`` or end of input ends. Returns the history at the end."""
+    ``/exit`` or end of input ends. Returns the history at the end.
+
+    With a vision-language model, ``images`` go with the first user turn and ``/image PATH`` attaches
+    an image to the next one; the history keeps them, and drops them with their exchange."""
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
-    stop = stop_token_ids(tokenizer)
+    vision = is_processor(tokenizer)
+    if images and not vision:
+        raise DataError("images need a vision-language model (this run's model is a text model)")
+    pending, attached = list(images), []  # images for the next user turn; the history's, in order
+    stop = stop_token_ids(text_tokenizer(tokenizer))
     limit = context_limit(model)
     while True:
         try:
@@ -152,20 +184,52 @@ def chat(
         if line in ("/exit", "/quit"):
             break
         if line == "/reset":
-            history = list(start)
+            history, attached = list(start), []
             out.write("(history cleared)\n")
+            out.flush()
+            continue
+        if line.startswith("/image"):
+            if not vision:
+                out.write("(/image needs a vision-language model)\n")
+            else:
+                pending.append(line.removeprefix("/image").strip())
+                out.write(f"(image attached to your next message: {pending[-1]})\n")
             out.flush()
             continue
         if not line:
             continue
-        history.append({"role": "user", "content": line})
+        if pending:
+            parts = [{"type": "image"} for _ in pending] + [{"type": "text", "text": line}]
+            history.append({"role": "user", "content": parts})
+            attached, pending = attached + pending, []
+        else:
+            history.append({"role": "user", "content": line})
         while limit and len(history) > len(start) + 1:
-            if len(prompt_ids(tokenizer, history)) + max_new_tokens <= limit:
+            if _prompt_length(tokenizer, history, attached) + max_new_tokens <= limit:
                 break
-            del history[len(start) : len(start) + 2]  # the oldest exchange
+            dropped = history[len(start) : len(start) + 2]  # the oldest exchange, with its images
+            del history[len(start) : len(start) + 2]
+            attached = attached[sum(_image_parts(m) for m in dropped) :]
             out.write("(the oldest turn was dropped to fit the model's context)\n")
-        reply = generate(model, tokenizer, history, max_new_tokens, temperature, stream=out, stop=stop)
+        reply = generate(
+            model, tokenizer, history, max_new_tokens, temperature, stream=out, stop=stop, images=attached
+        )
         out.write("\n")
         out.flush()
         history.append({"role": "assistant", "content": reply})
     return history
+
+
+def _prompt_length(tokenizer: Any, history: list[dict[str, Any]], images: Sequence[Any]) -> int:
+    if is_processor(tokenizer):
+        return int(prompt_inputs(tokenizer, history, images)["input_ids"].shape[1])
+    return len(prompt_ids(tokenizer, history))
+
+
+def _image_parts(message: dict[str, Any]) -> int:
+    content = message.get("content")
+    return (
+        sum(isinstance(p, dict) and p.get("type") == "image" for p in content)
+        if isinstance(content, list)
+        else 0
+    )

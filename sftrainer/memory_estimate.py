@@ -169,10 +169,10 @@ def estimate_memory(
 def meta_model(model_path: str, dtype: str, trust_remote_code: bool, peft_config: Any) -> Any:
     """The model's architecture on the meta device (no weights read, no memory), with LoRA applied."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from sftrainer import lora
-    from sftrainer.model import DTYPES
+    from sftrainer.model import DTYPES, auto_model_class
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     torch_dtype = DTYPES.get(dtype, "auto")
@@ -180,7 +180,7 @@ def meta_model(model_path: str, dtype: str, trust_remote_code: bool, peft_config
         torch_dtype = getattr(config, "dtype", None) or torch.float32
         torch_dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
+        model = auto_model_class(config).from_config(
             config, dtype=torch_dtype, trust_remote_code=trust_remote_code
         )
     return lora.apply(model, peft_config)

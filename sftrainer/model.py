@@ -61,6 +61,52 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
         raise _from_pretrained_error("tokenizer", name_or_path, err) from None
 
 
+def load_processor(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """The processor (image processor + tokenizer + chat template) of a vision-language checkpoint."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, revision=revision
+        )
+    except (OSError, ValueError) as err:
+        raise _from_pretrained_error("processor", name_or_path, err) from None
+
+
+def is_vision_config(config: Any) -> bool:
+    """A vision-language (image-text-to-text) model's config: loaded with its processor
+    (``AutoModelForImageTextToText``), not as a causal LM (sftrainer.vision)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    kind = getattr(config, "model_type", None)
+    return (
+        kind in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        and getattr(config, "vision_config", None) is not None
+    )
+
+
+def is_vision_checkpoint(
+    name_or_path: str, trust_remote_code: bool = False, revision: str | None = None
+) -> bool:
+    """Whether ``name_or_path`` holds a vision-language model (False when its config cannot be read)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, revision=revision
+        )
+    except (OSError, ValueError):
+        return False
+    return is_vision_config(config)
+
+
+def auto_model_class(config: Any) -> Any:
+    """The auto class that loads a checkpoint of this config for SFT."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
+
+
 def load_model(
     name_or_path: str,
     dtype: str | torch.dtype | None = None,
@@ -83,8 +129,13 @@ def load_model(
         dtype = DTYPES[dtype]
     kwargs.setdefault("use_safetensors", True)
     _quantization_kwargs(kwargs)
+    auto_class = AutoModelForCausalLM
+    if is_vision_checkpoint(name_or_path, trust_remote_code, revision):
+        from transformers import AutoModelForImageTextToText
+
+        auto_class = AutoModelForImageTextToText  # a vision-language model (sftrainer.vision)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             name_or_path,
             dtype=dtype,
             attn_implementation=attn_implementation,

@@ -221,7 +221,7 @@ def measure_step_time(cfg: Any, train_rows: Any, tokenizer: Any, rows_per_sequen
         rows = rows.select(range(min(len(rows), need))) if hasattr(rows, "select") else rows.take(need)
         name = cfg.model.name_or_path
         model = load_model(
-            str(builtin.model_dir()) if name == builtin.BUILTIN else name,
+            builtin.model_path(name),
             dtype=cfg.model.dtype,
             attn_implementation=cfg.model.attn_implementation,
             trust_remote_code=cfg.model.trust_remote_code,
@@ -373,7 +373,9 @@ def for_trainer(trainer: Any, train_raw: Any, lora: bool | None) -> tuple[Prefli
     dataset, stats = trainer.train_dataset, trainer.data_stats.get("train data")
     if not isinstance(dataset, Dataset) or "labels" not in dataset.column_names or stats is None:
         return None, "skipped: the train data is streamed or used as given, so it cannot be counted up front"
-    tokenizer = trainer.processing_class
+    from sftrainer.vision import text_tokenizer
+
+    tokenizer = text_tokenizer(trainer.processing_class)  # a vision-language processor's tokenizer
     stop_ids = stop_token_ids(tokenizer)
     eval_rows = None
     if isinstance(trainer.eval_dataset, Dataset):

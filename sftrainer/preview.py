@@ -31,7 +31,9 @@ from sftrainer.data.formats import implied_columns
 from sftrainer.data.mixture import Mixture, prepare_mixture
 from sftrainer.data.pack import PackStats, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
+from sftrainer.data.vision_prepare import pack_with_images, prepare_vision
 from sftrainer.errors import ConfigError
+from sftrainer.vision import is_processor, prepare_processor, preview_decoder, text_tokenizer
 
 MARKERS = ("⟦", "⟧")
 ASCII_MARKERS = ("[[", "]]")
@@ -106,13 +108,17 @@ def _prepare_with_sources(
     settings = args.data_settings()
     if args.packing and args.packing_strategy in ("bfd_split", "wrapped"):
         settings = dataclasses.replace(settings, max_length=None)  # the packer cuts long rows
-    if isinstance(dataset, Mixture):  # each source sampled and prepared on its own, as training does
+    vision = is_processor(tokenizer)
+    if vision:  # rows with images, tokenized with the processor (sftrainer.data.vision)
+        prepared, stats = prepare_vision(dataset, tokenizer, settings, name, image_root=args.image_root)
+    elif isinstance(dataset, Mixture):  # each source sampled and prepared on its own, as training does
         prepared, stats, sources = prepare_mixture(dataset, tokenizer, settings, name, args.seed)
     else:
         prepared, stats = prepare(dataset, tokenizer, settings, name)
     pack = None
     if args.packing and isinstance(prepared, Dataset):
-        _, pack = pack_dataset(prepared, args.max_length, args.packing_strategy)
+        pack_rows = pack_with_images if vision else pack_dataset
+        _, pack = pack_rows(prepared, args.max_length, args.packing_strategy)
     return prepared, stats, pack, sources
 
 
@@ -292,8 +298,16 @@ class DataPreview:
         for count, reason in dropped:
             if count:
                 lines.append(f"  dropped: {count} rows: {reason}")
-        if not s.dropped_empty and not s.dropped_invalid:
+        if getattr(s, "dropped_image_cut", 0):
+            lines.append(
+                f"  dropped: {s.dropped_image_cut} rows: max_length would cut through an image's tokens"
+            )
+        if not s.dropped_empty and not s.dropped_invalid and not getattr(s, "dropped_image_cut", 0):
             lines.append("  dropped: none")
+        if hasattr(s, "images"):
+            lines.append(
+                f"  images: {s.images} in the kept rows (rows below show each as its image token ×count)"
+            )
         lengths = self.arrays.lengths
         if lengths.size:
             lines.append(
@@ -331,14 +345,17 @@ def preview_run(
     from sftrainer.errors import DataError
     from sftrainer.generate import stop_token_ids
     from sftrainer.lora import peft_config_from
-    from sftrainer.model import load_tokenizer, prepare_tokenizer
+    from sftrainer.model import is_vision_checkpoint, load_processor, load_tokenizer, prepare_tokenizer
     from sftrainer.train import resolve_data
 
     args = cfg.train
     name = cfg.model.name_or_path
-    model_path = str(builtin.model_dir()) if name == builtin.BUILTIN else name
-    own = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
-    tokenizer = prepare_tokenizer(
+    model_path = builtin.model_path(name)
+    vlm = is_vision_checkpoint(model_path, cfg.model.trust_remote_code, cfg.model.revision)
+    own = (load_processor if vlm else load_tokenizer)(
+        model_path, cfg.model.trust_remote_code, cfg.model.revision
+    )
+    tokenizer = (prepare_processor if is_processor(own) else prepare_tokenizer)(
         own,
         args.chat_template,
         chat_template_path=args.chat_template_path,
@@ -364,6 +381,8 @@ def preview_run(
 
     uses_template = "chat template" in train.stats.format
     source = template_source(own.chat_template, args.chat_template, args.chat_template_path, name)
+    if is_processor(own):
+        source = source.replace("the tokenizer's own", "the processor's own")
     out.append(
         f"chat template: {source}"
         + ("" if uses_template else f"; not used by this format ({train.stats.format})")
@@ -389,11 +408,11 @@ def preview_run(
         ids, labels = train.arrays.ids[a:b].tolist(), train.arrays.labels[a:b].tolist()
         trained = sum(label != IGNORE_INDEX for label in labels)
         out.append(f"--- row {k + 1}: {len(ids)} tokens, {trained} trained")
-        out.append(render_row(ids, labels, tokenizer, colour, markers))
+        out.append(render_row(ids, labels, preview_decoder(tokenizer), colour, markers))
     if shown:
         out.append("---")
 
-    stop_ids = stop_token_ids(tokenizer)
+    stop_ids = stop_token_ids(text_tokenizer(tokenizer))
     sequences = train.pack.sequences if train.pack is not None else int(train.arrays.lengths.size)
     rows_per_sequence = train.stats.kept / max(1, sequences)
     measured = None
@@ -409,10 +428,10 @@ def preview_run(
         stats=train.stats,
         shape=memory_estimate.model_shape(meta),
         stop_ids=stop_ids,
-        stop_tokens=", ".join(tokenizer.convert_ids_to_tokens(stop_ids)),
+        stop_tokens=", ".join(text_tokenizer(tokenizer).convert_ids_to_tokens(stop_ids)),
         duplicates=train.duplicates,
         eval_rows=eval_rows,
-        lora=None if name == builtin.BUILTIN else cfg.lora is not None,
+        lora=None if builtin.is_builtin(name) else cfg.lora is not None,
         eager_attention=cfg.model.attn_implementation == "eager",
         probe=measured,
         time_note="not measured; --probe times a few real training steps on this machine",

@@ -126,7 +126,9 @@ def save_run_inputs(trainer: Any, output_dir: str | Path) -> None:
     }
     (out / DATA_STATS).write_text(json.dumps(stats, indent=2), encoding="utf-8")
     if trainer.train_dataset is not None:
-        preview = masking_preview(trainer.train_dataset, trainer.processing_class)
+        from sftrainer.vision import preview_decoder  # image tokens written once per image
+
+        preview = masking_preview(trainer.train_dataset, preview_decoder(trainer.processing_class))
         (out / MASKING_PREVIEW).write_text(json.dumps(preview, indent=1), encoding="utf-8")
 
 

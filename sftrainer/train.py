@@ -18,9 +18,10 @@ from sftrainer.data.mixture import Mixture
 from sftrainer.distributed import main_process_first
 from sftrainer.export import run_card
 from sftrainer.lora import peft_config_from
-from sftrainer.model import load_model, load_tokenizer
+from sftrainer.model import is_vision_checkpoint, load_model, load_processor, load_tokenizer
 from sftrainer.run_config import RunConfig
 from sftrainer.trainer import SFTTrainer
+from sftrainer.vision import text_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +80,11 @@ def train(cfg: RunConfig) -> dict[str, float]:
     name = cfg.model.name_or_path
     # The built-in assets and the datasets cache are built by one process; the others wait and read them.
     with main_process_first(args, "building the demo assets and loading the data"):
-        model_path = str(builtin.model_dir()) if name == builtin.BUILTIN else name
-        tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
+        model_path = builtin.model_path(name)
+        # A vision-language checkpoint comes with its processor (sftrainer.vision), a text one with its tokenizer.
+        vlm = is_vision_checkpoint(model_path, cfg.model.trust_remote_code, cfg.model.revision)
+        load = load_processor if vlm else load_tokenizer
+        tokenizer = load(model_path, cfg.model.trust_remote_code, cfg.model.revision)
         train_ds, eval_ds = resolve_data(cfg)
     model = load_model(model_path, **cfg.model.load_kwargs(args.model_init_kwargs))
     if cfg.lora is None:
@@ -91,9 +95,9 @@ def train(cfg: RunConfig) -> dict[str, float]:
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=peft_config_from(cfg.lora, tokenizer, model),
+        peft_config=peft_config_from(cfg.lora, text_tokenizer(tokenizer), model),
     )
-    _preflight(trainer, train_ds, None if name == builtin.BUILTIN else cfg.lora is not None)
+    _preflight(trainer, train_ds, None if builtin.is_builtin(name) else cfg.lora is not None)
     if trainer.args.should_save:  # before training: a run stopped early still says what it was
         write_run_record(cfg, args.output_dir)
 
@@ -110,7 +114,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
     trainer.save_metrics("all", metrics, combined=False)
     logger.info("Saved the %s to %s", "LoRA adapter" if cfg.lora else "model", output_dir)
     if trainer.is_world_process_zero():
-        run_card(cfg, metrics, {"train": _rows(train_ds), "eval": _rows(eval_ds)})  # README.md
+        run_card(cfg, metrics, {"train": _rows(train_ds), "eval": _rows(eval_ds)}, vision=vlm)  # README.md
         try:
             report.save_run_inputs(trainer, output_dir)
             png, page = report.write_report(output_dir)

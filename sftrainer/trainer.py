@@ -60,6 +60,7 @@ from sftrainer.data.collate import DataCollatorForLanguageModeling, PaddedCollat
 from sftrainer.data.pack import PackStats
 from sftrainer.data.pipeline import DataPipeline
 from sftrainer.data.prepare import PrepareStats
+from sftrainer.data.vision_collate import VisionCollator
 from sftrainer.errors import ConfigError, did_you_mean
 from sftrainer.evaluate import (
     format_samples,
@@ -79,8 +80,17 @@ from sftrainer.loss import (
     without_chunking,
 )
 from sftrainer.metrics import TokenMetrics
-from sftrainer.model import load_model, load_tokenizer, prepare_tokenizer
+from sftrainer.model import load_model, load_processor, load_tokenizer, prepare_tokenizer
 from sftrainer.tracking import MetricsFileCallback, SamplesCallback
+from sftrainer.vision import (
+    adapt_for_training,
+    is_processor,
+    is_vision_model,
+    packing_problem,
+    prepare_processor,
+    text_tokenizer,
+)
+from sftrainer.vision import check_isolation as check_vision_isolation
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +158,12 @@ class SFTTrainer(Trainer):
                 UserWarning,
                 stacklevel=2,
             )
+        vlm = is_vision_model(model)
         if processing_class is None:
-            processing_class = load_tokenizer(_model_path(model), args.trust_remote_code)
-        processing_class = prepare_tokenizer(  # a copy where it changes: the caller's stays as it was
+            load = load_processor if vlm else load_tokenizer
+            processing_class = load(_model_path(model), args.trust_remote_code)
+        prepare = prepare_processor if is_processor(processing_class) else prepare_tokenizer
+        processing_class = prepare(  # a copy where it changes: the caller's stays as it was
             processing_class,
             args.chat_template,
             chat_template_path=args.chat_template_path,
@@ -161,6 +174,12 @@ class SFTTrainer(Trainer):
             # LoRA's A matrices are drawn at random here, before Trainer.__init__ seeds torch: without
             # this, two trainers built in one process start from different adapters whatever `seed` says.
             set_seed(args.seed)
+        if is_processor(processing_class):
+            _refuse_for_vision(args)
+        if vlm:  # the language model trains; the vision tower and projector unless asked (sftrainer.vision)
+            peft_config = adapt_for_training(
+                model, peft_config, args.train_projector, args.train_vision_tower
+            )
         model = lora.apply(model, peft_config, gradient_checkpointing=bool(args.gradient_checkpointing))
         quant.check_trainable(model)  # a 4-bit / 8-bit base trains only through an adapter
         if sharding.is_partitioned(model):
@@ -193,8 +212,12 @@ class SFTTrainer(Trainer):
 
         # Also with eval_packing and no eval set yet: evaluate(raw rows) packs them later.
         by_position = args.packing or args.padding_free or bool(eval_pack) or _has_positions(train_dataset)
+        problem = packing_problem(model) if by_position and self.data_pipeline.vision else None
+        if problem:
+            raise ConfigError(f"packing / padding_free: {problem}; set packing=False and padding_free=False")
         if data_collator is None:
-            data_collator = self._default_collator(model, processing_class.pad_token_id, args, by_position)
+            pad_id = text_tokenizer(processing_class).pad_token_id
+            data_collator = self._default_collator(model, pad_id, args, by_position)
         self.loss_plan = plan_loss(
             model,
             args.loss_type,
@@ -203,6 +226,8 @@ class SFTTrainer(Trainer):
             args.label_smoothing_factor,
             args.loss_chunk_size,
         )
+        if self.data_pipeline.vision:
+            args.remove_unused_columns = False  # the rows' images are read by the collator
         if by_position:
             if self.loss_plan.virtual_tokens:
                 raise ConfigError(
@@ -248,11 +273,14 @@ class SFTTrainer(Trainer):
         as it runs: on the training device, under the training autocast, with the attention
         implementation of that moment, not as it sat on the CPU when the trainer was built.
         """
-        if not isinstance(self.data_collator, PositionCollator | DataCollatorForLanguageModeling):
+        collator = self.data_collator
+        vision_packed = isinstance(collator, VisionCollator) and collator.by_position
+        if not vision_packed and not isinstance(collator, PositionCollator | DataCollatorForLanguageModeling):
             return
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        check = check_vision_isolation if vision_packed else check_row_isolation
         with self.accelerator.autocast():
-            check_row_isolation(self.model, self.data_collator, dtypes.get(self.accelerator.mixed_precision))
+            check(self.model, collator, dtypes.get(self.accelerator.mixed_precision))
 
     @staticmethod
     def _resolve_checkpointing(args: SFTConfig) -> None:
@@ -303,6 +331,10 @@ class SFTTrainer(Trainer):
         # Varlen FlashAttention reads row boundaries from one flat row. Backends that build a dense
         # mask (eager, SDPA) keep packed sequences as separate rows: B * L^2 attention, not (B * L)^2.
         flatten = by_position and ((args.padding_free and not args.packing) or "flash" in impl)
+        if self.data_pipeline.vision:  # rows with images: the processor makes their pixel inputs
+            return VisionCollator(
+                self.data_pipeline.tokenizer, pad_token_id, by_position, flatten, args.pad_to_multiple_of
+            )
         if self.data_pipeline.skip:  # rows as given: TRL's collator also reads seq_lengths / loss masks
             return DataCollatorForLanguageModeling(
                 pad_token_id, padding_free=flatten, pad_to_multiple_of=args.pad_to_multiple_of
@@ -580,6 +612,17 @@ class SFTTrainer(Trainer):
 
     def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, "sum")
+
+
+def _refuse_for_vision(args: SFTConfig) -> None:
+    """Settings a vision-language run cannot honour, refused by key before any work."""
+    if args.generation_enabled():
+        key = "exact_match_samples" if args.exact_match_samples else "generation_prompts"
+        raise ConfigError(
+            f"{key}: generation-based evaluation does not pass images to the model yet; for a "
+            "vision-language model set exact_match_samples=0 and generation_prompts=null (eval_loss still "
+            "measures held-out rows; `sftrainer generate RUN --image PATH` answers with an image)"
+        )
 
 
 def _input_tokens(inputs: dict[str, Any]) -> Any:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from sftrainer.constants import IMAGE_COLUMNS
 from sftrainer.errors import DataError, RowError, did_you_mean
 
 
@@ -53,7 +54,11 @@ OPTIONAL_COLUMNS: dict[Format, tuple[str, ...]] = {
     Format.PROMPT_COMPLETION: ("system", *CHAT_COLUMNS),
     Format.PROMPT_RESPONSE: ("system", *CHAT_COLUMNS),
 }
-KNOWN_COLUMNS = sorted({c for cols in (*REQUIRED_COLUMNS.values(), *OPTIONAL_COLUMNS.values()) for c in cols})
+# The image columns of vision-language rows (sftrainer.data.images) are known too: data.columns may map to them.
+KNOWN_COLUMNS = sorted(
+    {c for cols in (*REQUIRED_COLUMNS.values(), *OPTIONAL_COLUMNS.values()) for c in cols}
+    | set(IMAGE_COLUMNS)
+)
 
 # Layouts public data sets use, read as one of the formats above when no format's columns are all
 # present: (columns that must all be there, {their column: ours}). The first that fits wins.

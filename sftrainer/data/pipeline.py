@@ -4,7 +4,7 @@
 constructor, and the raw eval sets given to ``evaluate`` later, so they are prepared the same way.
 
 Output rows: ``input_ids``, ``labels`` (``IGNORE_INDEX`` on untrained tokens), plus ``position_ids``
-when packed. With ``dataset_kwargs={"skip_prepare_dataset": True}`` (TRL) the rows are used as given.
+when packed, and ``images`` with a vision-language processor (``sftrainer.data.vision``). With ``dataset_kwargs={"skip_prepare_dataset": True}`` (TRL) the rows are used as given.
 """
 
 from __future__ import annotations
@@ -16,13 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset, IterableDataset
 
-from sftrainer.constants import LOSS_MASK_COLUMNS
+from sftrainer.constants import IMAGE_COLUMNS, LOSS_MASK_COLUMNS
 from sftrainer.data import load as data_load
+from sftrainer.data.images import lift_images
 from sftrainer.data.mixture import Mixture, prepare_mixture
 from sftrainer.data.pack import PackStats, StreamPacker, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
+from sftrainer.data.vision_prepare import pack_with_images, prepare_vision
 from sftrainer.distributed import main_process_first
 from sftrainer.errors import ConfigError, DataError
+from sftrainer.vision import is_processor
 
 if TYPE_CHECKING:
     from sftrainer.config import SFTConfig
@@ -49,6 +52,7 @@ class DataPipeline:
         self.pack_stats: dict[str, PackStats] = {}
         self._prepared: list[Any] = []  # what this pipeline returned: passed again, used as is
         self._noted: set[str] = set()
+        self.vision = is_processor(tokenizer)  # a vision-language processor: rows with images
 
     @property
     def skip(self) -> bool:
@@ -61,6 +65,13 @@ class DataPipeline:
         """Prepare one data set (a Dataset, IterableDataset, list of dicts, file path...)."""
         if self.is_prepared(dataset):
             return dataset
+        if self.vision and (self.skip or isinstance(dataset, Mixture)):
+            raise ConfigError(
+                f"{name}: with a vision-language processor, sftrainer prepares each data set itself "
+                "(mixtures and dataset_kwargs.skip_prepare_dataset are not supported for image data)"
+            )
+        if self.vision and isinstance(dataset, list):  # bytes / PIL images inside messages: see lift_images
+            dataset = [lift_images(row) if isinstance(row, dict) else row for row in dataset]
         if isinstance(dataset, Mixture):
             if self.skip:
                 raise ConfigError(
@@ -97,12 +108,23 @@ class DataPipeline:
         self, dataset: Dataset | IterableDataset | Mixture, name: str, pack: bool
     ) -> Dataset | IterableDataset:
         args = self.args
+        if pack and self.vision and isinstance(dataset, IterableDataset):
+            raise ConfigError(
+                f"{name}: packing a streamed image data set is not supported (each packed sequence must "
+                "carry its rows' images); load it without streaming, or set packing=False "
+                "(padding_free=True also avoids padding)"
+            )
         settings = args.data_settings()
         if pack and args.packing_strategy in ("bfd_split", "wrapped"):
             settings = dataclasses.replace(settings, max_length=None)  # the packer cuts long rows
         if isinstance(dataset, Mixture):
             prepared, self.data_stats[name] = self._prepare_mixture(dataset, name, settings)
+        elif self.vision:
+            prepared, self.data_stats[name] = prepare_vision(
+                dataset, self.tokenizer, settings, name, self.formatting_func, args.image_root
+            )
         else:
+            _refuse_images(dataset, name)
             prepared, self.data_stats[name] = prepare(
                 dataset, self.tokenizer, settings, name, self.formatting_func
             )
@@ -120,7 +142,8 @@ class DataPipeline:
             packed = prepared.map(packer, batched=True, batch_size=STREAM_PACK_ROWS)
             return self._shuffle(packed)
         # Shuffled before packing too, so wrapped sequences do not hold neighbouring rows (as TRL).
-        packed, stats = pack_dataset(self._shuffle(prepared), args.max_length, args.packing_strategy)
+        pack_rows = pack_with_images if self.vision else pack_dataset  # each sequence keeps its rows' images
+        packed, stats = pack_rows(self._shuffle(prepared), args.max_length, args.packing_strategy)
         self.pack_stats[name] = stats
         truncated = self.data_stats[name].truncated
         logger.info(
@@ -168,3 +191,14 @@ class DataPipeline:
         if isinstance(dataset, IterableDataset):
             return dataset.shuffle(seed=self.args.seed, buffer_size=SHUFFLE_BUFFER)
         return dataset.shuffle(seed=self.args.seed)
+
+
+def _refuse_images(dataset: Any, name: str) -> None:
+    """Image columns with a text tokenizer would be silently ignored: refused, as TRL does."""
+    columns = [c for c in IMAGE_COLUMNS if c in (getattr(dataset, "column_names", None) or [])]
+    if columns:
+        raise DataError(
+            f"{name}: the rows have an '{columns[0]}' column, and the model is not a vision-language model "
+            "(its processing class is a tokenizer, not a processor). Use an image-text-to-text model "
+            "(LLaVA, Idefics3, Gemma 3, ...) with its processor, or drop the images"
+        )

@@ -539,7 +539,10 @@ def _segment_token_counts(encoding: Any, segs: list[Segment], n_tokens: int) -> 
 
 def _renders_whole_turn(message: dict[str, Any], span: str) -> bool:
     """Whether a turn's reasoning and text both appear in its rendered span (templates may trim)."""
-    texts = (message.get("reasoning_content"), message.get("content"))
+    content = message.get("content")
+    if isinstance(content, list):  # typed parts: the text parts (images render as placeholders)
+        content = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+    texts = (message.get("reasoning_content"), *(content if isinstance(content, list) else [content]))
     return all(text.strip() in span for text in texts if isinstance(text, str))
 
 
@@ -549,11 +552,14 @@ MARKER = "\ufdd0sftrainer-turn\ufdd1"  # Unicode noncharacters: never in real te
 def _marked_conversations(messages: list[dict[str, Any]], i: int) -> list[list[dict[str, Any]]]:
     """The conversation with assistant turn ``i`` replaced by markers, in the forms to try.
 
-    First a plain turn holding ``MARKER``: reasoning, text and tool calls all differ from it. For
+    First a plain turn holding ``MARKER`` (as one text part when the turn's content is a list of
+    parts): reasoning, text and tool calls all differ from it. For
     templates that refuse a tool result with no call before it, a turn that keeps its calls with
     marked arguments.
     """
-    plain = {"role": "assistant", "content": MARKER}
+    # Typed content parts ([{"type": "text", ...}], vision-language templates) get the marker as one.
+    typed = isinstance(messages[i].get("content"), list)
+    plain = {"role": "assistant", "content": [{"type": "text", "text": MARKER}] if typed else MARKER}
     out = [[*messages[:i], plain, *messages[i + 1 :]]]
     calls = messages[i].get("tool_calls")
     if calls:

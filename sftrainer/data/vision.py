@@ -1,0 +1,205 @@
+"""Vision-language rows -> tokens: a conversation rendered with its images' tokens, the loss exactly on
+the assistant text, never on an image token (``sftrainer.data.vision_prepare`` runs it over a data set).
+
+One row goes through the text pipeline's own steps, with the images put in between:
+
+1. ``images.split_images``: the row's images (``ImageRef``) and its text with a sentinel where each
+   goes; ``formats.normalise_row`` reads roles, system, tools as for any row; ``images.with_parts``
+   gives the messages typed parts, ``{"type": "image"}`` at each sentinel.
+2. ``ExampleTokenizer.render`` (the text pipeline's): the chat template renders the conversation,
+   each image as the processor's placeholder (``<image>``, ``<start_of_image>``), and every trained
+   assistant turn is located in it as for text.
+3. The processor says what each placeholder expands to for its image (``return_text_replacement_offsets``:
+   576 ``<image>`` tokens, tiles with row / column tokens, ...); the placeholders are replaced by
+   that text and ``ExampleTokenizer.encode`` tokenizes the whole text as the processor would, so the
+   ids are the processor's. Then every image token (the expansion's special tokens) gets
+   ``IGNORE_INDEX``, the number of image tokens is checked against what the processor expects, and a
+   row that ``max_length`` would cut inside an image is refused (None: the model would get fewer image
+   tokens than image features).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+from sftrainer.constants import IGNORE_INDEX
+from sftrainer.data.formats import ChatExample
+from sftrainer.data.images import with_parts
+from sftrainer.data.tokenize import ExampleTokenizer, Segment, Tokenized
+from sftrainer.errors import ConfigError, RowError
+
+
+def placeholder(processor: Any) -> str:
+    """The text the processor expands into an image's tokens (``<image>``, Gemma 3's ``<start_of_image>``)."""
+    token = getattr(processor, "image_token", None)
+    if not isinstance(token, str) or not token:
+        raise ConfigError(
+            f"{type(processor).__name__} has no image_token: sftrainer cannot tell where its images go"
+        )
+    return token
+
+
+def feature_token_ids(processor: Any) -> frozenset[int]:
+    """Ids of the tokens the model replaces by image features (repeated once per feature)."""
+    ids = {i for i in getattr(processor, "image_token_ids", None) or [] if isinstance(i, int)}
+    if not ids:
+        ids = {processor.tokenizer.convert_tokens_to_ids(placeholder(processor))}
+    return frozenset(ids)
+
+
+class VisionTokenizer:
+    """Tokenizes vision-language examples for one processor and settings; picklable (``num_proc``)."""
+
+    def __init__(
+        self,
+        processor: Any,
+        max_length: int | None = None,
+        train_on: str = "response",
+        template_kwargs: dict[str, Any] | None = None,
+        truncation_mode: str = "keep_start",
+    ):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        # Truncation is done here (never inside an image), so the text tokenizer keeps whole rows.
+        self.text = ExampleTokenizer(self.tokenizer, None, train_on, template_kwargs)
+        self.max_length = max_length
+        self.truncation_mode = truncation_mode
+        self.placeholder = placeholder(processor)
+        self.feature_ids = feature_token_ids(processor)
+        self._expansions: dict[str, tuple[frozenset[int], int]] = {}
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.all_special_ids) | frozenset(self.tokenizer.added_tokens_decoder)
+
+    def render(self, example: Any, n_images: int) -> tuple[list[Segment], int]:
+        """Segments (as ``ExampleTokenizer.render``) of an example holding ``n_images`` image places."""
+        if isinstance(example, ChatExample):
+            example = with_parts(example)
+        elif n_images:
+            raise RowError(
+                "images",
+                "images go into a conversation rendered by the chat template, and this row is rendered as "
+                "raw text: give it as messages (or set pair_template='chat' for prompt/completion rows)",
+            )
+        segments, rewritten = self.text.render(example)
+        found = sum(text.count(self.placeholder) for text, _ in segments)
+        if found != n_images:
+            why = (
+                "the template does not render image parts (use the processor's chat template)"
+                if found < n_images
+                else f"the text itself contains {self.placeholder!r}"
+            )
+            raise RowError(
+                "messages",
+                f"the chat template renders {found} image placeholder(s) {self.placeholder!r} for the row's "
+                f"{n_images} image(s): {why}",
+            )
+        return segments, rewritten
+
+    def expansions(self, images: Sequence[Sequence[Any]]) -> list[list[str]]:
+        """For each row's PIL images, the text each image's placeholder expands to (the processor's)."""
+        rows = [k for k, row in enumerate(images) if row]
+        out: list[list[str]] = [[] for _ in images]
+        if not rows:
+            return out
+        result = self.processor(
+            text=[self.placeholder * len(images[k]) for k in rows],
+            images=[list(images[k]) for k in rows],
+            return_text_replacement_offsets=True,
+            add_special_tokens=False,
+        )
+        offsets = result.get("text_replacement_offsets")
+        if offsets is None:
+            raise ConfigError(
+                f"{type(self.processor).__name__} does not report how it expands image placeholders "
+                "(return_text_replacement_offsets, transformers >= 5.x processors); it cannot be used here"
+            )
+        for k, found in zip(rows, offsets):
+            out[k] = [item["replacement"] for item in found if item.get("type") == "image"]
+        return out
+
+    def expansion_ids(self, text: str) -> tuple[frozenset[int], int]:
+        """(the special tokens of an image's expansion, how many image-feature tokens it holds)."""
+        if text not in self._expansions:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            specials = frozenset(i for i in ids if i in self.special_ids or i in self.feature_ids)
+            self._expansions[text] = (specials, sum(i in self.feature_ids for i in ids))
+        return self._expansions[text]
+
+    def encode(
+        self, rows: Sequence[tuple[Any, list[Segment], list[str]]]
+    ) -> list[Tokenized | RowError | None]:
+        """Tokenize rendered rows with their images' expansions. Per row: the tokens, None when
+        ``max_length`` would cut inside an image, or the ``RowError`` of a row whose image tokens the
+        tokenizer did not keep apart."""
+        expanded = [(example, _expand(segments, self.placeholder, reps)) for example, segments, reps in rows]
+        out: list[Tokenized | RowError | None] = []
+        for (_, _, reps), tokenized in zip(rows, self.text.encode(expanded)):
+            image_ids: set[int] = set()
+            want = 0
+            for rep in reps:
+                specials, features = self.expansion_ids(rep)
+                image_ids |= specials
+                want += features
+            ids = tokenized.input_ids
+            got = sum(i in self.feature_ids for i in ids)
+            if got != want:
+                out.append(
+                    RowError(
+                        "messages",
+                        f"the row tokenizes to {got} image tokens where its images need {want} (does its "
+                        "text contain the image token itself?)",
+                    )
+                )
+                continue
+            labels = [IGNORE_INDEX if i in image_ids else label for i, label in zip(ids, tokenized.labels)]
+            out.append(self._fit(ids, labels, image_ids))
+        return out
+
+    def _fit(self, ids: list[int], labels: list[int], image_ids: set[int]) -> Tokenized | None:
+        """Truncate to max_length, or None when the cut would fall inside (or before) an image."""
+        n = self.max_length
+        if n is None or len(ids) <= n:
+            return Tokenized(ids, labels, False)
+        at = [k for k, i in enumerate(ids) if i in image_ids]
+        if self.truncation_mode == "keep_end":
+            start = len(ids) - n
+            return None if at and at[0] < start else Tokenized(ids[start:], labels[start:], True)
+        return None if at and at[-1] >= n else Tokenized(ids[:n], labels[:n], True)
+
+
+def _expand(segments: list[Segment], placeholder: str, replacements: list[str]) -> list[Segment]:
+    """Segments with the k-th placeholder replaced by the k-th image's expansion."""
+    reps = iter(replacements)
+    return [(expand_placeholders(text, placeholder, reps), trained) for text, trained in segments]
+
+
+def expand_placeholders(text: str, placeholder: str, replacements: Any) -> str:
+    """``text`` with each ``placeholder`` replaced by the next of ``replacements`` (an iterable)."""
+    reps = iter(replacements)
+    pieces = text.split(placeholder)
+    return pieces[0] + "".join(next(reps) + piece for piece in pieces[1:])
+
+
+class CollapsedImages:
+    """A processor's ``decode`` that writes each run of image tokens once, as ``<image>×576``: what
+    ``sftrainer data`` and the run report show of a row (not 576 placeholders)."""
+
+    def __init__(self, processor: Any):
+        self.tokenizer = processor.tokenizer
+        self.feature_ids = feature_token_ids(processor)
+
+    def decode(self, ids: Sequence[int], **kwargs: Any) -> str:
+        out, start = [], 0
+        ids = list(ids)
+        for k in range(1, len(ids) + 1):
+            if k == len(ids) or (ids[k] in self.feature_ids) != (ids[start] in self.feature_ids):
+                if ids[start] in self.feature_ids:
+                    out.append(f"{self.tokenizer.convert_ids_to_tokens(ids[start])}×{k - start}")
+                else:
+                    out.append(self.tokenizer.decode(ids[start:k], **kwargs))
+                start = k
+        return "".join(out)
