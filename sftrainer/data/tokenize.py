@@ -292,7 +292,7 @@ class ExampleTokenizer:
             return None
         markers = {i: f"{MARKER[:-1]}{k}{MARKER[-1]}" for k, i in enumerate(turns)}
         marked = [
-            {"role": "assistant", "content": markers[j]} if j in markers else m
+            {"role": "assistant", "content": _marker_content(m, markers[j])} if j in markers else m
             for j, m in enumerate(example.messages)
         ]
         try:
@@ -557,9 +557,7 @@ def _marked_conversations(messages: list[dict[str, Any]], i: int) -> list[list[d
     templates that refuse a tool result with no call before it, a turn that keeps its calls with
     marked arguments.
     """
-    # Typed content parts ([{"type": "text", ...}], vision-language templates) get the marker as one.
-    typed = isinstance(messages[i].get("content"), list)
-    plain = {"role": "assistant", "content": [{"type": "text", "text": MARKER}] if typed else MARKER}
+    plain = {"role": "assistant", "content": _marker_content(messages[i], MARKER)}
     out = [[*messages[:i], plain, *messages[i + 1 :]]]
     calls = messages[i].get("tool_calls")
     if calls:
@@ -571,6 +569,12 @@ def _marked_conversations(messages: list[dict[str, Any]], i: int) -> list[list[d
         ]
         out.append([*messages[:i], {"role": "assistant", "tool_calls": marked_calls}, *messages[i + 1 :]])
     return out
+
+
+def _marker_content(message: dict[str, Any], marker: str) -> str | list[dict[str, str]]:
+    """A marker as the content of ``message``: one text part where its content is a list of typed
+    parts (vision-language templates iterate over parts), the plain string otherwise."""
+    return [{"type": "text", "text": marker}] if isinstance(message.get("content"), list) else marker
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -14,9 +14,11 @@ from tiny_vlms import FAMILIES, build_processor, image, png_bytes
 from transformers import AutoProcessor
 
 from sftrainer.constants import IGNORE_INDEX
-from sftrainer.data.images import SENTINEL, image_ref, lift_images, load_image, split_images
+from sftrainer.data.formats import ChatExample, normalise_messages
+from sftrainer.data.images import SENTINEL, image_ref, lift_images, load_image, split_images, with_parts
 from sftrainer.data.load import load
 from sftrainer.data.prepare import DataSettings
+from sftrainer.data.tokenize import ExampleTokenizer
 from sftrainer.data.vision import CollapsedImages, feature_token_ids
 from sftrainer.data.vision_collate import VisionCollator
 from sftrainer.data.vision_prepare import pack_with_images, prepare_vision
@@ -218,6 +220,26 @@ def test_loss_is_exactly_on_the_assistant_text_never_on_an_image_token(processor
             processor.tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "<start_of_image>")
         }
     assert [len(r) for r in ds["images"]] == [1, 2]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_turns_are_found_from_one_marked_rendering_of_typed_parts(processors, family):
+    """Several trained turns are located from one rendering with a marker per turn; the markers are
+    text parts (these templates render a plain-string content as nothing, or fail on it), and the
+    spans are the ones that rendering each turn on its own finds."""
+
+    class TurnByTurn(ExampleTokenizer):
+        def _diff_turns_at_once(self, example, full, turns):
+            return None
+
+    tokenizer = processors[family].tokenizer
+    turns = [(f"{SENTINEL}What is in the picture?", "A red square."), ("And?", "Red."), ("Sure?", "Yes.")]
+    messages = [{"role": r, "content": c} for q, a in turns for r, c in (("user", q), ("assistant", a))]
+    example = with_parts(ChatExample(normalise_messages(messages, "messages")))
+    fast = ExampleTokenizer(tokenizer)
+    full = fast._render(example, example.messages, False)
+    assert fast._diff_turns_at_once(example, full, [1, 3, 5]) is not None
+    assert fast.render(example) == TurnByTurn(tokenizer).render(example)
 
 
 @pytest.mark.parametrize("family", ["idefics3", "gemma3"])
