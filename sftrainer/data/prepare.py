@@ -327,7 +327,7 @@ def prepare(
     if isinstance(dataset, IterableDataset):
         return _prepare_iterable(dataset, fn, columns, stats), stats
 
-    fingerprint = _fingerprint(dataset, fn, columns)
+    fingerprint = cache_key(dataset, settings, [fn.encoder, fn.fmt, fn.formatting_func], columns)
     num_proc = settings.num_proc if settings.num_proc is not None else auto_num_proc(len(dataset))
     if settings.num_proc is None and fingerprint is None:
         num_proc = 1  # what cannot be pickled (a formatting_func) cannot be sent to other processes
@@ -413,17 +413,17 @@ def _code_version() -> str:
     return digest.hexdigest()
 
 
-def _fingerprint(dataset: Dataset, fn: Any, columns: list[str]) -> str | None:
-    """The prepared data set's cache key: the data, the tokenizing function (settings, tokenizer,
-    template) and the code that prepares it. None (datasets decides) if ``fn`` cannot be hashed."""
+def cache_key(dataset: Dataset, settings: DataSettings, parts: list[Any], columns: list[str]) -> str | None:
+    """A prepared data set's cache key: the data, the settings, what else decides the rows (``parts``:
+    the tokenizer / processor and template, the format, a formatting_func) and the code that prepares
+    them. None (datasets decides) if a part cannot be hashed (an unpicklable formatting_func)."""
     from datasets.fingerprint import Hasher
 
     # How many processes prepare it, and whether a cached copy may be used, do not change the rows.
-    settings = dataclasses.replace(fn.settings, num_proc=None, overwrite_cache=False)
+    settings = dataclasses.replace(settings, num_proc=None, overwrite_cache=False)
     try:
-        key = [fn.encoder, fn.fmt, settings, fn.formatting_func]
-        return Hasher.hash([dataset._fingerprint, key, columns, _code_version()])
-    except Exception:  # an unpicklable formatting_func: datasets then uses a random fingerprint
+        return Hasher.hash([dataset._fingerprint, settings, parts, columns, _code_version()])
+    except Exception:
         return None
 
 

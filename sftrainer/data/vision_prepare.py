@@ -12,7 +12,6 @@ are dropped and counted (``VisionPrepareStats.dropped_image_cut``).
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -34,7 +33,15 @@ from sftrainer.data.formats import (
 )
 from sftrainer.data.images import ImageRef, count_images, image_column, load_image, split_images
 from sftrainer.data.load import guard_stream
-from sftrainer.data.prepare import EMPTY, MAX_LISTED_PROBLEMS, OK, TRUNCATED, DataSettings, PrepareStats
+from sftrainer.data.prepare import (
+    EMPTY,
+    MAX_LISTED_PROBLEMS,
+    OK,
+    TRUNCATED,
+    DataSettings,
+    PrepareStats,
+    cache_key,
+)
 from sftrainer.data.tokenize import Segment
 from sftrainer.data.vision import VisionTokenizer
 from sftrainer.errors import ConfigError, DataError, RowError
@@ -241,8 +248,11 @@ def prepare_vision(
         with_indices=True,
         remove_columns=columns,
         num_proc=settings.num_proc,
+        load_from_cache_file=False if settings.overwrite_cache else None,  # None: datasets' setting
         desc=f"Tokenizing {name}",
-        new_fingerprint=_fingerprint(dataset, fn, columns),
+        new_fingerprint=cache_key(
+            dataset, settings, [fn.encoder, fn.fmt, fn.formatting_func, fn.column, fn.image_root], columns
+        ),
     )
     issues = mapped["_issue"]
     counts = Counter(i if i in (OK, TRUNCATED, EMPTY, IMAGE_CUT) else "invalid" for i in issues)
@@ -305,29 +315,6 @@ def _undecoded(dataset: Dataset | IterableDataset, column: str | None) -> Datase
 
     new = undecoded(feature)
     return dataset if new == feature else dataset.cast_column(column, new)
-
-
-@functools.cache
-def _code_version() -> str:
-    """A hash of sftrainer's data code (datasets fingerprints a map by the function object only)."""
-    import hashlib
-    from pathlib import Path
-
-    from sftrainer import __version__
-
-    digest = hashlib.sha256(__version__.encode())
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def _fingerprint(dataset: Dataset, fn: Any, columns: list[str]) -> str | None:
-    from datasets.fingerprint import Hasher
-
-    try:
-        return Hasher.hash([dataset._fingerprint, fn, columns, _code_version()])
-    except Exception:  # an unpicklable formatting_func or processor: datasets uses a random fingerprint
-        return None
 
 
 def pack_with_images(dataset: Dataset, max_length: int, strategy: str = "bfd") -> tuple[Dataset, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from tiny_vlms import FAMILIES, build_processor, image, png_bytes
 from transformers import AutoProcessor
 
 from sftrainer.constants import IGNORE_INDEX
+from sftrainer.data import vision_prepare
 from sftrainer.data.formats import ChatExample, normalise_messages
 from sftrainer.data.images import SENTINEL, image_ref, lift_images, load_image, split_images, with_parts
 from sftrainer.data.load import load
@@ -386,3 +388,35 @@ def test_a_processor_without_any_chat_template_gets_a_default_that_renders_image
     assert _trained(prepared, ds[0]) == "A red square.</s>Red, of course.</s>"
     shown = CollapsedImages(prepared).decode(ds[0]["input_ids"])  # as sftrainer data shows it
     assert shown.startswith("<s>### User:\n<image>×16What is in the picture?\n\n### Assistant:\n")
+
+
+# ---- the prepared-data cache -------------------------------------------------------------------
+
+
+def test_a_second_preparation_reads_the_cache_and_overwrite_cache_prepares_again(
+    processors, pictures, tmp_path, monkeypatch
+):
+    """As for text rows (tests/data/test_cache.py): the key leaves out the number of processes, and
+    ``overwrite_cache`` is not ignored for image rows."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "rows.jsonl"
+    rows = [{"messages": _chat({"type": "image", "image": str(pictures["red"])})} for _ in range(6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls = []
+    original = vision_prepare._VisionBatch.__call__
+    monkeypatch.setattr(
+        vision_prepare._VisionBatch,
+        "__call__",
+        lambda self, b, i: calls.append(len(i)) or original(self, b, i),
+    )
+
+    def run(**settings):
+        data = load(str(path), "train data")
+        return prepare_vision(data, processors["llava"], DataSettings(max_length=1024, **settings))[0]
+
+    first = run()
+    assert sum(calls) == 6
+    calls.clear()
+    assert run(num_proc=1).to_list() == first.to_list() and calls == []
+    forced = run(overwrite_cache=True)
+    assert sum(calls) == 6 and forced.to_list() == first.to_list()
