@@ -276,14 +276,14 @@ def prepare(
         raise ConfigError("; ".join(problems))
     if isinstance(dataset, IterableDataset):
         dataset = guard_stream(dataset, name)
-    columns = _column_names(dataset, name)
+    columns = column_names(dataset, name)
     if settings.columns:
         dataset = dataset.rename_columns(rename_columns(columns, settings.columns, name))
-        columns = _column_names(dataset, name)
+        columns = column_names(dataset, name)
     elif formatting_func is None and settings.text_field is None and implied_columns(columns):
         mapping = implied_columns(columns)
         dataset = dataset.rename_columns(mapping)
-        columns = _column_names(dataset, name)
+        columns = column_names(dataset, name)
         logger.info(
             "%s: columns %s read as %s (set data.columns to map them otherwise)",
             name,
@@ -359,16 +359,7 @@ def prepare(
     invalid_mask = pc.invert(pc.or_(usable, pc.equal(issues, EMPTY)))
     invalid = pc.filter(issues, invalid_mask).to_pylist()
     if invalid and not settings.skip_invalid_rows:
-        listed = "\n".join(f"  {p}" for p in invalid[:MAX_LISTED_PROBLEMS])
-        more = (
-            f"\n  ... and {len(invalid) - MAX_LISTED_PROBLEMS} more"
-            if len(invalid) > MAX_LISTED_PROBLEMS
-            else ""
-        )
-        raise DataError(
-            f"{name}: {len(invalid)} of {len(issues)} rows cannot be used ({fmt_name} format):\n{listed}{more}\n"
-            "Fix these rows, or set skip_invalid_rows=true to drop them (they are counted)."
-        )
+        raise invalid_rows_error(name, invalid, len(issues), f"{fmt_name} format")
     stats.dropped_invalid = len(invalid)
     kept = np.flatnonzero(usable.to_numpy(zero_copy_only=False))
     if kept.size == 0:
@@ -386,6 +377,19 @@ def prepare(
     if stats.rewritten_warning():
         logger.warning(stats.rewritten_warning())
     return mapped, stats
+
+
+def invalid_rows_error(name: str, invalid: list[str], rows: int, described: str) -> DataError:
+    """The error for rows that cannot be used: how many, the first few problems (row, field, what),
+    and what to do."""
+    listed = "\n".join(f"  {p}" for p in invalid[:MAX_LISTED_PROBLEMS])
+    more = (
+        f"\n  ... and {len(invalid) - MAX_LISTED_PROBLEMS} more" if len(invalid) > MAX_LISTED_PROBLEMS else ""
+    )
+    return DataError(
+        f"{name}: {len(invalid)} of {rows} rows cannot be used ({described}):\n{listed}{more}\n"
+        "Fix these rows, or set skip_invalid_rows=true to drop them (they are counted)."
+    )
 
 
 def auto_num_proc(rows: int) -> int:
@@ -460,7 +464,8 @@ def _prepare_iterable(
     return mapped.remove_columns(["_issue", "_rewritten", "_same_role"])
 
 
-def _column_names(dataset: Dataset | IterableDataset, name: str) -> list[str]:
+def column_names(dataset: Dataset | IterableDataset, name: str) -> list[str]:
+    """The data set's columns; a DataError naming it when it has no rows."""
     if isinstance(dataset, Dataset) and len(dataset) == 0:
         raise DataError(f"{name}: the data set has no rows")
     if dataset.column_names is not None:

@@ -35,12 +35,13 @@ from sftrainer.data.images import ImageRef, count_images, image_column, load_ima
 from sftrainer.data.load import guard_stream
 from sftrainer.data.prepare import (
     EMPTY,
-    MAX_LISTED_PROBLEMS,
     OK,
     TRUNCATED,
     DataSettings,
     PrepareStats,
     cache_key,
+    column_names,
+    invalid_rows_error,
 )
 from sftrainer.data.tokenize import Segment
 from sftrainer.data.vision import VisionTokenizer
@@ -194,7 +195,7 @@ def prepare_vision(
         raise ConfigError("; ".join(problems))
     if isinstance(dataset, IterableDataset):
         dataset = guard_stream(dataset, name)
-    columns = _columns(dataset, name)
+    columns = column_names(dataset, name)
     renames = dict(settings.columns) if settings.columns else {}
     if renames:
         renames = rename_columns(columns, renames, name)
@@ -202,7 +203,7 @@ def prepare_vision(
         renames = implied_columns([c for c in columns if c not in IMAGE_COLUMNS])
     if renames:
         dataset = dataset.rename_columns(renames)
-        columns = _columns(dataset, name)
+        columns = column_names(dataset, name)
     column = image_column(columns)
     dataset = _undecoded(dataset, column)
     data_columns = [c for c in columns if c not in IMAGE_COLUMNS]
@@ -258,16 +259,7 @@ def prepare_vision(
     counts = Counter(i if i in (OK, TRUNCATED, EMPTY, IMAGE_CUT) else "invalid" for i in issues)
     invalid = [i for i in issues if i not in (OK, TRUNCATED, EMPTY, IMAGE_CUT)]
     if invalid and not settings.skip_invalid_rows:
-        listed = "\n".join(f"  {p}" for p in invalid[:MAX_LISTED_PROBLEMS])
-        more = (
-            f"\n  ... and {len(invalid) - MAX_LISTED_PROBLEMS} more"
-            if len(invalid) > MAX_LISTED_PROBLEMS
-            else ""
-        )
-        raise DataError(
-            f"{name}: {len(invalid)} of {len(issues)} rows cannot be used ({fmt_name} format, images):\n"
-            f"{listed}{more}\nFix these rows, or set skip_invalid_rows=true to drop them (they are counted)."
-        )
+        raise invalid_rows_error(name, invalid, len(issues), f"{fmt_name} format, images")
     stats.rows, stats.truncated = len(issues), counts[TRUNCATED]
     stats.dropped_empty, stats.dropped_image_cut = counts[EMPTY], counts[IMAGE_CUT]
     stats.dropped_invalid = len(invalid)
@@ -283,17 +275,6 @@ def prepare_vision(
     if stats.rewritten_warning():
         logger.warning(stats.rewritten_warning())
     return mapped.remove_columns(temporary), stats
-
-
-def _columns(dataset: Dataset | IterableDataset, name: str) -> list[str]:
-    if isinstance(dataset, Dataset) and len(dataset) == 0:
-        raise DataError(f"{name}: the data set has no rows")
-    if dataset.column_names is not None:
-        return list(dataset.column_names)
-    first = next(iter(dataset), None)
-    if first is None:
-        raise DataError(f"{name}: the data set has no rows")
-    return list(first)
 
 
 def _undecoded(dataset: Dataset | IterableDataset, column: str | None) -> Dataset | IterableDataset:
