@@ -54,8 +54,7 @@ def model_dir() -> Path:
 
 def build_processor() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlavaProcessor, PreTrainedTokenizerFast
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -74,6 +73,15 @@ def build_processor() -> Any:
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         additional_special_tokens=["<image>"],
     )  # fmt: skip
+    return llava_processor(tokenizer)
+
+
+def llava_processor(tokenizer: Any) -> Any:
+    """A LLaVA-1.5 processor for ``tokenizer``: CLIP's PIL image processor at ``IMAGE_SIZE`` pixels,
+    ``PATCH``-pixel patches, and LLaVA-1.5's chat template."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
     images = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )

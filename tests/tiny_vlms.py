@@ -23,7 +23,6 @@ from sftrainer import builtin_vlm
 HERE = Path(__file__).parent
 FAMILIES = ("llava", "idefics3", "gemma3")
 
-LLAVA_TEMPLATE = builtin_vlm.CHAT_TEMPLATE  # llava-hf/llava-1.5-7b-hf's layout
 SMOLVLM_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
     "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
@@ -56,7 +55,7 @@ TOKENS = {  # bos, eos, pad
     "idefics3": ("<|im_start|>", "<end_of_utterance>", "<pad>"),
     "gemma3": ("<bos>", "<eos>", "<pad>"),
 }
-IMAGE_SIZE, PATCH = 32, 8  # 4 x 4 patches per image
+IMAGE_SIZE, PATCH = builtin_vlm.IMAGE_SIZE, builtin_vlm.PATCH  # 4 x 4 patches per image
 TEXT = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -121,21 +120,8 @@ def build_tokenizer(family: str) -> Any:
 
 def build_processor(family: str, tokenizer: Any = None) -> Any:
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(family)
-    if family == "llava":
-        from transformers import LlavaProcessor
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-        images = CLIPImageProcessorPil(
-            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-        )
-        return LlavaProcessor(
-            images,
-            tokenizer,
-            patch_size=PATCH,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,  # CLIP's CLS, dropped by the "default" strategy
-            chat_template=LLAVA_TEMPLATE,
-        )
+    if family == "llava":  # the built-in demo's processor, for this tokenizer
+        return builtin_vlm.llava_processor(tokenizer)
     if family == "idefics3":
         from transformers import Idefics3Processor
         from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
