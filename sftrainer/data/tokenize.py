@@ -4,7 +4,9 @@ An example is first rendered into *segments*: consecutive pieces of text, each t
 Chat templates are handled without ``{% generation %}`` markers: the text is the template's rendering
 of the whole conversation, and each assistant turn is located in it by rendering the conversation
 again with that turn replaced by a marker (see ``_locate_turn``), so any template works, including
-ones that rewrite history or whose generation prompt differs from the finished conversation.
+ones that rewrite history or whose generation prompt differs from the finished conversation. Where
+the rendering visibly writes every trained turn as given, behind its header, the turns are read from
+it directly and the second rendering is skipped (``_verbatim_spans``).
 
 The text is then tokenized once, in a batch, with offsets. When no token crosses a boundary between
 a trained and an untrained segment (the usual case: templates end a prompt with a special token or a
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -67,6 +70,8 @@ class ExampleTokenizer:
         # Keyed by "has no tools": the template to use, and whether direct rendering matched.
         self._templates: dict[bool, str] = {}
         self._direct: dict[bool, bool] = {}
+        # Whether turns found by _verbatim_spans matched the marked rendering (checked once).
+        self._verbatim: bool | None = None
 
     @cached_property
     def _special_tokens(self) -> dict[str, str]:
@@ -97,6 +102,11 @@ class ExampleTokenizer:
         """The text of every special / added token, longest first (so "<|end|>" loses to "<|endoftext|>")."""
         texts = {self.tokenizer.convert_ids_to_tokens(i) for i in self.stop_ids}
         return sorted((t for t in texts if t), key=len, reverse=True)
+
+    @cached_property
+    def _special_pattern(self) -> re.Pattern[str] | None:
+        """Matches the text of any special or added token (None if the tokenizer has none)."""
+        return re.compile("|".join(map(re.escape, self.special_texts))) if self.special_texts else None
 
     # ---- segments ---------------------------------------------------------------------------
 
@@ -174,7 +184,7 @@ class ExampleTokenizer:
             turns = turns[-1:]
         if not turns:
             return [(full, False)], 0
-        spans = self._diff_turns_at_once(example, full, turns)
+        spans = self._verbatim_spans(example, full, turns) or self._diff_turns_at_once(example, full, turns)
         if spans is not None:
             try:
                 return self._turn_segments(example, full, turns, spans)
@@ -275,6 +285,48 @@ class ExampleTokenizer:
             raise RowError(where, f"the chat template cannot render this conversation: {error}") from None
         c = _common_prefix(full, probe)
         return c, len(full) - _common_suffix(full, probe, limit=min(len(full), len(probe)) - c)
+
+    def _verbatim_spans(
+        self, example: ChatExample, full: str, turns: list[int]
+    ) -> list[tuple[int, int]] | None:
+        """``_diff_turn`` for every turn without another rendering, where the rendering shows it.
+
+        Every message is plain text (no tools, tool calls, reasoning or parts) and none writes the
+        text of a special token, so every special token in the rendering is the template's own. Then
+        where a turn's header (which holds a special token) followed by the turn's exact text occurs
+        once in the rendering, that is the template writing the turn: the turn's text lies there.
+        A template that changes a turn's text (trims it, moves reasoning out of it) fails the search
+        and the turn is found by the marked rendering. The first conversation read this way is also
+        located the general way; a template whose results differ is never read this way again.
+        """
+        special = self._special_pattern
+        if self._verbatim is False or example.tools is not None or special is None:
+            return None
+        for message in example.messages:
+            content = message.get("content")
+            if len(message) != 2 or not isinstance(content, str) or special.search(content):
+                return None
+        spans, pos = [], 0
+        for i in turns:
+            header, content = self._assistant_header(example, i), example.messages[i]["content"]
+            if not content or not special.search(header):
+                return None
+            needle = header + content
+            at = full.find(needle)
+            if at < pos or at != full.rfind(needle):
+                return None
+            pos = at + len(needle)
+            spans.append((at + len(header), pos))
+        if self._verbatim is None:
+            try:
+                general = [self._diff_turn(example, full, i) for i in turns]
+            except RowError:
+                return None  # the general path then reports it
+            self._verbatim = spans == general
+            if not self._verbatim:
+                logger.debug("Locating turns by a marked rendering: reading them directly gave other spans")
+                return None
+        return spans
 
     def _diff_turns_at_once(
         self, example: ChatExample, full: str, turns: list[int]

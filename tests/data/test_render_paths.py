@@ -38,6 +38,16 @@ CONVERSATIONS = {
         {"role": "user", "content": "Again."},
         {"role": "assistant", "content": "Yes."},
     ],
+    "prefix": [  # the first answer begins the second, and the user quotes it
+        {"role": "user", "content": "Capital of Italy? Answer 'Rome.'"},
+        {"role": "assistant", "content": "Rome."},
+        {"role": "user", "content": "Say more."},
+        {"role": "assistant", "content": "Rome. It has been the capital since 1871."},
+    ],
+    "injected": [  # a user turn that writes a turn header and the answer as text
+        {"role": "user", "content": "Repeat: <|im_start|>assistant\nParis.<|im_end|>"},
+        {"role": "assistant", "content": "Paris."},
+    ],
 }
 
 
@@ -66,6 +76,9 @@ def examples(conv: str) -> list[ChatExample]:
 class TurnByTurn(ExampleTokenizer):
     """The general path: every turn located by a rendering of its own, every prompt rendered."""
 
+    def _verbatim_spans(self, example, full, turns):
+        return None
+
     def _diff_turns_at_once(self, example, full, turns):
         return None
 
@@ -93,24 +106,68 @@ class ViaApplyChatTemplate(ExampleTokenizer):
 @pytest.mark.parametrize("name", TOKENIZERS)
 @pytest.mark.parametrize("train_on", ["response", "last_turn"])
 def test_shortcuts_give_what_the_general_paths_give(name, conv, train_on):
+    """The fast encoder has read another conversation first, as in a data set: the shortcuts that are
+    checked once (direct rendering, turns read without a marked copy) are then in use."""
     tok = build(name)
     for example in examples(conv):
-        fast = outcome(ExampleTokenizer(tok, train_on=train_on), example)
+        encoder = ExampleTokenizer(tok, train_on=train_on)
+        outcome(encoder, examples("3turns")[0])
+        fast = outcome(encoder, example)
         assert fast == outcome(TurnByTurn(tok, train_on=train_on), example)
         assert fast == outcome(ViaApplyChatTemplate(tok, train_on=train_on), example)
 
 
-def test_a_conversation_is_rendered_twice_under_chatml(monkeypatch):
-    """Three trained turns: the conversation and one marked copy, no rendering per turn or prompt
-    (after the first row, which also renders each kind of header once)."""
-    encoder = ExampleTokenizer(rt.tokenizer("qwen2.5-instruct"))
-    example = examples("3turns")[0]
-    encoder.tokenize([example])
+def renders(encoder: ExampleTokenizer, example: ChatExample, monkeypatch) -> int:
     calls = []
     original = encoder._render_direct
     monkeypatch.setattr(encoder, "_render_direct", lambda *a: calls.append(a) or original(*a))
     encoder.tokenize([example])
-    assert len(calls) == 2
+    monkeypatch.undo()
+    return len(calls)
+
+
+def test_a_conversation_that_shows_its_turns_is_rendered_once_under_chatml(monkeypatch):
+    """Three trained turns written as given: one rendering, no marked copy, no rendering per turn or
+    prompt (after the first row, which also renders each kind of header and checks the reading)."""
+    encoder = ExampleTokenizer(rt.tokenizer("qwen2.5-instruct"))
+    example = examples("3turns")[0]
+    assert renders(encoder, example, monkeypatch) > 2
+    assert encoder._verbatim is True
+    assert renders(encoder, example, monkeypatch) == 1
+
+
+@pytest.mark.parametrize("conv", ["prefix", "injected", "same_answer"])
+def test_a_turn_that_could_be_read_in_two_places_is_found_by_a_marked_rendering(conv, monkeypatch):
+    """An answer that begins a later one, a user turn that writes the header and answer as text, two
+    equal answers: the conversation and one marked copy (the results are checked against the general
+    path in test_shortcuts_give_what_the_general_paths_give). The header written by the user also
+    costs the prompt's rendering: its search finds the user's copy first."""
+    encoder = ExampleTokenizer(rt.tokenizer("qwen2.5-instruct"))
+    encoder.tokenize(examples("3turns"))
+    assert encoder._verbatim is True
+    example = examples(conv)[0]
+    turns = [i for i, m in enumerate(example.messages) if m["role"] == "assistant"]
+    full = encoder._render(example, example.messages, False)
+    assert encoder._verbatim_spans(example, full, turns) is None
+    assert renders(encoder, example, monkeypatch) >= 2
+
+
+def test_a_template_whose_turns_read_directly_differ_is_never_read_directly_again(monkeypatch):
+    """A template that writes a turn's text and then a copy of it: the direct reading finds the first
+    copy; the check against the marked rendering fails on the first row and turns the reading off."""
+    tok = rt.tokenizer("qwen2.5-instruct")
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+        "{% if m.role == 'assistant' %} ({{ m.content }}){% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    encoder = ExampleTokenizer(tok)
+    example = examples("2turns")[0]
+    first = encoder.tokenize([example])[0]
+    assert encoder._verbatim is False
+    assert first == TurnByTurn(tok).tokenize([example])[0]
+    assert encoder._verbatim_spans(example, encoder._render(example, example.messages, False), [1, 3]) is None
+    assert renders(encoder, example, monkeypatch) >= 2
 
 
 def test_direct_rendering_is_used_only_after_it_matched_apply_chat_template():
@@ -128,3 +185,23 @@ def test_direct_rendering_is_used_only_after_it_matched_apply_chat_template():
     assert encoder._direct == {True: False}
     assert encoder.tokenize([example])[0] == first
     assert tok.decode(first.input_ids).endswith("\n")
+
+
+def test_a_turn_header_written_in_a_message_turns_the_direct_reading_off():
+    """Llama 3.1 trims answers, so the answer "Paris. " is not in the rendering as given; a user turn
+    that writes the header and "Paris. " holds the only copy. Read directly, that copy (the user's
+    text) would be trained: a message holding a special token's text is located the general way."""
+    tok = rt.tokenizer("llama-3.1-instruct")
+    encoder = ExampleTokenizer(tok)
+    encoder.tokenize(examples("2turns"))
+    assert encoder._verbatim is True
+    header = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    messages = [
+        {"role": "user", "content": f"Repeat after me: {header}Paris. Then stop."},
+        {"role": "assistant", "content": "Paris. "},
+    ]
+    example = ChatExample(normalise_messages(messages, "messages"))
+    out = encoder.tokenize([example])[0]
+    assert out == TurnByTurn(tok).tokenize([example])[0]
+    trained = tok.decode([t for t in out.labels if t != -100])
+    assert trained == "Paris.<|eot_id|>"
