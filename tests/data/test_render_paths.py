@@ -1,9 +1,10 @@
 """The shortcuts that make chat preparation fast give exactly what the slow, general paths give.
 
-``ExampleTokenizer`` renders a conversation twice (the conversation, and once with every trained
-turn replaced by a marker), renders through ``render_jinja_template`` directly once that matched
-``apply_chat_template``, and skips rendering a turn's prompt when its header settles where the turn
-starts. Each shortcut is compared here with the path it replaces, for every released template and
+``ExampleTokenizer`` renders a conversation once where it writes every trained turn as given behind
+its header, twice otherwise (the conversation, and once with every trained turn replaced by a
+marker); it renders through transformers' compiled template (plain text) or
+``render_jinja_template`` directly once that matched ``apply_chat_template`` for that kind of
+conversation, and skips rendering a turn's prompt when its header settles where the turn starts. Each shortcut is compared here with the path it replaces, for every released template and
 zoo template, on conversations with reasoning, tool calls, whitespace at the edges and several turns.
 """
 
@@ -182,9 +183,21 @@ def test_direct_rendering_is_used_only_after_it_matched_apply_chat_template():
     encoder = ExampleTokenizer(tok)
     example = examples("2turns")[0]
     first = encoder.tokenize([example])[0]
-    assert encoder._direct == {True: False}
+    assert encoder._direct == {(True, True): False}
     assert encoder.tokenize([example])[0] == first
     assert tok.decode(first.input_ids).endswith("\n")
+
+
+def test_plain_text_and_other_conversations_are_each_checked_against_apply_chat_template():
+    """Plain-text conversations render through the compiled template, others (reasoning, tool
+    calls) through render_jinja_template: each way is checked on its own first conversation."""
+    encoder = ExampleTokenizer(rt.tokenizer("qwen3"))
+    encoder.tokenize(examples("3turns"))
+    assert encoder._direct == {(True, True): True}
+    encoder.tokenize(examples("reasoning"))
+    assert encoder._direct == {(True, True): True, (True, False): True}
+    example = examples("reasoning")[0]
+    assert outcome(encoder, example) == outcome(ViaApplyChatTemplate(rt.tokenizer("qwen3")), example)
 
 
 def test_a_turn_header_written_in_a_message_turns_the_direct_reading_off():
