@@ -18,6 +18,7 @@ read this way.
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -81,19 +82,23 @@ class ByteLengths:
         """Tokens in each of ``pieces`` (consecutive, joined they are ``text``), or None where that
         cannot be read from the ids: the text is changed by the normalizer, the tokens do not add
         up to its bytes, or a token crosses a boundary between two pieces."""
-        if not ids or max(ids) >= len(self.table):
+        if not ids:
             return None
         normalizer = self.backend.normalizer
         if normalizer is not None and normalizer.normalize_str(text) != text:
             return None
-        ends = np.cumsum(self.table[ids])
+        try:
+            ends = self.table[ids].cumsum()
+        except IndexError:  # an id past the table: not a token of this vocabulary
+            return None
         if int(ends[-1]) != len(text.encode("utf-8")):
             return None
-        bounds = np.cumsum([len(piece.encode("utf-8")) for piece in pieces[:-1]], dtype=np.int64)
-        at = np.searchsorted(ends, bounds)  # the token ending at or after each boundary
-        if at.size and (int(at[-1]) >= len(ends) or not np.array_equal(ends[at], bounds)):
+        bounds = list(itertools.accumulate(len(piece.encode("utf-8")) for piece in pieces[:-1]))
+        at = ends.searchsorted(bounds)  # the token ending at or after each boundary
+        if bounds and (int(at[-1]) >= len(ends) or not (ends[at] == bounds).all()):
             return None
-        return np.diff(at + 1, prepend=0, append=len(ids)).tolist()
+        cuts = [0, *(at + 1).tolist(), len(ids)]
+        return [b - a for a, b in itertools.pairwise(cuts)]
 
 
 def _pre_tokenizer_parts(spec: dict[str, Any] | None) -> list[dict[str, Any]]:

@@ -36,7 +36,7 @@ try:  # the compiled, cached template render_jinja_template renders with (privat
 except ImportError:  # pragma: no cover - another transformers
     _compiled_template = None
 
-from sftrainer.constants import IGNORE_INDEX, LOSS_MASK_COLUMNS
+from sftrainer.constants import BYTES_CHECKED_ROWS, IGNORE_INDEX, LOSS_MASK_COLUMNS
 from sftrainer.data.formats import ChatExample, Example, PairExample, TextExample
 from sftrainer.data.token_bytes import ByteLengths
 from sftrainer.errors import RowError, TemplateError
@@ -73,6 +73,7 @@ class ExampleTokenizer:
         self.train_on = train_on
         self.template_kwargs = dict(template_kwargs or {})
         self._headers: dict[tuple[Any, ...], str] = {}
+        self._opens: dict[str, frozenset[str | None]] = {}
         self._warned_null_content = False
         # The template to use, keyed by "has no tools"; whether direct rendering matched, keyed by
         # "has no tools" and "plain text" (_plain_text).
@@ -137,15 +138,16 @@ class ExampleTokenizer:
 
     def _render(self, example: ChatExample, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
         kwargs = {**self.template_kwargs, **example.template_kwargs}
-        key = (example.tools is None, _plain_text(messages, kwargs))
+        plain = _plain_text(messages, kwargs)
+        key = (example.tools is None, plain)
         if self._direct.get(key) is False:
             return self._apply_chat_template(messages, example.tools, generation_prompt, kwargs)
         if key in self._direct:
-            return self._render_direct(messages, example.tools, generation_prompt, kwargs)
+            return self._render_direct(messages, example.tools, generation_prompt, kwargs, plain)
         # First rendering of this kind: check the direct path against apply_chat_template once.
         reference = self._apply_chat_template(messages, example.tools, generation_prompt, kwargs)
         try:
-            direct = self._render_direct(messages, example.tools, generation_prompt, kwargs)
+            direct = self._render_direct(messages, example.tools, generation_prompt, kwargs, plain)
         except Exception:
             direct = None
         self._direct[key] = direct == reference
@@ -161,18 +163,24 @@ class ExampleTokenizer:
         )
 
     def _render_direct(
-        self, messages: list[dict[str, Any]], tools: Any, generation_prompt: bool, kwargs: dict[str, Any]
+        self,
+        messages: list[dict[str, Any]],
+        tools: Any,
+        generation_prompt: bool,
+        kwargs: dict[str, Any],
+        plain: bool = False,
     ) -> str:
         """What ``apply_chat_template(tokenize=False)`` renders, without its per-call overhead (about
         half the time of a rendering): the template looked up once, null keys dropped as it drops them.
-        Plain-text conversations go to transformers' compiled (sandboxed, cached) template itself,
-        which skips the copies made to turn rich objects into plain data (a further quarter).
+        Plain-text conversations (``plain``: ``_plain_text`` holds) go to transformers' compiled
+        (sandboxed, cached) template itself, which skips the copies made to turn rich objects into
+        plain data (a further quarter).
         Used only after one rendering of each kind matched ``apply_chat_template`` exactly."""
         key = tools is None
         if key not in self._templates:
             self._templates[key] = self.tokenizer.get_chat_template(None, tools)
         variables = {**self._special_tokens, **kwargs}
-        if tools is None and _compiled_template is not None and _plain_text(messages, kwargs):
+        if tools is None and _compiled_template is not None and plain:
             template = _compiled_template(self._templates[key])
             return template.render(
                 messages=messages,
@@ -266,7 +274,8 @@ class ExampleTokenizer:
         context = example.messages[:i] if i > 0 else [{"role": "user", "content": "x"}]
         # The generation prompt depends on the settings and on what precedes it (DeepSeek-R1 adds
         # none after a tool result), not on the text of the conversation: computed once per kind.
-        key = (context[-1]["role"], example.tools is None, repr(sorted(example.template_kwargs.items())))
+        variables = repr(sorted(example.template_kwargs.items())) if example.template_kwargs else ""
+        key = (context[-1]["role"], example.tools is None, variables)
         if key not in self._headers:
             self._headers[key] = self._render_header(example, context)
         return self._headers[key]
@@ -487,15 +496,27 @@ class ExampleTokenizer:
         k = e
         while k < len(full) and full[k] in " \t\n\"'}])`":
             k += 1
-        opens = {
-            self.tokenizer.bos_token,
-            next((t for t in self.special_texts if header.startswith(t)), None),
-        }
-        opens.discard(self.tokenizer.eos_token)  # Falcon, Granite: BOS and EOS are one token
+        found = self._special_pattern.match(full, k) if self._special_pattern is not None else None
+        if found is None:
+            return e
+        opens = self._opening_tokens(header)
+        if found.group() not in opens:  # the longest special token there, as in the loop below
+            return found.end()
         for token in self.special_texts:
             if token not in opens and full.startswith(token, k):
                 return k + len(token)
         return e
+
+    def _opening_tokens(self, header: str) -> frozenset[str | None]:
+        """BOS and the special token a turn header starts with: they open a turn, not close one."""
+        if header not in self._opens:
+            opens = {
+                self.tokenizer.bos_token,
+                next((t for t in self.special_texts if header.startswith(t)), None),
+            }
+            opens.discard(self.tokenizer.eos_token)  # Falcon, Granite: BOS and EOS are one token
+            self._opens[header] = frozenset(opens)
+        return self._opens[header]
 
     # ---- tokens -----------------------------------------------------------------------------
 
@@ -544,8 +565,9 @@ class ExampleTokenizer:
         self, texts: list[str], merged: list[list[Segment]]
     ) -> list[tuple[list[int], list[int]] | None]:
         """``_counts_from_offsets`` read from the ids alone (``token_bytes``) where the tokenizer
-        allows it; None for each row that must be read from offsets. The first batch is read both
-        ways: where any row differs (or none could be read), this encoder uses offsets for good."""
+        allows it; None for each row that must be read from offsets. The first rows of the first batch
+        are read both ways: where any differs (or none could be read), this encoder uses offsets for
+        good."""
         if self._byte_lengths is None or self._bytes_trusted is False:
             return [None] * len(texts)
         ids = self._byte_lengths.encode(texts)
@@ -556,11 +578,15 @@ class ExampleTokenizer:
             for text, row, segs in zip(texts, ids, merged)
         ]
         if self._bytes_trusted is None:
-            reference = self._counts_from_offsets(texts, merged)
-            self._bytes_trusted = any(found) and all(f is None or f == r for f, r in zip(found, reference))
+            n = BYTES_CHECKED_ROWS
+            reference = self._counts_from_offsets(texts[:n], merged[:n])
+            self._bytes_trusted = any(found[:n]) and all(
+                f is None or f == r for f, r in zip(found, reference)
+            )
             if not self._bytes_trusted:
                 logger.debug("Reading token counts from offsets: reading them from the ids gave others")
-            return list(reference)
+                return [*reference, *([None] * len(found[n:]))]
+            return [*reference, *found[n:]]
         return found
 
     def _tokenize_segmentwise(self, segs: list[Segment]) -> tuple[list[int], list[int]]:
