@@ -7,12 +7,14 @@ and counted, so nothing disappears silently.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
 import itertools
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -338,17 +340,18 @@ def prepare(
             name,
             num_proc,
         )
-    mapped = dataset.map(
-        fn,
-        batched=True,
-        with_indices=True,
-        remove_columns=columns,
-        num_proc=num_proc if num_proc > 1 else None,
-        features=PREPARED_FEATURES,  # typed: Arrow infers the type of a list of ints 15x slower
-        load_from_cache_file=False if settings.overwrite_cache else None,  # None: datasets' setting
-        desc=f"Tokenizing {name}",
-        new_fingerprint=fingerprint,
-    )
+    with shared_heap(num_proc):
+        mapped = dataset.map(
+            fn,
+            batched=True,
+            with_indices=True,
+            remove_columns=columns,
+            num_proc=num_proc if num_proc > 1 else None,
+            features=PREPARED_FEATURES,  # typed: Arrow infers the type of a list of ints 15x slower
+            load_from_cache_file=False if settings.overwrite_cache else None,  # None: datasets' setting
+            desc=f"Tokenizing {name}",
+            new_fingerprint=fingerprint,
+        )
     # Counted on the Arrow columns: reading a column through datasets formats it row by row.
     issues = mapped.data.column("_issue")
     counts = {k["values"]: k["counts"] for k in pc.value_counts(issues).to_pylist()}
@@ -390,6 +393,24 @@ def invalid_rows_error(name: str, invalid: list[str], rows: int, described: str)
         f"{name}: {len(invalid)} of {rows} rows cannot be used ({described}):\n{listed}{more}\n"
         "Fix these rows, or set skip_invalid_rows=true to drop them (they are counted)."
     )
+
+
+@contextlib.contextmanager
+def shared_heap(num_proc: int | None) -> Iterator[None]:
+    """While worker processes are forked and run (``num_proc`` > 1), leave the objects that exist
+    before them out of garbage collection (``gc.freeze``, what Python advises before ``fork()``).
+    Otherwise each collection in a worker walks every object it inherited (all of torch and
+    transformers), and writing to them makes the worker copy those memory pages: about a tenth of
+    the preparation time. Unfrozen afterwards; nothing is done where objects are already frozen
+    (the caller's own freeze is left as it is)."""
+    if not num_proc or num_proc <= 1 or gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def auto_num_proc(rows: int) -> int:

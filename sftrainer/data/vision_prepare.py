@@ -42,6 +42,7 @@ from sftrainer.data.prepare import (
     cache_key,
     column_names,
     invalid_rows_error,
+    shared_heap,
 )
 from sftrainer.data.tokenize import Segment
 from sftrainer.data.vision import VisionTokenizer
@@ -243,18 +244,19 @@ def prepare_vision(
         logger.info("%s: streaming (%s); drop counts are not known in advance", name, stats.format)
         return mapped.remove_columns(temporary), stats
 
-    mapped = dataset.map(
-        fn,
-        batched=True,
-        with_indices=True,
-        remove_columns=columns,
-        num_proc=settings.num_proc,
-        load_from_cache_file=False if settings.overwrite_cache else None,  # None: datasets' setting
-        desc=f"Tokenizing {name}",
-        new_fingerprint=cache_key(
-            dataset, settings, [fn.encoder, fn.fmt, fn.formatting_func, fn.column, fn.image_root], columns
-        ),
-    )
+    with shared_heap(settings.num_proc):
+        mapped = dataset.map(
+            fn,
+            batched=True,
+            with_indices=True,
+            remove_columns=columns,
+            num_proc=settings.num_proc,
+            load_from_cache_file=False if settings.overwrite_cache else None,  # None: datasets' setting
+            desc=f"Tokenizing {name}",
+            new_fingerprint=cache_key(
+                dataset, settings, [fn.encoder, fn.fmt, fn.formatting_func, fn.column, fn.image_root], columns
+            ),
+        )
     issues = mapped["_issue"]
     counts = Counter(i if i in (OK, TRUNCATED, EMPTY, IMAGE_CUT) else "invalid" for i in issues)
     invalid = [i for i in issues if i not in (OK, TRUNCATED, EMPTY, IMAGE_CUT)]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import tokenizers_zoo as zoo
 from datasets import Dataset, DatasetDict, IterableDataset
 
 from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.load import load, split_dataset_dict
-from sftrainer.data.prepare import DataSettings, prepare
+from sftrainer.data.prepare import DataSettings, prepare, shared_heap
 from sftrainer.errors import ConfigError, DataError
 
 LONG_PROMPT = "Summarise: the cat sat on the mat. " * 6
@@ -107,6 +109,31 @@ def test_num_proc_gives_identical_rows(chatml):
     assert one_stats == two_stats
     assert (one_stats.kept, one_stats.dropped_invalid, one_stats.dropped_empty) == (13, 1, 1)
     assert one_stats.truncated > 0
+    assert gc.get_freeze_count() == 0  # unfrozen once the worker processes are done
+
+
+def test_objects_are_left_out_of_garbage_collection_only_while_worker_processes_run():
+    assert gc.get_freeze_count() == 0
+    with shared_heap(2):
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    for one_process in (1, None):
+        with shared_heap(one_process):
+            assert gc.get_freeze_count() == 0
+    with pytest.raises(DataError), shared_heap(2):
+        raise DataError("a worker failed")
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_freeze_of_the_callers_own_is_left_as_it_is():
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with shared_heap(2):
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
 
 
 def test_map_is_batched_and_batch_size_does_not_matter(chatml, monkeypatch):
