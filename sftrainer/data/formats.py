@@ -258,6 +258,10 @@ def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
 
 
 def normalise_message(message: Any, where: str, role_key: str, content_key: str) -> dict[str, Any]:
+    if type(message) is dict and len(message) == 2:  # the usual message: a known role and its text
+        role, content = message.get(role_key), message.get(content_key)
+        if role in ROLES and type(content) is str and (role != "assistant" or content.strip()):
+            return {"role": role, "content": content}
     if not isinstance(message, Mapping):
         raise RowError(where, f"must be an object with '{role_key}' and '{content_key}'")
     raw_role = message.get(role_key)
