@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_data.py prepare              # 100k rows of each format, cold and cached
     .venv/bin/python bench/bench_data.py prepare --rows 20000 # quicker
     .venv/bin/python bench/bench_data.py prepare --num-proc 2 --repeat 3  # same processes, best of 3
+    .venv/bin/python bench/bench_data.py prepare --formats multi_turn --trl-masked  # TRL masks turns too
     .venv/bin/python bench/bench_data.py stream               # 100k and 1M rows streamed with packing
 
 ``prepare``: load a JSONL file + detect / format + tokenize + labels (+ pack with ``--packing``),
@@ -16,6 +17,8 @@ as each trainer does it before training, in three formats:
 - ``multi_turn``: ``messages`` with a system prompt and 1-3 user/assistant turns, one file for
   both. sftrainer trains the assistant turns only; TRL 1.16 by default trains every token (it can
   mask assistant turns only for templates with ``{% generation %}`` markers), so it does less work.
+  ``--trl-masked`` gives TRL the template with those markers and ``assistant_only_loss=True``: both
+  then train the same tokens.
 
 ``cold``: a new, empty datasets cache (``HF_DATASETS_CACHE``) and a new process; ``cached``: a second
 process on the cache the cold run left. The time is wall-clock from the file path to the prepared
@@ -128,6 +131,20 @@ def tokenizer_dir(workdir: Path) -> Path:
     return path
 
 
+def marked_template(template: str) -> str:
+    """Qwen2.5's template with ``{% generation %}`` around each plain assistant answer and its
+    end-of-turn token (what sftrainer trains), so that TRL's ``assistant_only_loss`` can mask."""
+    turn = "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    assert turn in template, "the template's plain-turn line changed"
+    marked = (
+        "{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}{% generation %}"
+        "{{- message.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}{%- else %}"
+        + turn
+        + "{%- endif %}"
+    )
+    return template.replace(turn, marked)
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -163,6 +180,9 @@ def run_prepare(trainer_name: str, fmt: str, args: argparse.Namespace) -> dict:
     if trainer_name == "trl":
         from trl import SFTConfig, SFTTrainer
 
+        if args.trl_masked and fmt == "multi_turn":  # like for like: TRL masks the assistant turns too
+            tokenizer.chat_template = marked_template(tokenizer.chat_template)
+            common["assistant_only_loss"] = True
         config = SFTConfig(**common)
         trainer = SFTTrainer(
             model=_tiny_model(tokenizer), args=config, train_dataset=tiny, processing_class=tokenizer
@@ -190,6 +210,7 @@ def run_prepare(trainer_name: str, fmt: str, args: argparse.Namespace) -> dict:
         "out_rows": len(prepared),
         "trained_tokens": trained,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "trl_masked": bool(args.trl_masked and trainer_name == "trl" and fmt == "multi_turn"),
     }
 
 
@@ -255,6 +276,11 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=1, help="cold runs per trainer and format (best shown)")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument(
+        "--trl-masked",
+        action="store_true",
+        help="multi_turn: TRL trains the assistant turns only too (assistant_only_loss, marked template)",
+    )
     parser.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=TRAINERS)
     parser.add_argument("--workdir", default="/tmp/sftrainer-bench-data")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -273,6 +299,7 @@ def main() -> None:
     tokenizer_dir(workdir)
     common = [f"--rows={args.rows}", f"--max-length={args.max_length}", f"--workdir={workdir}"]
     common += ["--packing"] * args.packing + ([f"--num-proc={args.num_proc}"] if args.num_proc else [])
+    common += ["--trl-masked"] * args.trl_masked
     results = []
     if args.suite == "prepare":
         for fmt in args.formats:
