@@ -130,16 +130,21 @@ def test_public_names_still_import_from_the_package():
 
 
 def test_bitsandbytes_kernel_notice_is_demoted_to_debug():
-    """The message bitsandbytes logs at import on AVX512-BF16 CPUs without `kernels`; other
-    warnings of that logger still show."""
+    """The messages bitsandbytes (and `kernels`, offline) log at import on AVX512-BF16 CPUs when its
+    hub kernel cannot be loaded; other warnings of those loggers still show."""
     code = (
         "import logging, sftrainer\n"
         "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
         "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s.', 'No module named kernels')\n"
         "log.warning('another warning')\n"
+        "hub = logging.getLogger('kernels._internals.hf_hub')\n"
+        "hub.warning(\"Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because \"\n"
+        "            'Hugging Face Hub is in offline mode.')\n"
+        "hub.warning(\"Skipping publisher trust check for 'me/my-kernel' because offline.\")\n"
     )
     proc = python("-c", code)
     assert "gemm_4bit" not in proc.stderr and "another warning" in proc.stderr
+    assert "quantization-bitsandbytes" not in proc.stderr and "me/my-kernel" in proc.stderr
     proc = python("-c", "import logging; logging.basicConfig(level='DEBUG')\n" + code)
     assert "DEBUG:bitsandbytes.backends.cpu.ops:Failed to load CPU gemm_4bit_forward" in proc.stderr
 
