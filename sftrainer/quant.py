@@ -196,6 +196,36 @@ def check_trainable(model: Any) -> None:
         )
 
 
+def keep_training_layout(model: Any) -> int:
+    """Keep every 4-bit layer in the layout bitsandbytes can train through. Returns the layers changed.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.48 to 0.50, ``Linear4bit.forward``) repacks a 4-bit
+    weight into an inference layout at its first forward in eval mode without gradients (the start
+    of training checks the loss that way; evaluation runs that way), and from then on runs the
+    layer through a kernel that has no backward: the gradient through the base layer to everything
+    below it is lost, and the adapters train on wrong gradients, silently. The layers here are kept
+    from repacking, and a weight already repacked (the caller evaluated the model first) is put back
+    in the standard layout, as bitsandbytes itself does before saving. Inference on this CPU after
+    training is then slower, not different."""
+    layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+        weight = layer.weight
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
+    if layers:
+        logger.info(
+            "bitsandbytes: %d 4-bit layers kept in their training layout on this CPU (AVX512-BF16): "
+            "repacked for inference at an eval-mode forward, they could not be trained through",
+            len(layers),
+        )
+    return len(layers)
+
+
 def say_once_per_message(logger_name: str) -> None:
     """Let each message of ``logger_name`` through once: bitsandbytes 0.50 logs "MatMul8bitLt: inputs
     will be cast from torch.float32 to float16" at WARNING on every 8-bit matmul

@@ -182,6 +182,7 @@ class SFTTrainer(Trainer):
             )
         model = lora.apply(model, peft_config, gradient_checkpointing=bool(args.gradient_checkpointing))
         quant.check_trainable(model)  # a 4-bit / 8-bit base trains only through an adapter
+        quant.keep_training_layout(model)  # bitsandbytes' CPU inference layout has no backward
         if sharding.is_partitioned(model):
             # ZeRO-3 partitioned the weights as they loaded (each parameter holds an empty placeholder)
             # and its optimizer keeps fp32 master copies itself under bf16 / fp16.

@@ -93,6 +93,36 @@ def test_qlora_trains_only_the_adapter_and_the_base_stays_quantized(llama_dir, t
     assert not [n for n, old in frozen.items() if not torch.equal(now[n].detach(), old)]  # unchanged
 
 
+def test_4bit_layers_keep_a_layout_they_can_be_trained_through(llama_dir, tmp_path, recwarn):
+    """On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit weight for inference at an eval-mode forward,
+    a layout with no backward. The flag it reads is set here as on such a CPU; where this CPU has
+    AVX512-BF16, the model is also evaluated first, so its weights arrive repacked."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    model = AutoModelForCausalLM.from_pretrained(
+        llama_dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True)
+    )
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    stored = [m.weight.data.clone() for m in layers]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True
+    if has_avx512bf16():
+        logits(model, [1, 5, 7])
+        assert all(m.weight.quant_state.packing_format_for_cpu for m in layers)
+    trainer = SFTTrainer(
+        model=model,
+        args=quick_args(tmp_path, max_steps=2),
+        train_dataset=ROWS,
+        peft_config=LoraConfig(**LORA),
+    )
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert all(torch.equal(m.weight.data, w) for m, w in zip(layers, stored))  # the standard layout again
+    trainer.train()  # its start runs the model in eval mode (the loss check): nothing is repacked
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert not [w for w in recwarn if "autograd kernel was not registered" in str(w.message)]
+
+
 def test_an_already_quantized_model_object_trains(llama_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(
         llama_dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
