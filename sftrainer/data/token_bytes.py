@@ -45,7 +45,8 @@ class ByteLengths:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None or not hasattr(backend, "encode_batch_fast") or not isinstance(backend.model, BPE):
             return None
-        parts = _pre_tokenizer_parts(json.loads(backend.to_str()).get("pre_tokenizer"))
+        pre_tokenizer = backend.pre_tokenizer  # its own JSON: the whole tokenizer's is megabytes
+        parts = _pre_tokenizer_parts(json.loads(pre_tokenizer.__getstate__()) if pre_tokenizer else None)
         levels = [p for p in parts if p.get("type") == "ByteLevel"]
         if (
             not levels

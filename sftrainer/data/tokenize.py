@@ -81,9 +81,13 @@ class ExampleTokenizer:
         self._direct: dict[tuple[bool, bool], bool] = {}
         # Whether turns found by _verbatim_spans matched the marked rendering (checked once).
         self._verbatim: bool | None = None
-        # Token counts read from ids (token_bytes), and whether they matched offsets (checked once).
-        self._byte_lengths = ByteLengths.of(tokenizer)
+        # Whether token counts read from ids (token_bytes) matched offsets (checked once).
         self._bytes_trusted: bool | None = None
+
+    @cached_property
+    def _byte_lengths(self) -> ByteLengths | None:
+        """Token counts read from ids, where this tokenizer allows it (built when first needed)."""
+        return ByteLengths.of(self.tokenizer)
 
     @cached_property
     def _special_tokens(self) -> dict[str, str]:
