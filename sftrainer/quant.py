@@ -199,7 +199,7 @@ def check_trainable(model: Any) -> None:
 def keep_training_layout(model: Any) -> int:
     """Keep every 4-bit layer in the layout bitsandbytes can train through. Returns the layers changed.
 
-    On a CPU with AVX512-BF16, bitsandbytes (0.48 to 0.50, ``Linear4bit.forward``) repacks a 4-bit
+    On a CPU with AVX512-BF16, bitsandbytes (0.50.2, where it was found; ``Linear4bit.forward``) repacks a 4-bit
     weight into an inference layout at its first forward in eval mode without gradients (the start
     of training checks the loss that way; evaluation runs that way), and from then on runs the
     layer through a kernel that has no backward: the gradient through the base layer to everything
