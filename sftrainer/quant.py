@@ -196,8 +196,8 @@ def check_trainable(model: Any) -> None:
         )
 
 
-def keep_training_layout(model: Any) -> int:
-    """Keep every 4-bit layer in the layout bitsandbytes can train through. Returns the layers changed.
+def keep_training_layout(model: Any) -> None:
+    """Keep every 4-bit layer in the layout bitsandbytes can train through.
 
     On a CPU with AVX512-BF16, bitsandbytes (0.50.2, where it was found; ``Linear4bit.forward``) repacks a 4-bit
     weight into an inference layout at its first forward in eval mode without gradients (the start
@@ -223,7 +223,6 @@ def keep_training_layout(model: Any) -> int:
             "repacked for inference at an eval-mode forward, they could not be trained through",
             len(layers),
         )
-    return len(layers)
 
 
 def say_once_per_message(logger_name: str) -> None:

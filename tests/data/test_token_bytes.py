@@ -187,12 +187,18 @@ def test_counts_that_differ_from_offsets_on_the_first_batch_turn_the_reading_off
     assert encoder.encode(rows) == reference
 
 
-def test_an_encoder_survives_pickling_with_its_table():
-    """dataset_num_proc sends the encoder to other processes: the table goes with it."""
+@pytest.mark.parametrize("used_first", [False, True])
+def test_an_encoder_sent_to_another_process_reads_from_ids(used_first):
+    """dataset_num_proc sends the encoder to other processes, as prepare() builds it (the table not
+    yet built: each process builds its own) or after it has encoded (the table goes with it)."""
     import pickle
 
     encoder = ExampleTokenizer(chatml())
+    if used_first:
+        encoder.encode(rendered(encoder))
+        assert "_byte_lengths" in vars(encoder)
     copy_ = pickle.loads(pickle.dumps(encoder))
     rows = rendered(copy_)
+    copy_.encode(rows)  # its first batch, checked against offsets where not checked before
     assert copy_.encode(rows) == ByOffsets(chatml()).encode(rows)
-    assert copy_._bytes_trusted is True
+    assert copy_._bytes_trusted is True and copy_._byte_lengths is not None
