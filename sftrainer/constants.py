@@ -11,6 +11,10 @@ TRUNCATION_MODES = ("keep_start", "keep_end")  # which end of an overlong row is
 # dataset_num_proc unset: one tokenizing process per this many rows, up to one per CPU core (starting
 # a process and sending it the tokenizer costs about a second, which fewer rows do not win back).
 ROWS_PER_PREPARE_PROCESS = 10_000
+# Prompt tails (the text after a prompt's last added token, e.g. an assistant header) up to this long
+# have their ids cached per encoder, at most CACHED_TAILS of them (see data/encode.py).
+CACHED_TAIL_CHARS = 256
+CACHED_TAILS = 4096
 BYTES_CHECKED_ROWS = 64  # rows of an encoder's first batch read both from ids and from offsets (token_bytes)
 STREAM_PREVIEW_ROWS = 10_000  # `sftrainer data` describes a stream by its first rows
 LOSS_TYPES = ("nll", "dft")  # see SFTConfig.loss_type

@@ -52,6 +52,8 @@ PREPARED_FEATURES = Features(
         "_issue": Value("string"),
         "_rewritten": Value("int64"),
         "_same_role": Value("bool"),
+        "_split": Value("bool"),
+        "_inexact": Value("bool"),
     }
 )
 
@@ -96,6 +98,8 @@ class PrepareStats:
     dropped_invalid: int = 0
     rewritten_turns: int = 0  # assistant turns the template renders differently in the finished conversation
     same_role_rows: int = 0  # conversations with two consecutive turns of one role, rendered as given
+    split_rows: int = 0  # rows added for turns that could not share a row with the turn before (encode.py)
+    inexact_rows: int = 0  # rows whose later prompts could not be made to match inference exactly
     streamed: bool = False  # counted as the stream is read: the rows read so far
 
     def summary(self, max_length: int | None) -> str:
@@ -112,6 +116,13 @@ class PrepareStats:
             parts.append(f"{self.dropped_empty} dropped: no trained token left (all -100{why})")
         if self.dropped_invalid:
             parts.append(f"{self.dropped_invalid} dropped as invalid (skip_invalid_rows=true)")
+        if self.split_rows:
+            parts.append(
+                f"{self.split_rows} row(s) added: a later turn's prompt tokenizes an earlier answer "
+                "differently from how it was trained (or after an added EOS), so it starts a row of its own"
+            )
+        if self.inexact_rows:
+            parts.append(f"{self.inexact_rows} row(s) with a later prompt that differs from inference")
         return ", ".join(parts)
 
     def same_role_note(self) -> str | None:
@@ -162,28 +173,36 @@ class _TokenizeBatch:
             "_issue": [],
             "_rewritten": [],
             "_same_role": [],
+            "_split": [],
+            "_inexact": [],
         }
-        rendered, slots = [], []
+        plan: list[tuple[Any, ...]] = []  # per example: ("row", Tokenized), ("error", issue), or its render
+        rendered = []
         for row, index in zip(rows, indices):
             try:
                 if self.fmt is Format.TOKENIZED:
                     use_masks = self.settings.train_on != "all"
-                    self._put(out, tokenize_pretokenized(row, self.encoder.max_length, use_masks))
+                    plan.append(("row", tokenize_pretokenized(row, self.encoder.max_length, use_masks)))
                     continue
                 examples = self._examples(row)
                 renders = [self.encoder.render(example) for example in examples]
             except RowError as err:
-                self._put(out, None, f"row {index + 1}: {err}")
+                plan.append(("error", f"row {index + 1}: {err}"))
                 continue
             same_role = any(_same_role(example) for example in examples)
             for example, (segments, rewritten) in zip(examples, renders):
-                slots.append(self._put(out, None, OK, rewritten, same_role))
+                plan.append(("rendered", len(rendered), rewritten, same_role))
                 rendered.append((example, segments))
-        for k, tokenized in zip(slots, self.encoder.encode(rendered)):
-            tokenized = self._truncate(tokenized)
-            out["input_ids"][k] = tokenized.input_ids
-            out["labels"][k] = tokenized.labels
-            out["_issue"][k] = _issue_of(tokenized)
+        encoded = self.encoder.encode(rendered)
+        for item in plan:
+            if item[0] == "row":
+                self._put(out, item[1])
+            elif item[0] == "error":
+                self._put(out, None, item[1])
+            else:  # an example's rows: more than one where its turns could not share a row
+                _, k, rewritten, same_role = item
+                for n, tokenized in enumerate(encoded[k]):
+                    self._put(out, tokenized, OK, rewritten if n == 0 else 0, same_role and n == 0, n > 0)
         return out
 
     def _examples(self, row: dict[str, Any]) -> list[Any]:
@@ -199,7 +218,7 @@ class _TokenizeBatch:
         n = self.settings.max_length
         if self.settings.truncation_mode != "keep_end" or n is None or len(tokenized.input_ids) <= n:
             return tokenized
-        return Tokenized(tokenized.input_ids[-n:], tokenized.labels[-n:], truncated=True)
+        return Tokenized(tokenized.input_ids[-n:], tokenized.labels[-n:], True, tokenized.inexact)
 
     def _example(self, row: dict[str, Any]) -> Any:
         if self.formatting_func is None:
@@ -224,15 +243,17 @@ class _TokenizeBatch:
         issue: str = OK,
         rewritten: int = 0,
         same_role: bool = False,
-    ) -> int:
-        """Append one output row; returns its index."""
+        split: bool = False,
+    ) -> None:
+        """Append one output row."""
         tokenized = self._truncate(tokenized) if tokenized is not None else None
         out["input_ids"].append(tokenized.input_ids if tokenized is not None else [])
         out["labels"].append(tokenized.labels if tokenized is not None else [])
         out["_issue"].append(_issue_of(tokenized) if tokenized is not None else issue)
         out["_rewritten"].append(rewritten)
         out["_same_role"].append(same_role)
-        return len(out["_issue"]) - 1
+        out["_split"].append(split)
+        out["_inexact"].append(tokenized is not None and tokenized.inexact)
 
 
 def _check_has_answer(example: ChatExample, fmt: Format | None) -> None:
@@ -369,7 +390,9 @@ def prepare(
         raise DataError(f"{name}: no row has any token to train on. {stats.summary(settings.max_length)}")
     stats.rewritten_turns = int(pc.sum(pc.filter(mapped.data.column("_rewritten"), usable)).as_py() or 0)
     stats.same_role_rows = int(pc.sum(pc.filter(mapped.data.column("_same_role"), usable)).as_py() or 0)
-    mapped = mapped.remove_columns(["_issue", "_rewritten", "_same_role"])
+    stats.split_rows = int(pc.sum(pc.filter(mapped.data.column("_split"), usable)).as_py() or 0)
+    stats.inexact_rows = int(pc.sum(pc.filter(mapped.data.column("_inexact"), usable)).as_py() or 0)
+    mapped = mapped.remove_columns(["_issue", "_rewritten", "_same_role", "_split", "_inexact"])
     if kept.size < stats.rows:
         mapped = mapped.select(kept)
     stats.kept = len(mapped)
@@ -470,6 +493,8 @@ def _prepare_iterable(
         stats.dropped_empty += issues.count(EMPTY)
         stats.dropped_invalid += len(bad)
         stats.kept += issues.count(OK) + issues.count(TRUNCATED)
+        stats.split_rows += sum(out["_split"])
+        stats.inexact_rows += sum(out["_inexact"])
         return out
 
     mapped = dataset.map(strict, batched=True, with_indices=True, remove_columns=columns)
@@ -482,7 +507,7 @@ def _prepare_iterable(
         stats.name,
         stats.format,
     )
-    return mapped.remove_columns(["_issue", "_rewritten", "_same_role"])
+    return mapped.remove_columns(["_issue", "_rewritten", "_same_role", "_split", "_inexact"])
 
 
 def column_names(dataset: Dataset | IterableDataset, name: str) -> list[str]:

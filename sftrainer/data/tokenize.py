@@ -8,14 +8,14 @@ ones that rewrite history or whose generation prompt differs from the finished c
 the rendering visibly writes every trained turn as given, behind its header, the turns are read from
 it directly and the second rendering is skipped (``_verbatim_spans``).
 
-The text is then tokenized once, in a batch. When no token crosses a boundary between a trained and
-an untrained segment (the usual case: templates end a prompt with a special token or a newline),
-labels come from where the tokens end, and the tokens are exactly those of tokenizing the whole
-conversation. Where the tokens end is read from the ids of a byte-level BPE tokenizer that changes
-no text (``token_bytes``: a quarter of the tokenizer's time saved), from offsets otherwise. When a token would cross a boundary (BPE merging the prompt's tail into the response),
-the row is tokenized segment by segment instead, so no prompt token is lost or merged.
+The segments are then tokenized by ``encode.SegmentEncoder``: the ids before every trained span are
+the ids inference gives that prompt, and each trained span decodes to exactly its text. A turn ends
+with the token the template closes it with (``_close_turn``: the end-of-turn token, or the token
+generation stops on, such as GLM's ``<|observation|>`` after a tool call); a turn the template does not
+close gets EOS. Text that a template writes inside the assistant's turn but that the model does not
+generate (tool results, in Gemma 4) is split out of the trained span (``_cut_at_tool_results``).
 
-Output rows (``tokenize_examples``): ``input_ids`` list[int], ``labels`` list[int] with
+Output rows (``ExampleTokenizer.tokenize``): ``input_ids`` list[int], ``labels`` list[int] with
 ``IGNORE_INDEX`` on every untrained token. ``labels`` are aligned with ``input_ids`` (not shifted).
 """
 
@@ -24,8 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -36,26 +35,12 @@ try:  # the compiled, cached template render_jinja_template renders with (privat
 except ImportError:  # pragma: no cover - another transformers
     _compiled_template = None
 
-from sftrainer.constants import BYTES_CHECKED_ROWS, IGNORE_INDEX, LOSS_MASK_COLUMNS
+from sftrainer.constants import IGNORE_INDEX, LOSS_MASK_COLUMNS
+from sftrainer.data.encode import Segment, SegmentEncoder, Tokenized
 from sftrainer.data.formats import ChatExample, Example, PairExample, TextExample
-from sftrainer.data.token_bytes import ByteLengths
 from sftrainer.errors import RowError, TemplateError
 
 logger = logging.getLogger(__name__)
-
-Segment = tuple[str, bool]  # (text, trained)
-
-
-@dataclass(frozen=True)
-class Tokenized:
-    input_ids: list[int]
-    labels: list[int]
-    truncated: bool
-
-    @property
-    def n_trained(self) -> int:
-        """Tokens that carry loss. The first label is never predicted (nothing precedes it)."""
-        return max(0, len(self.labels) - 1 - self.labels[1:].count(IGNORE_INDEX))
 
 
 class ExampleTokenizer:
@@ -67,6 +52,7 @@ class ExampleTokenizer:
         max_length: int | None = None,
         train_on: str = "response",
         template_kwargs: dict[str, Any] | None = None,
+        split_rows: bool = True,
     ):
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -81,42 +67,25 @@ class ExampleTokenizer:
         self._direct: dict[tuple[bool, bool], bool] = {}
         # Whether turns found by _verbatim_spans matched the marked rendering (checked once).
         self._verbatim: bool | None = None
-        # Whether token counts read from ids (token_bytes) matched offsets (checked once).
-        self._bytes_trusted: bool | None = None
-
-    @cached_property
-    def _byte_lengths(self) -> ByteLengths | None:
-        """Token counts read from ids, where this tokenizer allows it (built when first needed)."""
-        return ByteLengths.of(self.tokenizer)
+        # The text that closes an assistant turn, per kind of rendering (_closing).
+        self._closings: dict[tuple[bool, str], str] = {}
+        self.encoder = SegmentEncoder(tokenizer, max_length, split_rows)
 
     @cached_property
     def _special_tokens(self) -> dict[str, str]:
         return dict(self.tokenizer.special_tokens_map)
 
-    @cached_property
+    @property
     def bos_id(self) -> int | None:
         """The BOS id if this tokenizer adds one to plain text (Llama, Gemma), else None (Qwen, GPT-2)."""
-        bos = self.tokenizer.bos_token_id
-        if bos is None:
-            return None
-        ids = self.tokenizer("x", add_special_tokens=True)["input_ids"]
-        return bos if ids and ids[0] == bos else None
-
-    @cached_property
-    def eos_id(self) -> int:
-        return self.tokenizer.eos_token_id  # prepare() refuses a tokenizer without one
-
-    @cached_property
-    def stop_ids(self) -> frozenset[int]:
-        """Tokens that can end a turn: special and added tokens (``<|im_end|>``, ``<end_of_turn>``, EOS)."""
-        ids = set(self.tokenizer.all_special_ids)
-        ids.update(self.tokenizer.added_tokens_decoder)
-        return frozenset(ids)
+        return self.encoder.bos_id
 
     @cached_property
     def special_texts(self) -> list[str]:
         """The text of every special / added token, longest first (so "<|end|>" loses to "<|endoftext|>")."""
-        texts = {self.tokenizer.convert_ids_to_tokens(i) for i in self.stop_ids}
+        ids = set(self.tokenizer.all_special_ids)
+        ids.update(self.tokenizer.added_tokens_decoder)
+        texts = {self.tokenizer.convert_ids_to_tokens(i) for i in ids}
         return sorted((t for t in texts if t), key=len, reverse=True)
 
     @cached_property
@@ -135,9 +104,9 @@ class ExampleTokenizer:
         differently from what the turn holds (history rewritten by the template: reasoning dropped
         from past turns, say). Those are trained as the finished conversation shows them."""
         if isinstance(example, TextExample):
-            return [(example.text, True)], 0
+            return [Segment(example.text, True)], 0
         if isinstance(example, PairExample):
-            return [(example.prompt, self.train_on == "all"), (example.completion, True)], 0
+            return [Segment(example.prompt, self.train_on == "all"), Segment(example.completion, True)], 0
         return self._chat_segments(example)
 
     def _render(self, example: ChatExample, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
@@ -211,7 +180,9 @@ class ExampleTokenizer:
         messages = example.messages
         if self.train_on == "all":  # trailing whitespace untrained, as after every turn below
             end = len(full.rstrip())
-            return [s for s in ((full[:end], True), (full[end:], False)) if s[0]], 0
+            last = next((t for t in self.special_texts if full.endswith(t, 0, end)), None)
+            closed = last is not None and last != self.tokenizer.bos_token  # ends with its closing token
+            return [s for s in (Segment(full[:end], True, closed), Segment(full[end:], False)) if s.text], 0
         turns = [
             i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= example.first_trainable
         ]
@@ -234,12 +205,144 @@ class ExampleTokenizer:
         pos = rewritten = 0
         for k, i in enumerate(turns):
             c, e = spans[k] if spans is not None else self._diff_turn(example, full, i)
-            start, end = self._locate_turn(example, full, i, self._assistant_header(example, i), pos, c, e)
-            segments += [(full[pos:start], False), (full[start:end], True)]
-            rewritten += not _renders_whole_turn(example.messages[i], full[start:end])
+            header = self._assistant_header(example, i)
+            start, end, closed = self._locate_turn(example, full, i, header, pos, c, e)
+            text = full[start:end]
+            if _calls_tools(example.messages, i):
+                end, closed = self._end_of_call(example, full, i, header, start, end, closed)
+                text = full[start:end]
+                if k == len(turns) - 1 and i == len(example.messages) - 1:
+                    text, last_closed = self._close_last_call(example, full, i, header, start, end)
+                    closed = last_closed or (closed and text == full[start:end])
+            segments += [Segment(full[pos:start], False), Segment(text, True, closed)]
+            rewritten += not _renders_whole_turn(example.messages[i], text)
             pos = end
-        segments.append((full[pos:], False))
-        return [s for s in segments if s[0]], rewritten
+        segments.append(Segment(full[pos:], False))
+        return [s for s in segments if s.text], rewritten
+
+    def _end_of_call(
+        self, example: ChatExample, full: str, i: int, header: str, start: int, end: int, closed: bool
+    ) -> tuple[int, bool]:
+        """The end of a turn that calls tools, read from the conversation rendered to end at this
+        turn (what the model writes before any result comes), as (end, closed). Located by comparing
+        renderings alone, a call turn can run into what its results render (templates number the
+        results after the calls) or stop short of its own closing markup:
+
+        - the located span runs past that rendering (Gemma 4 writes the results inside the model's
+          turn: ``<|tool_call>...<tool_call|><|tool_response>result``): it ends there, closed by the
+          token that follows (GLM's ``<|observation|>``) or else by the token the rendering ends with
+          (``<|tool_response>``);
+        - the rendering goes on past the span (MiniMax's ``</invoke></minimax:tool_call>[e~[``): the
+          span runs through its last closing special token;
+        - the two part at a special token (Command R7B renders a generation prompt after a last
+          turn, a tool turn otherwise): the span runs through the last closing token they share."""
+        try:
+            if i == len(example.messages) - 1:
+                # The last turn: a result after it shows where the turn ends (templates render a
+                # generation prompt, or instructions, after the last turn).
+                result = {
+                    "role": "tool",
+                    "content": MARKER_CHARS[0],
+                    "tool_call_id": _call_id(example.messages[i]),
+                }
+                upto = self._render(example, [*example.messages, result], False)
+            else:
+                upto = self._render(example, example.messages[: i + 1], False)
+        except Exception:
+            return end, closed
+        shared = self._outside_special(upto, _common_prefix(upto, full))
+        if shared <= start:
+            return end, closed
+        if shared == len(upto) and start < shared <= end:
+            if shared == end:  # the located span is the whole turn: closed by its last token?
+                return end, closed or self._ends_with_closer(upto, header, example.messages[i])
+            stop, after = self._close_turn(example, full, shared, header)
+            if not after and self._ends_with_closer(upto, header, example.messages[i]):
+                return shared, True
+            return stop, after
+        ends = (
+            [m.end() for m in self._special_pattern.finditer(full, start, shared)]
+            if self._special_pattern
+            else []
+        )
+        if shared < len(upto):
+            if shared == len(full) or not ends or ends[-1] != shared:
+                return end, closed  # the conversation ends first (a last turn), or they part inside text
+            ends.pop()  # both go on, differently, after this token: it opens what comes next
+        opens = self._opening_tokens(header)
+        closes = tuple(t for t in self.special_texts if t not in opens)
+        ends = [k for k in ends if full[:k].endswith(closes)]
+        return (ends[-1], True) if ends else (end, closed)
+
+    def _close_last_call(
+        self, example: ChatExample, full: str, i: int, header: str, start: int, end: int
+    ) -> tuple[str, bool]:
+        """The trained text of a conversation's last turn when it calls tools and nothing after the
+        located span closes it:
+
+        - the call's own closing markup goes on past the span (Kimi K3's ``<|close|>message<|sep|>
+          <|end_of_msg|>``): through its last closing token, as far as the conversation renders the
+          same with a user message after it (not into instructions a template renders after the
+          last turn);
+        - the span ends with EOS or the template's closing text, maybe then whitespace (Hy3);
+        - the token that ends a call is the one the template writes once a result follows (GLM-4.x:
+          ``<|observation|>``, the token generation stops on), found by rendering a result after it;
+        - else the token the rendering ends the turn with (Gemma 4 writes ``<|tool_response>`` after
+          a call no result follows)."""
+        closes = tuple(t for t in self.special_texts if t not in self._opening_tokens(header))
+        bound = self._same_with_a_user_after(example, full)
+        ends = (
+            [m.end() for m in self._special_pattern.finditer(full, end, bound)]
+            if self._special_pattern
+            else []
+        )
+        ends = [k for k in ends if full[:k].endswith(closes)]
+        if ends:
+            return full[start : ends[-1]], True
+        trimmed = len(full[:end].rstrip())
+        for token in (self.tokenizer.eos_token, self._closing(example)):
+            if token and trimmed > start and full[:trimmed].endswith(token):
+                return full[start:trimmed], True
+        result = {"role": "tool", "content": "x", "tool_call_id": _call_id(example.messages[i])}
+        try:
+            after = self._render(example, [*example.messages, result], False)
+        except Exception:
+            after = ""
+        if after.startswith(full[:end]):
+            stop, closed = self._close_turn(example, after, end, header)
+            if closed and stop > len(full):
+                return after[start:stop], True
+        return full[start:end], self._ends_with_closer(full[:end], header, example.messages[i])
+
+    def _same_with_a_user_after(self, example: ChatExample, full: str) -> int:
+        """How far the conversation renders the same with a user message after it: all of it, or up
+        to what a template renders after the last turn (a generation prompt, instructions), the
+        token where the two part excluded (it opens what comes next)."""
+        try:
+            longer = self._render(
+                example, [*example.messages, {"role": "user", "content": MARKER_CHARS[0]}], False
+            )
+        except Exception:
+            return 0
+        shared = self._outside_special(full, _common_prefix(full, longer))
+        if shared < len(full) and self._special_pattern is not None:
+            last = [m for m in self._special_pattern.finditer(full, 0, shared) if m.end() == shared]
+            if last:
+                shared = last[-1].start()
+        return shared
+
+    def _ends_with_closer(self, text: str, header: str, message: dict[str, Any]) -> bool:
+        """Whether ``text`` ends with a special token the template wrote to end a turn: not BOS, not
+        the token that opens a turn header, and not the end of the message's own text."""
+        if self._special_pattern is None:
+            return False
+        token = next((t for t in self.special_texts if text.endswith(t)), None)
+        content = message.get("content")
+        return (
+            token is not None
+            and token not in self._opening_tokens(header)
+            and not (isinstance(content, str) and content.rstrip().endswith(token))
+        )
 
     def _render_without_null_content(self, example: ChatExample, err: Exception) -> tuple[ChatExample, str]:
         """Templates without tool support read every message's content, and transformers drops a
@@ -311,7 +414,7 @@ class ExampleTokenizer:
         """
         where = f"messages[{i}]"
         probe = None
-        for marked in _marked_conversations(example.messages, i):
+        for marked in _marked_conversations(example.messages, i, _marker(example)):
             try:
                 probe = self._render(example, marked, False)
                 break
@@ -320,7 +423,10 @@ class ExampleTokenizer:
         if probe is None:
             raise RowError(where, f"the chat template cannot render this conversation: {error}") from None
         c = _common_prefix(full, probe)
-        return c, len(full) - _common_suffix(full, probe, limit=min(len(full), len(probe)) - c)
+        e = len(full) - _common_suffix(full, probe, limit=min(len(full), len(probe)) - c)
+        # Renderings that part or meet inside a special token (<|eom_id|> vs <|eot_id|> after the
+        # marker) part at its start and meet at its end: a token is never split.
+        return self._outside_special(full, c), self._past_special(full, e)
 
     def _verbatim_spans(
         self, example: ChatExample, full: str, turns: list[int]
@@ -378,7 +484,8 @@ class ExampleTokenizer:
         """
         if len(turns) < 2:
             return None
-        markers = {i: f"{MARKER[:-1]}{k}{MARKER[-1]}" for k, i in enumerate(turns)}
+        marker = _marker(example)
+        markers = {i: f"{marker[:-1]}{k}{marker[-1]}" for k, i in enumerate(turns)}
         marked = [
             {"role": "assistant", "content": _marker_content(m, markers[j])} if j in markers else m
             for j, m in enumerate(example.messages)
@@ -396,7 +503,7 @@ class ExampleTokenizer:
         pieces.append(rest)
         inner = pieces[1:-1]
         if (
-            MARKER[0] in "".join(pieces)  # a marker rendered twice (or out of order)
+            marker[0] in "".join(pieces)  # a marker rendered twice (or out of order)
             or not all(inner)
             or not full.startswith(pieces[0])
             or not full.endswith(pieces[-1])
@@ -424,9 +531,10 @@ class ExampleTokenizer:
 
     def _locate_turn(
         self, example: ChatExample, full: str, i: int, header: str, pos: int, c: int, e: int
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, bool]:
         """The trained span of assistant turn ``i`` whose text lies at [c, e) of the full rendering:
-        it starts after what the model is prompted with and runs through the end-of-turn token."""
+        it starts after what the model is prompted with and runs through the end-of-turn token
+        (start, end, whether the template closes it with a token)."""
         where = f"messages[{i}]"
         if c < pos:
             raise TemplateError(
@@ -434,7 +542,8 @@ class ExampleTokenizer:
                 "the chat template renders text before this assistant turn differently depending on "
                 "what the turn says, so the turn's tokens cannot be told apart from its context",
             )
-        start, end = self._turn_start(example, full, i, header, pos, c), self._close_turn(full, e, header)
+        start = self._turn_start(example, full, i, header, pos, c, e)
+        end, closed = self._close_turn(example, full, e, header)
         message = example.messages[i]
         calls = [call.get("function", call).get("name", "") for call in message.get("tool_calls", [])]
         missing = [name for name in calls if name not in full[start:end]]
@@ -453,9 +562,11 @@ class ExampleTokenizer:
                 "so there is nothing to train on for it; set split_turns=true to train each turn with "
                 "the history rendered as at inference",
             )
-        return start, end
+        return start, end, closed
 
-    def _turn_start(self, example: ChatExample, full: str, i: int, header: str, pos: int, c: int) -> int:
+    def _turn_start(
+        self, example: ChatExample, full: str, i: int, header: str, pos: int, c: int, e: int
+    ) -> int:
         """Where the trained text of turn ``i`` starts: right after what the model is prompted with.
 
         When the prompt rendered as at inference is a prefix of the conversation (most templates),
@@ -475,8 +586,14 @@ class ExampleTokenizer:
                 prompt = self._render(example, example.messages[:i], True)
             except Exception:
                 prompt = None
-            if prompt is not None and pos <= len(prompt) <= c and full.startswith(prompt):
+            # A generation prompt the conversation starts with is the prompt, also where it ends
+            # past where the turn's rendering first differs from a plain answer's (Command R7B
+            # prompts '<|START_THINKING|><|END_THINKING|>', which a call turn also renders).
+            if prompt is not None and pos <= len(prompt) < max(c + 1, e) and full.startswith(prompt):
                 return len(prompt)
+            for other in self._thinking_prompts(example, i, prompt):
+                if pos <= len(other) < max(c + 1, e) and full.startswith(other):
+                    return len(other)
         if not header and prompt is not None:
             # No header (Mistral, Llama-2): whitespace before the answer is trained as in the prefix
             # case, except what the prompt itself ends with.
@@ -490,26 +607,104 @@ class ExampleTokenizer:
                 header = first_line
             if found >= 0:
                 return found + len(header)
+        if prompt is not None:  # where prompt and conversation part: what the model was prompted with
+            shared = self._outside_special(full, _common_prefix(prompt, full))
+            if pos <= shared <= c:
+                return shared
         return c
 
-    def _close_turn(self, full: str, e: int, header: str) -> int:
-        """The end of a turn whose text ends at ``e``: through the end-of-turn token that follows
-        (after whitespace, or the closing quotes and brackets of tool-call JSON), or ``e`` itself
-        when no special token follows. BOS and the token that opens a turn header (``<|im_start|>``
-        in a template with no end-of-turn token) begin the next turn: they do not close this one."""
+    def _thinking_prompts(self, example: ChatExample, i: int, prompt: str | None) -> list[str]:
+        """The generation prompt with thinking off, then on (``enable_thinking``), where they differ
+        from ``prompt``: a reasoning template prompts a turn that holds no reasoning with one of them
+        (GLM ``<|assistant|></think>`` with thinking off; Command R7B ``<|CHATBOT_TOKEN|>`` with it
+        on, after which the model writes ``<|START_RESPONSE|>``)."""
+        out = []
+        for value in (False, True):
+            variant = dataclasses.replace(
+                example, template_kwargs={**example.template_kwargs, "enable_thinking": value}
+            )
+            try:
+                rendered = self._render(variant, example.messages[:i], True)
+            except Exception:
+                continue
+            if rendered != prompt and rendered not in out:
+                out.append(rendered)
+        return out
+
+    def _past_special(self, text: str, at: int) -> int:
+        """``at``, or the end of the special token of ``text`` that it falls inside."""
+        start = self._outside_special(text, at)
+        if start == at:
+            return at
+        found = self._special_pattern.match(text, start)
+        return found.end() if found is not None else at
+
+    def _outside_special(self, text: str, at: int) -> int:
+        """``at``, or the start of the special token of ``text`` that it falls inside."""
+        if self._special_pattern is None:
+            return at
+        longest = len(self.special_texts[0])
+        for found in self._special_pattern.finditer(text, max(0, at - longest), at + longest):
+            if found.start() < at < found.end():
+                return found.start()
+        return at
+
+    def _close_turn(self, example: ChatExample, full: str, e: int, header: str) -> tuple[int, bool]:
+        """The end of a turn whose text ends at ``e``, and whether a token closes it: through the text
+        the template closes an assistant turn with where it follows (``_closing``: Command R7B's
+        ``<|END_RESPONSE|><|END_OF_TURN_TOKEN|>``, Apriel's ``\n<|end|>\n</s>``); else through the
+        special token that follows (after whitespace, or the closing quotes and brackets of tool-call
+        JSON); else ``e`` itself. BOS and the token that opens a turn header (``<|im_start|>`` in a
+        template with no end-of-turn token) begin the next turn: they do not close this one."""
+        closing = self._closing(example)
+        if closing and full.startswith(closing, e):
+            return e + len(closing), True
         k = e
         while k < len(full) and full[k] in " \t\n\"'}])`":
             k += 1
         found = self._special_pattern.match(full, k) if self._special_pattern is not None else None
         if found is None:
-            return e
+            return e, False
         opens = self._opening_tokens(header)
         if found.group() not in opens:  # the longest special token there, as in the loop below
-            return found.end()
+            return found.end(), True
         for token in self.special_texts:
             if token not in opens and full.startswith(token, k):
-                return k + len(token)
-        return e
+                return k + len(token), True
+        return e, False
+
+    def _closing(self, example: ChatExample) -> str:
+        """The text this template writes after an assistant turn's text to close it, through its
+        last closing special token: what a turn followed by another message and a conversation's last
+        turn share after the answer (learned once per kind of rendering; "" where they share no
+        closing token: GLM, whose next turn's role token closes a turn)."""
+        key = (example.tools is None, repr(sorted(example.template_kwargs.items())))
+        if key not in self._closings:
+            self._closings[key] = self._learn_closing(example)
+        return self._closings[key]
+
+    def _learn_closing(self, example: ChatExample) -> str:
+        mark = f"{MARKER_CHARS[0]}sftrainer-closing{MARKER_CHARS[1]}"
+        ask, answer = {"role": "user", "content": "x"}, {"role": "assistant", "content": mark}
+        probe = dataclasses.replace(example, messages=[ask, answer], first_trainable=0)
+        try:
+            last = self._render(probe, [ask, answer], False)
+            followed = self._render(probe, [ask, answer, {"role": "user", "content": "y"}], False)
+        except Exception:
+            return ""
+        if last.count(mark) != 1 or followed.count(mark) != 1:
+            return ""
+        after_last, after_followed = last.split(mark)[1], followed.split(mark)[1]
+        shared = after_last[: self._outside_special(after_last, _common_prefix(after_last, after_followed))]
+        ends = [m.end() for m in self._special_pattern.finditer(shared)] if self._special_pattern else []
+        if ends and ends[-1] == len(shared) < len(after_last):
+            # Both go on past a special token, differently: it opens what comes next (Command R7B
+            # always renders a generation prompt, <|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>).
+            ends.pop()
+        opens = self._opening_tokens(self._assistant_header(probe, 1))
+        closes = tuple(t for t in self.special_texts if t not in opens)
+        ends = [end for end in ends if shared[:end].endswith(closes)]
+        return shared[: ends[-1]] if ends else ""
 
     def _opening_tokens(self, header: str) -> frozenset[str | None]:
         """BOS and the special token a turn header starts with: they open a turn, not close one."""
@@ -525,156 +720,26 @@ class ExampleTokenizer:
     # ---- tokens -----------------------------------------------------------------------------
 
     def tokenize(self, examples: Sequence[Example]) -> list[Tokenized]:
-        """Tokenize a batch. Raises ``RowError`` for a row the chat template cannot render."""
-        return self.encode([(ex, self.segments(ex)) for ex in examples])
+        """Tokenize a batch: its rows, in order (an example whose turns cannot share a row gives
+        more than one). Raises ``RowError`` for a row the chat template cannot render."""
+        encoded = self.encode([(ex, self.segments(ex)) for ex in examples])
+        return [row for rows in encoded for row in rows]
 
-    def encode(self, rows: Sequence[tuple[Example, list[Segment]]]) -> list[Tokenized]:
-        """Tokenize already rendered rows in one batched tokenizer call."""
-        if not rows:  # a batch whose rows were all invalid; tokenizers fail on an empty batch
-            return []
-        merged = [_merge_same(segs) for _, segs in rows]
-        if not getattr(self.tokenizer, "is_fast", False):  # no offsets: tokenize piece by piece
-            return [
-                self._finish(ex, segs, *self._tokenize_segmentwise(segs))
-                for (ex, _), segs in zip(rows, merged)
-            ]
-        texts = ["".join(text for text, _ in segs) for segs in merged]
-        found = self._counts_from_bytes(texts, merged)
-        missing = [k for k, got in enumerate(found) if got is None]
-        if missing:
-            by_offsets = self._counts_from_offsets([texts[k] for k in missing], [merged[k] for k in missing])
-            for k, got in zip(missing, by_offsets):
-                found[k] = got
-        return [self._finish(ex, segs, *got) for (ex, _), segs, got in zip(rows, merged, found)]
-
-    def _counts_from_offsets(
-        self, texts: list[str], merged: list[list[Segment]]
-    ) -> list[tuple[list[int], list[int]]]:
-        """Each text's ids and its segments' token counts, from the tokenizer's offsets (segment by
-        segment where a token crosses a boundary)."""
-        enc = self.tokenizer(
-            texts,
-            add_special_tokens=False,
-            return_attention_mask=False,  # not used: converting it to lists costs a quarter of the call
-            return_token_type_ids=False,
-        )
-        out = []
-        for k, segs in enumerate(merged):
-            ids = enc["input_ids"][k]
-            counts = _segment_token_counts(enc.encodings[k], segs, len(ids))
-            out.append((ids, counts) if counts is not None else self._tokenize_segmentwise(segs))
-        return out
-
-    def _counts_from_bytes(
-        self, texts: list[str], merged: list[list[Segment]]
-    ) -> list[tuple[list[int], list[int]] | None]:
-        """``_counts_from_offsets`` read from the ids alone (``token_bytes``) where the tokenizer
-        allows it; None for each row that must be read from offsets. The first rows of the first batch
-        are read both ways: where any differs (or none could be read), this encoder uses offsets for
-        good."""
-        if self._byte_lengths is None or self._bytes_trusted is False:
-            return [None] * len(texts)
-        ids = self._byte_lengths.encode(texts)
-        if ids is None:
-            return [None] * len(texts)
-        found = [
-            (row, counts) if (counts := self._byte_lengths.counts(text, row, [t for t, _ in segs])) else None
-            for text, row, segs in zip(texts, ids, merged)
-        ]
-        if self._bytes_trusted is None:
-            n = BYTES_CHECKED_ROWS
-            reference = self._counts_from_offsets(texts[:n], merged[:n])
-            self._bytes_trusted = any(found[:n]) and all(
-                f is None or f == r for f, r in zip(found, reference)
-            )
-            if not self._bytes_trusted:
-                logger.debug("Reading token counts from offsets: reading them from the ids gave others")
-                return [*reference, *([None] * len(found[n:]))]
-            return [*reference, *found[n:]]
-        return found
-
-    def _tokenize_segmentwise(self, segs: list[Segment]) -> tuple[list[int], list[int]]:
-        """The ids of the segments tokenized one after the other, and each segment's token count."""
-        pieces = self._tokenize_pieces([text for text, _ in segs])
-        return [t for piece in pieces for t in piece], [len(piece) for piece in pieces]
-
-    def _tokenize_pieces(self, texts: list[str]) -> list[list[int]]:
-        """Tokenize consecutive pieces of one text, each piece after the first as a continuation.
-
-        SentencePiece-style tokenizers (Metaspace, prepend_scheme="first") put a "▁" before text that
-        starts an input, so a piece tokenized alone would gain a space the text does not have. After a
-        special token they add nothing, so later pieces are tokenized behind EOS, which is then dropped.
-        """
-        eos = self.tokenizer.eos_token
-        rest = [eos + text for text in texts[1:]] if eos else texts[1:]
-        enc = self.tokenizer([texts[0], *rest], add_special_tokens=False)["input_ids"]
-        out = [enc[0]]
-        for text, piece in zip(texts[1:], enc[1:]):
-            if eos and piece[:1] == [self.eos_id]:
-                out.append(piece[1:])
-            else:  # EOS is not split off as one token here: tokenize the piece alone
-                out.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return out
-
-    def _finish(self, example: Example, segs: list[Segment], ids: list[int], counts: list[int]) -> Tokenized:
-        """Labels from the segments' token counts; every trained span of a conversation ends with a
-        stop token (a template without an end-of-turn token would never teach the model to stop: EOS
-        is added), text and pairs end with EOS; BOS once at the start; truncation."""
-        runs: list[list[Any]] = []  # [trained, tokens]: consecutive segments with tokens, merged
-        for (_, trained), n in zip(segs, counts):
-            if n and runs and runs[-1][0] == trained:
-                runs[-1][1] += n
-            elif n:
-                runs.append([trained, n])
-        close_spans = isinstance(example, ChatExample)
-        out_ids: list[int] = []
-        labels: list[int] = []
-        pos = 0
-        for trained, n in runs:
-            piece = ids[pos : pos + n]
-            pos += n
-            out_ids += piece
-            if not trained:
-                labels += [IGNORE_INDEX] * n
-                continue
-            labels += piece
-            if close_spans and piece[-1] not in self.stop_ids:
-                out_ids.append(self.eos_id)
-                labels.append(self.eos_id)
-        if not close_spans and (not out_ids or out_ids[-1] != self.eos_id):
-            out_ids.append(self.eos_id)
-            labels.append(self.eos_id)
-        if self.bos_id is not None and (not out_ids or out_ids[0] != self.bos_id):
-            out_ids.insert(0, self.bos_id)
-            labels.insert(0, IGNORE_INDEX)
-        truncated = self.max_length is not None and len(out_ids) > self.max_length
-        if truncated:
-            out_ids, labels = out_ids[: self.max_length], labels[: self.max_length]
-        return Tokenized(out_ids, labels, truncated)
+    def encode(self, rows: Sequence[tuple[Example, list[Segment]]]) -> list[list[Tokenized]]:
+        """Tokenize already rendered rows in batched tokenizer calls; per row, its output rows."""
+        return self.encoder.encode([(isinstance(ex, ChatExample), segs) for ex, segs in rows])
 
 
-def _segment_token_counts(encoding: Any, segs: list[Segment], n_tokens: int) -> list[int] | None:
-    """Tokens per segment of a text tokenized whole, or None when a token crosses a boundary.
+def _calls_tools(messages: list[dict[str, Any]], i: int) -> bool:
+    """Whether assistant turn ``i`` calls tools, or tool results follow it."""
+    return bool(messages[i].get("tool_calls")) or (
+        i + 1 < len(messages) and messages[i + 1]["role"] == "tool"
+    )
 
-    A boundary is clean when a token starts exactly there and the token before it ends exactly
-    there. Checking both sides also catches tokenizers that trim offsets (a token " Paris" reported
-    as starting at "P" while it really swallowed the prompt's trailing space).
-    """
-    counts, pos, previous = [], 0, 0
-    for text, _ in segs[:-1]:
-        pos += len(text)
-        t = encoding.char_to_token(pos)
-        if (
-            t is None
-            or t == 0
-            or encoding.token_to_chars(t)[0] != pos
-            or encoding.token_to_chars(t - 1)[1] != pos
-        ):
-            return None
-        counts.append(t - previous)
-        previous = t
-    counts.append(n_tokens - previous)
-    return counts
+
+def _call_id(message: dict[str, Any]) -> str:
+    calls = message.get("tool_calls") or [{}]
+    return str(calls[-1].get("id", "call0"))
 
 
 def _plain_text(messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> bool:
@@ -694,25 +759,50 @@ def _renders_whole_turn(message: dict[str, Any], span: str) -> bool:
     return all(text.strip() in span for text in texts if isinstance(text, str))
 
 
-MARKER = "\ufdd0sftrainer-turn\ufdd1"  # Unicode noncharacters: never in real text
+# Unicode noncharacters (U+FDD0-U+FDEF): a turn marker opens and closes with two that the conversation
+# does not hold, so where the marker starts and ends can never be mistaken for text of the turn.
+MARKER_CHARS = tuple(chr(c) for c in range(0xFDD0, 0xFDF0))
 
 
-def _marked_conversations(messages: list[dict[str, Any]], i: int) -> list[list[dict[str, Any]]]:
-    """The conversation with assistant turn ``i`` replaced by markers, in the forms to try.
+def _marker(example: ChatExample) -> str:
+    """A marker built from noncharacters that occur nowhere in the conversation (its messages, tools
+    and template settings), so a turn's text can neither start nor end like it."""
+    text = "".join(_strings([example.messages, example.tools, example.template_kwargs]))
+    free = [c for c in MARKER_CHARS if c not in text]
+    if len(free) < 2:
+        raise RowError("messages", "the conversation holds every Unicode noncharacter U+FDD0-U+FDEF")
+    return f"{free[0]}sftrainer-turn{free[1]}"
 
-    First a plain turn holding ``MARKER`` (as one text part when the turn's content is a list of
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in nested lists and dicts (keys too)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def _marked_conversations(messages: list[dict[str, Any]], i: int, marker: str) -> list[list[dict[str, Any]]]:
+    """The conversation with assistant turn ``i`` replaced by ``marker``, in the forms to try.
+
+    First a plain turn holding the marker (as one text part when the turn's content is a list of
     parts): reasoning, text and tool calls all differ from it. For
     templates that refuse a tool result with no call before it, a turn that keeps its calls with
     marked arguments.
     """
-    plain = {"role": "assistant", "content": _marker_content(messages[i], MARKER)}
+    plain = {"role": "assistant", "content": _marker_content(messages[i], marker)}
     out = [[*messages[:i], plain, *messages[i + 1 :]]]
     calls = messages[i].get("tool_calls")
     if calls:
         marked_calls = [
-            {**call, "function": {**call["function"], "arguments": {"marker": MARKER}}}
+            {**call, "function": {**call["function"], "arguments": {"marker": marker}}}
             if "function" in call
-            else {**call, "arguments": {"marker": MARKER}}
+            else {**call, "arguments": {"marker": marker}}
             for call in calls
         ]
         out.append([*messages[:i], {"role": "assistant", "tool_calls": marked_calls}, *messages[i + 1 :]])
@@ -739,16 +829,6 @@ def _common_prefix(a: str, b: str) -> int:
 
 def _common_suffix(a: str, b: str, limit: int) -> int:
     return _common_prefix(a[::-1][:limit], b[::-1][:limit])
-
-
-def _merge_same(segments: list[Segment]) -> list[Segment]:
-    merged: list[Segment] = []
-    for text, trained in segments:
-        if merged and merged[-1][1] == trained:
-            merged[-1] = (merged[-1][0] + text, trained)
-        else:
-            merged.append((text, trained))
-    return merged
 
 
 def tokenize_pretokenized(row: dict[str, Any], max_length: int | None, use_masks: bool = True) -> Tokenized:

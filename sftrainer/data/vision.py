@@ -63,7 +63,8 @@ class VisionTokenizer:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         # Truncation is done here (never inside an image), so the text tokenizer keeps whole rows.
-        self.text = ExampleTokenizer(self.tokenizer, None, train_on, template_kwargs)
+        # One row per example: a row's images cannot follow it into a second row (encode.py).
+        self.text = ExampleTokenizer(self.tokenizer, None, train_on, template_kwargs, split_rows=False)
         self.max_length = max_length
         self.truncation_mode = truncation_mode
         self.placeholder = placeholder(processor)
@@ -85,7 +86,7 @@ class VisionTokenizer:
                 "raw text: give it as messages (or set pair_template='chat' for prompt/completion rows)",
             )
         segments, rewritten = self.text.render(example)
-        found = sum(text.count(self.placeholder) for text, _ in segments)
+        found = sum(seg.text.count(self.placeholder) for seg in segments)
         if found != n_images:
             why = (
                 "the template does not render image parts (use the processor's chat template)"
@@ -137,7 +138,7 @@ class VisionTokenizer:
         tokenizer did not keep apart."""
         expanded = [(example, _expand(segments, self.placeholder, reps)) for example, segments, reps in rows]
         out: list[Tokenized | RowError | None] = []
-        for (_, _, reps), tokenized in zip(rows, self.text.encode(expanded)):
+        for (_, _, reps), [tokenized] in zip(rows, self.text.encode(expanded)):
             image_ids: set[int] = set()
             want = 0
             for rep in reps:
@@ -156,25 +157,25 @@ class VisionTokenizer:
                 )
                 continue
             labels = [IGNORE_INDEX if i in image_ids else label for i, label in zip(ids, tokenized.labels)]
-            out.append(self._fit(ids, labels, image_ids))
+            out.append(self._fit(ids, labels, image_ids, tokenized.inexact))
         return out
 
-    def _fit(self, ids: list[int], labels: list[int], image_ids: set[int]) -> Tokenized | None:
+    def _fit(self, ids: list[int], labels: list[int], image_ids: set[int], inexact: bool) -> Tokenized | None:
         """Truncate to max_length, or None when the cut would fall inside (or before) an image."""
         n = self.max_length
         if n is None or len(ids) <= n:
-            return Tokenized(ids, labels, False)
+            return Tokenized(ids, labels, False, inexact)
         at = [k for k, i in enumerate(ids) if i in image_ids]
         if self.truncation_mode == "keep_end":
             start = len(ids) - n
-            return None if at and at[0] < start else Tokenized(ids[start:], labels[start:], True)
-        return None if at and at[-1] >= n else Tokenized(ids[:n], labels[:n], True)
+            return None if at and at[0] < start else Tokenized(ids[start:], labels[start:], True, inexact)
+        return None if at and at[-1] >= n else Tokenized(ids[:n], labels[:n], True, inexact)
 
 
 def _expand(segments: list[Segment], placeholder: str, replacements: list[str]) -> list[Segment]:
     """Segments with the k-th placeholder replaced by the k-th image's expansion."""
     reps = iter(replacements)
-    return [(expand_placeholders(text, placeholder, reps), trained) for text, trained in segments]
+    return [seg._replace(text=expand_placeholders(seg.text, placeholder, reps)) for seg in segments]
 
 
 def expand_placeholders(text: str, placeholder: str, replacements: Any) -> str:

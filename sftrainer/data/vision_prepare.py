@@ -89,7 +89,9 @@ class _VisionBatch:
 
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         keys = list(batch)
-        out: dict[str, list[Any]] = {k: [] for k in ("input_ids", "labels", "images", "_issue", "_rewritten")}
+        out: dict[str, list[Any]] = {
+            k: [] for k in ("input_ids", "labels", "images", "_issue", "_rewritten", "_inexact")
+        }
         pending: list[tuple[int, int, Any, list[Segment], list[Any]]] = []  # slot, row, example, ...
         for values, index in zip(zip(*batch.values()), indices):
             try:
@@ -118,6 +120,7 @@ class _VisionBatch:
                 out["_issue"][slot] = IMAGE_CUT
             else:
                 out["input_ids"][slot], out["labels"][slot] = result.input_ids, result.labels
+                out["_inexact"][slot] = result.inexact
                 out["_issue"][slot] = (
                     EMPTY if result.n_trained == 0 else TRUNCATED if result.truncated else OK
                 )
@@ -166,6 +169,7 @@ class _VisionBatch:
         out["images"].append(refs)
         out["_issue"].append(issue)
         out["_rewritten"].append(rewritten)
+        out["_inexact"].append(False)
         return len(out["_issue"]) - 1
 
 
@@ -229,7 +233,7 @@ def prepare_vision(
     fn = _VisionBatch(encoder, fmt, settings, formatting_func, column, image_root)
     fmt_name = "formatting_func" if fmt is None else fmt.value
     stats = VisionPrepareStats(name=name, format=f"{fmt_name}, chat template, images")
-    temporary = ["_issue", "_rewritten"]
+    temporary = ["_issue", "_rewritten", "_inexact"]
     if isinstance(dataset, IterableDataset):
 
         def strict(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
@@ -271,6 +275,7 @@ def prepare_vision(
         mapped = mapped.filter(lambda issue: issue in (OK, TRUNCATED), input_columns="_issue")
     stats.kept = len(mapped)
     stats.rewritten_turns = sum(mapped["_rewritten"])
+    stats.inexact_rows = sum(mapped["_inexact"])
     stats.images = sum(len(refs) for refs in mapped["images"])
     dropped = stats.truncated or stats.dropped_empty or stats.dropped_invalid or stats.dropped_image_cut
     (logger.warning if dropped else logger.info)(stats.summary(settings.max_length))

@@ -83,16 +83,16 @@ class TurnByTurn(ExampleTokenizer):
     def _diff_turns_at_once(self, example, full, turns):
         return None
 
-    def _turn_start(self, example, full, i, header, pos, c):
+    def _turn_start(self, example, full, i, header, pos, c, e):
         # The prompt rendered first, as before the header shortcut; then the same header search.
         if i > 0:
             try:
                 prompt = self._render(example, example.messages[:i], True)
             except Exception:
                 prompt = None
-            if prompt is not None and pos <= len(prompt) <= c and full.startswith(prompt):
+            if prompt is not None and pos <= len(prompt) < max(c + 1, e) and full.startswith(prompt):
                 return len(prompt)
-        return super()._turn_start(example, full, i, header, pos, c)
+        return super()._turn_start(example, full, i, header, pos, c, e)
 
 
 class ViaApplyChatTemplate(ExampleTokenizer):

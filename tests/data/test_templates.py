@@ -24,6 +24,12 @@ def tokenize(tok, messages, **kwargs):
     return ExampleTokenizer(tok, **kwargs).tokenize([ChatExample(messages)])[0]
 
 
+def trained_spans(tok, messages, **kwargs) -> list[str]:
+    """The trained spans of every row the conversation gives, in order."""
+    rows = ExampleTokenizer(tok, **kwargs).tokenize([ChatExample(messages)])
+    return [span for row in rows for span in zoo.trained_spans(tok, row.input_ids, row.labels)]
+
+
 def with_bos(tok, ids: list[int]) -> list[int]:
     """``ids`` as the model sees them: one BOS first when the tokenizer puts BOS before text."""
     bos = tok.bos_token_id
@@ -37,10 +43,9 @@ def test_trained_text_is_each_assistant_turn_plus_end_of_turn(name, conv):
     factory, end_of_turn = zoo.TEMPLATES[name]
     tok = factory()
     messages = CONVERSATIONS[conv]
-    out = tokenize(tok, messages)
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
     assert len(answers) >= 2
-    assert zoo.trained_spans(tok, out.input_ids, out.labels) == [a + end_of_turn for a in answers]
+    assert trained_spans(tok, messages) == [a + end_of_turn for a in answers]
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -93,16 +98,22 @@ def test_template_that_emits_bos_on_a_tokenizer_that_adds_bos():
 
 
 def test_template_without_end_of_turn_gets_a_trained_eos():
+    """Each answer gets a trained EOS. The template writes none, so a later turn's prompt (the
+    conversation as inference renders it) cannot hold that EOS: each turn is a row of its own, whose
+    prompt is exactly what inference gives."""
     tok = zoo.plain()
     assert "eos_token" not in tok.chat_template
-    out = tokenize(tok, zoo.THREE_TURNS)
+    rows = ExampleTokenizer(tok).tokenize([ChatExample(zoo.THREE_TURNS)])
     eos = tok.eos_token_id
-    assert out.input_ids.count(eos) == 3  # one after each answer, each trained
-    assert [out.labels[i] for i, t in enumerate(out.input_ids) if t == eos] == [eos] * 3
-    expected = tok.apply_chat_template(zoo.THREE_TURNS, tokenize=False)
-    for answer in ("The capital is Paris.", "Rome, of course.", "The Tiber."):
-        expected = expected.replace(answer + "\n", answer + "<|endoftext|>\n")
-    assert tok.decode(out.input_ids) == expected
+    assert len(rows) == 3
+    for k, row in enumerate(rows):
+        turn = 2 * k + 1
+        prompt = tok.apply_chat_template(zoo.THREE_TURNS[:turn], add_generation_prompt=True, tokenize=False)
+        start = row.labels.index(next(label for label in row.labels if label != IGNORE_INDEX))
+        assert row.input_ids[:start] == tok(prompt, add_special_tokens=False)["input_ids"]
+        assert row.input_ids.count(eos) == 1 and row.labels[row.input_ids.index(eos)] == eos
+        answer = zoo.THREE_TURNS[turn]["content"]
+        assert tok.decode(row.input_ids).startswith(prompt + answer + "<|endoftext|>")
 
 
 @pytest.mark.parametrize("name", ["plain", "plain_metaspace"])
@@ -195,8 +206,7 @@ def test_template_that_rewrites_history_trains_the_finished_conversation_and_cou
     encoder = ExampleTokenizer(tok)
     _, rewritten = encoder.render(ChatExample(zoo.NO_SYSTEM))
     assert rewritten == 1
-    out = tokenize(tok, zoo.NO_SYSTEM)
-    assert zoo.trained_spans(tok, out.input_ids, out.labels) == [
+    assert trained_spans(tok, zoo.NO_SYSTEM) == [
         "The<|im_end|>",
         "Rome, of course.<|im_end|>",
     ]
@@ -254,8 +264,7 @@ def test_a_turn_header_token_does_not_end_the_previous_turn():
         "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '\\n' }}{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
     )
-    out = tokenize(tok, zoo.NO_SYSTEM)
-    assert zoo.trained_spans(tok, out.input_ids, out.labels) == [
+    assert trained_spans(tok, zoo.NO_SYSTEM) == [
         "The capital is Paris.<|im_end|>",  # <|im_end|> is this tokenizer's EOS, added and trained
         "Rome, of course.<|im_end|>",
     ]

@@ -10,6 +10,7 @@ import released_templates as rt
 import tokenizers_zoo as zoo
 from tokenizers import AddedToken, normalizers, pre_tokenizers
 
+from sftrainer.data.encode import SegmentEncoder
 from sftrainer.data.formats import ChatExample, PairExample, TextExample, normalise_messages
 from sftrainer.data.token_bytes import ByteLengths
 from sftrainer.data.tokenize import ExampleTokenizer
@@ -35,8 +36,7 @@ def splits(text: str) -> list[list[str]]:
 
 
 def by_offsets(tok, text: str, pieces: list[str]):
-    encoder = ExampleTokenizer(tok)
-    return encoder._counts_from_offsets([text], [[(p, False) for p in pieces]])[0]
+    return SegmentEncoder(tok)._counts_from_offsets([text], [pieces])[0]
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -123,7 +123,7 @@ class ByOffsets(ExampleTokenizer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._byte_lengths = None
+        self.encoder._byte_lengths = None
 
 
 def examples() -> list:
@@ -162,10 +162,11 @@ def test_rows_read_from_ids_are_the_rows_read_from_offsets(name):
     encoder = ExampleTokenizer(tok, max_length=24)
     rows = rendered(encoder)
     encoder.encode(rows)  # the first batch is read both ways
-    assert encoder._bytes_trusted is True
+    assert encoder.encoder._bytes_trusted is True
     reference = ByOffsets(tok, max_length=24).encode(rows)
     assert encoder.encode(rows) == reference
-    assert any(t.truncated for t in reference) and any(not t.truncated for t in reference)
+    flat = [t for rows in reference for t in rows]
+    assert any(t.truncated for t in flat) and any(not t.truncated for t in flat)
 
 
 def test_counts_that_differ_from_offsets_on_the_first_batch_turn_the_reading_off(monkeypatch):
@@ -183,7 +184,7 @@ def test_counts_that_differ_from_offsets_on_the_first_batch_turn_the_reading_off
     monkeypatch.setattr(ByteLengths, "counts", shifted)
     reference = ByOffsets(tok).encode(rows)
     assert encoder.encode(rows) == reference
-    assert encoder._bytes_trusted is False
+    assert encoder.encoder._bytes_trusted is False
     assert encoder.encode(rows) == reference
 
 
@@ -196,9 +197,9 @@ def test_an_encoder_sent_to_another_process_reads_from_ids(used_first):
     encoder = ExampleTokenizer(chatml())
     if used_first:
         encoder.encode(rendered(encoder))
-        assert "_byte_lengths" in vars(encoder)
+        assert "_byte_lengths" in vars(encoder.encoder)
     copy_ = pickle.loads(pickle.dumps(encoder))
     rows = rendered(copy_)
     copy_.encode(rows)  # its first batch, checked against offsets where not checked before
     assert copy_.encode(rows) == ByOffsets(chatml()).encode(rows)
-    assert copy_._bytes_trusted is True and copy_._byte_lengths is not None
+    assert copy_.encoder._bytes_trusted is True and copy_.encoder._byte_lengths is not None
