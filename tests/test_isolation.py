@@ -12,8 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import ARCHITECTURES, STATEFUL_ARCHITECTURES, tiny_causal_lm
+from tiny_models import ARCHITECTURES, ROWS, STATEFUL_ARCHITECTURES, quick_args, tiny_causal_lm
 
+from sftrainer import SFTTrainer
 from sftrainer.data.collate import DataCollatorForLanguageModeling, PositionCollator
 from sftrainer.isolation import (
     FP32_INDEPENDENCE,
@@ -202,3 +203,49 @@ def test_trls_collator_is_probed_in_its_own_layout():
             check_row_isolation(
                 model, DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free)
             )
+
+
+# ---- SFTTrainer: refused when built, before any data is prepared ----------------------------------
+
+
+@pytest.mark.parametrize("setting", [{"packing": True}, {"padding_free": True}, {"eval_packing": True}])
+def test_trainer_refuses_packing_lfm2_before_preparing_data(tokenizer, tmp_path, monkeypatch, setting):
+    model = tiny_causal_lm("lfm2", vocab_size=len(tokenizer))
+
+    def prepare(*args, **kwargs):
+        raise AssertionError("the data was prepared before the model was checked")
+
+    monkeypatch.setattr("sftrainer.trainer.DataPipeline.__call__", prepare)
+    args = quick_args(tmp_path, **setting)
+    with pytest.raises(ContaminationError, match=r"Lfm2ShortConv.*Set packing=False and padding_free=False"):
+        SFTTrainer(model=model, args=args, train_dataset=ROWS, processing_class=tokenizer)
+
+
+def test_trainer_trains_lfm2_without_packing(tokenizer, tmp_path):
+    model = tiny_causal_lm("lfm2", vocab_size=len(tokenizer))
+    trainer = SFTTrainer(
+        model=model, args=quick_args(tmp_path, max_steps=1), train_dataset=ROWS, processing_class=tokenizer
+    )
+    trainer.train()
+
+
+def test_the_vision_check_refuses_stateful_text_layers_too():
+    """LFM2-VL: its language model's short convolutions leak across packed rows with images as without."""
+    import transformers
+
+    from sftrainer.vision import check_isolation
+
+    if not hasattr(transformers, "Lfm2VlConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Lfm2VlConfig")
+    text = transformers.Lfm2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, layer_types=["conv", "full_attention"], pad_token_id=0,
+    )  # fmt: skip
+    vision = transformers.Siglip2VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=4
+    )
+    config = transformers.Lfm2VlConfig(text_config=text, vision_config=vision, projector_hidden_size=32)
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    collator = SimpleNamespace(pad_token_id=0, flatten=True)  # only its layout is read before refusing
+    with pytest.raises(ContaminationError, match=r"Lfm2VlForConditionalGeneration .*Lfm2ShortConv"):
+        check_isolation(model, collator)
