@@ -236,11 +236,17 @@ def _probe_with_eager(model: Any, collator: Any, precision: str) -> Probe:
     saved = {key: c._attn_implementation for key, c in configs.items()}
     try:
         for config in configs.values():
-            config._attn_implementation_internal = "eager"
+            _set_attn_implementation(config, "eager")
         return probe_rows(model, collator, precision)
     finally:
         for key, config in configs.items():
-            config._attn_implementation_internal = saved[key]
+            _set_attn_implementation(config, saved[key])
+
+
+def _set_attn_implementation(config: Any, value: str | None) -> None:
+    # On this config only: transformers' setter would also reset the sub-configs, which have their own.
+    internal = hasattr(config, "_attn_implementation_internal")
+    setattr(config, "_attn_implementation_internal" if internal else "_attn_implementation", value)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import ARCHITECTURES, ROWS, STATEFUL_ARCHITECTURES, quick_args, tiny_causal_lm
+from tiny_models import (
+    ARCHITECTURES,
+    MORE_STATEFUL_ARCHITECTURES,
+    ROWS,
+    STATEFUL_ARCHITECTURES,
+    UNRECOGNISED_STATEFUL_ARCHITECTURES,
+    quick_args,
+    tiny_causal_lm,
+)
 
 from sftrainer import SFTTrainer
 from sftrainer.data.collate import DataCollatorForLanguageModeling, PositionCollator
@@ -37,6 +45,18 @@ STATEFUL_LAYERS = {
     "granitemoehybrid": "GraniteMoeHybridMambaLayer ('linear_attention')",
     "qwen3_next": "Qwen3NextGatedDeltaNet ('linear_attention')",
     "qwen3_5": "Qwen3_5GatedDeltaNet ('linear_attention')",
+}
+
+
+MORE_STATEFUL_LAYERS = {
+    "lfm2_moe": "Lfm2MoeShortConv ('conv')",
+    "jamba": "JambaMambaMixer (a causal convolution)",
+    "bamba": "BambaMixer ('linear_attention')",
+    "falcon_mamba": "FalconMambaMixer ('linear_attention')",
+    "recurrent_gemma": "RecurrentGemmaRecurrentBlock (a causal convolution)",
+    "kimi_linear": "KimiLinearDeltaAttention ('linear_attention')",
+    "minimax": "MiniMaxLightningAttention ('linear_attention')",
+    "olmo_hybrid": "OlmoHybridGatedDeltaNet ('linear_attention')",
 }
 
 
@@ -79,6 +99,23 @@ def test_families_with_stateful_layers_are_refused_naming_the_layer(arch, layout
         assert STATEFUL_LAYERS[arch] in message and "carry state along the sequence" in message
         assert "Set packing=False and padding_free=False" in message
         assert "attn_implementation" not in message  # the attention backend is not what leaks
+
+
+@pytest.mark.parametrize("arch", list(MORE_STATEFUL_ARCHITECTURES))
+def test_more_families_with_stateful_layers_are_recognised_and_refused(arch):
+    model = tiny_causal_lm(arch)
+    assert stateful_layers(model) == [MORE_STATEFUL_LAYERS[arch]]
+    with pytest.raises(ContaminationError, match="carry state along the sequence"):
+        check_row_isolation(model, PositionCollator(pad_token_id=0, flatten=True))
+
+
+@pytest.mark.parametrize("arch", list(UNRECOGNISED_STATEFUL_ARCHITECTURES))
+def test_recurrent_families_not_recognised_are_refused_by_the_probe(arch):
+    model = tiny_causal_lm(arch)
+    assert stateful_layers(model) == []
+    with pytest.raises(ContaminationError, match="rows of a packed batch see each other") as refused:
+        check_row_isolation(model, PositionCollator(pad_token_id=0, flatten=True))
+    assert "Use attn_implementation" not in str(refused.value)
 
 
 def test_the_old_check_accepted_lfm2_which_leaks_below_its_tolerance():

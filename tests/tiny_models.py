@@ -78,8 +78,55 @@ STATEFUL_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# More families with such layers, recognised from the model as well (not by name).
+MORE_STATEFUL_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "lfm2_moe": (
+        "Lfm2MoeConfig",
+        {"layer_types": ["conv", "full_attention"], "num_experts": 4, "num_experts_per_tok": 2}
+        | {"moe_intermediate_size": 32, "num_dense_layers": 1},
+    ),
+    "jamba": (
+        "JambaConfig",
+        {"num_experts": 2, "num_experts_per_tok": 1, "attn_layer_period": 2, "attn_layer_offset": 1}
+        | {
+            "expert_layer_period": 2,
+            "expert_layer_offset": 1,
+            "mamba_d_state": 8,
+            "use_mamba_kernels": False,
+        },
+    ),
+    "bamba": (
+        "BambaConfig",
+        {"attn_layer_indices": [1], "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 8}
+        | {"mamba_n_groups": 1, "mamba_chunk_size": 16},
+    ),
+    "falcon_mamba": ("FalconMambaConfig", {"state_size": 8}),
+    "recurrent_gemma": (
+        "RecurrentGemmaConfig",
+        {"num_hidden_layers": 3, "num_key_value_heads": 1, "lru_width": 64, "attention_window_size": 16},
+    ),
+    "kimi_linear": (
+        "KimiLinearConfig",
+        {"num_experts": 4, "num_experts_per_token": 2, "moe_intermediate_size": 32, "kv_lora_rank": 16}
+        | {"qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "linear_head_dim": 16}
+        | {"linear_num_heads": 4},
+    ),
+    "minimax": (
+        "MiniMaxConfig",
+        {"layer_types": ["linear_attention", "full_attention"], "head_dim": 16}
+        | {"num_local_experts": 2, "num_experts_per_tok": 1},
+    ),
+    "olmo_hybrid": ("OlmoHybridConfig", {}),
+}
+# Recurrent families without a recurrent layer_type or a convolution: only the probe finds their leak.
+UNRECOGNISED_STATEFUL_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "rwkv": ("RwkvConfig", {"attention_hidden_size": 64}),
+    "xlstm": ("xLSTMConfig", {"num_heads": 4}),
+}
+
+
 def tiny_causal_lm(arch: str, vocab_size: int = 256, attn_implementation: str | None = None) -> Any:
-    """A random-init (seed 0) float32 model of ``arch`` (ARCHITECTURES or STATEFUL_ARCHITECTURES).
+    """A random-init (seed 0) float32 model of ``arch`` (a key of ARCHITECTURES or of the *STATEFUL_* tables).
     A family this transformers cannot build on the CPU is skipped, with the reason."""
     import pytest
     import transformers
@@ -87,7 +134,8 @@ def tiny_causal_lm(arch: str, vocab_size: int = 256, attn_implementation: str | 
     if arch in ARCHITECTURES:
         config_cls, extra = ARCHITECTURES[arch]
     else:
-        name, extra = STATEFUL_ARCHITECTURES[arch]
+        stateful = STATEFUL_ARCHITECTURES | MORE_STATEFUL_ARCHITECTURES | UNRECOGNISED_STATEFUL_ARCHITECTURES
+        name, extra = stateful[arch]
         config_cls = getattr(transformers, name, None)
         if config_cls is None:
             pytest.skip(f"transformers {transformers.__version__} has no {name}")
