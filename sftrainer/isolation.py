@@ -129,8 +129,8 @@ def check_row_isolation(model: Any, collator: Any, compute_dtype: torch.dtype | 
     """
     layers = stateful_layers(model)
     device = next(model.parameters()).device
-    compute_dtype = compute_dtype or _weights_dtype(model)
-    probe = probe_rows(model, collator, _precision(compute_dtype))
+    precision = _precision(model, compute_dtype)
+    probe = probe_rows(model, collator, precision)
     if probe.isolated() and layers and probe.reduced:
         # Reduced precision hides leaks the size of LFM2's: prove it in float32, or refuse.
         if not _all_float32(model):
@@ -143,7 +143,7 @@ def check_row_isolation(model: Any, collator: Any, compute_dtype: torch.dtype | 
         "Packed rows are isolated with attn_implementation='%s' on %s in %s (%s)",
         _attn_implementation(model),
         device,
-        str(compute_dtype).removeprefix("torch."),
+        precision,
         probe.describe(),
     )
 
@@ -270,19 +270,18 @@ def _is_sequence_convolution(module: Any) -> bool:
     )
 
 
-def _precision(compute_dtype: torch.dtype) -> str:
-    """The precision a forward pass computes in, as messages name it."""
-    if compute_dtype != torch.float32:
-        return str(compute_dtype).removeprefix("torch.")
+def _precision(model: Any, compute_dtype: torch.dtype | None) -> str:
+    """What a forward pass computes in, as messages name it: the autocast dtype if any, else the
+    weights' (a bf16 base under float32 adapters computes in bf16; a quantized one in its quantizer's
+    compute dtype, bf16 on most GPUs), else float32, with its matmul precision."""
+    dtypes = {compute_dtype} if compute_dtype is not None else {p.dtype for p in model.parameters()}
+    reduced = next((d for d in dtypes if d != torch.float32 and d.is_floating_point), None)
+    if reduced is not None:
+        return str(reduced).removeprefix("torch.")
+    if any(not d.is_floating_point for d in dtypes):
+        return "the quantized weights' compute dtype"
     matmuls = torch.get_float32_matmul_precision()  # "high": TF32, "medium": bfloat16 internally
     return "float32" if matmuls == "highest" else f"float32 with '{matmuls}' matmul precision"
-
-
-def _weights_dtype(model: Any) -> torch.dtype:
-    """float32 when every weight is; else the first other floating dtype (bf16 weights, a bf16 base
-    under float32 adapters)."""
-    other = (p.dtype for p in model.parameters() if p.dtype != torch.float32 and p.dtype.is_floating_point)
-    return next(other, torch.float32)
 
 
 def _all_float32(model: Any) -> bool:

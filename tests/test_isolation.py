@@ -142,6 +142,20 @@ def test_bfloat16_hides_lfm2s_leak_so_it_is_checked_in_float32():
         check_row_isolation(model.to(torch.bfloat16), collator)
 
 
+def test_weights_in_bfloat16_or_quantized_are_judged_at_their_compute_precision(caplog):
+    """No autocast, but bf16 weights (a LoRA base) compute in bf16, and quantized ones in their
+    quantizer's dtype: float32's tolerance would refuse their rounding as a leak."""
+    model = tiny_causal_lm("llama").to(torch.bfloat16)
+    with caplog.at_level("INFO", logger="sftrainer.isolation"):
+        check_row_isolation(model, PositionCollator(pad_token_id=0, flatten=True))
+    assert "in bfloat16" in caplog.text
+    quantized = tiny_causal_lm("llama")
+    quantized.packed_weight = torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8), requires_grad=False)
+    with caplog.at_level("INFO", logger="sftrainer.isolation"):
+        check_row_isolation(quantized, PositionCollator(pad_token_id=0, flatten=True))
+    assert "in the quantized weights' compute dtype" in caplog.text
+
+
 class _Leaky(torch.nn.Module):
     """Wraps a module and adds 1e-4 of its output at the previous position: a tiny leak across rows."""
 
