@@ -69,7 +69,7 @@ from sftrainer.evaluate import (
     load_scorer,
     mean_scores,
 )
-from sftrainer.isolation import check_row_isolation
+from sftrainer.isolation import check_row_isolation, stateful_layers
 from sftrainer.loss import (
     CHUNKED,
     TRAINER,
@@ -198,12 +198,14 @@ class SFTTrainer(Trainer):
             train_dataset, split_eval = data_load.split_dataset_dict(train_dataset)
             eval_dataset = eval_dataset if eval_dataset is not None else split_eval
 
+        eval_pack = args.packing if args.eval_packing is None else args.eval_packing
+        if args.packing or args.padding_free or eval_pack or _has_positions(train_dataset):
+            self._check_packing_model(model, args, processing_class, data_collator)  # before preparing data
         self.data_pipeline = DataPipeline(processing_class, args, formatting_func)
         self.data_stats: dict[str, PrepareStats] = self.data_pipeline.data_stats
         self.pack_stats: dict[str, PackStats] = self.data_pipeline.pack_stats
         if train_dataset is not None:
             train_dataset = self.data_pipeline(train_dataset, "train data", args.packing)
-        eval_pack = args.packing if args.eval_packing is None else args.eval_packing
         if isinstance(eval_dataset, dict):
             eval_dataset = {
                 k: self.data_pipeline(ds, f"eval data '{k}'", eval_pack) for k, ds in eval_dataset.items()
@@ -284,6 +286,24 @@ class SFTTrainer(Trainer):
             check(self.model, collator, dtypes.get(self.accelerator.mixed_precision))
 
     @staticmethod
+    def _check_packing_model(model: Any, args: SFTConfig, processing_class: Any, data_collator: Any) -> None:
+        """Refuse packing / padding_free before the data is prepared where the model's family cannot keep
+        packed rows apart (``vision.packing_problem``) or its layers carry state along the sequence
+        (``isolation.stateful_layers``: the isolation probe runs now, on the model where it is).
+        ``train()`` checks again where training runs.
+        """
+        problem = packing_problem(model) if is_processor(processing_class) else None
+        if problem:
+            raise ConfigError(f"packing / padding_free: {problem}; set packing=False and padding_free=False")
+        ours = data_collator is None or isinstance(
+            data_collator, PositionCollator | DataCollatorForLanguageModeling | VisionCollator
+        )
+        if not ours or sharding.is_partitioned(model) or not stateful_layers(model):
+            return
+        pad_id = text_tokenizer(processing_class).pad_token_id
+        check_row_isolation(model, PositionCollator(pad_id, flatten=_flattens(model, args)))
+
+    @staticmethod
     def _resolve_checkpointing(args: SFTConfig) -> None:
         """Gradient checkpointing on ``args`` (the trainer's copy): non-reentrant unless the user says otherwise.
 
@@ -328,10 +348,7 @@ class SFTTrainer(Trainer):
         return processing_class
 
     def _default_collator(self, model: Any, pad_token_id: int, args: SFTConfig, by_position: bool) -> Any:
-        impl = str(getattr(model.config, "_attn_implementation", "") or "")
-        # Varlen FlashAttention reads row boundaries from one flat row. Backends that build a dense
-        # mask (eager, SDPA) keep packed sequences as separate rows: B * L^2 attention, not (B * L)^2.
-        flatten = by_position and ((args.padding_free and not args.packing) or "flash" in impl)
+        flatten = by_position and _flattens(model, args)
         if self.data_pipeline.vision:  # rows with images: the processor makes their pixel inputs
             return VisionCollator(
                 self.data_pipeline.tokenizer, pad_token_id, by_position, flatten, args.pad_to_multiple_of
@@ -630,6 +647,14 @@ def _input_tokens(inputs: dict[str, Any]) -> Any:
     """Input tokens of a batch, padding excluded where an attention mask says where it is."""
     mask = inputs.get("attention_mask")
     return mask.sum() if mask is not None else inputs["input_ids"].numel()
+
+
+def _flattens(model: Any, args: SFTConfig) -> bool:
+    """Whether packed / padding-free batches are one flat row. Varlen FlashAttention reads row boundaries
+    from one flat row; backends that build a dense mask (eager, SDPA) keep packed sequences as separate
+    rows: B * L^2 attention, not (B * L)^2."""
+    impl = str(getattr(model.config, "_attn_implementation", "") or "")
+    return (args.padding_free and not args.packing) or "flash" in impl
 
 
 def _has_positions(dataset: Any) -> bool:

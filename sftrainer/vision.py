@@ -28,8 +28,9 @@ from sftrainer.constants import (
     PROJECTOR_NAMES,
     VISION_TOWER_NAMES,
 )
+from sftrainer.data.collate import PositionCollator
 from sftrainer.errors import ConfigError
-from sftrainer.isolation import ContaminationError
+from sftrainer.isolation import ContaminationError, check_row_isolation, stateful_layers
 from sftrainer.model import is_vision_config, prepare_tokenizer, read_chat_template
 
 logger = logging.getLogger(__name__)
@@ -281,6 +282,9 @@ def check_isolation(model: Any, collator: Any, compute_dtype: torch.dtype | None
         raise ContaminationError(
             f"packing / padding_free: {problem}; set packing=False and padding_free=False"
         )
+    if stateful_layers(model):  # rows of text show a state carried from one row into the next
+        text = PositionCollator(collator.pad_token_id, flatten=collator.flatten)
+        check_row_isolation(model, text, compute_dtype)
     processor = collator.processor
     encoder = VisionTokenizer(processor)
     images = [_probe_image(k) for k in range(2)]
