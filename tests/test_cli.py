@@ -260,6 +260,20 @@ def test_resume_from_checkpoint_true_resumes_the_latest_checkpoint(capsys, caplo
     ]
 
 
+def test_save_steps_on_the_command_line_saves_with_the_builtin_config(capsys, caplog, tmp_path):
+    """The demo config says save_strategy: 'no'; `sftrainer train save_steps=10` still saves at step 10."""
+    out_dir = tmp_path / "run"
+    with caplog.at_level("INFO", logger="sftrainer"):
+        code, _, err = run_cli(capsys, "train", f"output_dir={out_dir}", "data.eval=null", "exact_match_samples=0",
+                               "per_device_train_batch_size=8", "max_steps=10", "save_steps=10")  # fmt: skip
+    assert code == 0, err
+    assert (out_dir / "checkpoint-10" / "trainer_state.json").is_file()
+    assert (
+        "save_steps=10 on the command line: save_strategy set to 'steps' (the built-in config sets 'no')"
+        in (caplog.text)
+    )
+
+
 def test_resume_from_checkpoint_true_without_a_checkpoint_exits_2(capsys, tmp_path):
     code, out, err = run_cli(
         capsys, "train", f"output_dir={tmp_path / 'fresh'}", "resume_from_checkpoint=true"
