@@ -5,7 +5,8 @@ message about a row its line.
 ``prepare`` as an object (the CLI loads it before the trainer is built). So ``load`` remembers the
 origin of what it reads, keyed weakly by the ``Dataset`` object, and the functions that derive one
 data set from another (renaming, splitting, sampling) pass it on, with the row of the files that
-each row is (a mixture's sample, an ``eval_split`` part), or the fact that this is not known. Places are found by reading the files again, only when a message needs them.
+each row is (a mixture's sample, an ``eval_split`` part), or the fact that this is not known.
+Places are found by reading the files again, only when a message needs them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _ORIGINS: weakref.WeakKeyDictionary[Any, Origin] = weakref.WeakKeyDictionary()
 
 @dataclass(frozen=True)
 class Origin:
+    """Where the rows of one loaded data set come from."""
+
     source: str  # as the user named it: a path, glob, directory or hub id
     files: tuple[str, ...] = ()  # the local files read, in the order their rows come
     in_file_order: bool = True  # row k is the k-th row of the files, or row rows(k); False: unknown
@@ -44,14 +47,12 @@ class Origin:
             return {}
         asked = {i: self.rows(i) if self.rows is not None else i for i in indices}
         wanted, at = set(asked.values()), {}
-        index = 0
-        for path in self.files:
-            for place in _row_places(path):
-                if index in wanted:
-                    at[index] = place
-                    if len(at) == len(wanted):
-                        break
-                index += 1
+        every_row = (place for path in self.files for place in _row_places(path))
+        for index, place in enumerate(every_row):
+            if len(at) == len(wanted):
+                break
+            if index in wanted:
+                at[index] = place
         return {i: at[row] for i, row in asked.items() if row in at}
 
 
