@@ -9,13 +9,13 @@ not import torch, transformers or datasets.
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 import types
 from typing import TYPE_CHECKING, Any
 
 from sftrainer.constants import IGNORE_INDEX
 from sftrainer.errors import ConfigError, DataError, SFTrainerError
+from sftrainer.notices import install as _install_notice_filters
 
 if TYPE_CHECKING:
     from sftrainer.config import SFTConfig
@@ -72,32 +72,4 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 
-class _DemoteBitsandbytesKernelNotice(logging.Filter):
-    """bitsandbytes (0.45 to 0.50, backends/cpu/ops.py) tries, when it is imported on a CPU with
-    AVX512-BF16, to load a CPU kernel from the Hugging Face Hub through the `kernels` package (which
-    transformers 5.25 installs), and logs a WARNING when that fails: "Failed to load CPU
-    gemm_4bit_forward ..." (no `kernels`, no network, or a publisher it does not trust); offline,
-    `kernels` also warns "Skipping publisher trust check for 'kernels-community/...bitsandbytes'".
-    peft imports bitsandbytes whenever it is installed (peft/helpers.py, reached through
-    transformers.trainer_utils), so every command printed them. They are fallback notices, not
-    problems: shown at DEBUG (SFTRAINER_LOG_LEVEL=DEBUG), these messages only."""
-
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.WARNING and str(record.msg).startswith(self.prefix):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
-
-
-for _logger, _prefix in (
-    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit"),
-    (
-        "kernels._internals.hf_hub",
-        "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
-    ),
-):
-    logging.getLogger(_logger).addFilter(_DemoteBitsandbytesKernelNotice(_prefix))
-del _logger, _prefix
+_install_notice_filters()  # known third-party import-time notices: DEBUG only (sftrainer.notices)

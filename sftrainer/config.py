@@ -26,6 +26,13 @@ from sftrainer.model import chat_template_problems
 
 logger = logging.getLogger(__name__)
 
+# The three step intervals of transformers: (strategy key, steps key, what is done every steps).
+INTERVALS = (
+    ("save_strategy", "save_steps", "save"),
+    ("eval_strategy", "eval_steps", "evaluate"),
+    ("logging_strategy", "logging_steps", "log"),
+)
+
 
 @dataclass
 class SFTConfig(TrainingArguments):
@@ -275,7 +282,16 @@ class SFTConfig(TrainingArguments):
         },
     )
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> SFTConfig:
+        # Which fields the caller named: a *_steps the caller set turns its strategy to "steps"
+        # only where the caller left the strategy unset (resolve_intervals). Copies keep it.
+        self = super().__new__(cls)
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        self._given = (*names[: len(args)], *kwargs)
+        return self
+
     def __post_init__(self) -> None:
+        resolve_intervals(self)
         problems = self.problems()
         if problems:
             raise ConfigError("Invalid SFTConfig:\n" + "\n".join(f"  {p}" for p in problems))
@@ -363,6 +379,42 @@ class SFTConfig(TrainingArguments):
             truncation_mode=self.truncation_mode,
             overwrite_cache=self.overwrite_cache,
         )
+
+
+def resolve_intervals(cfg: SFTConfig) -> None:
+    """A ``save_steps`` / ``eval_steps`` / ``logging_steps`` the caller set, whose strategy the caller
+    left unset, turns that strategy to 'steps' (transformers would ignore it under its default
+    ``eval_strategy='no'``); said in the log, and recorded in ``cfg._implied``. A steps value that
+    its strategy, also set by the caller, ignores ('no', 'epoch', 'best') is a warning. The caller is
+    unknown for a config built without ``__new__`` (all fields then count as set); a steps value
+    equal to its default counts as unset for the warning (a resolved config or a converted
+    ``TrainingArguments`` carries every default)."""
+    given = getattr(cfg, "_given", None)
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    cfg._implied = ()
+    for strategy_key, steps_key, doing in INTERVALS:
+        steps, strategy = getattr(cfg, steps_key), getattr(cfg, strategy_key)
+        if isinstance(steps, float) and steps.is_integer():  # YAML and the command line give 10.0
+            steps = int(steps)
+        unset = strategy is None or (given is not None and strategy_key not in given)
+        if strategy is None:  # None: unset (transformers' own type would refuse it)
+            strategy = fields[strategy_key].default
+            setattr(cfg, strategy_key, strategy)
+        strategy = getattr(strategy, "value", strategy)
+        if steps is None or strategy == "steps" or (given is not None and steps_key not in given):
+            continue
+        if unset:
+            setattr(cfg, strategy_key, "steps")
+            cfg._implied += (strategy_key,)
+            logger.info(
+                "%s=%s without %s: set to 'steps' (instead of the default '%s'), to %s every %s steps",
+                steps_key, steps, strategy_key, strategy, doing, steps,
+            )  # fmt: skip
+        elif steps != fields[steps_key].default:
+            logger.warning(
+                "%s=%s has no effect: %s is '%s' (set %s='steps' to %s every %s steps)",
+                steps_key, steps, strategy_key, strategy, strategy_key, doing, steps,
+            )  # fmt: skip
 
 
 def to_sft_config(args: TrainingArguments | None, output_dir: str = "sftrainer_output") -> SFTConfig:

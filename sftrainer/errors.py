@@ -38,10 +38,16 @@ class TemplateError(RowError):
     """The chat template renders a conversation so that an assistant turn cannot be located."""
 
 
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The choice closest to ``name``, or None when nothing is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    close = closest(name, choices)
+    return f" (did you mean '{close}'?)" if close else ""
 
 
 class RunDirError(SFTrainerError):

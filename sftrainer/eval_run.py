@@ -29,7 +29,9 @@ RUN_CONFIG = "sftrainer_config.yaml"
 # Training-only settings of a saved run that an evaluation must not act on.
 TRAINING_ONLY = (
     "eval_strategy",
+    "eval_steps",  # left alone, it would turn the eval_strategy back on (config.resolve_intervals)
     "save_strategy",
+    "save_steps",
     "load_best_model_at_end",
     "resume_from_checkpoint",
     "push_to_hub",

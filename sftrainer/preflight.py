@@ -212,7 +212,12 @@ def measure_step_time(cfg: Any, train_rows: Any, tokenizer: Any, rows_per_sequen
             "resume_from_checkpoint=null",
             "load_best_model_at_end=false",
         ]
-        probe_cfg = build_config(apply_overrides(cfg.source, overrides))
+        # The run's own intervals go with its strategies (set to 'no' above, or they would be
+        # warned about as having no effect).
+        source = {
+            k: v for k, v in cfg.source.items() if k not in ("save_steps", "eval_steps", "logging_steps")
+        }
+        probe_cfg = build_config(apply_overrides(source, overrides))
         args = probe_cfg.train
         need = math.ceil(
             (PROBE_STEPS + 1) * args.train_batch_size * args.gradient_accumulation_steps * rows_per_sequence

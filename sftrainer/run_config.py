@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,8 +18,10 @@ import yaml
 
 from sftrainer import quant, sharding
 from sftrainer.coerce import coerce
-from sftrainer.config import SFTConfig, init_fields
+from sftrainer.config import INTERVALS, SFTConfig, init_fields
 from sftrainer.errors import ConfigError, did_you_mean
+
+logger = logging.getLogger(__name__)
 
 # ---- model / data / LoRA sections -------------------------------------------------------------
 
@@ -377,9 +380,32 @@ def load_config(
     raw = dict(defaults or {})
     if path is not None:
         raw = read_yaml(path)
+    below = raw
     raw = apply_overrides(raw, overrides)
+    _steps_over_strategies(raw, below, overrides, str(path) if path is not None else "the built-in config")
     where = f"{path}: " if path is not None else ""
     return build_config(raw, where)
+
+
+def _steps_over_strategies(
+    raw: dict[str, Any], below: Mapping[str, Any], overrides: Sequence[str], source: str
+) -> None:
+    """A ``save_steps`` / ``eval_steps`` / ``logging_steps`` given on the command line without its
+    strategy turns the strategy that the YAML file (or the built-in demo config) set to 'steps', as
+    ``SFTConfig`` does with a strategy left at its default (``config.resolve_intervals``): the
+    command line is what the user asked last. Said in the log."""
+    named = {item.partition("=")[0] for item in overrides}
+    for strategy_key, steps_key, doing in INTERVALS:
+        before = below.get(strategy_key)
+        before = "no" if before is False else before  # YAML 1.1 reads an unquoted `no` as false
+        if steps_key not in named or strategy_key in named or raw.get(steps_key) is None:
+            continue
+        if before is not None and before != "steps":
+            raw[strategy_key] = "steps"
+            logger.info(
+                "%s=%s on the command line: %s set to 'steps' (%s sets '%s'), to %s every %s steps",
+                steps_key, raw[steps_key], strategy_key, source, before, doing, raw[steps_key],
+            )  # fmt: skip
 
 
 def build_config(raw: Mapping[str, Any], where: str = "") -> RunConfig:
@@ -416,9 +442,12 @@ def build_config(raw: Mapping[str, Any], where: str = "") -> RunConfig:
     data = built.get("data", DataConfig())
     strategy = getattr(train, "eval_strategy", "no")
     if strategy != "no" and not data.has_eval():
+        implied = "eval_strategy" in getattr(train, "_implied", ())
         problems.append(
-            f"eval_strategy: '{getattr(strategy, 'value', strategy)}' needs evaluation data; "
-            "set data.eval, data.eval_split or data.eval_split_name, or eval_strategy: 'no'"
+            f"eval_strategy: '{getattr(strategy, 'value', strategy)}'"
+            + (f" (set by eval_steps={train.eval_steps})" if implied else "")
+            + " needs evaluation data; set data.eval, data.eval_split or data.eval_split_name, or "
+            + ("remove eval_steps" if implied else "eval_strategy: 'no'")
         )
     if data.streaming and train is not None and train.max_steps <= 0:
         problems.append(

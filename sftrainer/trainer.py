@@ -50,7 +50,7 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import rotate_checkpoints
+from transformers.trainer_utils import IntervalStrategy, rotate_checkpoints
 
 from sftrainer import checkpoint, lora, memory, precision, quant, sharding
 from sftrainer.config import SFTConfig, to_sft_config
@@ -212,6 +212,11 @@ class SFTTrainer(Trainer):
             }
         elif eval_dataset is not None:
             eval_dataset = self.data_pipeline(eval_dataset, "eval data", eval_pack)
+        elif "eval_strategy" in getattr(args, "_implied", ()):
+            # eval_steps alone set eval_strategy='steps' (config.resolve_intervals): with no eval data
+            # it does nothing, as in transformers, rather than stop at Trainer's "no eval_dataset".
+            logger.warning("eval_steps=%s has no effect: there is no eval_dataset", args.eval_steps)
+            args.eval_strategy = IntervalStrategy.NO
 
         # Also with eval_packing and no eval set yet: evaluate(raw rows) packs them later.
         by_position = args.packing or args.padding_free or bool(eval_pack) or _has_positions(train_dataset)

@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -129,24 +130,59 @@ def test_public_names_still_import_from_the_package():
     assert proc.stdout.split() == ["SFTTrainer", "SFTConfig", "True", "True"]
 
 
-def test_bitsandbytes_kernel_notice_is_demoted_to_debug():
-    """The messages bitsandbytes (and `kernels`, offline) log at import on AVX512-BF16 CPUs when its
-    hub kernel cannot be loaded; other warnings of those loggers still show."""
-    code = (
-        "import logging, sftrainer\n"
-        "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
-        "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s.', 'No module named kernels')\n"
-        "log.warning('another warning')\n"
-        "hub = logging.getLogger('kernels._internals.hf_hub')\n"
-        "hub.warning(\"Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because \"\n"
-        "            'Hugging Face Hub is in offline mode.')\n"
-        "hub.warning(\"Skipping publisher trust check for 'me/my-kernel' because offline.\")\n"
-    )
-    proc = python("-c", code)
-    assert "gemm_4bit" not in proc.stderr and "another warning" in proc.stderr
-    assert "quantization-bitsandbytes" not in proc.stderr and "me/my-kernel" in proc.stderr
-    proc = python("-c", "import logging; logging.basicConfig(level='DEBUG')\n" + code)
+# What each dependency logs, word for word (sftrainer/notices.py names the versions).
+KNOWN_NOTICES = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community: Kernel "
+    "repository 'kernels-community/quantization-bitsandbytes' could not verify publisher trust status.",
+    "kernels._internals.hf_hub": "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' "
+    "because Hugging Face Hub is in offline mode.",
+    "torchao": "Failed to load /venv/lib/python3.11/site-packages/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: "
+    "Could not load this library: /venv/lib/python3.11/site-packages/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so",
+    "torchao.kernel.intmm": "Warning: Detected no triton, on systems without Triton certain kernels will not work",
+    "torch.utils._pytree": "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by "
+    "torch.compile as an opaque value type. Calling register_constant() on Enum subclasses is deprecated",
+}
+NOTICE_WORDS = ("gemm_4bit", "quantization-bitsandbytes", "_C_mxfp8", "_C_cutlass", "Detected no triton", "KernelPreference",
+                "ScaleCalculationMode")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "setup", ["", "logging.basicConfig(level='INFO')\n"], ids=["no-logging", "cli-logging"]
+)
+def test_known_third_party_notices_are_debug_only(setup):
+    """The notices dependencies log at import (see sftrainer/notices.py) show neither with Python's
+    default logging nor at the CLI's INFO level; other warnings of the same loggers still show."""
+    lines = ["import logging, sftrainer", setup]
+    for name, message in KNOWN_NOTICES.items():
+        lines += [f"logging.getLogger({name!r}).warning({message!r})",
+                  f"logging.getLogger({name!r}).warning('another warning of ' + {name!r})"]  # fmt: skip
+    proc = python("-c", "\n".join(lines))
+    assert proc.returncode == 0, proc.stderr
+    assert not [word for word in NOTICE_WORDS if word in proc.stderr], proc.stderr
+    for name in KNOWN_NOTICES:
+        assert f"another warning of {name}" in proc.stderr
+    # At DEBUG they are there, as DEBUG records (torch keeps its own loggers at WARNING).
+    proc = python("-c", "\n".join([lines[0], "logging.basicConfig(level='DEBUG')", *lines[2:]]))
     assert "DEBUG:bitsandbytes.backends.cpu.ops:Failed to load CPU gemm_4bit_forward" in proc.stderr
+    assert "DEBUG:torchao.kernel.intmm:Warning: Detected no triton" in proc.stderr
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchao") is None,
+    reason="torchao (the torchao extra) is not installed, so its import-time messages cannot appear; "
+    "CI installs .[dev] only",
+)
+def test_a_command_with_torchao_installed_shows_sftrainer_messages_and_real_warnings_only(tmp_path):
+    """With torchao importable, `sftrainer data` printed torchao's failed .so loads, "Detected no
+    triton", torch's pytree deprecation and bitsandbytes' / kernels' kernel notices."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # offline, kernels adds its own notice
+    proc = python("-m", "sftrainer", "data", "--rows", "0", f"output_dir={tmp_path}", "save_strategy=no",
+                  "save_steps=10", env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert not [word for word in NOTICE_WORDS if word in proc.stderr], proc.stderr
+    assert "Enum subclass" not in proc.stderr and "_pytree" not in proc.stderr
+    assert "WARNING sftrainer.config: save_steps=10 has no effect" in proc.stderr  # a real warning
+    assert "INFO sftrainer.data.prepare: train data: 6000 rows" in proc.stderr
 
 
 @pytest.mark.skipif(
@@ -258,6 +294,20 @@ def test_resume_from_checkpoint_true_resumes_the_latest_checkpoint(capsys, caplo
         (3, False),
         (4, False),
     ]
+
+
+def test_save_steps_on_the_command_line_saves_with_the_builtin_config(capsys, caplog, tmp_path):
+    """The demo config says save_strategy: 'no'; `sftrainer train save_steps=10` still saves at step 10."""
+    out_dir = tmp_path / "run"
+    with caplog.at_level("INFO", logger="sftrainer"):
+        code, _, err = run_cli(capsys, "train", f"output_dir={out_dir}", "data.eval=null", "exact_match_samples=0",
+                               "per_device_train_batch_size=8", "max_steps=10", "save_steps=10")  # fmt: skip
+    assert code == 0, err
+    assert (out_dir / "checkpoint-10" / "trainer_state.json").is_file()
+    assert (
+        "save_steps=10 on the command line: save_strategy set to 'steps' (the built-in config sets 'no')"
+        in (caplog.text)
+    )
 
 
 def test_resume_from_checkpoint_true_without_a_checkpoint_exits_2(capsys, tmp_path):

@@ -445,6 +445,118 @@ def test_packing_settings():
         assert "packing_strategy" in config_error(None, ["packing=true", "packing_strategy=nonsense"])
 
 
+# ---- step intervals: a *_steps setting and its strategy -----------------------------------
+
+# Like the built-in demo config, which says save_strategy: 'no' (and here logs once per epoch).
+INTERVALS_OFF = {
+    "output_dir": "out",
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "logging_strategy": "epoch",
+}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "strategy", "value"),
+    [
+        ({"eval_steps": 5}, "eval_strategy", "steps"),  # transformers' default 'no' would ignore it
+        ({"save_steps": 7}, "save_strategy", "steps"),  # already transformers' default
+        ({"logging_steps": 3, "logging_strategy": None}, "logging_strategy", "steps"),  # None: unset
+    ],
+)
+def test_python_steps_without_their_strategy_turn_it_to_steps(caplog, kwargs, strategy, value):
+    with caplog.at_level("INFO", logger="sftrainer"):
+        args = SFTConfig(output_dir="out", **kwargs)
+    assert getattr(args, strategy) == value
+    if kwargs.get("eval_steps"):
+        assert (
+            "eval_steps=5 without eval_strategy: set to 'steps' (instead of the default 'no')" in caplog.text
+        )
+        assert args.eval_steps == 5 and args._implied == ("eval_strategy",)
+    assert "has no effect" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"save_strategy": "no", "save_steps": 10},
+         "save_steps=10 has no effect: save_strategy is 'no' (set save_strategy='steps' to save every 10 steps)"),
+        ({"eval_strategy": "epoch", "eval_steps": 50}, "eval_steps=50 has no effect: eval_strategy is 'epoch'"),
+        ({"logging_strategy": "epoch", "logging_steps": 5}, "logging_steps=5 has no effect"),
+    ],
+)  # fmt: skip
+def test_python_steps_that_their_strategy_ignores_are_a_warning(caplog, kwargs, message):
+    with caplog.at_level("INFO", logger="sftrainer"):
+        args = SFTConfig(output_dir="out", **kwargs)
+    assert message in caplog.text
+    strategy = next(k for k in kwargs if k.endswith("_strategy"))
+    assert getattr(args, strategy) == kwargs[strategy]  # what the user set stays
+
+
+def test_copies_and_defaults_say_nothing(caplog):
+    """A copy, a replace() and a strategy with the default steps beside it (a resolved config, a
+    converted TrainingArguments) are neither changed nor warned about."""
+    from transformers import TrainingArguments
+
+    from sftrainer.config import to_sft_config
+
+    with caplog.at_level("INFO", logger="sftrainer"):
+        implied = SFTConfig(output_dir="out", eval_steps=5)
+        caplog.clear()
+        assert dataclasses.replace(implied, learning_rate=1e-3).eval_strategy == "steps"
+        assert SFTConfig(output_dir="out", save_strategy="no", save_steps=500).save_strategy == "no"
+        assert to_sft_config(TrainingArguments(output_dir="out", save_strategy="no")).save_strategy == "no"
+    assert "eval_steps" not in caplog.text and "has no effect" not in caplog.text
+    # A TrainingArguments carries no record of what its caller set: its eval_strategy counts as set.
+    with caplog.at_level("INFO", logger="sftrainer"):
+        converted = to_sft_config(TrainingArguments(output_dir="out", eval_steps=50))
+    assert converted.eval_strategy == "no" and "eval_steps=50 has no effect" in caplog.text
+
+
+@pytest.mark.parametrize("key", ["save", "eval", "logging"])
+def test_a_command_line_steps_override_beats_the_strategy_of_the_builtin_config(caplog, key):
+    """`sftrainer train save_steps=10`: the demo's save_strategy 'no' gave no checkpoint, silently."""
+    defaults = {**INTERVALS_OFF, "data": {"eval": "e.jsonl"}}
+    with caplog.at_level("INFO", logger="sftrainer"):
+        cfg = load_config(None, [f"{key}_steps=10"], defaults=defaults)
+    assert getattr(cfg.train, f"{key}_strategy") == "steps" and getattr(cfg.train, f"{key}_steps") == 10
+    was = "epoch" if key == "logging" else "no"
+    assert (
+        f"{key}_steps=10 on the command line: {key}_strategy set to 'steps' (the built-in config sets '{was}')"
+        in caplog.text
+    )
+    assert "has no effect" not in caplog.text
+
+
+def test_a_command_line_steps_override_beats_the_strategy_of_a_yaml_file(tmp_path, caplog):
+    path = write(
+        tmp_path, "save_strategy: no\neval_strategy: epoch\ndata:\n  eval: e.jsonl\n"
+    )  # YAML reads no as false
+    with caplog.at_level("INFO", logger="sftrainer"):
+        cfg = load_config(path, ["save_steps=10", "eval_steps=20"])
+    assert (cfg.train.save_strategy, cfg.train.save_steps) == ("steps", 10)
+    assert (cfg.train.eval_strategy, cfg.train.eval_steps) == ("steps", 20)
+    assert f"({path} sets 'no')" in caplog.text and f"({path} sets 'epoch')" in caplog.text
+
+
+def test_steps_and_strategy_set_together_are_a_warning_not_a_change(tmp_path, caplog):
+    """In one YAML file, or both on the command line: the strategy the user wrote stays."""
+    path = write(tmp_path, "save_strategy: 'no'\nsave_steps: 10\n")
+    with caplog.at_level("INFO", logger="sftrainer"):
+        from_file = load_config(path)
+        on_the_line = load_config(None, ["save_strategy=no", "save_steps=10"], defaults={"output_dir": "o"})
+    assert from_file.train.save_strategy == "no" == on_the_line.train.save_strategy
+    assert caplog.text.count("save_steps=10 has no effect: save_strategy is 'no'") == 2
+
+
+def test_eval_steps_alone_in_yaml_evaluates_and_needs_eval_data(tmp_path):
+    cfg = load_config(write(tmp_path, "eval_steps: 5\ndata:\n  eval: e.jsonl\n"))
+    assert (cfg.train.eval_strategy, cfg.train.eval_steps) == ("steps", 5)
+    message = config_error(write(tmp_path, "eval_steps: 5\n"))
+    assert "eval_strategy: 'steps' (set by eval_steps=5) needs evaluation data" in message
+    assert "or remove eval_steps" in message
+
+
 # ---- the resolved config -----------------------------------------------------------------
 
 

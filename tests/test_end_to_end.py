@@ -33,7 +33,13 @@ def cli(*argv: str, **kwargs) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+# Hang guards, not speed checks. Measured on 2 shared CPU cores: the resume phase took 71 s (the
+# whole test 147 s) and, with a busy loop beside it, the whole test 333 s; the guards were 240 s
+# per phase and 180 s to the first checkpoint, too close for a loaded CI machine.
+HANG_GUARD = 900
+
+
+def finish(proc: subprocess.Popen, timeout: float = HANG_GUARD) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 
@@ -52,12 +58,12 @@ def test_train_kill_resume_report_merge_generate(tmp_path):
     )
     # 1. Train, and kill the process once a checkpoint exists, as a crash or a preemption would.
     proc = cli("train", str(config))
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + HANG_GUARD
     while not (run / "checkpoint-8").is_dir():
         assert proc.poll() is None, (
             f"training ended before it could be killed: {proc.communicate()[1][-2000:]}"
         )
-        assert time.monotonic() < deadline, "no checkpoint within 3 minutes"
+        assert time.monotonic() < deadline, f"no checkpoint within {HANG_GUARD} s"
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     code, _, _ = finish(proc)

@@ -93,3 +93,16 @@ def test_early_stopping_on_eval_exact_match(tiny_model_dir, tmp_path):
     trainer.train()
     assert trainer.state.global_step == 2
     assert trainer.state.best_metric == 0.0
+
+
+def test_eval_steps_alone_evaluates_and_without_eval_data_only_warns(tiny_model_dir, tmp_path, caplog):
+    """eval_steps without eval_strategy evaluates every eval_steps (config.resolve_intervals); with no
+    eval_dataset it has no effect, as in transformers, and says so (not Trainer's error)."""
+    trainer = _trainer(tiny_model_dir, tmp_path / "a", eval_dataset=ROWS, eval_steps=2, max_steps=4)
+    trainer.train()
+    assert [e["step"] for e in trainer.state.log_history if "eval_loss" in e] == [2, 4]
+    with caplog.at_level("WARNING", logger="sftrainer"):
+        trainer = _trainer(tiny_model_dir, tmp_path / "b", eval_steps=2, max_steps=4)
+    assert "eval_steps=2 has no effect: there is no eval_dataset" in caplog.text
+    trainer.train()
+    assert not [e for e in trainer.state.log_history if "eval_loss" in e]

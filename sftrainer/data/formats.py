@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from sftrainer.constants import IMAGE_COLUMNS
-from sftrainer.errors import DataError, RowError, did_you_mean
+from sftrainer.errors import DataError, RowError, closest, did_you_mean
 
 
 class Format(str, Enum):
@@ -145,21 +148,31 @@ def detect_format(columns: Sequence[str], source: str, text_field: str | None = 
     for fmt, required in REQUIRED_COLUMNS.items():
         if all(c in columns for c in required):
             return fmt
-    hints = [
-        f"'{c}'{did_you_mean(c, KNOWN_COLUMNS)}"
-        for c in columns
-        if c not in KNOWN_COLUMNS and did_you_mean(c, KNOWN_COLUMNS)
-    ]
-    hint = f" Possibly misspelled: {', '.join(hints)}." if hints else ""
+    misspelled = {c: closest(c, KNOWN_COLUMNS) for c in columns if c not in KNOWN_COLUMNS}
+    misspelled = {c: known for c, known in misspelled.items() if known}
+    hint = ", ".join(f"'{c}' (did you mean '{known}'?)" for c, known in misspelled.items())
+    hint = f" Possibly misspelled: {hint}." if hint else ""
+    example = dict(misspelled)
     if any(_looks_like_data(c) for c in columns):
         hint += (
             " The column names look like data: a CSV file's first line must be a header naming the "
             "columns (e.g. prompt,response)."
         )
+        example = {}
+    elif not example:  # the first unknown columns, as a prompt / response pair
+        example = dict(zip([c for c in columns if c not in KNOWN_COLUMNS], ("prompt", "response")))
+    example = example or {"question": "prompt", "answer": "response"}
+    partial = [
+        f"{fmt.value} (missing {', '.join(c for c in required if c not in columns)})"
+        for fmt, required in REQUIRED_COLUMNS.items()
+        if any(c in columns for c in required)
+    ]
+    could_be = f"It could be: {'; '.join(partial)}.\n" if partial else ""
     raise DataError(
-        f"{source}: cannot tell the data format from the columns {columns}.{hint}\n{format_help()}\n"
-        "Rename columns with data.columns (YAML, e.g. `columns: {question: prompt, answer: response}`), "
-        "or pass dataset_text_field= or formatting_func=."
+        f"{source}: cannot tell the data format from the columns {columns}.{hint}\n{could_be}{format_help()}\n"
+        "Map your columns onto a format's with data.columns (YAML, e.g. `columns: {"
+        + ", ".join(f"{a}: {b}" for a, b in example.items())
+        + "}`; in Python, Dataset.rename_columns), or pass dataset_text_field= or formatting_func=."
     )
 
 
@@ -398,6 +411,46 @@ def _check_one_format(row: Mapping[str, Any], fmt: Format) -> None:
         f"({', '.join(REQUIRED_COLUMNS[other])}), while the data set is read as {fmt.value}. "
         "One data set holds one format: put these rows in a file of their own and list both files as "
         "sources of a mixture (data.train: [{path: ...}, {path: ...}]), or convert them",
+    )
+
+
+def row_formats(table: pa.Table) -> dict[Format, tuple[int, int]]:
+    """The formats the rows have, each row counted under the first (in detection order) whose
+    required columns it sets: {format: (index of its first row, rows)}. Rows with none are left out.
+    Vectorised over the Arrow columns: a few passes over the data."""
+    taken = None  # rows already counted
+    out: dict[Format, tuple[int, int]] = {}
+    for fmt, required in REQUIRED_COLUMNS.items():
+        if not all(c in table.column_names for c in required):
+            continue
+        has = pc.is_valid(table.column(required[0]))
+        for column in required[1:]:
+            has = pc.and_(has, pc.is_valid(table.column(column)))
+        mine = has if taken is None else pc.and_(has, pc.invert(taken))
+        taken = has if taken is None else pc.or_(taken, has)
+        count = pc.sum(mine).as_py() or 0
+        if count:
+            out[fmt] = (pc.index(mine, True).as_py(), count)
+    return out
+
+
+def mixed_formats_error(
+    where: str, formats: Mapping[Format, tuple[int, int]], read_as: Format, places: Mapping[int, str]
+) -> DataError:
+    """The error for rows of several formats in one data set (``row_formats``), naming the first
+    row of each (``places``: where a row is, by index)."""
+    lines = [
+        f"  {fmt.value} ({', '.join(REQUIRED_COLUMNS[fmt])}): {count} row{'s' if count > 1 else ''}"
+        + (f", the first at {places[first]}" if first in places else "")
+        for fmt, (first, count) in formats.items()
+    ]
+    return DataError(
+        f"{where}: the rows mix data formats (a row's format is the first whose columns it sets):\n"
+        + "\n".join(lines)
+        + f"\nA data set is read in one format (here {read_as.value}, the first whose columns the rows have). "
+        "Put each kind of row in a file of its own and list the files as sources of a mixture "
+        "(data.train: [{path: chats.jsonl}, {path: pairs.jsonl}]), convert the rows to one format, or set "
+        f"skip_invalid_rows=true to train on the {read_as.value} rows only (the others are dropped and counted)."
     )
 
 

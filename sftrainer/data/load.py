@@ -1,6 +1,7 @@
 """Load training data from files, Hugging Face datasets or Python lists into a ``datasets`` object.
 
 Every failure names the source: a broken JSONL line gives ``file:line``, a missing file its path.
+What is read is remembered (``sftrainer.data.origin``), so later messages about the rows name it too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import datasets
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 
+from sftrainer.data import origin
 from sftrainer.data.formats import rename_columns
 from sftrainer.errors import DataError
 
@@ -88,7 +90,9 @@ def load(
                 f"{name}: {' and '.join(given)} (given) only apply to a Hugging Face dataset or a dataset "
                 f"directory, not to files ({describe(source)})"
             )
-        return _from_files(source, name, split or "train", streaming)
+        files = expand_files(source, name)
+        loaded = _from_files(files, name, split or "train", streaming)
+        return origin.remember(loaded, origin.Origin(describe(source), tuple(files)))
     raise DataError(
         f"{name}: cannot load a {type(source).__name__}. Pass a list of dicts, a datasets.Dataset, "
         "or path(s) to .json, .jsonl, .csv or .parquet files."
@@ -142,8 +146,7 @@ def expand_files(source: str | os.PathLike | Sequence[str | os.PathLike], name: 
     return files
 
 
-def _from_files(source: Any, name: str, split: str = "train", streaming: bool = False) -> AnyDataset:
-    files = expand_files(source, name)
+def _from_files(files: list[str], name: str, split: str = "train", streaming: bool = False) -> AnyDataset:
     missing = [f for f in files if not os.path.exists(f)]
     if missing:
         raise DataError(f"{name}: file not found: {missing[0]}")
@@ -360,13 +363,13 @@ def _from_hub(dataset_id: str, name: str, hub_args: Mapping[str, Any]) -> AnyDat
             f"{name}: '{dataset_id}' is {where}, and loading it as a Hugging Face dataset "
             f"({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: {_root_message(err)}"
         ) from None
-    return ds
+    return origin.remember(ds, origin.Origin(dataset_id))
 
 
 def rename(dataset: AnyDataset, mapping: Mapping[str, str], name: str) -> AnyDataset:
     """Apply a ``{their_column: our_column}`` mapping (YAML ``data.columns``), checked first."""
     columns = dataset.column_names or list(next(iter(dataset)))
-    return dataset.rename_columns(rename_columns(columns, mapping, name))
+    return origin.pass_on(dataset.rename_columns(rename_columns(columns, mapping, name)), dataset)
 
 
 def split_dataset_dict(source: Any) -> tuple[Any, Any]:
@@ -383,7 +386,12 @@ def train_eval_split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, 
     if len(ds) < 2:
         raise DataError(f"eval_split={fraction} needs at least 2 rows, the data has {len(ds)}")
     parts = ds.train_test_split(test_size=fraction, seed=seed)
-    return parts["train"], parts["test"]
+    train, test = parts["train"], parts["test"]
+    rows = origin.selected_rows(train, ds), origin.selected_rows(test, ds)
+    return (
+        origin.pass_on(train, ds, rows=rows[0], known=rows[0] is not None),
+        origin.pass_on(test, ds, rows=rows[1], known=rows[1] is not None),
+    )
 
 
 def _root_message(err: BaseException) -> str:

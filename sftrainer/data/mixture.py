@@ -30,6 +30,7 @@ from datasets import Dataset, IterableDataset, concatenate_datasets
 
 from sftrainer.constants import MIXTURE_REPEAT_WARNING
 from sftrainer.data import load as data_load
+from sftrainer.data import origin
 from sftrainer.data.prepare import DataSettings, PrepareStats, prepare
 from sftrainer.errors import ConfigError, DataError, did_you_mean
 
@@ -154,10 +155,12 @@ class Mixture:
         loaded = self.loaded(name).sources
         sizes = [len(s.data) for s in loaded]
         counts = plan_rows(sizes, loaded)
-        return [
-            (source, source.data.select(sample_indices(size, n, seed, k)))
-            for k, (source, size, n) in enumerate(zip(loaded, sizes, counts))
-        ]
+        out = []
+        for k, (source, size, n) in enumerate(zip(loaded, sizes, counts)):
+            indices = sample_indices(size, n, seed, k)
+            sample = source.data.select(indices)
+            out.append((source, origin.pass_on(sample, source.data, rows=indices.__getitem__)))
+        return out
 
 
 def plan_rows(sizes: Sequence[int], sources: Sequence[MixtureSource]) -> list[int]:

@@ -14,6 +14,7 @@ import gc
 import itertools
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,12 +31,15 @@ from sftrainer.data.formats import (
     Format,
     detect_format,
     implied_columns,
+    mixed_formats_error,
     normalise_row,
     pairs_as_chat,
     rename_columns,
+    row_formats,
     split_turns,
 )
 from sftrainer.data.load import guard_stream
+from sftrainer.data.origin import Origin, origin_of, places, where
 from sftrainer.data.tokenize import ExampleTokenizer, Tokenized, tokenize_pretokenized
 from sftrainer.errors import ConfigError, DataError, RowError, did_you_mean
 
@@ -297,6 +301,7 @@ def prepare(
     problems = settings.problems()
     if problems:
         raise ConfigError("; ".join(problems))
+    origin = origin_of(dataset)  # where the rows come from, for messages
     if isinstance(dataset, IterableDataset):
         dataset = guard_stream(dataset, name)
     columns = column_names(dataset, name)
@@ -315,7 +320,13 @@ def prepare(
         )
     if formatting_func is None and "chosen" in columns:
         logger.info("%s: preference data: the chosen answers are trained; 'rejected' is not used", name)
-    fmt = None if formatting_func is not None else detect_format(columns, name, settings.text_field)
+    fmt = (
+        None
+        if formatting_func is not None
+        else detect_format(columns, where(name, origin), settings.text_field)
+    )
+    if fmt is not None and settings.text_field is None and not settings.skip_invalid_rows:
+        _refuse_mixed_formats(dataset, fmt, name, origin)
     fmt_name = "formatting_func" if fmt is None else fmt.value
     keep_start = settings.truncation_mode == "keep_start"  # keep_end cuts whole rows afterwards
     encoder = ExampleTokenizer(
@@ -383,7 +394,7 @@ def prepare(
     invalid_mask = pc.invert(pc.or_(usable, pc.equal(issues, EMPTY)))
     invalid = pc.filter(issues, invalid_mask).to_pylist()
     if invalid and not settings.skip_invalid_rows:
-        raise invalid_rows_error(name, invalid, len(issues), f"{fmt_name} format")
+        raise invalid_rows_error(name, invalid, len(issues), f"{fmt_name} format", origin)
     stats.dropped_invalid = len(invalid)
     kept = np.flatnonzero(usable.to_numpy(zero_copy_only=False))
     if kept.size == 0:
@@ -405,15 +416,42 @@ def prepare(
     return mapped, stats
 
 
-def invalid_rows_error(name: str, invalid: list[str], rows: int, described: str) -> DataError:
-    """The error for rows that cannot be used: how many, the first few problems (row, field, what),
-    and what to do."""
-    listed = "\n".join(f"  {p}" for p in invalid[:MAX_LISTED_PROBLEMS])
+def _refuse_mixed_formats(dataset: Any, fmt: Format, name: str, origin: Origin | None) -> None:
+    """Rows of several formats (prompt/response lines in a messages file) are refused up front, naming
+    the first row of each, not row by row after tokenizing. A stream is checked row by row as read."""
+    if not isinstance(dataset, Dataset):
+        return
+    candidates = [cols for cols in REQUIRED_COLUMNS.values() if set(cols) <= set(dataset.column_names)]
+    if len(candidates) < 2:
+        return  # the columns of one format only: the rows cannot mix formats
+    needed = sorted({c for cols in candidates for c in cols})
+    formats = row_formats(dataset.select_columns(needed).with_format("arrow")[:])
+    if len(formats) > 1:
+        firsts = places(origin, [first for first, _ in formats.values()])
+        raise mixed_formats_error(where(name, origin), formats, fmt, firsts)
+
+
+_ROW = re.compile(r"row (\d+): ")  # how a problem begins (_TokenizeBatch)
+
+
+def invalid_rows_error(
+    name: str, invalid: list[str], rows: int, described: str, origin: Origin | None = None
+) -> DataError:
+    """The error for rows that cannot be used: how many, the first few problems (row, field, what;
+    with the file and line where ``origin`` knows them), and what to do."""
+    shown = [(_ROW.match(p), p) for p in invalid[:MAX_LISTED_PROBLEMS]]
+    found = origin.places(int(m.group(1)) - 1 for m, _ in shown if m) if origin is not None else {}
+    listed = "\n".join(
+        f"  row {m.group(1)} ({found[int(m.group(1)) - 1]}): {p[m.end() :]}"
+        if m and int(m.group(1)) - 1 in found
+        else f"  {p}"
+        for m, p in shown
+    )
     more = (
         f"\n  ... and {len(invalid) - MAX_LISTED_PROBLEMS} more" if len(invalid) > MAX_LISTED_PROBLEMS else ""
     )
     return DataError(
-        f"{name}: {len(invalid)} of {rows} rows cannot be used ({described}):\n{listed}{more}\n"
+        f"{where(name, origin)}: {len(invalid)} of {rows} rows cannot be used ({described}):\n{listed}{more}\n"
         "Fix these rows, or set skip_invalid_rows=true to drop them (they are counted)."
     )
 

@@ -33,6 +33,7 @@ from sftrainer.data.formats import (
 )
 from sftrainer.data.images import ImageRef, count_images, image_column, load_image, split_images
 from sftrainer.data.load import guard_stream
+from sftrainer.data.origin import origin_of, where
 from sftrainer.data.prepare import (
     EMPTY,
     OK,
@@ -198,6 +199,7 @@ def prepare_vision(
     problems = settings.problems()
     if problems:
         raise ConfigError("; ".join(problems))
+    origin = origin_of(dataset)  # where the rows come from, for messages
     if isinstance(dataset, IterableDataset):
         dataset = guard_stream(dataset, name)
     columns = column_names(dataset, name)
@@ -212,7 +214,11 @@ def prepare_vision(
     column = image_column(columns)
     dataset = _undecoded(dataset, column)
     data_columns = [c for c in columns if c not in IMAGE_COLUMNS]
-    fmt = None if formatting_func is not None else detect_format(data_columns, name, settings.text_field)
+    fmt = (
+        None
+        if formatting_func is not None
+        else detect_format(data_columns, where(name, origin), settings.text_field)
+    )
     if fmt is Format.TOKENIZED:
         raise DataError(
             f"{name}: pre-tokenized rows (input_ids) cannot carry images; give conversations (messages) "
@@ -265,7 +271,7 @@ def prepare_vision(
     counts = Counter(i if i in (OK, TRUNCATED, EMPTY, IMAGE_CUT) else "invalid" for i in issues)
     invalid = [i for i in issues if i not in (OK, TRUNCATED, EMPTY, IMAGE_CUT)]
     if invalid and not settings.skip_invalid_rows:
-        raise invalid_rows_error(name, invalid, len(issues), f"{fmt_name} format, images")
+        raise invalid_rows_error(name, invalid, len(issues), f"{fmt_name} format, images", origin)
     stats.rows, stats.truncated = len(issues), counts[TRUNCATED]
     stats.dropped_empty, stats.dropped_image_cut = counts[EMPTY], counts[IMAGE_CUT]
     stats.dropped_invalid = len(invalid)

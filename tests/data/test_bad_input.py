@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -217,9 +218,47 @@ CASES = [
     ),
     case(
         "mixed formats in one file",
-        jsonl(json.dumps({"messages": [USER, ANSWER]}), json.dumps(GOOD)),
-        ["row 2", "field 'messages'", "has the columns of the prompt_response format", "read as messages",
-         "list both files as sources of a mixture"],
+        jsonl(json.dumps({"messages": [USER, ANSWER]}), "", json.dumps({"messages": [USER, ANSWER]}), json.dumps(GOOD)),
+        ["train.jsonl): the rows mix data formats", "messages (messages): 2 rows, the first at ",
+         "train.jsonl:1\n", "prompt_response (prompt, response): 1 row, the first at ", "train.jsonl:4\n",
+         "read in one format (here messages", "list the files as sources of a mixture",
+         "skip_invalid_rows=true to train on the messages rows only"],
+    ),
+    case(
+        "mixed formats in a csv file",
+        text_file("train.csv", "text,prompt,response\nHello there.,,\n,Q,A\n"),
+        ["train.csv): the rows mix data formats", "text (text): 1 row, the first at ", "train.csv:2\n",
+         "prompt_response (prompt, response): 1 row, the first at ", "train.csv:3\n"],
+    ),
+    case(
+        "mixed formats in python rows",
+        rows(GOOD, {"messages": [USER, ANSWER]}, GOOD),
+        ["train data: the rows mix data formats", "messages (messages): 1 row, the first at row 2",
+         "prompt_response (prompt, response): 2 rows, the first at row 1"],
+    ),
+    case(
+        "pre-tokenized rows mixed with text rows",
+        rows({"input_ids": [1, 2, 3]}, {"text": "Hello."}),
+        ["the rows mix data formats", "tokenized (input_ids): 1 row, the first at row 1",
+         "text (text): 1 row, the first at row 2"],
+    ),
+    case(
+        "file whose format cannot be told",
+        jsonl(json.dumps({"ask": "Q", "reply": "A"})),
+        ["train data (", "train.jsonl): cannot tell the data format from the columns ['ask', 'reply']",
+         "Known formats", "`columns: {ask: prompt, reply: response}`", "formatting_func"],
+    ),
+    case(
+        "file with a misspelled column",
+        jsonl(json.dumps({"prompt": "Q", "respones": "A"})),
+        ["train.jsonl): cannot tell the data format", "'respones' (did you mean 'response'?)",
+         "It could be: prompt_completion (missing completion); prompt_response (missing response)",
+         "`columns: {respones: response}`"],
+    ),
+    case(
+        "bad row of a file, after a blank line",
+        jsonl(json.dumps(GOOD), "", json.dumps({"prompt": "Q", "response": ""})),
+        ["train.jsonl): 1 of 2 rows cannot be used", "row 2 (", "train.jsonl:3): field 'response': is empty"],
     ),
     case(
         "null value",
@@ -415,7 +454,7 @@ def test_bad_jsonl_row_types_are_checked_per_row(tmp_path):
     path = jsonl(json.dumps(GOOD), json.dumps({"prompt": "Q", "response": ["A"]}))(tmp_path)
     with pytest.raises(DataError) as err:
         run(path)
-    assert "row 2: field 'response': must be a string, got list" in str(err.value)
+    assert f"row 2 ({path}:2): field 'response': must be a string, got list" in str(err.value)
     _, stats = run(path, skip_invalid_rows=True)
     assert (stats.kept, stats.dropped_invalid) == (1, 1)
 
@@ -454,3 +493,30 @@ def test_skip_invalid_rows_counts_mixed_formats_and_nulls():
     data = [chat, GOOD, chat, {"messages": [USER, {"role": "assistant", "content": None}]}]
     _, stats = run(data, skip_invalid_rows=True)
     assert (stats.rows, stats.kept, stats.dropped_invalid) == (4, 2, 2)
+
+
+def test_mixed_formats_split_off_or_sampled_from_a_file_are_named_by_their_lines(tmp_path):
+    """The CLI splits eval_split off (and renames data.columns) before preparing, and a mixture
+    prepares a sample: the first row of each format is still named by its line in the file."""
+    from sftrainer.data.mixture import Mixture, MixtureSource, prepare_mixture
+    from sftrainer.train import resolve_data
+
+    chat = json.dumps({"messages": [USER, ANSWER]})
+    path = jsonl(*[chat] * 6, *[json.dumps({"question": "Q", "response": "A"})] * 6)(tmp_path)
+    cfg = build_config({"data": {"train": str(path), "eval_split": 0.25, "columns": {"question": "prompt"}}})
+    train, _ = resolve_data(cfg)
+    mixture = Mixture(
+        [MixtureSource(str(path), rows=8, columns={"question": "prompt"}), MixtureSource([GOOD])]
+    )
+    for prepared in (
+        lambda: prepare(train, zoo.chatml(), DataSettings()),
+        lambda: prepare_mixture(mixture, zoo.chatml(), DataSettings()),
+    ):
+        with pytest.raises(DataError) as err:
+            prepared()
+        message = str(err.value)
+        assert "the rows mix data formats" in message and str(path) in message.splitlines()[0]
+        chat_line, pair_line = (
+            int(n) for n in re.findall(rf"the first at {re.escape(str(path))}:(\d+)", message)
+        )
+        assert chat_line <= 6 < pair_line  # a messages line, then a prompt/response line
