@@ -38,10 +38,37 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = (
-    "the model data answer question value list function return result first second city water "
-    "light time people world number example table code file line string print error reason step"
-).split()
+WORDS = [
+    "the",
+    "model",
+    "data",
+    "answer",
+    "question",
+    "value",
+    "list",
+    "function",
+    "return",
+    "result",
+    "first",
+    "second",
+    "city",
+    "water",
+    "light",
+    "time",
+    "people",
+    "world",
+    "number",
+    "example",
+    "table",
+    "code",
+    "file",
+    "line",
+    "string",
+    "print",
+    "error",
+    "reason",
+    "step",
+]
 
 
 def phrase(rng: random.Random, low: int, high: int) -> str:
@@ -87,7 +114,10 @@ def datasets(rows: int, seed: int = 0) -> dict[str, list]:
     for _ in range(rows):
         messages = [{"role": "system", "content": phrase(rng, 3, 8).capitalize() + "."}]
         for _ in range(rng.randint(2, 3)):
-            messages += [{"role": "user", "content": instruction(rng)}, {"role": "assistant", "content": answer(rng)}]
+            messages += [
+                {"role": "user", "content": instruction(rng)},
+                {"role": "assistant", "content": answer(rng)},
+            ]
         multi.append(messages)
     pairs = [(f"### Instruction:\n{instruction(rng)}\n\n### Response:\n", answer(rng)) for _ in range(rows)]
     cut = []
@@ -109,8 +139,12 @@ def cases(names: list[str], real: list[str]) -> list[tuple[str, str, str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sftrainer", type=Path, default=ROOT, help="checkout whose sftrainer prepares the rows")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sftrainer", type=Path, default=ROOT, help="checkout whose sftrainer prepares the rows"
+    )
     parser.add_argument("--rows", type=int, default=300, help="rows of each data set")
     parser.add_argument("--templates", nargs="*", help="chat templates (default: all in tests/data)")
     parser.add_argument("--out", type=Path)
@@ -154,7 +188,9 @@ def main() -> None:
                         oracle.check_pair_row(tok, rows, *item)
                 except AssertionError as err:
                     text = str(err)
-                    failures["prompt" if "prompt" in text else "text" if "trained text" in text else "spans"] += 1
+                    failures[
+                        "prompt" if "prompt" in text else "text" if "trained text" in text else "spans"
+                    ] += 1
                 except Exception as err:  # a template that refuses the row: reported, not counted as wrong
                     failures[f"error: {type(err).__name__}"] += 1
             results.append(
@@ -169,11 +205,15 @@ def main() -> None:
                 }
             )
             r = results[-1]
-            print(f"{tok_name:28} {template or '(raw)':34} {name:10} {r['differ']:4}/{r['rows']} {dict(failures)}")
+            print(
+                f"{tok_name:28} {template or '(raw)':34} {name:10} {r['differ']:4}/{r['rows']} {dict(failures)}"
+            )
     total = sum(r["differ"] for r in results)
     print(f"rows that differ from inference: {total} of {sum(r['rows'] for r in results)}")
     if args.out:
-        args.out.write_text(json.dumps({"sftrainer": str(args.sftrainer), "results": results}, indent=1) + "\n")
+        args.out.write_text(
+            json.dumps({"sftrainer": str(args.sftrainer), "results": results}, indent=1) + "\n"
+        )
 
 
 if __name__ == "__main__":
