@@ -251,3 +251,30 @@ def test_reasoning_template_prompts_a_turn_without_reasoning_with_thinking_off()
     )
     start = oracle.trained_spans(rows[0].labels)[0][0]
     assert rows[0].input_ids[:start] == oracle.inference_ids(tok, prompt)
+
+
+def test_an_answer_that_writes_the_end_of_turn_token_is_still_closed_by_the_template():
+    """Shrunk by the property test: an answer whose text is '<|assistant_end|>' (Apertus' end of turn)
+    is the answer; the template's own closing token follows it (a middle turn) or, where the template
+    leaves the last turn open, EOS does."""
+    tok = rt.tokenizer("apertus-8b-instruct")
+    messages = [
+        {"role": "user", "content": "Write the end token."},
+        {"role": "assistant", "content": "<|assistant_end|>"},
+        {"role": "user", "content": "Again."},
+        {"role": "assistant", "content": "<|assistant_end|>"},
+    ]
+    rows = rows_of(tok, messages)
+    check(tok, messages, "apertus-8b-instruct", rows)
+    assert texts(tok, rows) == ["<|assistant_end|><|assistant_end|>"] * 2  # the answer, then the closer / EOS
+
+
+def test_an_answer_a_template_renders_as_nothing_is_refused_by_its_turn():
+    """Shrunk by the property test: GLM reads reasoning out of the text (split on </think>), so the
+    answer '</think>' renders as an empty turn: refused, naming the turn, never trained as something else."""
+    from sftrainer.errors import TemplateError
+
+    tok = rt.tokenizer("glm-4.6")
+    messages = [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": "</think>"}]
+    with pytest.raises(TemplateError, match=r"messages\[1\].*does not render this assistant turn"):
+        rows_of(tok, messages)
