@@ -18,9 +18,11 @@ log event is appended to ``<output_dir>/metrics.jsonl`` and generation samples g
 Checkpoints are written atomically, ``train(resume_from_checkpoint=True)`` skips incomplete ones, and
 a NaN / inf loss or weights stop training with ``NonFiniteLossError`` (see ``sftrainer.checkpoint``).
 
-Train and eval logs carry TRL's token metrics (``mean_token_accuracy``, ``entropy``, ``num_tokens``);
-train logs add ``train_tokens_per_second`` (trained tokens per second of training time since the
-previous log), eval metrics ``eval_perplexity`` (exp of ``eval_loss``).
+Train and eval logs carry TRL's token metrics (``mean_token_accuracy``, ``entropy``, ``num_tokens``),
+and ``aux_loss`` where an MoE model's load-balancing loss is trained (``aux_loss_enabled``); the
+end-of-training summary carries those of the steps after the last log. Train logs add
+``train_tokens_per_second`` (trained tokens per second of training time since the previous log),
+eval metrics ``eval_perplexity`` (exp of ``eval_loss``).
 
 Generation-based evaluation (``exact_match_samples`` eval rows, or ``generation_prompts``) runs
 inside the evaluation loop, so its metrics (``eval_exact_match``, ``eval_normalized_match``,
@@ -355,7 +357,12 @@ class SFTTrainer(Trainer):
         labels = inputs.get("labels")
         with self._activation_offloading(model):
             if plan.kind == TRAINER:
+                # Trainer's loss: compute_loss_func's, or the model's own, to which an MoE model adds its
+                # load-balancing loss itself (plan_loss set the config's output_router_logits and coefficient).
                 loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+                aux = getattr(outputs, "aux_loss", None) if plan.aux_coef else None
+                if aux is not None:
+                    self._token_metrics.add_aux_loss("train" if model.training else "eval", aux)
                 stats = None
                 if labels is not None:
                     v = plan.virtual_tokens
@@ -371,6 +378,7 @@ class SFTTrainer(Trainer):
                     loss = loss * (self.accelerator.num_processes // self.get_tp_size())
                 aux = getattr(outputs, "aux_loss", None) if plan.aux_coef else None
                 if aux is not None:
+                    self._token_metrics.add_aux_loss("train" if model.training else "eval", aux)
                     # A per-micro-batch mean: with num_items_in_batch, Trainer leaves gradient accumulation
                     # to the loss, so average it over the accumulated micro-batches (as TRL).
                     steps = getattr(self, "current_gradient_accumulation_steps", 1)
@@ -477,7 +485,20 @@ class SFTTrainer(Trainer):
         """Tensors saved for backward go to (pinned) CPU memory and come back for backward."""
         return memory.offload_saved_tensors(bool(self.args.activation_offloading) and model.training)
 
+    @property
+    def router_aux_loss_coef(self) -> float:
+        """The weight of an MoE model's load-balancing loss in the trained loss (0.0: not added), as TRL's
+        attribute: ``router_aux_loss_coef`` if set, else the model config's own coefficient."""
+        return self.loss_plan.aux_coef
+
+    @property
+    def aux_loss_enabled(self) -> bool:
+        """Whether the load-balancing loss is added (and logged as ``aux_loss``), as TRL's attribute."""
+        return self.loss_plan.aux_coef != 0.0
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_loss" in logs:  # the end-of-training summary: the steps since the last log, as TRL
+            logs.update(self._token_metrics.pop("train", self._reduce))
         if "loss" in logs:  # a training log: add the token metrics of its window
             logs.update(self._token_metrics.pop("train", self._reduce))
             start, paused = self._log_window
