@@ -54,7 +54,7 @@ from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-from sftrainer import checkpoint, lora, memory, precision, quant, sharding
+from sftrainer import checkpoint, lora, memory, precision, quant, sharding, template_tokens
 from sftrainer.config import SFTConfig, to_sft_config
 from sftrainer.console import ConsoleCallback
 from sftrainer.data import load as data_load
@@ -165,6 +165,7 @@ class SFTTrainer(Trainer):
             load = load_processor if vlm else load_tokenizer
             processing_class = load(_model_path(model), args.trust_remote_code)
         prepare = prepare_processor if is_processor(processing_class) else prepare_tokenizer
+        given = processing_class
         processing_class = prepare(  # a copy where it changes: the caller's stays as it was
             processing_class,
             args.chat_template,
@@ -172,6 +173,11 @@ class SFTTrainer(Trainer):
             eos_token=args.eos_token,
             pad_token=args.pad_token,
         )
+        if processing_class is not given and not is_processor(processing_class):
+            # Tokens a chat_template_path template brought: rows in the model, trained.
+            new_ids = template_tokens.new_token_ids(given, processing_class)
+            template_tokens.grow_embeddings(model, processing_class, new_ids, callers_model)
+            peft_config = template_tokens.trainable_rows(model, peft_config, processing_class, new_ids)
         if peft_config is not None:
             # LoRA's A matrices are drawn at random here, before Trainer.__init__ seeds torch: without
             # this, two trainers built in one process start from different adapters whatever `seed` says.
