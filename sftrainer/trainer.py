@@ -57,6 +57,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from sftrainer import checkpoint, lora, memory, precision, quant, sharding, template_tokens
 from sftrainer.config import SFTConfig, to_sft_config
 from sftrainer.console import ConsoleCallback
+from sftrainer.constants import MODEL_TAGS
 from sftrainer.data import load as data_load
 from sftrainer.data.collate import DataCollatorForLanguageModeling, PaddedCollator, PositionCollator
 from sftrainer.data.pack import PackStats
@@ -128,6 +129,11 @@ class SFTTrainer(Trainer):
     ):
         if model is None:
             raise ValueError("SFTTrainer needs a model: a PreTrainedModel, a PeftModel, or a path / hub id")
+        if train_dataset is None and eval_dataset is None:
+            raise ValueError(
+                "`train_dataset` is required: SFTTrainer was given no data (pass train_dataset=, the rows to "
+                "train on; to evaluate only, pass eval_dataset=)"
+            )
         output_dir = f"{Path(model).name or 'model'}-sft" if isinstance(model, str) else "sftrainer_output"
         # A copy: the older keywords and remove_unused_columns are written onto it, not the caller's.
         args = copy.copy(to_sft_config(args, output_dir))
@@ -163,7 +169,9 @@ class SFTTrainer(Trainer):
         vlm = is_vision_model(model)
         if processing_class is None:
             load = load_processor if vlm else load_tokenizer
-            processing_class = load(_model_path(model), args.trust_remote_code)
+            # The tokenizer of the checkpoint the model came from: at the revision it was loaded at.
+            revision = (args.model_init_kwargs or {}).get("revision") if not callers_model else None
+            processing_class = load(_model_path(model), args.trust_remote_code, revision)
         prepare = prepare_processor if is_processor(processing_class) else prepare_tokenizer
         given = processing_class
         processing_class = prepare(  # a copy where it changes: the caller's stays as it was
@@ -268,6 +276,8 @@ class SFTTrainer(Trainer):
         logger.info("%s", self.loss_plan.describe())
         self._checked_for_training = False
         self._checkpoint_staging: str | None = None  # set while _save_checkpoint writes
+        if hasattr(self.model, "add_model_tags"):  # model-card tags of what save_model / push_to_hub write
+            self.model.add_model_tags(list(MODEL_TAGS))
         self.add_callback(_TrainingRunHooks(self))
         # Compact lines, a bar on terminals and a summary instead of the raw dicts transformers prints.
         for printer in {ProgressCallback, PrinterCallback, DEFAULT_PROGRESS_CALLBACK}:
