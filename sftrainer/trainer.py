@@ -52,7 +52,7 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import rotate_checkpoints
+from transformers.trainer_utils import align_special_tokens, rotate_checkpoints
 
 from sftrainer import checkpoint, lora, memory, precision, quant, sharding, template_tokens
 from sftrainer.config import SFTConfig, to_sft_config
@@ -186,6 +186,9 @@ class SFTTrainer(Trainer):
             new_ids = template_tokens.new_token_ids(given, processing_class)
             template_tokens.grow_embeddings(model, processing_class, new_ids, callers_model)
             peft_config = template_tokens.trainable_rows(model, peft_config, processing_class, new_ids)
+        # The model's config and generation config take the EOS / pad / BOS training uses (as TRL), now
+        # rather than when Trainer.train() would (and report it as a change the user did not make).
+        align_special_tokens(model, processing_class)
         if peft_config is not None:
             # LoRA's A matrices are drawn at random here, before Trainer.__init__ seeds torch: without
             # this, two trainers built in one process start from different adapters whatever `seed` says.

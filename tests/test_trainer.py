@@ -495,6 +495,26 @@ def test_tokenizer_without_pad_or_template_is_completed_on_a_copy_and_saved(
     assert saved.pad_token == "<|im_end|>" and "### Assistant:" in saved.chat_template
 
 
+def test_the_models_configs_take_the_special_tokens_training_uses(tiny_model_dir, tokenizer, tmp_path):
+    # As TRL, at construction: the EOS override heads the generation config's stop tokens (the model's
+    # own stay), and a tokenizer without a pad token pads with EOS in the configs too.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    own_eos = model.generation_config.eos_token_id
+    no_pad = AutoTokenizer.from_pretrained(tiny_model_dir)
+    no_pad.pad_token = None
+    trainer = SFTTrainer(
+        model=model,
+        args=quick_args(tmp_path, eos_token="<s>"),
+        train_dataset=ROWS,
+        processing_class=no_pad,
+    )
+    eos = tokenizer.convert_tokens_to_ids("<s>")
+    assert trainer.processing_class.eos_token_id == eos and trainer.processing_class.pad_token_id == eos
+    assert model.config.eos_token_id == eos and model.config.pad_token_id == eos
+    assert model.generation_config.eos_token_id == [eos, own_eos]
+    assert model.generation_config.pad_token_id == eos
+
+
 def test_eos_token_override_is_the_trained_end_of_sequence(tiny_model_dir, tokenizer, tmp_path):
     rows = [{"prompt": "Say hi. ", "completion": "hi"}]
     trainer = SFTTrainer(

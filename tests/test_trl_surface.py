@@ -89,7 +89,7 @@ def test_bad_trl_values_are_reported_together(tmp_path):
 
 
 def test_chunked_nll_is_trls_alias_of_nll(tmp_path):
-    with pytest.warns(FutureWarning, match="chunked_nll"):
+    with pytest.warns(FutureWarning, match=r"`loss_type='chunked_nll'` is deprecated.*use loss_type='nll'"):
         args = SFTConfig(output_dir=str(tmp_path), report_to="none", loss_type="chunked_nll")
     assert args.loss_type == "nll"
 
