@@ -35,11 +35,12 @@ PINNED_REVISIONS = {"trl-internal-testing/tiny-Qwen2ForCausalLM-2.5": ("8913f581
 
 
 def stamp() -> str:
-    """A hash of everything the stand-ins are built from (code, templates)."""
+    """A hash of everything the stand-ins are built from (code, chat templates)."""
     digest = hashlib.sha256()
-    sources = sorted(HERE.glob("standin_*.py")) + sorted(standin_tokenizers.TEMPLATES.glob("*.jinja"))
-    for path in sources:
+    for path in sorted(HERE.glob("standin_*.py")):
         digest.update(path.read_bytes())
+    for family in standin_tokenizers.FAMILIES.values():
+        digest.update((standin_tokenizers.template_of(family) or "").encode())
     return digest.hexdigest()[:16]
 
 

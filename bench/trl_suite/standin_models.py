@@ -32,6 +32,7 @@ class Repo:
     config: Callable[[int], Any] | None = None  # vocabulary size -> config
     vocab_size: int | None = None  # the released size where ids matter; else the tokenizer's
     remote_code: bool = False
+    weights: bool = True  # False: the config and tokenizer only (a template source)
 
 
 def _qwen2(vocab: int) -> Any:
@@ -55,7 +56,14 @@ REPOS = [
         lambda v: tf.Qwen3MoeConfig(**SMALL, **MOE, vocab_size=v, num_experts=4, moe_intermediate_size=32),
         vocab_size=151936,
     ),
-    Repo("Qwen/Qwen3-4B", "qwen3"),  # a chat-template source (chat_template_path)
+    # A chat-template source (chat_template_path): the tokenizer and the config, no weights needed.
+    Repo(
+        "Qwen/Qwen3-4B",
+        "qwen3",
+        lambda v: tf.Qwen3Config(**SMALL, vocab_size=v),
+        vocab_size=151936,
+        weights=False,
+    ),
     Repo(
         "trl-internal-testing/tiny-Cohere2ForCausalLM",
         "command-r",
@@ -195,6 +203,10 @@ def save(repo: Repo, tokenizer: Any, out: Path, seed: int = 0) -> None:
     }
     for key, value in ids.items():
         setattr(config, key, value)
+    if not repo.weights:
+        config.save_pretrained(out)
+        tf.GenerationConfig(**ids).save_pretrained(out)
+        return
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _init_weights(model)

@@ -2,8 +2,17 @@
 
 Each family is a byte-level BPE trained on the stand-in data's text (so English words of the test
 rows are single tokens, as in the released 100k+-token vocabularies), plus the family's own added
-tokens, BOS / EOS / pad and the chat template of the released model where this repository keeps one
-(``tests/data/chat_templates``, byte for byte, with provenance in its ``index.json``).
+tokens, BOS / EOS / pad and a chat template:
+
+- where the installed TRL package ships the family's template (``trl/chat_templates``: the released
+  templates TRL recognises, e.g. to train on assistant turns only), that file, read at build time and
+  not stored here: TRL's tests run on hub tokenizers that carry exactly these;
+- else the released template this repository keeps (``tests/data/chat_templates``, byte for byte,
+  with provenance in its ``index.json``), or none.
+
+Control tokens a template writes (``<|im_start|>``, ``<think>``, ``[gMASK]`` ...) that the family
+does not list are added as special tokens, as the released tokenizers have them, except in families
+whose list is complete (``complete=True``: Qwen, DeepSeek-R1-Distill, gpt-oss).
 
 Where a test reads token ids (``<|im_start|>`` is 151644 in the Qwen tokenizers), the family places
 its added tokens at the released ids: the BPE vocabulary is padded with filler entries no merge can
@@ -13,13 +22,31 @@ produce, so the ids match and the filler rows are never seen in the data.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "tests" / "data" / "chat_templates"
 BPE_VOCAB = 4000  # an upper bound: the trainer stops when no pair is left to merge
+CONTROL_TOKEN = re.compile(
+    r"<\|[A-Za-z_]+\|>|<｜[^｜]+｜>|\[[gs]?MASK\]|<sop>|<eop>|</?(?:think|tool_call|tool_response|arg_key|arg_value)>"
+)
+# The family's template in trl/chat_templates, where TRL ships it.
+TRL_TEMPLATES = {
+    "qwen2.5": "qwen2_5",
+    "qwen3": "qwen3",
+    "r1-distill-qwen": "deepseek_r1_distill",
+    "deepseek-v3": "deepseekv3",
+    "command-r": "cohere2",
+    "gpt-oss": "gptoss",
+    "lfm2": "lfm2",
+    "lfm2.5": "lfm2_2_5",
+    "glm4.5": "glm4moe",
+    "nemotron": "nemotron_3_nano",
+}
 
 
 @dataclass(frozen=True)
@@ -35,6 +62,7 @@ class Family:
     add_bos: bool = False  # put BOS before text, as Llama / Mistral / DeepSeek tokenizers do
     first_added_id: int | None = None  # the released id of the first added token
     template: str | None = None  # a file of tests/data/chat_templates, without .jinja
+    complete: bool = False  # True: ``added`` lists every added token (none is taken from the template)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -77,11 +105,12 @@ _CHATML = _special("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
 FAMILIES = {
     f.name: f
     for f in (
-        Family("qwen2.5", _QWEN25, "<|im_end|>", pad="<|endoftext|>", first_added_id=151643, template="qwen2.5-instruct"),
-        Family("qwen3", _QWEN3, "<|im_end|>", pad="<|endoftext|>", first_added_id=151643, template="qwen3"),
+        Family("qwen2.5", _QWEN25, "<|im_end|>", pad="<|endoftext|>", first_added_id=151643, template="qwen2.5-instruct", complete=True),
+        Family("qwen3", _QWEN3, "<|im_end|>", pad="<|endoftext|>", first_added_id=151643, template="qwen3", complete=True),
         Family(
             "r1-distill-qwen", _DEEPSEEK, "<｜end▁of▁sentence｜>", bos="<｜begin▁of▁sentence｜>",
             pad="<｜end▁of▁sentence｜>", add_bos=True, first_added_id=151643, template="deepseek-r1-distill-qwen",
+            complete=True,
         ),
         Family(
             "deepseek-v3", _DEEPSEEK, "<｜end▁of▁sentence｜>", bos="<｜begin▁of▁sentence｜>",
@@ -97,7 +126,7 @@ FAMILIES = {
             "gpt-oss",
             _special("<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>",
                      "<|end|>", "<|message|>", "<|call|>"),
-            "<|return|>", bos="<|startoftext|>", pad="<|endoftext|>", template="gpt-oss",
+            "<|return|>", bos="<|startoftext|>", pad="<|endoftext|>", template="gpt-oss", complete=True,
         ),
         Family("mistral", _special("<unk>", "<s>", "</s>"), "</s>", bos="<s>", unk="<unk>", add_bos=True,
                template="mistral-7b-instruct-v0.1"),
@@ -112,11 +141,15 @@ FAMILIES = {
         ),
         Family("nemotron", (*_special("<unk>", "<s>", "</s>"), *_CHATML[1:3]), "<|im_end|>", bos="<s>", unk="<unk>"),
         Family("olmo3", _CHATML, "<|endoftext|>", bos="<|endoftext|>", pad="<|pad|>"),
-        Family(
-            "lfm2",
-            _special("<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-                     "<|tool_list_start|>", "<|tool_list_end|>", "<|tool_response_start|>", "<|tool_response_end|>"),
-            "<|im_end|>", bos="<|startoftext|>", pad="<|pad|>", add_bos=True, template="lfm2",
+        *(
+            Family(
+                name,
+                _special("<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                         "<|tool_list_start|>", "<|tool_list_end|>", "<|tool_response_start|>",
+                         "<|tool_response_end|>"),
+                "<|im_end|>", bos="<|startoftext|>", pad="<|pad|>", add_bos=True, template="lfm2",
+            )
+            for name in ("lfm2", "lfm2.5")
         ),
     )
 }  # fmt: skip
@@ -124,6 +157,22 @@ FAMILIES = {
 
 def chat_template(name: str) -> str:
     return (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def _trl_templates() -> Path | None:
+    spec = importlib.util.find_spec("trl")  # located, not imported
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "chat_templates"
+    return folder if folder.is_dir() else None
+
+
+def template_of(family: Family) -> str | None:
+    """The family's chat template: TRL's copy of the released one, else this repository's, else none."""
+    folder, name = _trl_templates(), TRL_TEMPLATES.get(family.name)
+    if folder is not None and name and (folder / f"{name}.jinja").is_file():
+        return (folder / f"{name}.jinja").read_text(encoding="utf-8")
+    return chat_template(family.template) if family.template else None
 
 
 @functools.cache
@@ -145,6 +194,10 @@ def build(family: Family, corpus: tuple[str, ...]) -> Any:
     from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
+    template = template_of(family)
+    listed = {text for text, _ in family.added}
+    found = {} if family.complete else dict.fromkeys(CONTROL_TOKEN.findall(template or ""))
+    added = (*family.added, *((t, True) for t in found if t not in listed))
     spec = json.loads(_bpe_json(corpus))
     vocab: dict[str, int] = spec["model"]["vocab"]
     start = len(vocab) if family.first_added_id is None else family.first_added_id
@@ -155,7 +208,7 @@ def build(family: Family, corpus: tuple[str, ...]) -> Any:
     spec["added_tokens"] = [
         {"id": start + i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
          "normalized": False, "special": special}
-        for i, (text, special) in enumerate(family.added)
+        for i, (text, special) in enumerate(added)
     ]  # fmt: skip
     tok = Tokenizer.from_str(json.dumps(spec))
     if family.add_bos:
@@ -172,8 +225,7 @@ def build(family: Family, corpus: tuple[str, ...]) -> Any:
         eos_token=family.eos,
         pad_token=family.pad,
         unk_token=family.unk,
-        additional_special_tokens=[t for t, special in family.added if special and t not in named],
+        additional_special_tokens=[t for t, special in added if special and t not in named],
     )
-    if family.template:
-        fast.chat_template = chat_template(family.template)
+    fast.chat_template = template
     return fast

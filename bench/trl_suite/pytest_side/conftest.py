@@ -29,7 +29,10 @@ def pytest_configure(config):
     if (target == "sftrainer") != from_shim:
         raise pytest.UsageError(f"TRL_SUITE_TARGET={target} but `trl` was imported from {trl.__file__}")
     if target == "trl" and _CpuSFTConfig is not None:
+        import trl.trainer.sft_trainer
+
         trl.SFTConfig = _CpuSFTConfig
+        trl.trainer.sft_trainer.SFTConfig = _CpuSFTConfig  # the default SFTTrainer builds without args
 
 
 def _cpu_sft_config():
