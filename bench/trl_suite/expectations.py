@@ -1,6 +1,6 @@
 """Which of TRL's tests the harness counts, and which failures are documented, deliberate differences.
 
-Test names are ``Class::test[params]`` patterns (``fnmatch``).
+Keys are test names (``Class::test[params]``), or ``fnmatch`` patterns (``Class::test_*``).
 
 NOT_COUNTED: tests outside the public, CPU-runnable SFT API, each with the reason. They are
 deselected (``--all`` runs them anyway).
@@ -16,6 +16,8 @@ that says so. The harness reports them apart from failures, and says so when one
 """
 
 from __future__ import annotations
+
+from fnmatch import fnmatchcase
 
 VISION = (
     "vision-language stand-ins are not built (11 architectures with image processors; the Qwen2-VL "
@@ -47,4 +49,31 @@ NEWER_THAN_TRL: dict[str, str] = {
     ),
 }
 
-DOCUMENTED: dict[str, str] = {}
+_README = "README, Switching from TRL, 'Different, on purpose': "
+_PACKED_APART = _README + "DataCollatorForLanguageModeling on packed rows: kept apart, no attention_mask"
+_NO_LOGITS_DEPRECATION = _README + "compute_metrics / predict() logits: supported, no FutureWarning"
+_TAGS = _README + "model-card tags: sft, sftrainer (not trl)"
+DOCUMENTED: dict[str, str] = {
+    "TestDataCollatorForLanguageModeling::test_return_position_ids_packed": _PACKED_APART,
+    "TestDataCollatorForLanguageModeling::test_custom_position_ids_but_no_padding_free": _PACKED_APART,
+    "TestSFTTrainer::test_train_model_dtype": _README + "a bf16 / fp16 checkpoint: float32 master weights",
+    "TestSFTTrainer::test_padding_free_without_packing_and_max_length_raises": (
+        _README + "padding_free without packing: max_length is enforced (rows truncated), not refused"
+    ),
+    "TestSFTTrainer::test_init_with_train_dataset[unsupported_dataset_dict]": (
+        _README + "train_dataset: a DatasetDict gives the train (and eval) split"
+    ),
+    "TestSFTTrainer::test_train_with_compute_metrics": _NO_LOGITS_DEPRECATION,
+    "TestSFTTrainer::test_predict_returns_logits": _NO_LOGITS_DEPRECATION,
+    "TestSFTTrainer::test_tag_added": _TAGS,
+    "TestSFTTrainer::test_tag_added_peft": _TAGS,
+    "TestSFTTrainer::test_train_peft_and_quantization": _README + "QLoRA adapters: float32, not bf16",
+}
+
+
+def reason(table: dict[str, str], test: str) -> str | None:
+    """The reason ``table`` gives for ``test``: by its exact name (whose ``[params]`` fnmatch would read
+    as a character class), else by the first pattern that matches."""
+    if test in table:
+        return table[test]
+    return next((why for pattern, why in table.items() if fnmatchcase(test, pattern)), None)

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from fnmatch import fnmatchcase
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -93,7 +92,7 @@ def run_pytest(test_file: Path, against: str, cache: Path, keyword: str | None, 
 
 
 def _reason(table: dict[str, str], test: str) -> str | None:
-    return next((why for pattern, why in table.items() if fnmatchcase(test, pattern)), None)
+    return expectations.reason(table, test)
 
 
 def classify(rows: list[dict]) -> list[dict]:

@@ -74,7 +74,10 @@ def pytest_collection_modifyitems(config, items):
     patterns = json.loads(os.environ.get("TRL_SUITE_SKIP", "{}"))
     keep, dropped = [], []
     for item in items:
-        reason = next((r for p, r in patterns.items() if fnmatch.fnmatchcase(_name(item), p)), None)
+        name = _name(item)  # an exact name (its [params] are not a character class), else a pattern
+        reason = patterns.get(name) or next(
+            (r for p, r in patterns.items() if fnmatch.fnmatchcase(name, p)), None
+        )
         if reason is None:
             keep.append(item)
         else:
