@@ -134,13 +134,23 @@ def print_table(rows: list[dict], summary: dict, against: str) -> None:
     print(f"\npublic-API tests: {counted} ({', '.join(parts)}); not counted: {uncounted}")
 
 
+def outcomes(against: str, summary: dict, rows: list[dict]) -> dict:
+    """The run as ``{test: status}`` (tests not counted left out), with the summary: what
+    bench/trl_suite/outcomes-*.json keep, without the failure messages (which quote TRL's tests)."""
+    statuses = {
+        r["test"]: r["status"] for r in sorted(rows, key=lambda r: r["test"]) if r["status"] != "not counted"
+    }
+    return {"against": against, "summary": summary, "tests": statuses}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("test_file", type=Path, help="TRL's tests/test_sft_trainer.py (from a v1.16.0 clone)")
     parser.add_argument("--against", choices=["sftrainer", "trl"], default="sftrainer")
-    parser.add_argument("--json", type=Path, help="write the per-test results here")
+    parser.add_argument("--json", type=Path, help="write the per-test results here (with failure messages)")
+    parser.add_argument("--outcomes", type=Path, help="write each test's status only (no test text)")
     parser.add_argument("--cache", type=Path, default=default_cache(), help="where the stand-ins are built")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression (a subset)")
     parser.add_argument("--all", action="store_true", help="also run the tests that are not counted")
@@ -159,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             "tests": rows,
         }
         args.json.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    if args.outcomes:
+        args.outcomes.write_text(json.dumps(outcomes(args.against, summary, rows), indent=1) + "\n")
     return 1 if summary.get("failed") or summary.get("error") else 0
 
 
