@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 def template_tokens(source: Any, template: str, tokenizer: Any) -> list[Any]:
-    """The ``AddedToken``\\ s of ``source`` that ``template`` writes, and ``source``'s EOS, that
-    ``tokenizer`` lacks, in ``source``'s id order (their ``special`` flag kept)."""
+    """The added tokens (``AddedToken``, ``special`` flag kept) of ``source`` that ``template`` writes,
+    and ``source``'s EOS, that ``tokenizer`` lacks, in ``source``'s id order."""
     vocab = tokenizer.get_vocab()
     added = sorted(source.added_tokens_decoder.items())
     wanted = [token for _, token in added if token.content in template or token.content == source.eos_token]
