@@ -62,7 +62,10 @@ def normalise_trl_values(cfg: Any) -> None:
         cfg.pad_to_multiple_of = None
     if cfg.loss_type == "chunked_nll":
         warnings.warn(
-            "loss_type='chunked_nll' is TRL's deprecated alias of 'nll'", FutureWarning, stacklevel=4
+            "`loss_type='chunked_nll'` is deprecated: it is TRL's alias of 'nll', which computes the loss the "
+            "same way; use loss_type='nll'",
+            FutureWarning,
+            stacklevel=4,
         )
         cfg.loss_type = "nll"
 

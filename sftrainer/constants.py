@@ -19,6 +19,11 @@ BYTES_CHECKED_ROWS = 64  # rows of an encoder's first batch read both from ids a
 STREAM_PREVIEW_ROWS = 10_000  # `sftrainer data` describes a stream by its first rows
 LOSS_TYPES = ("nll", "dft")  # see SFTConfig.loss_type
 LOSS_MASK_COLUMNS = ("completion_mask", "assistant_masks")  # TRL's 0/1 loss masks of pre-tokenized rows
+# Hub model-card tags of a model sftrainer trains (TRL adds "trl", which would say TRL trained it).
+MODEL_TAGS = ("sft", "sftrainer")
+# Embeddings grown for tokens a chat template adds are rounded up to a multiple of this (as TRL's
+# clone_chat_template): tensor-core friendly shapes.
+EMBEDDING_MULTIPLE = 64
 # optim names whose optimizer comes from bitsandbytes (the `quant` extra) / torchao (the `torchao` extra)
 BITSANDBYTES_OPTIMIZERS = (
     "adamw_bnb_8bit",

@@ -140,14 +140,16 @@ def plan_loss(
         if loss_type != "nll":
             raise ConfigError(f"loss_type='{loss_type}' cannot be combined with compute_loss_func")
         why = "compute_loss_func given" if compute_loss_func is not None else "label_smoothing_factor > 0"
-        return LossPlan(TRAINER, f"{why}: it needs the full logits", virtual_tokens=virtual)
+        return LossPlan(
+            TRAINER, f"{why}: it needs the full logits", aux_coef=aux_coef, virtual_tokens=virtual
+        )
     if getattr(peft_config, "is_prompt_learning", False) and peft_type not in (
         *PREPENDING_PEFT,
         "PREFIX_TUNING",
     ):
         if loss_type != "nll":
             raise ConfigError(f"loss_type='{loss_type}' is not supported with PEFT {peft_type}")
-        return LossPlan(TRAINER, f"PEFT {peft_type} computes its own loss")
+        return LossPlan(TRAINER, f"PEFT {peft_type} computes its own loss", aux_coef=aux_coef)
     name = type(_base(model)).__name__
     plan = LossPlan(LEAN, "", loss_type, aux_coef, virtual, LogitTransform.of(model), chunk_size)
     if not accepts_logits_to_keep(model):

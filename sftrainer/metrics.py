@@ -10,6 +10,9 @@ tokens that end a packed row or round up to ``pad_to_multiple_of``.
 
 Averages are over trained tokens (TRL averages per-batch averages; the two agree when batches hold
 equally many trained tokens).
+
+MoE models whose load-balancing loss is part of the trained loss also log ``aux_loss``, the mean of
+the model's (unweighted) auxiliary loss over the batches of the window, as TRL does.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes 
 class TokenMetrics:
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
+        self._aux: dict[str, torch.Tensor | None] = {"train": None, "eval": None}  # [sum of means, batches]
         self._num_tokens: torch.Tensor | None = None  # this process's input tokens trained so far
         self._num_tokens_before = 0.0  # all processes' count when this run started (a resumed run's)
         self.last_count: dict[str, float] = {}  # trained tokens (all processes) of the last pop, per mode
@@ -40,9 +44,16 @@ class TokenMetrics:
             count = torch.as_tensor(num_tokens, dtype=torch.float32, device=stats.device)
             self._num_tokens = count if self._num_tokens is None else self._num_tokens + count
 
+    def add_aux_loss(self, mode: str, aux_loss: torch.Tensor) -> None:
+        """Add one batch's MoE auxiliary (load-balancing) loss, a scalar."""
+        value = torch.stack([aux_loss.detach().float().reshape(()), torch.ones((), device=aux_loss.device)])
+        previous = self._aux[mode]
+        self._aux[mode] = value if previous is None else previous + value
+
     def pop(self, mode: str, reduce: Reduce, prefix: str = "") -> dict[str, float]:
         """The averages since the last pop, named ``{prefix}mean_token_accuracy`` etc. All processes call it."""
         sums, self._sums[mode] = self._sums[mode], None
+        aux, self._aux[mode] = self._aux[mode], None
         if sums is None:
             return {}
         n, hits, entropy = reduce(sums).tolist()
@@ -51,6 +62,9 @@ class TokenMetrics:
             f"{prefix}entropy": entropy / n if n else 0.0,
             f"{prefix}mean_token_accuracy": hits / n if n else 0.0,
         }
+        if aux is not None:
+            total, batches = reduce(aux).tolist()
+            out[f"{prefix}aux_loss"] = total / batches
         if self._num_tokens is not None:
             count = float(reduce(self._num_tokens.clone()).item())
             out[f"{prefix}num_tokens"] = self._num_tokens_before + count

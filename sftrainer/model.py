@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from sftrainer import quant
 from sftrainer.errors import ConfigError
+from sftrainer.template_tokens import template_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -238,33 +239,24 @@ def read_chat_template(value: str) -> str:
     return template
 
 
-def _template_from_tokenizer(source_path: str, tokenizer: Any) -> tuple[str, str | None]:
-    """(template, eos token) of the tokenizer at ``source_path`` (TRL's clone_chat_template, without
-    adding tokens: each special token the template uses must already be in ``tokenizer``)."""
+def _template_from_tokenizer(source_path: str, tokenizer: Any) -> tuple[str, str | None, list[Any]]:
+    """(template, eos token, tokens to add) of the tokenizer at ``source_path``, as TRL's
+    ``clone_chat_template``: the tokens are those the template writes (and its EOS) that ``tokenizer``
+    lacks (``sftrainer.template_tokens``)."""
     source = load_tokenizer(source_path)
     template = source.chat_template
     if isinstance(template, dict):
         template = template.get("default", next(iter(template.values()), None))
     if not template:
         raise ConfigError(f"chat_template_path: the tokenizer at {source_path} has no chat template")
-    vocab = tokenizer.get_vocab()
-    used = [t.content for t in source.added_tokens_decoder.values() if t.content in template]
-    missing = [t for t in dict.fromkeys([*used, source.eos_token]) if t and t not in vocab]
-    if missing:
-        raise ConfigError(
-            f"chat_template_path: the template of {source_path} uses tokens this tokenizer lacks: "
-            f"{', '.join(missing)}. sftrainer does not add tokens or resize embeddings; use a template "
-            "whose tokens the model already has, or add them (tokenizer.add_special_tokens, "
-            "model.resize_token_embeddings) before training"
-        )
-    return template, source.eos_token
+    return template, source.eos_token, template_tokens(source, template, tokenizer)
 
 
 def _check_in_vocab(key: str, token: str, tokenizer: Any) -> None:
     if token not in tokenizer.get_vocab():
         raise ConfigError(
-            f"{key}: {token!r} is not in the tokenizer's vocabulary; use one of its tokens (sftrainer does "
-            "not add tokens or resize the model's embeddings)"
+            f"{key}: {token!r} is not in the tokenizer's vocabulary; use one of its tokens (tokens are added, "
+            "and the embeddings grown, only for those a chat_template_path template needs)"
         )
 
 
@@ -280,9 +272,11 @@ def prepare_tokenizer(
     alone): the chat template (``chat_template``: the text or a file; ``chat_template_path``: a .jinja
     file or a tokenizer directory / hub id, whose EOS token comes along, as in TRL), ``eos_token`` and
     ``pad_token`` overrides (tokens already in the vocabulary), and a pad token and a chat template
-    where it has none (logged). Raises ``ConfigError`` for a missing file or an unknown token.
+    where it has none (logged). Tokens a ``chat_template_path`` tokenizer's template writes that this
+    tokenizer lacks are added (logged; the trainer grows the model's embeddings for them, see
+    ``sftrainer.template_tokens``). Raises ``ConfigError`` for a missing file or an unknown token.
     """
-    template, template_eos, source = None, None, None
+    template, template_eos, source, new_tokens = None, None, None, []
     if chat_template:
         template, source = read_chat_template(chat_template), "chat_template"
     elif chat_template_path:
@@ -293,17 +287,19 @@ def prepare_tokenizer(
         if chat_template_path.lower().endswith((".jinja", ".j2")):
             template = Path(chat_template_path).expanduser().read_text(encoding="utf-8")
         else:
-            template, template_eos = _template_from_tokenizer(chat_template_path, tokenizer)
+            template, template_eos, new_tokens = _template_from_tokenizer(chat_template_path, tokenizer)
     eos_token = eos_token or template_eos
+    added = {t.content for t in new_tokens}
     for key, token in (("eos_token", eos_token), ("pad_token", pad_token)):
-        if token is not None:
+        if token is not None and token not in added:
             _check_in_vocab(key, token, tokenizer)
     if eos_token is None and tokenizer.eos_token is None:
         raise ConfigError(
             "the tokenizer has no eos_token; set eos_token (or tokenizer.eos_token) so the model can learn to stop"
         )
     changes = (
-        (template is not None and template != tokenizer.chat_template)
+        bool(new_tokens)
+        or (template is not None and template != tokenizer.chat_template)
         or (eos_token is not None and eos_token != tokenizer.eos_token)
         or (pad_token is not None and pad_token != tokenizer.pad_token)
         or tokenizer.pad_token is None
@@ -314,6 +310,15 @@ def prepare_tokenizer(
     # A deep copy: a shallow one shares the special-token map, so setting pad_token on it would set
     # the caller's too (transformers 5.x). About 0.3 s for a 150k-token vocabulary, once.
     tokenizer = copy.deepcopy(tokenizer)
+    if new_tokens:
+        tokenizer.add_tokens(new_tokens)
+        logger.warning(
+            "chat_template_path: added %d tokens the template of %s uses to the tokenizer: %s (the model's "
+            "embeddings get rows for them, which train)",
+            len(new_tokens),
+            chat_template_path,
+            ", ".join(t.content for t in new_tokens),
+        )
     if template is not None:
         tokenizer.chat_template = template
         where = chat_template_path or (chat_template if _is_template_path(chat_template or "") else "<text>")

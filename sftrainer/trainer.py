@@ -18,9 +18,11 @@ log event is appended to ``<output_dir>/metrics.jsonl`` and generation samples g
 Checkpoints are written atomically, ``train(resume_from_checkpoint=True)`` skips incomplete ones, and
 a NaN / inf loss or weights stop training with ``NonFiniteLossError`` (see ``sftrainer.checkpoint``).
 
-Train and eval logs carry TRL's token metrics (``mean_token_accuracy``, ``entropy``, ``num_tokens``);
-train logs add ``train_tokens_per_second`` (trained tokens per second of training time since the
-previous log), eval metrics ``eval_perplexity`` (exp of ``eval_loss``).
+Train and eval logs carry TRL's token metrics (``mean_token_accuracy``, ``entropy``, ``num_tokens``),
+and ``aux_loss`` where an MoE model's load-balancing loss is trained (``aux_loss_enabled``); the
+end-of-training summary carries those of the steps after the last log. Train logs add
+``train_tokens_per_second`` (trained tokens per second of training time since the previous log),
+eval metrics ``eval_perplexity`` (exp of ``eval_loss``).
 
 Generation-based evaluation (``exact_match_samples`` eval rows, or ``generation_prompts``) runs
 inside the evaluation loop, so its metrics (``eval_exact_match``, ``eval_normalized_match``,
@@ -50,11 +52,12 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import IntervalStrategy, rotate_checkpoints
+from transformers.trainer_utils import IntervalStrategy, align_special_tokens, rotate_checkpoints
 
-from sftrainer import checkpoint, lora, memory, precision, quant, sharding
+from sftrainer import checkpoint, lora, memory, precision, quant, sharding, template_tokens
 from sftrainer.config import SFTConfig, to_sft_config
 from sftrainer.console import ConsoleCallback
+from sftrainer.constants import MODEL_TAGS
 from sftrainer.data import load as data_load
 from sftrainer.data.collate import DataCollatorForLanguageModeling, PaddedCollator, PositionCollator
 from sftrainer.data.pack import PackStats
@@ -126,6 +129,11 @@ class SFTTrainer(Trainer):
     ):
         if model is None:
             raise ValueError("SFTTrainer needs a model: a PreTrainedModel, a PeftModel, or a path / hub id")
+        if train_dataset is None and eval_dataset is None:
+            raise ValueError(
+                "`train_dataset` is required: SFTTrainer was given no data (pass train_dataset=, the rows to "
+                "train on; to evaluate only, pass eval_dataset=)"
+            )
         output_dir = f"{Path(model).name or 'model'}-sft" if isinstance(model, str) else "sftrainer_output"
         # A copy: the older keywords and remove_unused_columns are written onto it, not the caller's.
         args = copy.copy(to_sft_config(args, output_dir))
@@ -161,8 +169,11 @@ class SFTTrainer(Trainer):
         vlm = is_vision_model(model)
         if processing_class is None:
             load = load_processor if vlm else load_tokenizer
-            processing_class = load(_model_path(model), args.trust_remote_code)
+            # The tokenizer of the checkpoint the model came from: at the revision it was loaded at.
+            revision = (args.model_init_kwargs or {}).get("revision") if not callers_model else None
+            processing_class = load(_model_path(model), args.trust_remote_code, revision)
         prepare = prepare_processor if is_processor(processing_class) else prepare_tokenizer
+        given = processing_class
         processing_class = prepare(  # a copy where it changes: the caller's stays as it was
             processing_class,
             args.chat_template,
@@ -170,6 +181,14 @@ class SFTTrainer(Trainer):
             eos_token=args.eos_token,
             pad_token=args.pad_token,
         )
+        if processing_class is not given and not is_processor(processing_class):
+            # Tokens a chat_template_path template brought: rows in the model, trained.
+            new_ids = template_tokens.new_token_ids(given, processing_class)
+            template_tokens.grow_embeddings(model, processing_class, new_ids, callers_model)
+            peft_config = template_tokens.trainable_rows(model, peft_config, processing_class, new_ids)
+        # The model's config and generation config take the EOS / pad / BOS training uses (as TRL), now
+        # rather than when Trainer.train() would (and report it as a change the user did not make).
+        align_special_tokens(model, processing_class)
         if peft_config is not None:
             # LoRA's A matrices are drawn at random here, before Trainer.__init__ seeds torch: without
             # this, two trainers built in one process start from different adapters whatever `seed` says.
@@ -267,6 +286,8 @@ class SFTTrainer(Trainer):
         logger.info("%s", self.loss_plan.describe())
         self._checked_for_training = False
         self._checkpoint_staging: str | None = None  # set while _save_checkpoint writes
+        if hasattr(self.model, "add_model_tags"):  # model-card tags of what save_model / push_to_hub write
+            self.model.add_model_tags(list(MODEL_TAGS))
         self.add_callback(_TrainingRunHooks(self))
         # Compact lines, a bar on terminals and a summary instead of the raw dicts transformers prints.
         for printer in {ProgressCallback, PrinterCallback, DEFAULT_PROGRESS_CALLBACK}:
@@ -377,7 +398,12 @@ class SFTTrainer(Trainer):
         labels = inputs.get("labels")
         with self._activation_offloading(model):
             if plan.kind == TRAINER:
+                # Trainer's loss: compute_loss_func's, or the model's own, to which an MoE model adds its
+                # load-balancing loss itself (plan_loss set the config's output_router_logits and coefficient).
                 loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+                aux = getattr(outputs, "aux_loss", None) if plan.aux_coef else None
+                if aux is not None:
+                    self._token_metrics.add_aux_loss("train" if model.training else "eval", aux)
                 stats = None
                 if labels is not None:
                     v = plan.virtual_tokens
@@ -393,6 +419,7 @@ class SFTTrainer(Trainer):
                     loss = loss * (self.accelerator.num_processes // self.get_tp_size())
                 aux = getattr(outputs, "aux_loss", None) if plan.aux_coef else None
                 if aux is not None:
+                    self._token_metrics.add_aux_loss("train" if model.training else "eval", aux)
                     # A per-micro-batch mean: with num_items_in_batch, Trainer leaves gradient accumulation
                     # to the loss, so average it over the accumulated micro-batches (as TRL).
                     steps = getattr(self, "current_gradient_accumulation_steps", 1)
@@ -499,7 +526,20 @@ class SFTTrainer(Trainer):
         """Tensors saved for backward go to (pinned) CPU memory and come back for backward."""
         return memory.offload_saved_tensors(bool(self.args.activation_offloading) and model.training)
 
+    @property
+    def router_aux_loss_coef(self) -> float:
+        """The weight of an MoE model's load-balancing loss in the trained loss (0.0: not added), as TRL's
+        attribute: ``router_aux_loss_coef`` if set, else the model config's own coefficient."""
+        return self.loss_plan.aux_coef
+
+    @property
+    def aux_loss_enabled(self) -> bool:
+        """Whether the load-balancing loss is added (and logged as ``aux_loss``), as TRL's attribute."""
+        return self.loss_plan.aux_coef != 0.0
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_loss" in logs:  # the end-of-training summary: the steps since the last log, as TRL
+            logs.update(self._token_metrics.pop("train", self._reduce))
         if "loss" in logs:  # a training log: add the token metrics of its window
             logs.update(self._token_metrics.pop("train", self._reduce))
             start, paused = self._log_window

@@ -170,6 +170,31 @@ def test_router_aux_loss_coef_overrides_the_config_and_zero_turns_it_off(tokeniz
     assert _losses(stronger)[0] == pytest.approx(_losses(stronger)[1], rel=1e-5)
 
 
+def test_trainer_says_whether_the_router_loss_is_added_and_logs_it(tokenizer, tmp_path):
+    # TRL's attributes: router_aux_loss_coef (the coefficient used) and aux_loss_enabled.
+    trainer = _trainer(
+        _mixtral(tokenizer, router_aux_loss_coef=0.3), tokenizer, tmp_path, max_steps=2, logging_steps=1
+    )
+    assert trainer.router_aux_loss_coef == 0.3 and trainer.aux_loss_enabled
+    batch = _batch(trainer)
+    with torch.no_grad():
+        expected = float(trainer.model(**batch, use_cache=False).aux_loss)
+    metrics = trainer.evaluate(ROWS)  # one batch of every row: its unweighted aux loss
+    assert metrics["eval_aux_loss"] == pytest.approx(expected, rel=1e-5)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(h["aux_loss"] > 0 for h in logs)
+    off = _trainer(_mixtral(tokenizer), tokenizer, tmp_path, router_aux_loss_coef=0.0, max_steps=1)
+    assert off.router_aux_loss_coef == 0.0 and not off.aux_loss_enabled
+    off.train()
+    assert not [h for h in off.state.log_history if "aux_loss" in h]
+
+
+def test_a_dense_model_adds_no_router_loss(tiny_model_dir, tokenizer, tmp_path):
+    trainer = _trainer(str(tiny_model_dir), tokenizer, tmp_path)
+    assert trainer.router_aux_loss_coef == 0.0 and not trainer.aux_loss_enabled
+
+
 def test_router_aux_loss_coef_on_a_dense_model_is_refused(tiny_model_dir, tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="not a Mixture-of-Experts"):
         _trainer(str(tiny_model_dir), tokenizer, tmp_path, router_aux_loss_coef=0.1)

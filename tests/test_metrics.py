@@ -93,3 +93,14 @@ def test_eval_mean_token_accuracy_as_metric_for_best_model(tiny_model_dir, tmp_p
     assert len(evals) == 3
     assert trainer.state.best_metric == max(evals)
     assert trainer.state.best_model_checkpoint is not None
+
+
+def test_the_end_of_training_summary_carries_the_metrics_of_its_unlogged_steps(tiny_model_dir, tmp_path):
+    # As TRL: steps after the last logging step are reported in the summary log (train_loss, ...).
+    trainer = _trainer(tiny_model_dir, tmp_path, max_steps=3, logging_steps=2)
+    trainer.train()
+    summary = trainer.state.log_history[-1]
+    assert "train_loss" in summary
+    assert 0.0 <= summary["mean_token_accuracy"] <= 1.0 and summary["entropy"] > 0
+    tokens = sum(len(r["input_ids"]) for r in trainer.train_dataset)  # one epoch of 4 rows per step
+    assert summary["num_tokens"] == 3 * tokens

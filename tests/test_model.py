@@ -70,13 +70,18 @@ def test_chat_template_path_tokenizer_directory_brings_its_eos(tokenizer, tmp_pa
     assert prepared.eos_token_id == tokenizer.convert_tokens_to_ids("<s>")
 
 
-def test_chat_template_path_with_tokens_the_tokenizer_lacks_is_refused(tokenizer, tmp_path):
+def test_chat_template_path_adds_the_tokens_its_template_needs_to_a_copy(tokenizer, tmp_path):
+    # As TRL's clone_chat_template (the trainer then grows the model's embeddings: test_template_tokens.py).
     source = copy.deepcopy(tokenizer)
-    source.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
+    source.add_special_tokens({"additional_special_tokens": ["<|eot|>", "<|other|>"]})
     source.chat_template = "{% for m in messages %}{{ m['content'] + '<|eot|>' }}{% endfor %}"
     source.save_pretrained(tmp_path / "source")
-    with pytest.raises(ConfigError, match=r"uses tokens this tokenizer lacks: <\|eot\|>"):
-        prepare_tokenizer(tokenizer, chat_template_path=str(tmp_path / "source"))
+    before = snapshot(tokenizer)
+    prepared = prepare_tokenizer(tokenizer, chat_template_path=str(tmp_path / "source"))
+    assert snapshot(tokenizer) == before
+    assert len(prepared) == len(tokenizer) + 1 and "<|other|>" not in prepared.get_vocab()
+    eot = prepared.convert_tokens_to_ids("<|eot|>")
+    assert prepared(render(prepared), add_special_tokens=False)["input_ids"][-1] == eot  # one token
 
 
 @pytest.mark.parametrize(

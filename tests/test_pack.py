@@ -11,7 +11,7 @@ from datasets import Dataset, IterableDataset
 from transformers import AutoModelForCausalLM
 
 from sftrainer.constants import IGNORE_INDEX
-from sftrainer.data.collate import PaddedCollator, PositionCollator
+from sftrainer.data.collate import DataCollatorForLanguageModeling, PaddedCollator, PositionCollator
 from sftrainer.data.pack import StreamPacker, best_fit_decreasing, pack_dataset
 from sftrainer.isolation import ContaminationError, check_row_isolation
 
@@ -80,6 +80,7 @@ def test_pack_dataset_keeps_every_row_with_its_labels_and_positions():
         for ids, _ in _segments(r):
             assert len(ids) >= 1
         assert r["position_ids"] == [p for ids, _ in _segments(r) for p in range(len(ids))]
+        assert r["seq_lengths"] == [len(ids) for ids, _ in _segments(r)]  # TRL's column, same pieces
 
 
 def test_pack_dataset_on_a_filtered_view():
@@ -98,6 +99,22 @@ def test_pack_dataset_refuses_overlong_rows_unless_split():
     pieces = sorted(len(s[0]) for r in packed.to_list() for s in _segments(r))
     assert pieces == [3, 4, 8]  # 12 tokens -> 8 + 4
     assert sum(pieces) == 15
+
+
+@pytest.mark.parametrize("strategy", ["bfd", "bfd_split", "wrapped"])
+def test_seq_lengths_are_the_pieces_of_each_packed_row(strategy):
+    """TRL's column: the lengths of the pieces packed into a row, in order, as position_ids tell them."""
+    rows = _rows([5, 3, 7, 2, 9, 4, 8, 1, 6, 14] if strategy != "bfd" else [5, 3, 7, 2, 9, 4, 8, 1, 6])
+    packed, stats = pack_dataset(Dataset.from_list(rows), 10, strategy)
+    for r in packed.to_list():
+        assert r["seq_lengths"] == [len(ids) for ids, _ in _segments(r)]
+        assert sum(r["seq_lengths"]) == len(r["input_ids"]) <= 10
+    assert sum(len(r) for r in packed["seq_lengths"]) >= stats.rows
+
+
+def test_trl_collator_position_ids_from_seq_lengths():
+    positions = DataCollatorForLanguageModeling.get_position_ids_from_packed_seq_lengths([[3, 2], [4], []])
+    assert [p.tolist() for p in positions] == [[0, 1, 2, 0, 1], [0, 1, 2, 3], []]
 
 
 # ---- streams -------------------------------------------------------------------------------
@@ -202,7 +219,8 @@ def test_position_collator_shapes_and_first_token_label():
     assert "attention_mask" not in flat  # its absence is what makes transformers read position_ids
     rows_layout = PositionCollator(pad_token_id=0, flatten=False, pad_to_multiple_of=4)(rows)
     assert rows_layout["input_ids"].shape == (2, 8)
-    assert rows_layout["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]  # padding: its own block
+    # Padding has position 0 (each pad token a sequence of its own, TRL's layout), label IGNORE_INDEX.
+    assert rows_layout["position_ids"][0].tolist() == [0, 1, 2, 0, 0, 0, 0, 0]
     assert (rows_layout["labels"][0, 3:] == IGNORE_INDEX).all()
 
 

@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import ROWS, changed, quick_args, save_tiny_model, trainable_snapshot, trained_text
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from sftrainer import ConfigError, SFTConfig, SFTTrainer
+from sftrainer import ConfigError, DataError, SFTConfig, SFTTrainer
 from sftrainer.config import to_sft_config
 
 END_OF_TURN = "<|im_end|>"
@@ -339,6 +339,49 @@ def test_peft_config_on_a_peft_model_is_a_clear_error(tiny_model, tokenizer, tmp
         )
 
 
+def test_no_data_at_all_is_an_error_and_eval_data_alone_is_enough(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="`train_dataset` is required"):
+        SFTTrainer(model=str(tiny_model_dir), args=quick_args(tmp_path))
+    trainer = SFTTrainer(model=str(tiny_model_dir), args=quick_args(tmp_path), eval_dataset=ROWS)
+    assert math.isfinite(trainer.evaluate()["eval_loss"])  # as `sftrainer eval` uses it
+
+
+def test_a_transform_preparation_would_not_see_is_refused(tiny_model_dir, tmp_path):
+    def shout(batch):
+        return {**batch, "response": [r.upper() for r in batch["response"]]}
+
+    data = Dataset.from_list(ROWS).with_transform(shout)
+    with pytest.raises(DataError, match=r"train data: .*Dataset\.with_transform\(\).*skip_prepare_dataset"):
+        SFTTrainer(model=str(tiny_model_dir), args=quick_args(tmp_path), train_dataset=data)
+    mapped = Dataset.from_list(ROWS).map(shout, batched=True)  # what the message suggests
+    trainer = SFTTrainer(model=str(tiny_model_dir), args=quick_args(tmp_path), train_dataset=mapped)
+    texts = [trainer.processing_class.decode(r["input_ids"]) for r in trainer.train_dataset]
+    assert sum(t.count("PARIS.") for t in texts) == 1
+
+
+def test_the_model_is_tagged_as_trained_by_sftrainer(tiny_model_dir, tmp_path):
+    for peft_config in (None, lora()):
+        trainer = SFTTrainer(
+            model=str(tiny_model_dir), args=quick_args(tmp_path), train_dataset=ROWS, peft_config=peft_config
+        )
+        assert {"sft", "sftrainer"} <= set(trainer.model.model_tags) and "trl" not in trainer.model.model_tags
+
+
+def test_the_tokenizer_loads_at_the_revision_the_model_loads_at(tiny_model_dir, tmp_path, monkeypatch):
+    import sftrainer.trainer
+
+    seen = []
+
+    def load_tokenizer(path, trust_remote_code=False, revision=None):
+        seen.append(revision)
+        return AutoTokenizer.from_pretrained(path)
+
+    monkeypatch.setattr(sftrainer.trainer, "load_tokenizer", load_tokenizer)
+    args = quick_args(tmp_path, model_init_kwargs={"revision": "v1.0"})
+    SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=ROWS)
+    assert seen == ["v1.0"]
+
+
 def test_model_none_is_an_error(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="needs a model"):
         SFTTrainer(args=quick_args(tmp_path), train_dataset=ROWS, processing_class=tokenizer)
@@ -450,6 +493,26 @@ def test_tokenizer_without_pad_or_template_is_completed_on_a_copy_and_saved(
     trainer.save_model(str(tmp_path / "final"))
     saved = AutoTokenizer.from_pretrained(tmp_path / "final")
     assert saved.pad_token == "<|im_end|>" and "### Assistant:" in saved.chat_template
+
+
+def test_the_models_configs_take_the_special_tokens_training_uses(tiny_model_dir, tokenizer, tmp_path):
+    # As TRL, at construction: the EOS override heads the generation config's stop tokens (the model's
+    # own stay), and a tokenizer without a pad token pads with EOS in the configs too.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    own_eos = model.generation_config.eos_token_id
+    no_pad = AutoTokenizer.from_pretrained(tiny_model_dir)
+    no_pad.pad_token = None
+    trainer = SFTTrainer(
+        model=model,
+        args=quick_args(tmp_path, eos_token="<s>"),
+        train_dataset=ROWS,
+        processing_class=no_pad,
+    )
+    eos = tokenizer.convert_tokens_to_ids("<s>")
+    assert trainer.processing_class.eos_token_id == eos and trainer.processing_class.pad_token_id == eos
+    assert model.config.eos_token_id == eos and model.config.pad_token_id == eos
+    assert model.generation_config.eos_token_id == [eos, own_eos]
+    assert model.generation_config.pad_token_id == eos
 
 
 def test_eos_token_override_is_the_trained_end_of_sequence(tiny_model_dir, tokenizer, tmp_path):

@@ -58,7 +58,7 @@ def test_packing_prepares_packed_rows_and_trains(tiny_model_dir, tmp_path):
         eval_dataset=_rows(8),
     )
     ds = trainer.train_dataset
-    assert set(ds.column_names) == {"input_ids", "labels", "position_ids"}
+    assert set(ds.column_names) == {"input_ids", "labels", "position_ids", "seq_lengths"}
     stats = trainer.pack_stats["train data"]
     assert stats.rows == 40 and stats.sequences == len(ds) < 40
     assert all(len(r) <= 64 for r in ds["input_ids"])

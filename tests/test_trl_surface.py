@@ -89,7 +89,7 @@ def test_bad_trl_values_are_reported_together(tmp_path):
 
 
 def test_chunked_nll_is_trls_alias_of_nll(tmp_path):
-    with pytest.warns(FutureWarning, match="chunked_nll"):
+    with pytest.warns(FutureWarning, match=r"`loss_type='chunked_nll'` is deprecated.*use loss_type='nll'"):
         args = SFTConfig(output_dir=str(tmp_path), report_to="none", loss_type="chunked_nll")
     assert args.loss_type == "nll"
 
@@ -272,7 +272,7 @@ def test_trust_remote_code_reaches_the_model_and_tokenizer_loaders(tiny_model_di
     monkeypatch.setattr(
         trainer_module,
         "load_tokenizer",
-        lambda p, trc=False: seen.setdefault("tokenizer", trc) and real_tokenizer(p),
+        lambda p, trc=False, revision=None: seen.setdefault("tokenizer", trc) and real_tokenizer(p),
     )
     _trainer(tiny_model_dir, tmp_path, PAIRS, trust_remote_code=True)
     assert seen == {"model": {"trust_remote_code": True}, "tokenizer": True}
@@ -428,7 +428,9 @@ def test_quantization_config_reaches_the_loader_or_is_said_to_be_ignored(tiny_mo
     marker = object()
     monkeypatch.setattr(trainer_module, "load_model", lambda path, **kw: (_ for _ in ()).throw(KeyError(kw)))
     with pytest.raises(KeyError) as err:
-        SFTTrainer(model="some/model", args=quick_args(tmp_path), quantization_config=marker)
+        SFTTrainer(
+            model="some/model", args=quick_args(tmp_path), train_dataset=PAIRS, quantization_config=marker
+        )
     assert err.value.args[0]["quantization_config"] is marker
     with pytest.warns(UserWarning, match="quantization_config is ignored"):
         SFTTrainer(

@@ -50,7 +50,8 @@ class PositionCollator:
 
     ``flatten=False``: B rows (each one packed sequence) padded on the right to length L, shapes
     [B, L]. Attention cost stays B * L^2 instead of (B * L)^2 on backends that build dense masks.
-    Padding gets its own positions (a separate block, label ``IGNORE_INDEX``).
+    Padding has position 0 (each padding token a sequence of its own, as TRL lays it out) and the
+    label ``IGNORE_INDEX``.
 
     The first token of each row gets the label ``IGNORE_INDEX`` so nothing learns to follow the
     previous row.
@@ -79,11 +80,10 @@ class PositionCollator:
         batch = len(ids)
         out_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
         out_labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
-        out_pos = torch.arange(width, dtype=torch.long).repeat(batch, 1)
+        out_pos = torch.zeros((batch, width), dtype=torch.long)
         for row, (i, lab, pos) in enumerate(zip(ids, labels, positions)):
             n = len(i)
             out_ids[row, :n], out_labels[row, :n], out_pos[row, :n] = i, lab, pos
-            out_pos[row, n:] -= n  # padding restarts at 0: its own block
         return {"input_ids": out_ids, "labels": out_labels, "position_ids": out_pos}
 
 
@@ -99,7 +99,9 @@ class DataCollatorForLanguageModeling:
     Returns, as ``PaddedCollator``: ``input_ids``, ``attention_mask``, ``labels`` [B, L], plus
     ``position_ids`` [B, L] with ``return_position_ids``. With ``padding_free`` (or for packed rows), as
     ``PositionCollator``: ``input_ids``, ``labels``, ``position_ids``, no ``attention_mask``; rows that
-    share a row of the batch never attend to each other.
+    share a row of the batch never attend to each other. Unlike TRL's, packed rows (``seq_lengths``)
+    are kept apart whatever ``padding_free`` says: TRL pads them as one sequence with an attention
+    mask, so their documents attend to each other (README, "Switching from TRL").
     """
 
     pad_token_id: int
@@ -129,6 +131,22 @@ class DataCollatorForLanguageModeling:
             mask = batch["attention_mask"]
             batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0) * mask
         return batch
+
+    @staticmethod
+    def get_position_ids_from_packed_seq_lengths(
+        batch_seq_lengths: Sequence[Sequence[int]],
+    ) -> list[torch.Tensor]:
+        """TRL's helper: the position ids of each packed row, restarting at 0 for each of its sequences.
+
+        ``batch_seq_lengths``: per row, the lengths of the sequences packed into it. Returns one 1-D
+        tensor per row, of the row's total length.
+        """
+        return [
+            torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])
+            if len(lengths)
+            else torch.zeros(0, dtype=torch.long)
+            for lengths in batch_seq_lengths
+        ]
 
     def _feature(self, example: dict[str, Any]) -> dict[str, Any]:
         ids = list(example["input_ids"])

@@ -12,7 +12,8 @@ Packing works on Arrow buffers and NumPy arrays, never on per-token Python lists
 is a segment tree over remaining capacities: O(n log max_length) for n rows.
 
 Output rows: ``input_ids`` list[int], ``labels`` list[int], ``position_ids`` list[int], all of the
-packed sequence's length (<= max_length).
+packed sequence's length (<= max_length), and ``seq_lengths`` list[int]: the lengths of the pieces
+packed into it, in order (TRL's column; ``sum(seq_lengths)`` is the row's length).
 """
 
 from __future__ import annotations
@@ -206,8 +207,16 @@ def pack_arrays(
     def as_list(values: np.ndarray) -> pa.Array:
         return pa.LargeListArray.from_arrays(seq_offsets, pa.array(values, pa.int64())).cast(list_type)
 
+    pieces_per_bin = np.bincount(bins, minlength=len(tokens_per_bin))  # pieces are sorted by bin
+    piece_offsets = pa.array(np.concatenate([[0], np.cumsum(pieces_per_bin)]).astype(np.int64), pa.int64())
+    seq_lengths = pa.LargeListArray.from_arrays(piece_offsets, pa.array(piece_len, pa.int64()))
     table = pa.table(
-        {"input_ids": as_list(new_ids), "labels": as_list(new_labels), "position_ids": as_list(within)}
+        {
+            "input_ids": as_list(new_ids),
+            "labels": as_list(new_labels),
+            "position_ids": as_list(within),
+            "seq_lengths": seq_lengths.cast(pa.list_(pa.int64())),
+        }
     )
     stats = PackStats(
         rows=int(offsets.size - 1),

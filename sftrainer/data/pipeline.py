@@ -84,6 +84,8 @@ class DataPipeline:
             return out
         # Once: the main process writes the datasets cache, the others then read it (every process
         # must call this, as every process builds the trainer).
+        if not self.skip:
+            _refuse_transform(dataset, name)
         with main_process_first(self.args, f"preparing {name}"):
             dataset = data_load.load(dataset, name)
             out = self._as_given(dataset, name) if self.skip else self._prepare(dataset, name, pack)
@@ -201,4 +203,17 @@ def _refuse_images(dataset: Any, name: str) -> None:
             f"{name}: the rows have an '{columns[0]}' column, and the model is not a vision-language model "
             "(its processing class is a tokenizer, not a processor). Use an image-text-to-text model "
             "(LLaVA, Idefics3, Gemma 3, ...) with its processor, or drop the images"
+        )
+
+
+def _refuse_transform(dataset: Any, name: str) -> None:
+    """``DataError`` for a data set with a ``with_transform`` / ``set_transform`` transform: preparation
+    reads the stored columns (``map``), so the transform would silently not apply."""
+    if isinstance(dataset, Dataset) and dataset.format.get("type") == "custom":
+        raise DataError(
+            f"{name}: the data set has a transform set by Dataset.with_transform() (or set_transform), "
+            "which runs only when rows are read, so preparing the data (tokenize, mask, pack) would not see "
+            "it. Apply it with Dataset.map() instead, or set dataset_kwargs={'skip_prepare_dataset': True} "
+            "and make the transform return trainer-ready rows (input_ids, and labels with -100 on "
+            "untrained tokens), which the trainer then uses as they are read."
         )
