@@ -35,6 +35,7 @@ list[int] with ``IGNORE_INDEX`` on every untrained token, aligned with ``input_i
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from collections.abc import Iterator, Sequence
@@ -59,6 +60,7 @@ class Segment(NamedTuple):
 
 # Text put before a piece so that it is tokenized as a continuation, not as the start of an input.
 SENTINELS = ("\n", " ", "a", "0", ".")
+LAST_ADDED_WINDOW = 512  # characters of a prompt searched first for its last added token
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ class SegmentEncoder:
             if trained or j + 1 == len(segs):
                 out.append(_Piece(text, trained, closed))
                 continue
-            found = self._last_added.search(text[::-1]) if self._last_added is not None else None
+            found = self._last_added_in(text)
             if found is None:  # the whole prompt is checked (raw pairs, templates without added tokens)
                 out.append(_Piece(text, False, prompt_end=True))
                 continue
@@ -174,6 +176,18 @@ class SegmentEncoder:
             out.append(_Piece(text[:cut], False))
             out.append(_Piece(text[cut:], False, after=found.group()[::-1], prompt_end=True))
         return out
+
+    def _last_added_in(self, text: str) -> re.Match[str] | None:
+        """The last added token of ``text``, matched in the reversed text: searched in its last 512
+        characters first (a prompt's last added token opens its assistant header), then in all of it."""
+        if self._last_added is None:
+            return None
+        if len(text) > LAST_ADDED_WINDOW:
+            found = self._last_added.search(text[-LAST_ADDED_WINDOW:][::-1])
+            # A match ending at the window's start may be part of a longer token: search it all.
+            if found is not None and found.end() < LAST_ADDED_WINDOW:
+                return found
+        return self._last_added.search(text[::-1])
 
     def _whole(self, pieces: list[list[_Piece]]) -> list[tuple[list[int], list[int]] | None]:
         """Each row's ids tokenized whole and its pieces' token counts, or None where a token crosses
@@ -279,13 +293,17 @@ class SegmentEncoder:
         """The row from its whole-text ids, or None where they differ from inference: a prompt whose
         tokens are not the prompt's own, or EOS to add after a turn that another turn follows."""
         labels: list[int] = []
-        pos, text, trained_before, open_turn = 0, "", False, False
+        pos = last = 0
+        texts: list[str] = []  # the pieces so far, joined only for a prompt checked whole
+        open_turn = False
         for piece, n in zip(pieces, counts):
-            text += piece.text
+            texts.append(piece.text)
             if piece.prompt_end:
-                key = text if piece.after is None else (piece.after, piece.text)
-                want = prompts[key] if key in prompts else self._tails[key]
-                got = ids[: pos + n] if piece.after is None else ids[pos : pos + n]
+                if piece.after is None:
+                    want, got = prompts["".join(texts)], ids[: pos + n]
+                else:
+                    key = (piece.after, piece.text)
+                    want, got = prompts[key] if key in prompts else self._tails[key], ids[pos : pos + n]
                 if tuple(got) != want:
                     return None
             span = ids[pos : pos + n]
@@ -296,18 +314,17 @@ class SegmentEncoder:
             if open_turn:  # the turn before needs EOS, which the next prompt does not have
                 return None
             labels += span
-            trained_before = True
+            last = pos
             open_turn = chat and not piece.closed
-        if not trained_before:
+        if not last:
             return [(ids, labels, False)]
-        return [self._closed(ids, labels, chat, not open_turn)]
+        return [self._closed(ids, labels, chat, not open_turn, last - 1)]
 
     def _closed(
-        self, ids: list[int], labels: list[int], chat: bool, turn_closed: bool
+        self, ids: list[int], labels: list[int], chat: bool, turn_closed: bool, last: int
     ) -> tuple[list[int], list[int], bool]:
-        """EOS after the last trained token where nothing closes it: a conversation's turn its
-        template does not close; text and pairs, which end with EOS."""
-        last = max(k for k, label in enumerate(labels) if label != IGNORE_INDEX)
+        """EOS after the last trained token (at ``last``) where nothing closes it: a conversation's
+        turn its template does not close; text and pairs, which end with EOS."""
         if (chat and turn_closed) or (not chat and ids[-1] == self.eos_id):
             return ids, labels, False
         at = last + 1 if chat else len(ids)
@@ -413,9 +430,10 @@ class SegmentEncoder:
             piece = self._ids(text) if k == 0 else self._ids(eos + text)[len(self._ids(eos)) :]
             ids += piece
             labels += piece if trained else [IGNORE_INDEX] * len(piece)
-        if any(label != IGNORE_INDEX for label in labels):
+        trained = [k for k, label in enumerate(labels) if label != IGNORE_INDEX]
+        if trained:
             closed = next(seg.closed for seg in reversed(segs) if seg.trained)
-            ids, labels, _ = self._closed(ids, labels, chat, closed)
+            ids, labels, _ = self._closed(ids, labels, chat, closed, trained[-1])
         return ids, labels
 
     # ---- tokenizer calls ----------------------------------------------------------------------
@@ -424,6 +442,9 @@ class SegmentEncoder:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def _ids_batch(self, texts: list[str]) -> list[list[int]]:
+        fast = self._byte_lengths.encode(texts) if self._byte_lengths is not None else None
+        if fast is not None:  # the backend's own batch call, without the wrapper's conversions
+            return fast
         return self.tokenizer(
             texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
         )["input_ids"]
@@ -484,6 +505,8 @@ def _piece_token_counts(encoding: Any, pieces: list[str], n_tokens: int) -> list
 
 def _merge_same(segments: list[Segment]) -> list[Segment]:
     """Consecutive segments of one kind joined (a trained run is closed as its last part is)."""
+    if all(seg[0] for seg in segments) and all(a[1] != b[1] for a, b in itertools.pairwise(segments)):
+        return [seg if isinstance(seg, Segment) else Segment(*seg) for seg in segments]
     merged: list[Segment] = []
     for seg in segments:
         seg = Segment(*seg)
