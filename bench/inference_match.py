@@ -125,7 +125,39 @@ def datasets(rows: int, seed: int = 0) -> dict[str, list]:
         text = answer(rng) if rng.random() < 0.5 else phrase(rng, 6, 20)
         k = rng.randint(1, len(text) - 1)
         cut.append((text[:k], text[k:]))
-    return {"chat": chat, "multi_turn": multi, "pairs": pairs, "cut": cut}
+    tools = []
+    for _ in range(rows):
+        city, call = rng.choice(WORDS).capitalize(), f"call{rng.randint(10000, 99999)}"
+        tools.append(
+            [
+                {"role": "user", "content": f"What is the weather in {city}?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": call,
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": {"city": city}},
+                        }
+                    ],
+                },
+                *(
+                    [
+                        {
+                            "role": "tool",
+                            "tool_call_id": call,
+                            "name": "get_weather",
+                            "content": '{"celsius": 21}',
+                        },
+                        {"role": "assistant", "content": answer(rng)},
+                    ]
+                    if rng.random() < 0.7
+                    else []
+                ),
+            ]
+        )
+    return {"chat": chat, "multi_turn": multi, "tools": tools, "pairs": pairs, "cut": cut}
 
 
 def cases(names: list[str], real: list[str]) -> list[tuple[str, str, str]]:
@@ -154,6 +186,8 @@ def main() -> None:
     import real_tokenizers
     import released_templates as rt
 
+    WEATHER_TOOL = rt.WEATHER_TOOL
+
     from sftrainer.data.formats import ChatExample, PairExample, normalise_messages
     from sftrainer.data.tokenize import ExampleTokenizer
 
@@ -173,15 +207,22 @@ def main() -> None:
         stops = tuple(info.get("stop_tokens") or ())
         kwargs = dict(info.get("template_kwargs") or {})
         encoder = ExampleTokenizer(tok, template_kwargs=kwargs)
-        for name in ("chat", "multi_turn") if kind == "chat" else ("pairs", "cut"):
+        for name in ("chat", "multi_turn", "tools") if kind == "chat" else ("pairs", "cut"):
             failures: Counter[str] = Counter()
             started = time.perf_counter()
             for item in data[name]:
                 try:
                     if kind == "chat":
-                        example = ChatExample(normalise_messages(json.loads(json.dumps(item)), "messages"))
+                        tools = [WEATHER_TOOL] if name == "tools" else None
+                        try:
+                            oracle.render(tok, item, tools=tools, **kwargs)
+                        except Exception:  # a template without a system role: the conversation without it
+                            item = [m for m in item if m["role"] != "system"]
+                        example = ChatExample(
+                            normalise_messages(json.loads(json.dumps(item)), "messages"), tools=tools
+                        )
                         rows = encoder.tokenize([example])
-                        full, turns = oracle.expected_turns(tok, item, eot, stops, **kwargs)
+                        full, turns = oracle.expected_turns(tok, item, eot, stops, tools=tools, **kwargs)
                         oracle.check_chat_rows(tok, rows, full, turns)
                     else:
                         rows = encoder.tokenize([PairExample(*item)])

@@ -298,13 +298,13 @@ def check_pair_row(tok: Any, rows: list[Any], prompt: str, completion: str) -> N
     assert len(rows) == 1
     ids, labels = list(rows[0].input_ids), list(rows[0].labels)
     spans = trained_spans(labels)
-    assert len(spans) == 1, spans
+    assert len(spans) == 1, f"{len(spans)} trained spans for one completion"
     s, e = spans[0]
-    assert e == len(ids) and ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id
+    assert e == len(ids) and ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id, "no trained EOS"
     assert ids[:s] == inference_ids(tok, prompt), (
-        tok.convert_ids_to_tokens(ids[:s])[-6:],
-        tok.convert_ids_to_tokens(inference_ids(tok, prompt))[-6:],
+        "prompt tokens differ from inference: "
+        f"{tok.convert_ids_to_tokens(ids[:s])[-6:]} vs {tok.convert_ids_to_tokens(inference_ids(tok, prompt))[-6:]}"
     )
     assert decoded(tok, ids[:-1]) == decoded(tok, inference_ids(tok, prompt + completion)), (
-        tok.convert_ids_to_tokens(ids[s:])
+        f"trained text differs: {tok.convert_ids_to_tokens(ids[s:])}"
     )
