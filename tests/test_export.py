@@ -125,9 +125,11 @@ def fake_adapter(path, base, config=None):
     return read_run(path)
 
 
-def test_resolve_base(tmp_path, tiny_model_dir):
+def test_resolve_base(tmp_path, tiny_model_dir, monkeypatch):
     assert resolve_base(fake_adapter(tmp_path / "a", "builtin")) == str(builtin.model_dir())
     (tmp_path / "base").mkdir()
+    (tmp_path / "cwd" / "here").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "cwd" / "here")  # "../base" from the working directory does not exist
     assert resolve_base(fake_adapter(tmp_path / "b", "../base")) == str(tmp_path / "b" / "../base")
     # The recorded cache path is gone (another machine, another $SFTRAINER_HOME): the run config says builtin.
     run = fake_adapter(tmp_path / "c", "/gone/builtin-llama-v1", {"model": {"name_or_path": "builtin"}})
