@@ -105,6 +105,14 @@ class SFTConfig(TrainingArguments):
             "as at inference (for templates that rewrite history, e.g. drop past reasoning)."
         },
     )
+    train_empty_reasoning: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the empty reasoning block a chat template writes before an answer that carries no "
+            "reasoning (Qwen3: <think></think>). Off: it is context, as at inference in non-thinking mode, "
+            "and the model does not learn to skip thinking."
+        },
+    )
     packing: bool = field(
         default=False,
         metadata={
@@ -376,6 +384,7 @@ class SFTConfig(TrainingArguments):
             skip_invalid_rows=self.skip_invalid_rows,
             chat_template_kwargs=dict(self.chat_template_kwargs or {}),
             split_turns=self.split_turns,
+            train_empty_reasoning=self.train_empty_reasoning,
             truncation_mode=self.truncation_mode,
             overwrite_cache=self.overwrite_cache,
         )

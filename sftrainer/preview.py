@@ -304,6 +304,12 @@ class DataPreview:
             )
         if not s.dropped_empty and not s.dropped_invalid and not getattr(s, "dropped_image_cut", 0):
             lines.append("  dropped: none")
+        if s.empty_reasoning_turns:
+            lines.append(
+                f"  reasoning: {s.empty_reasoning_turns} answer(s) without reasoning follow an empty reasoning "
+                "block the template writes; the block is context, not trained (train_empty_reasoning=true "
+                "trains it)"
+            )
         if hasattr(s, "images"):
             lines.append(
                 f"  images: {s.images} in the kept rows (rows below show each as its image token ×count)"

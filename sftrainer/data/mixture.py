@@ -232,6 +232,9 @@ def prepare_mixture(
         "dropped_invalid",
         "rewritten_turns",
         "same_role_rows",
+        "split_rows",
+        "inexact_rows",
+        "empty_reasoning_turns",
     )
     for k, (source, rows) in enumerate(mixture.sample(name, seed)):
         part_name = f"{name} [{source.label}]"

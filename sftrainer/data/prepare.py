@@ -58,8 +58,10 @@ PREPARED_FEATURES = Features(
         "_same_role": Value("bool"),
         "_split": Value("bool"),
         "_inexact": Value("bool"),
+        "_empty_reasoning": Value("int64"),
     }
 )
+TEMPORARY_COLUMNS = [name for name in PREPARED_FEATURES if name.startswith("_")]  # counted, then removed
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class DataSettings:
     skip_invalid_rows: bool = False
     chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     split_turns: bool = False
+    train_empty_reasoning: bool = False
     truncation_mode: str = "keep_start"
     overwrite_cache: bool = False
 
@@ -104,6 +107,9 @@ class PrepareStats:
     same_role_rows: int = 0  # conversations with two consecutive turns of one role, rendered as given
     split_rows: int = 0  # rows added for turns that could not share a row with the turn before (encode.py)
     inexact_rows: int = 0  # rows whose later prompts could not be made to match inference exactly
+    empty_reasoning_turns: int = (
+        0  # answers after an empty reasoning block the template wrote, left untrained
+    )
     streamed: bool = False  # counted as the stream is read: the rows read so far
 
     def summary(self, max_length: int | None) -> str:
@@ -136,6 +142,17 @@ class PrepareStats:
             f"{self.name}: {self.same_role_rows} conversation(s) have two consecutive turns of the same role "
             "(user after user, ...); they are rendered as given by the chat template, not merged. "
             "Merge such turns if the model expects roles to alternate."
+        )
+
+    def empty_reasoning_note(self) -> str | None:
+        if not self.empty_reasoning_turns:
+            return None
+        return (
+            f"{self.name}: {self.empty_reasoning_turns} assistant turn(s) carry no reasoning, and the chat "
+            "template writes an empty reasoning block before them (Qwen3: <think>\\n\\n</think>): the block "
+            "is not trained, as it is the prompt in non-thinking mode and the model writes its reasoning "
+            "there in thinking mode (training it empty teaches the model to skip thinking). "
+            "train_empty_reasoning=true trains it."
         )
 
     def rewritten_warning(self) -> str | None:
@@ -171,15 +188,7 @@ class _TokenizeBatch:
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         keys = list(batch)
         rows = [dict(zip(keys, values)) for values in zip(*batch.values())]
-        out: dict[str, list[Any]] = {
-            "input_ids": [],
-            "labels": [],
-            "_issue": [],
-            "_rewritten": [],
-            "_same_role": [],
-            "_split": [],
-            "_inexact": [],
-        }
+        out: dict[str, list[Any]] = {name: [] for name in PREPARED_FEATURES}
         plan: list[tuple[Any, ...]] = []  # per example: ("row", Tokenized), ("error", issue), or its render
         rendered = []
         for row, index in zip(rows, indices):
@@ -189,13 +198,17 @@ class _TokenizeBatch:
                     plan.append(("row", tokenize_pretokenized(row, self.encoder.max_length, use_masks)))
                     continue
                 examples = self._examples(row)
+                before = self.encoder.untrained_empty_reasoning
                 renders = [self.encoder.render(example) for example in examples]
+                empty_reasoning = self.encoder.untrained_empty_reasoning - before
             except RowError as err:
                 plan.append(("error", f"row {index + 1}: {err}"))
                 continue
             same_role = any(_same_role(example) for example in examples)
-            for example, (segments, rewritten) in zip(examples, renders):
-                plan.append(("rendered", len(rendered), rewritten, same_role))
+            for k, (example, (segments, rewritten)) in enumerate(zip(examples, renders)):
+                plan.append(
+                    ("rendered", len(rendered), rewritten, same_role, empty_reasoning if k == 0 else 0)
+                )
                 rendered.append((example, segments))
         encoded = self.encoder.encode(rendered)
         for item in plan:
@@ -204,9 +217,18 @@ class _TokenizeBatch:
             elif item[0] == "error":
                 self._put(out, None, item[1])
             else:  # an example's rows: more than one where its turns could not share a row
-                _, k, rewritten, same_role = item
+                _, k, rewritten, same_role, empty_reasoning = item
                 for n, tokenized in enumerate(encoded[k]):
-                    self._put(out, tokenized, OK, rewritten if n == 0 else 0, same_role and n == 0, n > 0)
+                    first = n == 0
+                    self._put(
+                        out,
+                        tokenized,
+                        OK,
+                        rewritten if first else 0,
+                        same_role and first,
+                        not first,
+                        empty_reasoning if first else 0,
+                    )
         return out
 
     def _examples(self, row: dict[str, Any]) -> list[Any]:
@@ -248,6 +270,7 @@ class _TokenizeBatch:
         rewritten: int = 0,
         same_role: bool = False,
         split: bool = False,
+        empty_reasoning: int = 0,
     ) -> None:
         """Append one output row."""
         tokenized = self._truncate(tokenized) if tokenized is not None else None
@@ -258,6 +281,7 @@ class _TokenizeBatch:
         out["_same_role"].append(same_role)
         out["_split"].append(split)
         out["_inexact"].append(tokenized is not None and tokenized.inexact)
+        out["_empty_reasoning"].append(empty_reasoning)
 
 
 def _check_has_answer(example: ChatExample, fmt: Format | None) -> None:
@@ -334,6 +358,7 @@ def prepare(
         settings.max_length if keep_start else None,
         settings.train_on,
         dict(settings.chat_template_kwargs),
+        train_empty_reasoning=settings.train_empty_reasoning,
     )
     fn = _TokenizeBatch(encoder, fmt, settings, formatting_func)
     uses_chat = fmt in (Format.MESSAGES, Format.SHAREGPT) or (
@@ -403,14 +428,18 @@ def prepare(
     stats.same_role_rows = int(pc.sum(pc.filter(mapped.data.column("_same_role"), usable)).as_py() or 0)
     stats.split_rows = int(pc.sum(pc.filter(mapped.data.column("_split"), usable)).as_py() or 0)
     stats.inexact_rows = int(pc.sum(pc.filter(mapped.data.column("_inexact"), usable)).as_py() or 0)
-    mapped = mapped.remove_columns(["_issue", "_rewritten", "_same_role", "_split", "_inexact"])
+    stats.empty_reasoning_turns = int(
+        pc.sum(pc.filter(mapped.data.column("_empty_reasoning"), usable)).as_py() or 0
+    )
+    mapped = mapped.remove_columns(TEMPORARY_COLUMNS)
     if kept.size < stats.rows:
         mapped = mapped.select(kept)
     stats.kept = len(mapped)
     log = logger.warning if stats.truncated or stats.dropped_empty or stats.dropped_invalid else logger.info
     log(stats.summary(settings.max_length))
-    if stats.same_role_note():
-        logger.info(stats.same_role_note())
+    for note in (stats.same_role_note(), stats.empty_reasoning_note()):
+        if note:
+            logger.info(note)
     if stats.rewritten_warning():
         logger.warning(stats.rewritten_warning())
     return mapped, stats
@@ -533,6 +562,7 @@ def _prepare_iterable(
         stats.kept += issues.count(OK) + issues.count(TRUNCATED)
         stats.split_rows += sum(out["_split"])
         stats.inexact_rows += sum(out["_inexact"])
+        stats.empty_reasoning_turns += sum(out["_empty_reasoning"])
         return out
 
     mapped = dataset.map(strict, batched=True, with_indices=True, remove_columns=columns)
@@ -545,7 +575,7 @@ def _prepare_iterable(
         stats.name,
         stats.format,
     )
-    return mapped.remove_columns(["_issue", "_rewritten", "_same_role", "_split", "_inexact"])
+    return mapped.remove_columns(TEMPORARY_COLUMNS)
 
 
 def column_names(dataset: Dataset | IterableDataset, name: str) -> list[str]:

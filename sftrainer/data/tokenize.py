@@ -53,11 +53,16 @@ class ExampleTokenizer:
         train_on: str = "response",
         template_kwargs: dict[str, Any] | None = None,
         split_rows: bool = True,
+        train_empty_reasoning: bool = False,
     ):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.train_on = train_on
         self.template_kwargs = dict(template_kwargs or {})
+        self.train_empty_reasoning = train_empty_reasoning
+        # Assistant turns whose empty reasoning block, written by the template, was left untrained
+        # (_past_empty_reasoning): a running count the data pipeline reads per row.
+        self.untrained_empty_reasoning = 0
         self._headers: dict[tuple[Any, ...], str] = {}
         self._opens: dict[str, frozenset[str | None]] = {}
         self._warned_null_content = False
@@ -542,7 +547,9 @@ class ExampleTokenizer:
                 "the chat template renders text before this assistant turn differently depending on "
                 "what the turn says, so the turn's tokens cannot be told apart from its context",
             )
-        start = self._turn_start(example, full, i, header, pos, c, e)
+        start = self._past_empty_reasoning(
+            example, full, i, self._turn_start(example, full, i, header, pos, c, e), c
+        )
         end, closed = self._close_turn(example, full, e, header)
         message = example.messages[i]
         calls = [call.get("function", call).get("name", "") for call in message.get("tool_calls", [])]
@@ -611,6 +618,33 @@ class ExampleTokenizer:
             shared = self._outside_special(full, _common_prefix(prompt, full))
             if pos <= shared <= c:
                 return shared
+        return c
+
+    def _past_empty_reasoning(self, example: ChatExample, full: str, i: int, start: int, c: int) -> int:
+        """``c`` where what lies between the prompt and turn ``i``'s own text is the template's
+        reasoning block written empty (Qwen3's ``<think>\n\n</think>\n\n`` before an answer that
+        carries no reasoning), else ``start``. That block is context: in non-thinking mode it is the
+        end of the generation prompt, and in thinking mode the model writes its reasoning there;
+        training it empty teaches the model to skip thinking. Found by rendering the turn with a
+        reasoning sentinel: the template must put it between ``start`` and ``c`` and render the
+        rest exactly as without it. ``train_empty_reasoning`` keeps the block trained."""
+        message = example.messages[i]
+        if self.train_empty_reasoning or start >= c or message.get("reasoning_content"):
+            return start
+        sentinel = _marker(example)
+        with_reasoning = [
+            *example.messages[:i],
+            {**message, "reasoning_content": sentinel},
+            *example.messages[i + 1 :],
+        ]
+        try:
+            rendered = self._render(example, with_reasoning, False)
+        except Exception:
+            return start
+        at = rendered.find(sentinel)
+        if not start <= at <= c or rendered[:at] + rendered[at + len(sentinel) :] != full:
+            return start
+        self.untrained_empty_reasoning += 1
         return c
 
     def _thinking_prompts(self, example: ChatExample, i: int, prompt: str | None) -> list[str]:

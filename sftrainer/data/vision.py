@@ -59,12 +59,15 @@ class VisionTokenizer:
         train_on: str = "response",
         template_kwargs: dict[str, Any] | None = None,
         truncation_mode: str = "keep_start",
+        train_empty_reasoning: bool = False,
     ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         # Truncation is done here (never inside an image), so the text tokenizer keeps whole rows.
         # One row per example: a row's images cannot follow it into a second row (encode.py).
-        self.text = ExampleTokenizer(self.tokenizer, None, train_on, template_kwargs, split_rows=False)
+        self.text = ExampleTokenizer(
+            self.tokenizer, None, train_on, template_kwargs, False, train_empty_reasoning
+        )
         self.max_length = max_length
         self.truncation_mode = truncation_mode
         self.placeholder = placeholder(processor)

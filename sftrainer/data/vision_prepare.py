@@ -235,6 +235,7 @@ def prepare_vision(
         settings.train_on,
         dict(settings.chat_template_kwargs),
         settings.truncation_mode,
+        settings.train_empty_reasoning,
     )
     fn = _VisionBatch(encoder, fmt, settings, formatting_func, column, image_root)
     fmt_name = "formatting_func" if fmt is None else fmt.value

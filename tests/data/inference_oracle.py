@@ -11,7 +11,9 @@ For assistant turn ``i`` of a conversation whose full rendering is ``F``:
   adds one. Where it does not because the generation prompt opens a think block and the turn holds
   no reasoning, ``G`` is the generation prompt with thinking off (``enable_thinking=False``: GLM's
   ``<|assistant|></think>``). Otherwise (a history the template rewrites) the span starts after the
-  last special token the two share;
+  last special token the two share. A reasoning block the template writes empty between ``G`` and
+  a turn that holds no reasoning (Qwen3's ``<think>\n\n</think>\n\n``) is prompt, not answer: the
+  trained text starts at the turn's own text;
 - its trained text runs from there through the turn's end-of-turn token: the rendering of the
   conversation that ends with this turn, up to where it parts from ``F``, cut after the template's
   end-of-turn token. A template without one gets the token the next turn opens with when it is one
@@ -236,6 +238,9 @@ def _starts(tok: Any, messages: list[dict], i: int, full: str, kwargs: dict) -> 
     which part of a rewritten header is prompt: only that the row's prompt is inference's for it)."""
     if i == 0:
         return (0,), True
+    empty = _after_empty_reasoning(tok, messages, i, full, kwargs)
+    if empty is not None:
+        return (empty,), True
     for variant in ({}, {"enable_thinking": False}, {"enable_thinking": True}):
         prompt = render(tok, messages[:i], True, **{**kwargs, **variant})
         if full.startswith(prompt):
@@ -251,6 +256,31 @@ def _starts(tok: Any, messages: list[dict], i: int, full: str, kwargs: dict) -> 
     # back to the line or special token the parting point lies in ('Assistant\n<' + 'think>' / 'TOOLCALL>')
     shared = max([full.rfind("\n", 0, shared) + 1, *[e for e in _special_ends(tok, full) if e <= shared]])
     return tuple(range(shared, own + 1)), False
+
+
+def _after_empty_reasoning(tok: Any, messages: list[dict], i: int, full: str, kwargs: dict) -> int | None:
+    """Where turn ``i``'s own text starts, when the template writes an empty reasoning block between
+    the generation prompt and it (the turn has no reasoning; given reasoning, the template writes it
+    inside that block and nothing else changes): the block is context, not trained. None otherwise."""
+    message = messages[i]
+    if message.get("reasoning_content"):
+        return None
+    prompt = render(tok, messages[:i], True, **kwargs)
+    if not full.startswith(prompt):
+        return None
+    thought = render(
+        tok, [*messages[:i], {**message, "reasoning_content": "\u2604"}, *messages[i + 1 :]], **kwargs
+    )
+    at = thought.find("\u2604")
+    # the turn's own text: where the conversation changes when the turn's text starts otherwise
+    content = message.get("content") or ""
+    opened = render(
+        tok, [*messages[:i], {**message, "content": "\u2603" + content}, *messages[i + 1 :]], **kwargs
+    )
+    own = _common_prefix(full, opened)
+    if at < len(prompt) or at > own or thought[:at] + thought[at + 1 :] != full or own == len(prompt):
+        return None
+    return own
 
 
 def trained_spans(labels: list[int]) -> list[tuple[int, int]]:
