@@ -11,6 +11,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
+from sftrainer.constants import FIRST_ROWS
 from sftrainer.errors import ConfigError, SFTrainerError
 
 TRAIN_HELP = """\
@@ -132,7 +133,13 @@ def _parser(with_keys: bool) -> argparse.ArgumentParser:
     data.add_argument(
         "--model", help="model directory, hub id or 'builtin' (its tokenizer and chat template)"
     )
-    data.add_argument("--rows", type=int, default=3, metavar="N", help="rendered rows to show (default 3)")
+    data.add_argument(
+        "--rows",
+        type=int,
+        default=FIRST_ROWS,
+        metavar="N",
+        help=f"rendered rows to show (default {FIRST_ROWS})",
+    )
     data.add_argument("--plot", metavar="FILE", help="also write the token-length histogram as a PNG")
     data.add_argument(
         "--probe", action="store_true", help="load the model and time a few training steps on this machine"

@@ -57,6 +57,10 @@ TRUNCATED_WARN_FRACTION = 0.5  # warn when more than this share of the rows is c
 # Vision-language data (sftrainer.data.vision): the columns that hold a row's images, the content
 # part types that hold one image, and the keys of such a part that can hold the image itself.
 IMAGE_COLUMNS = ("images", "image")
+# Prepared rows shown rendered with their trained tokens: `sftrainer data` (its --rows default) and
+# the masking preview of report.html, the same first rows of each.
+FIRST_ROWS = 3
+ROW_TOKEN_LIMIT = 400  # tokens of one such row shown before "... (N more tokens)"
 IMAGE_PART_TYPES = ("image", "image_url", "input_image")
 IMAGE_PART_KEYS = ("image", "image_url", "url", "path", "bytes")
 REMOTE_IMAGE_SCHEMES = ("http://", "https://", "ftp://", "s3://", "gs://", "hf://")

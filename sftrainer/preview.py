@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 from datasets import Dataset, IterableDataset
 
-from sftrainer.constants import IGNORE_INDEX, STREAM_PREVIEW_ROWS
+from sftrainer.constants import FIRST_ROWS, IGNORE_INDEX, ROW_TOKEN_LIMIT, STREAM_PREVIEW_ROWS
 from sftrainer.data.content import ContentCounts, classify_columns, content_of
 from sftrainer.data.formats import implied_columns
 from sftrainer.data.mixture import Mixture, SourceUse, format_sources, prepare_mixture
@@ -41,7 +41,6 @@ ASCII_MARKERS = ("[[", "]]")
 ANSI_TRAINED, ANSI_RESET = "\033[1;32m", "\033[0m"  # bold green: trained tokens
 HISTOGRAM_BINS = 12
 HISTOGRAM_WIDTH = 40  # characters of the longest bar
-ROW_TOKEN_LIMIT = 400  # tokens of one rendered row shown before "... (N more tokens)"
 
 
 @dataclass
@@ -342,7 +341,7 @@ class DataPreview:
 def preview_run(
     cfg: Any,
     *,
-    rows: int = 3,
+    rows: int = FIRST_ROWS,
     colour: bool = False,
     markers: tuple[str, str] = MARKERS,
     bar: str = "#",
