@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import shlex
@@ -12,6 +11,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
+from sftrainer.constants import FIRST_ROWS
 from sftrainer.errors import ConfigError, SFTrainerError
 
 TRAIN_HELP = """\
@@ -20,8 +20,8 @@ Fine-tune a causal language model.
 With no CONFIG, fine-tunes the built-in tiny model on the built-in tasks (a CPU demo of a few
 minutes) and reports eval loss and exact-match accuracy before and after training.
 
-CONFIG is a YAML file: its top-level keys are SFTConfig fields (any transformers TrainingArguments
-field, plus the SFT fields below) and the sections model:, data:, lora:. Any key can be overridden
+CONFIG is a YAML file: its top-level keys are SFTConfig fields and the sections model:, data:,
+lora:, all listed below (the SFT keys, then every transformers TrainingArguments key by group). Any key can be overridden
 after it as key=value, nested keys with dots. Unknown keys stop the run before any work.
 """
 
@@ -83,16 +83,9 @@ examples:
 
 
 def _keys_help() -> str:
-    from sftrainer.config import SFTConfig
-    from sftrainer.run_config import SECTIONS
+    from sftrainer.config_help import keys_help
 
-    sft_only = [f for f in dataclasses.fields(SFTConfig) if f.name in SFTConfig.__annotations__ and f.init]
-    lines = ["SFT keys (beside the TrainingArguments ones):"]
-    lines += [f"  {f.name}: {f.metadata.get('help', '')}" for f in sft_only]
-    for section, cls in SECTIONS.items():
-        lines.append(f"{section}: keys")
-        lines += [f"  {section}.{f.name}: {f.metadata.get('help', '')}" for f in dataclasses.fields(cls)]
-    return "\n".join(lines)
+    return keys_help()
 
 
 def _parser(with_keys: bool) -> argparse.ArgumentParser:
@@ -140,7 +133,13 @@ def _parser(with_keys: bool) -> argparse.ArgumentParser:
     data.add_argument(
         "--model", help="model directory, hub id or 'builtin' (its tokenizer and chat template)"
     )
-    data.add_argument("--rows", type=int, default=3, metavar="N", help="rendered rows to show (default 3)")
+    data.add_argument(
+        "--rows",
+        type=int,
+        default=FIRST_ROWS,
+        metavar="N",
+        help=f"rendered rows to show (default {FIRST_ROWS})",
+    )
     data.add_argument("--plot", metavar="FILE", help="also write the token-length histogram as a PNG")
     data.add_argument(
         "--probe", action="store_true", help="load the model and time a few training steps on this machine"

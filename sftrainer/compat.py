@@ -9,12 +9,11 @@ counterpart for is named in one warning, never dropped silently.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Collection
 from typing import Any
 
 from sftrainer.constants import LOSS_TYPES
-from sftrainer.errors import did_you_mean
+from sftrainer.errors import did_you_mean, warn_caller
 
 DATASET_KWARGS = ("skip_prepare_dataset",)  # the only key TRL 1.16 reads
 # TRL defaults that mean something else here: TRL's dataset_text_field="text" names the column of
@@ -61,11 +60,10 @@ def normalise_trl_values(cfg: Any) -> None:
     ):  # TRL pads to 128 on AWS Neuron only, which sftrainer does not target
         cfg.pad_to_multiple_of = None
     if cfg.loss_type == "chunked_nll":
-        warnings.warn(
+        warn_caller(
             "`loss_type='chunked_nll'` is deprecated: it is TRL's alias of 'nll', which computes the loss the "
             "same way; use loss_type='nll'",
             FutureWarning,
-            stacklevel=4,
         )
         cfg.loss_type = "nll"
 
@@ -84,11 +82,10 @@ def sft_values_from(args: Any, fields: Collection[str]) -> dict[str, Any]:
             values[name] = None
     ignored = [f.name for f in theirs if f.name not in fields and getattr(args, f.name) != _default(f)]
     if ignored:
-        warnings.warn(
+        warn_caller(
             f"{type(args).__module__}.{type(args).__name__} sets {', '.join(ignored)}, which sftrainer does "
             "not support; these settings are ignored (see 'Switching from TRL' in the README)",
             UserWarning,
-            stacklevel=4,
         )
     return values
 

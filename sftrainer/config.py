@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from sftrainer import precision, sharding
 from sftrainer.compat import normalise_trl_values, sft_values_from, trl_field_problems
 from sftrainer.data.pack import packing_strategy_problems
 from sftrainer.data.prepare import DataSettings
-from sftrainer.errors import ConfigError
+from sftrainer.errors import ConfigError, warn_caller
 from sftrainer.evaluate import load_scorer
 from sftrainer.memory import offloading_problems, optimizer_problems
 from sftrainer.model import chat_template_problems
@@ -305,7 +304,7 @@ class SFTConfig(TrainingArguments):
             raise ConfigError("Invalid SFTConfig:\n" + "\n".join(f"  {p}" for p in problems))
         normalise_trl_values(self)
         if self.max_seq_length is not None:
-            warnings.warn("max_seq_length is deprecated; use max_length.", FutureWarning, stacklevel=3)
+            warn_caller("max_seq_length is deprecated; use max_length.", FutureWarning)
             self.max_length, self.max_seq_length = self.max_seq_length, None
         if self.completion_only_loss is False:
             self.train_on = "all"

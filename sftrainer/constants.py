@@ -57,6 +57,10 @@ TRUNCATED_WARN_FRACTION = 0.5  # warn when more than this share of the rows is c
 # Vision-language data (sftrainer.data.vision): the columns that hold a row's images, the content
 # part types that hold one image, and the keys of such a part that can hold the image itself.
 IMAGE_COLUMNS = ("images", "image")
+# Prepared rows shown rendered with their trained tokens: `sftrainer data` (its --rows default) and
+# the masking preview of report.html, the same first rows of each.
+FIRST_ROWS = 3
+ROW_TOKEN_LIMIT = 400  # tokens of one such row shown before "... (N more tokens)"
 IMAGE_PART_TYPES = ("image", "image_url", "input_image")
 IMAGE_PART_KEYS = ("image", "image_url", "url", "path", "bytes")
 REMOTE_IMAGE_SCHEMES = ("http://", "https://", "ftp://", "s3://", "gs://", "hf://")
@@ -66,3 +70,28 @@ REMOTE_IMAGE_SCHEMES = ("http://", "https://", "ftp://", "s3://", "gs://", "hf:/
 LANGUAGE_MODEL_NAMES = ("language_model", "text_model")
 VISION_TOWER_NAMES = ("vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder")
 PROJECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector", "merger", "vision_projection")
+
+# `sftrainer train --help` (sftrainer.config_help): the transformers.TrainingArguments keys in groups,
+# each key in the first group one of whose fnmatch patterns it matches; a key no pattern matches
+# (a field a newer transformers adds) is listed under "other".
+TRAINING_ARGUMENT_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("optimisation", ("learning_rate", "weight_decay", "adam_*", "optim*", "max_grad_norm",
+                      "label_smoothing_factor", "gradient_accumulation_steps", "per_device_train_batch_size",
+                      "auto_find_batch_size", "average_tokens_across_devices", "neftune_noise_alpha")),
+    ("schedule", ("num_train_epochs", "max_steps", "lr_scheduler_*", "warmup_*", "seed", "data_seed",
+                  "full_determinism")),
+    ("precision, memory and speed", ("bf16*", "fp16*", "tf32", "*checkpointing*", "torch_compile*",
+                                     "*liger*", "use_cache", "torch_empty_cache_steps", "skip_memory_metrics")),
+    ("logging", ("logging_*", "log_*", "include_num_input_tokens_seen", "disable_tqdm", "report_to",
+                 "run_name", "project", "trackio_*")),
+    ("evaluation", ("eval_*", "per_device_eval_batch_size", "prediction_loss_only", "include_for_metrics",
+                    "batch_eval_metrics", "metric_for_best_model", "greater_is_better",
+                    "load_best_model_at_end", "do_eval", "do_predict")),
+    ("saving, resuming and the Hub", ("output_dir", "save_*", "enable_jit_checkpoint", "push_to_hub", "hub_*",
+                                      "resume_from_checkpoint", "ignore_data_skip",
+                                      "restore_callback_states_from_checkpoint")),
+    ("distributed", ("ddp_*", "fsdp*", "deepspeed", "accelerator_config", "parallelism_config", "local_rank",
+                     "use_cpu")),
+    ("data loading", ("dataloader_*", "remove_unused_columns", "label_names", "length_column_name",
+                      "train_sampling_strategy")),
+)  # fmt: skip

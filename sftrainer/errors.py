@@ -7,7 +7,12 @@ these without a traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
+import os
+import sys
+import warnings
 from collections.abc import Iterable
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class SFTrainerError(ValueError):
@@ -52,3 +57,26 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
 
 class RunDirError(SFTrainerError):
     """A run directory (or merge output directory) cannot be used as given."""
+
+
+def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the caller's line: the first frame outside sftrainer, transformers
+    and dataclass-generated ``__init__`` code, however deep the call (``SFTConfig(...)``, a
+    ``TrainingArguments`` converted inside ``SFTTrainer(...)``, a subclass's ``__post_init__``).
+    Python 3.12's ``skip_file_prefixes`` does this; 3.11 has only ``stacklevel``, so it is counted here.
+    """
+    frame, level = sys._getframe(1), 2  # stacklevel 2: whoever called this function
+    while frame.f_back is not None and _is_internal(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def _is_internal(filename: str) -> bool:
+    if filename == "<string>":  # the __init__ that @dataclass generates (TrainingArguments, SFTConfig)
+        return True
+    path = os.path.abspath(filename)
+    if path.startswith(PACKAGE_DIR):
+        return True
+    transformers = sys.modules.get("transformers")
+    root = getattr(transformers, "__file__", None)
+    return root is not None and path.startswith(os.path.dirname(os.path.abspath(root)) + os.sep)

@@ -132,6 +132,36 @@ def tick_label(value: float) -> str:
     return f"{value:.1e}" if value and abs(value) < 0.01 else f"{value:.3g}"
 
 
+def nice_ticks(lo: float, hi: float, count: int = 5, whole: bool = False) -> list[float]:
+    """About ``count`` round values inside [lo, hi], 1, 2 or 5 times a power of ten apart (at least 1
+    apart when ``whole``, for steps), so that each can be labelled exactly (``tick_labels``)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return [lo]
+    rough = (hi - lo) / count
+    power = 10.0 ** math.floor(math.log10(rough))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= rough * 0.999)
+    step = max(step, 1.0) if whole else step
+    first = math.ceil(lo / step - 1e-9)
+    last = math.floor(hi / step + 1e-9)
+    return [k * step for k in range(first, last + 1)] or [lo]
+
+
+def tick_labels(values: Sequence[float]) -> list[str]:
+    """One label per tick value, with the fewest digits that write each value to within 1% of the
+    gap between ticks: distinct labels that mean their values (never "11.9, 11.9, 11.8", nor 0.0015
+    written as "2e-03"). Scientific notation below 0.01 and from 1e6."""
+    big = max((abs(v) for v in values), default=0.0)
+    scientific = 0 < big < 0.01 or big >= 1e6
+    ordered = sorted(values)
+    gap = min((b - a for a, b in itertools.pairwise(ordered) if b > a), default=big or 1.0)
+    labels: list[str] = []
+    for digits in range(12):
+        labels = [f"{v:.{digits}e}" if scientific else f"{v:.{digits}f}" for v in values]
+        if all(abs(float(label) - v) <= gap * 0.01 for label, v in zip(labels, values)):
+            break
+    return ["0" if float(label) == 0 else label for label in labels]  # no "-0.00" / "0.0e+00"
+
+
 def draw_chart(
     canvas: Canvas, x0: int, y0: int, w: int, h: int, title: str, series: Sequence[Series]
 ) -> None:
@@ -150,16 +180,15 @@ def draw_chart(
             round(py1 - (y - ylo) / (yhi - ylo) * (py1 - py0)),
         )
 
-    for i in range(5):  # grid and tick labels
-        fy = ylo + (yhi - ylo) * (i + 0.5) / 5
-        fx = xlo + (xhi - xlo) * (i + 0.5) / 5
+    ys = nice_ticks(ylo, yhi)
+    for fy, label in zip(ys, tick_labels(ys)):  # grid and tick labels
         _, gy = to_px(xlo, fy)
-        gx, _ = to_px(fx, ylo)
         canvas.line(px0, gy, px1, gy, LIGHT)
-        canvas.line(gx, py0, gx, py1, LIGHT)
-        label = tick_label(fy)
         canvas.text(px0 - 6 - len(label) * CHAR_W, gy - CHAR_H // 2, label, GREY)
-        label = str(round(fx))
+    xs = nice_ticks(xlo, xhi, whole=True)
+    for fx, label in zip(xs, tick_labels(xs)):
+        gx, _ = to_px(fx, ylo)
+        canvas.line(gx, py0, gx, py1, LIGHT)
         canvas.text(gx - len(label) * CHAR_W // 2, py1 + 8, label, GREY)
     canvas.text(px1 - 4 * CHAR_W, py1 + 8 + CHAR_H + 2, "step", GREY)
     canvas.line(px0, py0, px0, py1, BLACK)

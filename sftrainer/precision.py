@@ -14,12 +14,13 @@ dtype the trained weights are kept in.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.utils import is_torch_bf16_gpu_available
+
+from sftrainer.errors import warn_caller
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +93,10 @@ def apply_mixed_precision(args: Any) -> None:
         return
     where = "use_cpu=True was set" if accelerator is not None else "none is available"
     hint = " (for bf16 autocast on the CPU, set use_cpu=True)" if choice.dropped == "bf16" else ""
-    warnings.warn(
+    warn_caller(
         f"{choice.dropped}=True needs a GPU or other accelerator (CUDA, MPS, XPU) and {where}: "
         f"training in fp32 on the CPU instead{hint}.",
         UserWarning,
-        stacklevel=4,  # apply_mixed_precision <- SFTConfig.__post_init__ <- __init__ <- the caller
     )
     if hasattr(args, "mixed_precision"):
         args.mixed_precision = "no"

@@ -26,9 +26,10 @@ import numpy as np
 import pyarrow as pa
 from datasets import Dataset, IterableDataset
 
-from sftrainer.constants import IGNORE_INDEX, STREAM_PREVIEW_ROWS
+from sftrainer.constants import FIRST_ROWS, IGNORE_INDEX, ROW_TOKEN_LIMIT, STREAM_PREVIEW_ROWS
+from sftrainer.data.content import ContentCounts, classify_columns, content_of
 from sftrainer.data.formats import implied_columns
-from sftrainer.data.mixture import Mixture, prepare_mixture
+from sftrainer.data.mixture import Mixture, SourceUse, format_sources, prepare_mixture
 from sftrainer.data.pack import PackStats, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
 from sftrainer.data.vision_prepare import pack_with_images, prepare_vision
@@ -40,7 +41,6 @@ ASCII_MARKERS = ("[[", "]]")
 ANSI_TRAINED, ANSI_RESET = "\033[1;32m", "\033[0m"  # bold green: trained tokens
 HISTOGRAM_BINS = 12
 HISTOGRAM_WIDTH = 40  # characters of the longest bar
-ROW_TOKEN_LIMIT = 400  # tokens of one rendered row shown before "... (N more tokens)"
 
 
 @dataclass
@@ -281,14 +281,23 @@ class DataPreview:
     arrays: RowArrays
     pack: PackStats | None
     duplicates: int
-    sources: list[PrepareStats] = dataclasses.field(default_factory=list)  # a mixture's, each
+    sources: list[SourceUse] = dataclasses.field(default_factory=list)  # a mixture's, each
+    ignored: list[str] = dataclasses.field(default_factory=list)  # columns present, not read
+    content: ContentCounts | None = None  # of the rows read (a mixture: of the rows drawn)
 
     def summary_lines(self, max_length: int | None) -> list[str]:
         s = self.stats
         mapping = ", ".join(f"{a} -> {b}" for a, b in self.mapping.items()) or "as named"
+        read = [c for c in self.columns if c not in self.ignored]
+        ignored = f"; ignored (not read): {', '.join(self.ignored)}" if self.ignored else ""
+        columns = (
+            "each source's own (sources, below)"
+            if self.sources
+            else f"{', '.join(read)} (read {mapping}){ignored}"
+        )
         lines = [
             f"{self.name}: {self.source}",
-            f"  format: {s.format}; columns: {', '.join(self.columns)} (read {mapping})",
+            f"  format: {s.format}; columns: {columns}",
             f"  rows: {s.rows} read, {s.kept} kept, {s.truncated} truncated to max_length={max_length}",
         ]
         dropped = [
@@ -320,10 +329,11 @@ class DataPreview:
                 f"  tokens per row: min {lengths.min()}, median {int(np.median(lengths))}, "
                 f"max {lengths.max()}; trained tokens: {int(self.arrays.trained_per_row().sum())}"
             )
-        for part in self.sources:
-            lines.append(
-                f"  source {part.name.removeprefix(self.name).strip()}: {part.kept} of the mix's rows"
-            )
+        if self.sources:
+            lines.append("  sources:")
+            lines += [f"    {line}" for line in format_sources(self.sources)]
+        elif self.content is not None:
+            lines.append(f"  content: {self.content.describe()}")
         if self.pack is not None:
             lines.append(f"  packing: {self.pack.summary(self.name).split(': ', 1)[1]}")
         if self.duplicates:
@@ -337,7 +347,7 @@ class DataPreview:
 def preview_run(
     cfg: Any,
     *,
-    rows: int = 3,
+    rows: int = FIRST_ROWS,
     colour: bool = False,
     markers: tuple[str, str] = MARKERS,
     bar: str = "#",
@@ -461,11 +471,23 @@ def describe_data(raw: Any, tokenizer: Any, args: Any, name: str, source: str, c
     columns = [f"a mixture of {len(raw.sources)} sources"] if mixture else list(raw.column_names or [])
     mapping = {} if mixture else column_mapping(columns, cfg.data.columns, args.dataset_text_field)
     prepared, stats, pack, sources = _prepare_with_sources(raw, tokenizer, args, name)
+    images, text_field = is_processor(tokenizer), args.dataset_text_field
+    uses, ignored, content = [], [], None
     if mixture:
         source = "mixture of " + ", ".join(s.label for s in raw.sources)
+        for (part, rows), part_stats in zip(raw.sample(name, args.seed), sources):
+            renames = column_mapping(rows.column_names, part.columns or cfg.data.columns, text_field)
+            read, unread = classify_columns(rows.column_names, renames, text_field, images)
+            counts = content_of(rows, read, renames)
+            uses.append(SourceUse(part.label, len(part.data), len(rows), part_stats.kept, counts, unread))
+    else:
+        read, ignored = classify_columns(columns, mapping, text_field, images)
+        content = content_of(raw, read, mapping)
     arrays = row_arrays(prepared)
     duplicates = 0 if mixture else count_duplicates(raw)  # a mixture repeats rows by its weights
-    return DataPreview(name, source, columns, mapping, stats, arrays, pack, duplicates, sources)
+    return DataPreview(
+        name, source, columns, mapping, stats, arrays, pack, duplicates, uses, ignored, content
+    )
 
 
 def _eval_source(cfg: Any) -> str:

@@ -24,14 +24,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sftrainer.constants import IGNORE_INDEX
+from sftrainer.constants import FIRST_ROWS, IGNORE_INDEX, ROW_TOKEN_LIMIT
 from sftrainer.errors import SFTrainerError
-from sftrainer.png import Series, tick_label, write_charts
+from sftrainer.png import Series, nice_ticks, tick_labels, write_charts
 
 REPORT_PNG, REPORT_HTML = "report.png", "report.html"
 DATA_STATS, MASKING_PREVIEW = "data_stats.json", "masking_preview.json"
 BLUE, ORANGE, GREEN = (31, 119, 180), (255, 127, 14), (44, 160, 44)
 MAX_SAMPLES = 50  # sample rows shown in the HTML
+# The metrics the results open with, before training -> after, in this order (eval_<name> in
+# all_results.json); the others follow in one table.
+HEADLINE_METRICS = ("loss", "mean_token_accuracy", "perplexity", "exact_match", "normalized_match")
 
 
 # ---- reading a run directory ---------------------------------------------------------------
@@ -95,7 +98,9 @@ def _read_json(path: Path) -> Any:
 # ---- what train() saves for the report -----------------------------------------------------
 
 
-def masking_preview(dataset: Any, tokenizer: Any, rows: int = 3, max_tokens: int = 256) -> list[list[dict]]:
+def masking_preview(
+    dataset: Any, tokenizer: Any, rows: int = FIRST_ROWS, max_tokens: int = ROW_TOKEN_LIMIT
+) -> list[list[dict]]:
     """The first ``rows`` prepared examples as spans ``{"text", "trained"}`` (trained: label !=
     IGNORE_INDEX). A packed row is split into its examples at each ``position_ids`` restart."""
     examples: list[tuple[list[int], list[int]]] = []
@@ -125,10 +130,14 @@ def save_run_inputs(trainer: Any, output_dir: str | Path) -> None:
         "pack": {k: dataclasses.asdict(v) for k, v in getattr(trainer, "pack_stats", {}).items()},
     }
     (out / DATA_STATS).write_text(json.dumps(stats, indent=2), encoding="utf-8")
-    if trainer.train_dataset is not None:
+    # The first rows as prepared, before shuffling and packing: those `sftrainer data` shows first.
+    rows = getattr(getattr(trainer, "data_pipeline", None), "first_rows", {}).get("train data")
+    if rows is None:
+        rows = trainer.train_dataset  # prepared elsewhere (skip_prepare_dataset) or streamed
+    if rows is not None:
         from sftrainer.vision import preview_decoder  # image tokens written once per image
 
-        preview = masking_preview(trainer.train_dataset, preview_decoder(trainer.processing_class))
+        preview = masking_preview(rows, preview_decoder(trainer.processing_class), FIRST_ROWS)
         (out / MASKING_PREVIEW).write_text(json.dumps(preview, indent=1), encoding="utf-8")
 
 
@@ -170,15 +179,15 @@ def svg_chart(title: str, series: Sequence[Series], width: int = 440, height: in
             f"{x0 + (x - xlo) / (xhi - xlo) * (x1 - x0):.1f},{y1 - (y - ylo) / (yhi - ylo) * (y1 - y0):.1f}"
         )
 
-    for i in range(5):
-        fy, fx = ylo + (yhi - ylo) * (i + 0.5) / 5, xlo + (xhi - xlo) * i / 4
-        gx, gy = (float(v) for v in px(fx, fy).split(","))
+    ys, xs = nice_ticks(ylo, yhi), nice_ticks(xlo, xhi, whole=True)
+    for fy, label in zip(ys, tick_labels(ys)):
+        gy = float(px(xlo, fy).split(",")[1])
         out.append(f'<line x1="{x0}" y1="{gy:.1f}" x2="{x1}" y2="{gy:.1f}" class="grid"/>')
-        out.append(
-            f'<text x="{x0 - 6}" y="{gy + 4:.1f}" text-anchor="end" class="tick">{tick_label(fy)}</text>'
-        )
-        out.append(f'<text x="{gx:.1f}" y="{y1 + 16}" text-anchor="middle" class="tick">{round(fx)}</text>')
-    out.append(f'<text x="{x1}" y="{height - 4}" text-anchor="end" class="tick">step</text>')
+        out.append(f'<text x="{x0 - 6}" y="{gy + 4:.1f}" text-anchor="end" class="tick">{label}</text>')
+    for fx, label in zip(xs, tick_labels(xs)):
+        gx = float(px(fx, ylo).split(",")[0])
+        out.append(f'<text x="{gx:.1f}" y="{y1 + 16}" text-anchor="middle" class="tick">{label}</text>')
+    out.append(f'<text x="{x1}" y="{height - 4}" text-anchor="end" class="axis-name">step</text>')
     out.append(f'<path d="M{x0},{y0} V{y1} H{x1}" class="axis"/>')
     lx = x1
     for label, color, pts in reversed(series):
@@ -222,12 +231,24 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None, a
     return f"<table{attrs}>{head}{body}</table>"
 
 
-def _number(value: Any) -> Any:
-    return f"{value:.4g}" if isinstance(value, float) else value
+def _number(value: Any, sign: bool = False) -> Any:
+    if isinstance(value, float) or (sign and isinstance(value, int)):
+        return f"{value:{'+' if sign else ''}.4g}"
+    return value
 
 
 def _section(key: str, title: str, body: str) -> str:
     return f'<h2>{title}</h2><section id="{key}">{body}</section>'
+
+
+def before_after(results: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(metric, before, after) of the ``HEADLINE_METRICS`` the run evaluated: ``eval_before_<m>``
+    (before training; None when not measured) and ``eval_<m>`` (after)."""
+    return [
+        (metric, results.get(f"eval_before_{metric}"), results[f"eval_{metric}"])
+        for metric in HEADLINE_METRICS
+        if isinstance(results.get(f"eval_{metric}"), int | float)
+    ]
 
 
 def _results(run_dir: Path, history: list[dict[str, Any]]) -> str:
@@ -235,7 +256,25 @@ def _results(run_dir: Path, history: list[dict[str, Any]]) -> str:
     results = results or next((r for r in reversed(history) if "train_runtime" in r), None)
     if not results:
         return "<p>No all_results.json (the run has not finished).</p>"
-    return _table([(k, _number(v)) for k, v in results.items()], ["metric", "value"])
+    rows = before_after(results)
+    shown = {f"eval{p}_{m}" for m, _, _ in rows for p in ("", "_before")}
+    if rows:
+        changes = [
+            (
+                m,
+                "not measured" if b is None else _number(b),
+                _number(a),
+                "" if b is None else _number(a - b, sign=True),
+            )
+            for m, b, a in rows
+        ]
+        head = _table(changes, ["metric", "before training", "after", "change"], ' id="before-after"')
+    else:
+        head = '<p id="before-after">No evaluation data: nothing to compare before and after training.</p>'
+    rest = [(k, _number(v)) for k, v in results.items() if k not in shown]
+    return (
+        head + "<p>The rest of all_results.json:</p>" + _table(rest, ["metric", "value"], ' id="all-results"')
+    )
 
 
 def _samples(run_dir: Path) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -384,7 +385,7 @@ def load_config(
     raw = apply_overrides(raw, overrides)
     _steps_over_strategies(raw, below, overrides, str(path) if path is not None else "the built-in config")
     where = f"{path}: " if path is not None else ""
-    return build_config(raw, where)
+    return build_config(raw, where, overrides)
 
 
 def _steps_over_strategies(
@@ -408,7 +409,10 @@ def _steps_over_strategies(
             )  # fmt: skip
 
 
-def build_config(raw: Mapping[str, Any], where: str = "") -> RunConfig:
+def build_config(raw: Mapping[str, Any], where: str = "", overrides: Sequence[str] = ()) -> RunConfig:
+    """``raw`` (the YAML mapping with ``overrides`` applied) -> a validated ``RunConfig``. ``where``
+    ("my.yaml: ") names the file in the error; a problem with a key the command line set names the
+    override instead."""
     problems: list[str] = []
     train_values = _check_fields(SFTConfig, {k: v for k, v in raw.items() if k not in SECTIONS}, "", problems)
     sections: dict[str, Any] = {}
@@ -479,10 +483,7 @@ def build_config(raw: Mapping[str, Any], where: str = "") -> RunConfig:
             four_bit=bool(model_cfg.load_in_4bit or mapping.get("load_in_4bit")),
         )
     if problems:
-        raise ConfigError(
-            f"{where}{len(problems)} problem(s) in the configuration:\n"
-            + "\n".join(f"  {p}" for p in problems)
-        )
+        raise ConfigError(_problems_message(problems, where, overrides))
     model = built.get("model", ModelConfig())
     if train.trust_remote_code:  # TRL's top-level spelling of model.trust_remote_code
         model.trust_remote_code = True
@@ -493,6 +494,38 @@ def build_config(raw: Mapping[str, Any], where: str = "") -> RunConfig:
         lora=built.get("lora"),
         source=dict(raw),
     )
+
+
+# The key a problem is about: "unknown key 'lora.rank' ..." or "lora.r: must be >= 1 ...".
+_PROBLEM_KEY = re.compile(r"unknown key '([^']+)'|([A-Za-z_][\w.]*):")
+
+
+def _problems_message(problems: Sequence[str], where: str, overrides: Sequence[str]) -> str:
+    """The error listing ``problems``: each one about a key given on the command line names that
+    override (``command line override `max_stpes=30`: unknown key ...``); the header names the file,
+    the command line, or both, as the problems come from them."""
+    given = {item.partition("=")[0]: item for item in overrides}
+    lines, from_command_line = [], 0
+    for problem in problems:
+        override = _override_of(problem, given)
+        if override is not None:
+            from_command_line += 1
+            problem = f"command line override `{override}`: {problem}"
+        lines.append(f"  {problem}")
+    named = [where.removesuffix(": ")] if where and from_command_line < len(problems) else []
+    named += ["the command line"] if from_command_line else []
+    header = f"{' and '.join(named)}: " if named else ""
+    return f"{header}{len(problems)} problem(s) in the configuration:\n" + "\n".join(lines)
+
+
+def _override_of(problem: str, given: Mapping[str, str]) -> str | None:
+    """The ``key=value`` item that set the key ``problem`` is about (or a section above it), if any."""
+    match = _PROBLEM_KEY.match(problem)
+    if match is None:
+        return None
+    parts = (match.group(1) or match.group(2)).split(".")
+    keys = (".".join(parts[:n]) for n in range(len(parts), 0, -1))
+    return next((given[k] for k in keys if k in given), None)
 
 
 def _check_fields(cls: type, values: Mapping[str, Any], prefix: str, problems: list[str]) -> dict[str, Any]:

@@ -42,7 +42,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,7 @@ from sftrainer.data.pack import PackStats
 from sftrainer.data.pipeline import DataPipeline
 from sftrainer.data.prepare import PrepareStats
 from sftrainer.data.vision_collate import VisionCollator
-from sftrainer.errors import ConfigError, did_you_mean
+from sftrainer.errors import ConfigError, did_you_mean, warn_caller
 from sftrainer.evaluate import (
     format_samples,
     generate_samples,
@@ -161,10 +160,8 @@ class SFTTrainer(Trainer):
                 init_kwargs["quantization_config"] = quantization_config
             model = load_model(model_path, **init_kwargs)
         elif quantization_config is not None:
-            warnings.warn(
-                "quantization_config is ignored: the model is already loaded (pass a path to load it quantized)",
-                UserWarning,
-                stacklevel=2,
+            warn_caller(
+                "quantization_config is ignored: the model is already loaded (pass a path to load it quantized)"
             )
         vlm = is_vision_model(model)
         if processing_class is None:
@@ -365,11 +362,10 @@ class SFTTrainer(Trainer):
         problems = args.problems()
         if problems:
             raise ValueError("Invalid SFTTrainer arguments:\n" + "\n".join(f"  {p}" for p in problems))
-        warnings.warn(
+        warn_caller(
             "SFTTrainer was called in the older TRL style, which still works. Current spelling: "
             + "; ".join(renames),
             FutureWarning,
-            stacklevel=3,
         )
         return processing_class
 

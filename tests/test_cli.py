@@ -75,6 +75,32 @@ def test_train_help(capsys):
         assert f"  {key}: " in out, f"{key} missing from train --help"
 
 
+def test_train_help_lists_every_training_arguments_key_in_groups(capsys):
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    keys = [f.name for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_")]
+    missing = [key for key in keys if f"\n  {key}: " not in out]
+    assert not missing, f"TrainingArguments keys missing from train --help: {missing}"
+    groups = [line for line in out.splitlines() if line.startswith("TrainingArguments keys: ")]
+    assert groups[:3] == [
+        f"TrainingArguments keys: {g}" for g in ("optimisation", "schedule", "precision, memory and speed")
+    ]
+    assert out.index("SFT keys") < out.index(groups[0]) < out.index("model: keys")
+    # each key under its group, with transformers' help text
+    optimisation = out[out.index(groups[0]) : out.index(groups[1])]
+    assert "\n  weight_decay: " in optimisation and "\n  save_steps: " not in optimisation
+    assert (
+        "  adam_beta1: "
+        + " ".join(TrainingArguments.__dataclass_fields__["adam_beta1"].metadata["help"].split())
+        in out
+    )
+
+
 def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main([])

@@ -67,6 +67,26 @@ def test_unknown_key_in_override_is_named_as_written():
     assert "unknown key 'lora.rnk'" in message and "did you mean 'lora.r'?" in message
 
 
+def test_a_typo_on_the_command_line_names_the_override_not_the_file(tmp_path):
+    path = write(tmp_path, "learning_rate: 1.0e-4\n")
+    message = config_error(path, ["max_stpes=30", "lora.r=0"])
+    assert message.startswith("the command line: 2 problem(s)"), message
+    assert str(path) not in message
+    assert (
+        "command line override `max_stpes=30`: unknown key 'max_stpes' (did you mean 'max_steps'?)" in message
+    )
+    assert "command line override `lora.r=0`: lora.r: must be >= 1" in message
+
+
+def test_file_and_command_line_problems_each_name_their_source(tmp_path):
+    path = write(tmp_path, "lernin_rate: 1.0e-4\n")
+    message = config_error(path, ["max_stpes=30"])
+    assert message.startswith(f"{path} and the command line: 2 problem(s)"), message
+    lines = message.splitlines()
+    assert "  unknown key 'lernin_rate' (did you mean 'learning_rate'?)" in lines  # from the file
+    assert any(line.startswith("  command line override `max_stpes=30`") for line in lines)
+
+
 def test_non_string_key_is_reported_not_crashed(tmp_path):
     message = config_error(write(tmp_path, "1: 2\nlora:\n  3: 4\n"))
     assert "unknown key '1'" in message and "unknown key 'lora.3'" in message
@@ -220,7 +240,7 @@ def test_coerce_rejects(annotation, value):
 )
 def test_bad_value_names_the_key(override, key):
     message = config_error(None, [override])
-    assert f"  {key}: " in message
+    assert f"  command line override `{override}`: {key}: " in message
     assert repr(yaml.safe_load(override.partition("=")[2])) in message  # and shows the value
 
 
@@ -345,7 +365,7 @@ def test_missing_config_file(tmp_path):
 )
 def test_impossible_setting_names_the_key(override, key):
     message = config_error(None, [override])
-    assert f"  {key}: " in message, message
+    assert f"  command line override `{override}`: {key}: " in message, message
 
 
 def test_train_on_typo_suggests():
@@ -433,7 +453,7 @@ def test_trl_names_mean_what_they_mean_there():
 
 def test_packing_settings():
     assert load_config(None, ["packing=false"]).train.packing is False
-    assert "  packing: " in config_error(None, ["packing=sometimes"])
+    assert "`packing=sometimes`: packing: " in config_error(None, ["packing=sometimes"])
     # packing=true: either supported, or refused with a message naming the key (never ignored).
     try:
         cfg = load_config(None, ["packing=true"])

@@ -281,8 +281,57 @@ def test_data_command_shows_the_mix_of_a_mixture(tmp_path, capsys, tiny_model_di
     out = capsys.readouterr().out
     assert f"train data: mixture of {chats}, {pairs}" in out
     assert "rows: 6 read, 6 kept" in out
-    assert f"source [{chats}]: 2 of the mix's rows" in out and f"source [{pairs}]: 4 of the mix's rows" in out
+    table = out[out.index("  sources:") :].splitlines()[1:5]
+    assert table[0].split() == ["source", "rows", "in", "rows", "used", "dropped", "/", "repeated", "tools",
+                                "tool", "calls", "reasoning"]  # fmt: skip
+    assert table[1].split() == [str(chats), "2", "2", "all,", "once", "0", "0", "0"]
+    assert table[2].split()[:5] == [str(pairs), "15", "4", "11", "dropped"]
+    assert table[3].split() == ["total", "17", "6", "0", "0", "0"]
     assert "optimizer steps: 3 (1 per epoch x 3 epochs; 6 sequences, 8 per step)" in out
+
+
+TOOL = {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}  # fmt: skip
+QWEN3 = Path(__file__).parent / "data" / "chat_templates" / "qwen3.jinja"  # renders tool calls and reasoning
+
+
+def tool_row(i: int) -> dict:
+    return {"tools": [TOOL], "message_tree_id": f"t{i}", "messages": [
+        {"role": "user", "content": f"What is {i} plus 1?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+            "name": "add", "arguments": {"a": i, "b": 1}}}]},
+        {"role": "tool", "content": str(i + 1)},
+        {"role": "assistant", "content": f"{i + 1}", "reasoning_content": "one more"}]}  # fmt: skip
+
+
+def test_data_command_tables_how_a_mixture_uses_each_source(tmp_path, capsys, tiny_model_dir):
+    """100 of 300 tool rows left out, a pair file repeated twice: on stdout, not only in the log."""
+    tools = write_jsonl(tmp_path / "tools.jsonl", [tool_row(i) for i in range(300)])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{**PAIRS[i % 3], "lang": "en"} for i in range(50)])
+    config = tmp_path / "mix.yaml"
+    config.write_text(
+        f"model:\n  name_or_path: builtin\ndata:\n  train:\n    - path: {tools}\n      rows: 200\n"
+        f"    - path: {pairs}\n      rows: 100\nmax_length: 1024\nchat_template_path: {QWEN3}\n"
+    )
+    assert main(["data", str(config), "--rows", "0"]) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("  sources:") :].splitlines()[1:7]
+    assert lines[1].split() == [str(tools), "300", "200", "100", "dropped", "(a", "sample", "of", "200)",
+                                "200", "200", "200"]  # fmt: skip
+    assert lines[2].split() == [str(pairs), "50", "100", "repeated,", "each", "row", "~2.0x", "0", "0", "0"]
+    assert lines[3].split() == ["total", "350", "300", "200", "200", "200"]
+    assert lines[4].strip() == f"{tools}: ignored (not read): message_tree_id"
+    assert lines[5].strip() == f"{pairs}: ignored (not read): lang"
+
+
+def test_data_command_lists_a_column_it_does_not_read_as_ignored(tmp_path, capsys, tiny_model_dir):
+    data = write_jsonl(tmp_path / "tools.jsonl", [tool_row(i) for i in range(4)])
+    code = main(["data", str(data), "--model", "builtin", "--rows", "0", f"chat_template_path={QWEN3}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    line = next(line for line in out.splitlines() if line.startswith("  format:"))
+    assert line.endswith("columns: tools, messages (read as named); ignored (not read): message_tree_id")
+    assert "  content: 4 with tools, 4 with tool calls, 4 with reasoning (of 4 rows)" in out
 
 
 def test_data_command_describes_a_stream_by_its_first_rows(tmp_path, capsys, tiny_model_dir, monkeypatch):

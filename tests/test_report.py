@@ -4,7 +4,11 @@ headless browser renders the page."""
 
 from __future__ import annotations
 
+import contextlib
+import html
+import io
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -17,7 +21,15 @@ from tiny_models import ROWS, quick_args
 
 from sftrainer import SFTTrainer
 from sftrainer.cli import main
-from sftrainer.report import curves, load_history, masking_preview, write_report
+from sftrainer.report import (
+    HEADLINE_METRICS,
+    curves,
+    load_history,
+    masking_preview,
+    save_run_inputs,
+    svg_chart,
+    write_report,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -30,6 +42,62 @@ def run_dir(tmp_path_factory, sftrainer_home) -> Path:
                  "eval_steps=4", "exact_match_samples=6", "warmup_steps=2"])  # fmt: skip
     assert code == 0
     return out
+
+
+def data_command_rows(*argv: str) -> list[tuple[str, list[str]]]:
+    """(text, trained spans) of the rows ``sftrainer data ARGV`` renders, in its order."""
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # an encoding that writes ⟦ ⟧
+    with contextlib.redirect_stdout(out):
+        assert main(["data", *argv]) == 0
+    out.seek(0)
+    rows: list[list[str]] = []
+    inside = False
+    for line in out.read().splitlines():
+        if line.startswith("--- row "):  # "--- row k: N tokens, M trained", then the row, then "---"
+            rows.append([])
+            inside = True
+        elif line == "---":
+            inside = False
+        elif inside:
+            rows[-1].append(line)
+    texts = ["\n".join(row) for row in rows]
+    return [(re.sub("[⟦⟧]", "", t), re.findall("⟦(.*?)⟧", t, flags=re.S)) for t in texts]
+
+
+def preview_rows(path: Path) -> list[tuple[str, list[str]]]:
+    """(text, trained spans) of each row of a masking_preview.json."""
+    preview = json.loads(path.read_text())
+    return [
+        ("".join(s["text"] for s in spans), [s["text"] for s in spans if s["trained"]]) for spans in preview
+    ]
+
+
+@pytest.fixture(scope="module")
+def data_rows(run_dir) -> list[tuple[str, list[str]]]:
+    """The first rows `sftrainer data` shows for the run's config (the built-in demo)."""
+    rows = data_command_rows("--rows", "3")
+    assert len(rows) == 3
+    return rows
+
+
+def masked_rows(page: str) -> list[tuple[str, list[str]]]:
+    """(text, trained spans) of each row of the report's masking preview."""
+    rows = re.findall(r'<div class="masked">(.*?)</div>', page, flags=re.S)
+    return [
+        (html.unescape(re.sub(r"<[^>]+>", "", row)),
+         [html.unescape(t) for t in re.findall(r'<mark class="trained">(.*?)</mark>', row, flags=re.S)])
+        for row in rows
+    ]  # fmt: skip
+
+
+def tick_texts(page: str) -> list[tuple[list[str], list[str]]]:
+    """(y tick labels, x tick labels) of each chart."""
+    charts = re.findall(r"<svg[^>]*>.*?</svg>", page, flags=re.S)
+    return [
+        (re.findall(r'text-anchor="end" class="tick">([^<]*)<', svg),
+         [t for t in re.findall(r'text-anchor="middle" class="tick">([^<]*)<', svg)])
+        for svg in charts
+    ]  # fmt: skip
 
 
 class Dom(HTMLParser):
@@ -120,6 +188,50 @@ def test_html_holds_curves_samples_masking_config_and_data(run_dir):
     assert "train data" in "".join(dom.texts["td"])
 
 
+def test_results_open_with_before_and_after(run_dir):
+    page = (run_dir / "report.html").read_text()
+    results = page[page.index('<section id="results">') :]
+    assert results.startswith('<section id="results"><table id="before-after">')
+    table = results[: results.index("</table>")]
+    assert re.findall(r"<tr><td>([a-z_]+)</td>", table) == list(HEADLINE_METRICS)  # the demo measures all
+    assert "<th>before training</th><th>after</th><th>change</th>" in table
+    all_results = json.loads((run_dir / "all_results.json").read_text())
+    assert f"<td>{all_results['eval_loss']:.4g}</td>" in table
+    rest = results[results.index('<table id="all-results">') :]
+    assert "<td>train_runtime</td>" in rest and "<td>eval_loss</td>" not in rest  # shown once
+
+
+def test_tick_labels_are_distinct_and_exact():
+    chart = svg_chart("loss", [("train", (0, 0, 0), [(1, 11.92), (2, 11.88), (3, 11.85)])])
+    (ys, xs), = tick_texts(chart)  # fmt: skip
+    assert len(ys) >= 3 and len(set(ys)) == len(ys), ys
+    assert all(11.84 < float(y) < 11.93 for y in ys)
+    assert xs == ["1", "2", "3"]
+    chart = svg_chart("learning rate", [("lr", (0, 0, 0), [(2, 1e-3), (4, 1.87e-3), (8, 1.3e-4)])])
+    (ys, _), = tick_texts(chart)  # fmt: skip
+    assert "1.5e-03" in ys and len(set(ys)) == len(ys), ys  # 0.0015 is not written "2e-03"
+
+
+def test_masking_preview_shows_the_first_rows_of_sftrainer_data(run_dir, data_rows):
+    assert preview_rows(run_dir / "masking_preview.json") == data_rows
+
+
+def test_masking_preview_of_a_packed_shuffled_run_is_still_what_sftrainer_data_shows(
+    tiny_model_dir, tmp_path
+):
+    """Training packs and shuffles; the preview shows the rows as prepared, before either."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({**row, "prompt": f"{k}. {row['prompt']}"}) + "\n"
+                            for k, row in enumerate(ROWS * 3)))  # fmt: skip
+    args = quick_args(tmp_path / "out", packing=True, shuffle_dataset=True, max_length=256)
+    trainer = SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=str(data))
+    save_run_inputs(trainer, tmp_path)
+    expected = data_command_rows(str(data), "--model", "builtin", "--rows", "3", "packing=true",
+                                 "shuffle_dataset=true", "max_length=256", "seed=0")  # fmt: skip
+    assert "0. What is the capital" in expected[0][0]  # the file's first row, first
+    assert preview_rows(tmp_path / "masking_preview.json") == expected
+
+
 def test_report_command_rewrites_the_report(run_dir, capsys):
     (run_dir / "report.html").unlink()
     assert main(["report", str(run_dir)]) == 0
@@ -165,7 +277,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
     CHROMIUM is None,
     reason="chromium is not installed (Debian: apt-get install -y chromium; .ci/run installs it when it can)",
 )
-def test_html_renders_in_headless_chromium(run_dir, tmp_path):
+def test_html_renders_in_headless_chromium(run_dir, data_rows, tmp_path):
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
     url = (run_dir / "report.html").as_uri()
@@ -176,6 +288,17 @@ def test_html_renders_in_headless_chromium(run_dir, tmp_path):
     assert len(parsed.find("svg")) == 3 and len(parsed.find("polyline")) == 5
     assert len([a for t, a in parsed.tags if t == "tr" and "sample" in (a.get("class") or "")]) == 6
     assert len(parsed.texts["mark.trained"]) >= 3
+    # the results open with before -> after training, for the metrics that matter
+    results = dom[dom.index('<section id="results">') :]
+    assert results.startswith('<section id="results"><table id="before-after"><tbody><tr><th>metric</th>')
+    first = results[: results.index("</table>")]
+    assert re.findall(r"<tr><td>([a-z_]+)</td>", first) == list(HEADLINE_METRICS)
+    # every axis labels its ticks once each
+    for ys, xs in tick_texts(dom):
+        assert len(ys) >= 2 and len(set(ys)) == len(ys), ys
+        assert len(xs) >= 2 and len(set(xs)) == len(xs), xs
+    # the masking preview: the rows `sftrainer data` shows first, in its order
+    assert masked_rows(dom) == data_rows
     shot = tmp_path / "shot.png"
     subprocess.run([*flags, "--window-size=1200,1800", f"--screenshot={shot}", url],
                    capture_output=True, timeout=120, check=True)  # fmt: skip

@@ -176,6 +176,21 @@ def detect_format(columns: Sequence[str], source: str, text_field: str | None = 
     )
 
 
+def columns_read(
+    columns: Sequence[str], fmt: Format, text_field: str | None = None, images: bool = False
+) -> list[str]:
+    """The ``columns`` (named as after ``data.columns`` renaming) that rows of ``fmt`` are read from;
+    the others are not used. ``images``: the rows go through a processor, which reads the image column."""
+    wanted = (
+        {text_field or "text"} if fmt is Format.TEXT else {*REQUIRED_COLUMNS[fmt], *OPTIONAL_COLUMNS[fmt]}
+    )
+    if text_field is not None and fmt is not Format.TEXT:  # dataset_text_field='prompt' on pairs
+        wanted.add(text_field)
+    if images:
+        wanted.update(IMAGE_COLUMNS)
+    return [c for c in columns if c in wanted]
+
+
 def _looks_like_data(column: str) -> bool:
     return bool(column.strip()) and (" " in column.strip() or column[-1] in "?.!" or column.isdigit())
 

@@ -110,6 +110,18 @@ def is_hub_id(text: str) -> bool:
     return bool(_HUB_ID.fullmatch(text)) and Path(text).suffix.lower() not in _FILE_SUFFIXES
 
 
+def resolved_from(path: str) -> str:
+    """For a relative path: where it was looked for, and why there (every relative data path, one in
+    a YAML file too, is read from the current directory, not from the YAML file's directory)."""
+    if os.path.isabs(path):
+        return ""
+    return (
+        f" (a relative path, looked for in the current directory {os.getcwd()}: {os.path.abspath(path)}; "
+        "relative data paths, also those in a YAML file, are read from the current directory, not the "
+        "YAML file's directory)"
+    )
+
+
 def _from_rows(rows: list[Any], name: str) -> Dataset:
     if not rows:
         raise DataError(f"{name}: the list of rows is empty")
@@ -139,7 +151,7 @@ def expand_files(source: str | os.PathLike | Sequence[str | os.PathLike], name: 
         elif any(ch in path for ch in "*?["):
             found = sorted(glob.glob(path, recursive=True))
             if not found:
-                raise DataError(f"{name}: no file matches {path}")
+                raise DataError(f"{name}: no file matches {path}{resolved_from(path)}")
             files += found
         else:
             files.append(path)
@@ -149,7 +161,7 @@ def expand_files(source: str | os.PathLike | Sequence[str | os.PathLike], name: 
 def _from_files(files: list[str], name: str, split: str = "train", streaming: bool = False) -> AnyDataset:
     missing = [f for f in files if not os.path.exists(f)]
     if missing:
-        raise DataError(f"{name}: file not found: {missing[0]}")
+        raise DataError(f"{name}: file not found: {missing[0]}{resolved_from(missing[0])}")
     kinds = {BUILDERS.get(Path(f).suffix.lower()) for f in files}
     if None in kinds:
         bad = next(f for f in files if Path(f).suffix.lower() not in BUILDERS)
@@ -355,7 +367,11 @@ def _stream_files(dataset: IterableDataset) -> list[str]:
 def _from_hub(dataset_id: str, name: str, hub_args: Mapping[str, Any]) -> AnyDataset:
     kwargs = {k: v for k, v in hub_args.items() if v is not None}
     kwargs.setdefault("split", "train")
-    where = "a local dataset directory" if os.path.isdir(dataset_id) else "not a local file or directory"
+    where = (
+        "a local dataset directory"
+        if os.path.isdir(dataset_id)
+        else f"not a local file or directory{resolved_from(dataset_id)}"
+    )
     try:
         ds = datasets.load_dataset(dataset_id, **kwargs)
     except Exception as err:

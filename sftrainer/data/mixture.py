@@ -31,6 +31,7 @@ from datasets import Dataset, IterableDataset, concatenate_datasets
 from sftrainer.constants import MIXTURE_REPEAT_WARNING
 from sftrainer.data import load as data_load
 from sftrainer.data import origin
+from sftrainer.data.content import ContentCounts
 from sftrainer.data.prepare import DataSettings, PrepareStats, prepare
 from sftrainer.errors import ConfigError, DataError, did_you_mean
 
@@ -204,6 +205,54 @@ def describe_plan(name: str, seed: int, parts: Sequence[tuple[MixtureSource, int
         repeat = f", each row ~{n / size:.1f}x" if n > size else ""
         items.append(f"{source.label}: {n} of {size} rows ({how}, {100 * n / total:.1f}% of the mix{repeat})")
     return f"{name}: mixture of {len(parts)} sources, seed {seed}: " + "; ".join(items)
+
+
+@dataclass
+class SourceUse:
+    """What a mixture made of one source, for ``sftrainer data``: the rows it holds, the rows the mix
+    drew from it (fewer: a sample; more: repeated), the rows kept after preparation, and what the
+    drawn rows hold (tools, tool calls, reasoning); ``ignored``: its columns that are not read."""
+
+    label: str
+    rows_in: int
+    drawn: int
+    used: int
+    content: ContentCounts
+    ignored: Sequence[str] = ()
+
+    def sampling(self) -> str:
+        if self.drawn < self.rows_in:
+            how = f"{self.rows_in - self.drawn} dropped (a sample of {self.drawn})"
+        elif self.drawn > self.rows_in:
+            how = f"repeated, each row ~{self.drawn / self.rows_in:.1f}x"
+        else:
+            how = "all, once"
+        lost = self.drawn - self.used
+        return how + (f"; {lost} dropped in preparation" if lost > 0 else "")
+
+
+def format_sources(uses: Sequence[SourceUse]) -> list[str]:
+    """A text table of a mixture's sources, one line each and a total."""
+    header = ("source", "rows in", "rows used", "dropped / repeated", "tools", "tool calls", "reasoning")
+    rows = [
+        (u.label, u.rows_in, u.used, u.sampling(), u.content.tools, u.content.tool_calls, u.content.reasoning)
+        for u in uses
+    ]
+    total = ContentCounts()
+    for u in uses:
+        total += u.content
+    rows.append(
+        ("total", sum(u.rows_in for u in uses), sum(u.used for u in uses), "", total.tools,
+         total.tool_calls, total.reasoning)
+    )  # fmt: skip
+    cells = [[str(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(row[k]) for row in cells) for k in range(len(header))]
+    numeric = [isinstance(c, int) for c in rows[0]]
+    lines = [
+        "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)).rstrip()
+        for row in cells
+    ]
+    return lines + [f"{u.label}: ignored (not read): {', '.join(u.ignored)}" for u in uses if u.ignored]
 
 
 def prepare_mixture(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset, IterableDataset
 
-from sftrainer.constants import IMAGE_COLUMNS, LOSS_MASK_COLUMNS
+from sftrainer.constants import FIRST_ROWS, IMAGE_COLUMNS, LOSS_MASK_COLUMNS
 from sftrainer.data import load as data_load
 from sftrainer.data.images import lift_images
 from sftrainer.data.mixture import Mixture, prepare_mixture
@@ -51,6 +51,9 @@ class DataPipeline:
         self.data_stats: dict[str, PrepareStats] = {}
         self.pack_stats: dict[str, PackStats] = {}
         self._prepared: list[Any] = []  # what this pipeline returned: passed again, used as is
+        # The first prepared rows of each data set, before shuffling and packing: the rows
+        # `sftrainer data` shows first, which the run report previews too (report.save_run_inputs).
+        self.first_rows: dict[str, list[dict[str, Any]]] = {}
         self._noted: set[str] = set()
         self.vision = is_processor(tokenizer)  # a vision-language processor: rows with images
 
@@ -131,6 +134,9 @@ class DataPipeline:
                 dataset, self.tokenizer, settings, name, self.formatting_func
             )
         self._note_differences(self.data_stats[name].format, pack)
+        if isinstance(prepared, Dataset):
+            first = prepared.select(range(min(FIRST_ROWS, len(prepared))))
+            self.first_rows[name] = first.select_columns(["input_ids", "labels"]).to_list()
         if not pack:
             return self._shuffle(prepared)
         if isinstance(prepared, IterableDataset):

@@ -197,6 +197,20 @@ def test_missing_local_file_is_not_taken_for_a_hub_id(recorded_load_dataset, tmp
     assert recorded_load_dataset == []
 
 
+def test_a_missing_relative_path_says_which_directory_it_was_resolved_from(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for missing, words in (("data/train.jsonl", "file not found"), ("data/*.jsonl", "no file matches")):
+        with pytest.raises(DataError) as info:
+            load(missing)
+        message = str(info.value)
+        assert words in message
+        assert f"looked for in the current directory {tmp_path}: {tmp_path / missing}" in message
+        assert "not the YAML file's directory" in message
+    with pytest.raises(DataError) as info:
+        load(str(tmp_path / "absolute.jsonl"))
+    assert "current directory" not in str(info.value)  # an absolute path says only itself
+
+
 def test_hub_id_that_fails_says_both_what_was_tried_and_why(monkeypatch):
     def offline(path, **kwargs):
         raise ConnectionError(f"Couldn't reach '{path}' on the Hub (LocalEntryNotFoundError)")
