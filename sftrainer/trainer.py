@@ -12,8 +12,8 @@ counted (rows, truncated, dropped); ``trainer.data_pipeline`` prepares them, and
 ``evaluate`` later. ``trainer.loss_plan`` says how the loss is computed (decided and logged once).
 
 Logging: ``ConsoleCallback`` (console.py) replaces transformers' progress / printer callbacks, every
-log event is appended to ``<output_dir>/metrics.jsonl`` and generation samples go to TensorBoard / W&B
-(tracking.py).
+log event is appended to ``<output_dir>/metrics.jsonl``, generation samples go to TensorBoard / W&B, and
+TensorBoard's event files go to ``<output_dir>/runs/`` from the first log on (tracking.py).
 
 Checkpoints are written atomically, ``train(resume_from_checkpoint=True)`` skips incomplete ones, and
 a NaN / inf loss or weights stop training with ``NonFiniteLossError`` (see ``sftrainer.checkpoint``).
@@ -84,7 +84,7 @@ from sftrainer.loss import (
 )
 from sftrainer.metrics import TokenMetrics
 from sftrainer.model import load_model, load_processor, load_tokenizer, prepare_tokenizer
-from sftrainer.tracking import MetricsFileCallback, SamplesCallback
+from sftrainer.tracking import MetricsFileCallback, SamplesCallback, place_tensorboard_logs
 from sftrainer.vision import (
     adapt_for_training,
     is_processor,
@@ -294,6 +294,7 @@ class SFTTrainer(Trainer):
             self.remove_callback(printer)
         for callback in (ConsoleCallback(), MetricsFileCallback(), SamplesCallback(self)):
             self.add_callback(callback)
+        place_tensorboard_logs(self.callback_handler.callbacks, args.output_dir)
 
     def check_packed_isolation(self) -> None:
         """Refuse (``ContaminationError``) an attention backend that lets packed rows see each other.
