@@ -296,6 +296,50 @@ def test_resume_from_checkpoint_true_resumes_the_latest_checkpoint(capsys, caplo
     ]
 
 
+def test_a_second_run_into_a_used_output_dir_exits_2_then_overwrites_and_resumes(capsys, caplog, tmp_path):
+    """The same command twice: refused before any work, naming the directory, what it holds and the
+    ways out; overwrite_output_dir=true starts metrics.jsonl over; resume_from_checkpoint=true goes on."""
+    out_dir = tmp_path / "run"
+    short = [f"output_dir={out_dir}", "data.eval=null", "exact_match_samples=0", "per_device_train_batch_size=8",
+             "save_strategy=steps", "save_steps=2", "logging_steps=1"]  # fmt: skip
+
+    def steps() -> list[int]:
+        return [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+    code, _, err = run_cli(capsys, "train", *short, "max_steps=4")
+    assert code == 0, err
+    assert steps() == [1, 2, 3, 4, 4]  # the losses, then the summary
+    code, out, err = run_cli(capsys, "train", *short, "max_steps=4")
+    assert code == 2 and out == "" and "Traceback" not in err
+    message = error_message(err)
+    assert message.startswith(
+        f"sftrainer: error: output_dir {out_dir} already holds a training run (checkpoint-2, checkpoint-4; "
+        "metrics.jsonl logging training up to step 4)"
+    )
+    for way_out in ("resume_from_checkpoint=true", "overwrite_output_dir=true", "another output_dir"):
+        assert way_out in message
+    assert steps() == [1, 2, 3, 4, 4]
+
+    with caplog.at_level("WARNING", logger="sftrainer"):
+        code, _, err = run_cli(capsys, "train", *short, "max_steps=2", "overwrite_output_dir=true")
+    assert code == 0, err
+    assert "removed the earlier run's checkpoint-2, checkpoint-4, metrics.jsonl" in caplog.text
+    assert steps() == [1, 2, 2]
+    assert sorted(p.name for p in out_dir.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert "overwrite_output_dir" not in yaml.safe_load((out_dir / "sftrainer_config.yaml").read_text())
+
+    code, _, err = run_cli(capsys, "train", *short, "max_steps=4", "resume_from_checkpoint=true")
+    assert code == 0, err
+    assert steps() == [1, 2, 2, 3, 4, 4]
+    code, _, err = run_cli(
+        capsys, "train", *short, "overwrite_output_dir=true", "resume_from_checkpoint=true"
+    )
+    assert code == 2
+    assert "overwrite_output_dir: true removes the checkpoints that resume_from_checkpoint" in error_message(
+        err
+    )
+
+
 def test_save_steps_on_the_command_line_saves_with_the_builtin_config(capsys, caplog, tmp_path):
     """The demo config says save_strategy: 'no'; `sftrainer train save_steps=10` still saves at step 10."""
     out_dir = tmp_path / "run"
