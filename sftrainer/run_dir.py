@@ -9,20 +9,23 @@ would go on at step 1 after the earlier run's last step (the report draws both a
 
 - ``earlier_run``: what of an earlier training run ``output_dir`` holds. Files that are no run's (data,
   notes) and a ``metrics.jsonl`` of evaluations only do not count.
-- ``check_output_dir`` / ``refuse_earlier_run``: ``RunDirError`` naming the directory, what it holds and the ways out: resume
-  it, ``overwrite_output_dir: true``, or another ``output_dir``. The check of transformers' example
-  scripts ("Output directory already exists and is not empty. Use --overwrite_output_dir"), which
-  transformers 5 dropped along with ``TrainingArguments.overwrite_output_dir``.
+- ``check_output_dir`` / ``refuse_earlier_run``: ``RunDirError`` naming the directory, what it holds
+  and the ways out: resume it, ``overwrite_output_dir: true``, or another ``output_dir``. The check of
+  transformers' example scripts ("Output directory already exists and is not empty. Use
+  --overwrite_output_dir"), which transformers 5 dropped with ``TrainingArguments.overwrite_output_dir``.
 - ``clear_earlier_run``: what ``overwrite_output_dir: true`` removes (the earlier run's checkpoints,
   ``metrics.jsonl`` and generation samples), said in the log; other files stay, and those the new run
   writes (the model, the report) replace the old ones.
+- ``resume_hint``: after an interruption, the last complete checkpoint and the command that resumes it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shlex
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +103,7 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> EarlierRun:
 
 
 def refuse_earlier_run(earlier: EarlierRun) -> None:
-    """Raise ``RunDirError``: ``earlier.output_dir`` holds ``earlier``, and a run from step 0 would mix with it."""
+    """Raise ``RunDirError``: ``earlier.output_dir`` holds ``earlier``, which a run from step 0 would mix with."""
     resumable = latest_checkpoint(earlier.output_dir)
     if resumable is not None:
         resume = (
@@ -145,9 +148,36 @@ def clear_earlier_run(output_dir: str | Path) -> list[str]:
         removed.append(path.name + ("/" if path.name == EVAL_SAMPLES_DIR else ""))
     if removed:
         logger.warning(
-            "%s: removed the earlier run's %s from %s (its other files stay; those this run writes are replaced)",
+            "%s: removed the earlier run's %s from %s (its other files stay; this run replaces those it "
+            "writes)",
             OVERWRITE_KEY,
             ", ".join(removed),
             output_dir,
         )
     return removed
+
+
+def resume_hint(output_dir: str | Path, command: Sequence[str] | None, overwrite: bool = False) -> str:
+    """What to do after an interrupted run: the last complete checkpoint in ``output_dir`` and the command
+    that resumes from it, or that there is none and how to start over.
+
+    ``command``: the ``sftrainer train`` command line as run (None: unknown, e.g. in a process started
+    by a launcher). The resume command is ``command`` with ``resume_from_checkpoint=true`` in place of any
+    ``resume_from_checkpoint`` / ``overwrite_output_dir`` override it had; ``overwrite``: the run's config
+    sets ``overwrite_output_dir``, which resuming turns off.
+    """
+    last = latest_checkpoint(output_dir)
+
+    def command_with(*extra: str) -> str:
+        if command is None:
+            return f"  the same command with {' '.join(extra)}"
+        kept = [arg for arg in command if not arg.startswith((f"{RESUME_KEY}=", f"{OVERWRITE_KEY}="))]
+        return f"  {shlex.join([*kept, *extra])}"
+
+    if last is None:
+        if earlier_run(output_dir).logged_step is None:
+            return f"No checkpoint was saved in {output_dir} yet: running the command again starts over."
+        restart = command_with(f"{OVERWRITE_KEY}=true")
+        return f"No checkpoint was saved in {output_dir} yet. To start over there:\n{restart}"
+    resume = [f"{RESUME_KEY}=true", *([f"{OVERWRITE_KEY}=false"] if overwrite else [])]
+    return f"The last complete checkpoint is {last}. To resume from it:\n{command_with(*resume)}"

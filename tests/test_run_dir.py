@@ -10,7 +10,7 @@ from tiny_models import ROWS, quick_args
 
 from sftrainer import SFTTrainer
 from sftrainer.errors import ConfigError, RunDirError
-from sftrainer.run_dir import clear_earlier_run, earlier_run
+from sftrainer.run_dir import clear_earlier_run, earlier_run, resume_hint
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -90,3 +90,28 @@ def test_a_new_run_into_a_used_output_dir_is_refused_overwritten_or_resumed(tiny
     assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3, 4]
     steps = [r["step"] for r in records(out)]
     assert steps == sorted(steps)
+
+
+def test_resume_hint_names_the_last_checkpoint_and_the_command(tmp_path):
+    out = tmp_path / "my run"
+    command = ["sftrainer", "train", "my.yaml", f"output_dir={out}", "resume_from_checkpoint=false"]
+    assert resume_hint(out, command) == (
+        f"No checkpoint was saved in {out} yet: running the command again starts over."
+    )
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    assert resume_hint(out, command) == (
+        f"No checkpoint was saved in {out} yet. To start over there:\n"
+        f"  sftrainer train my.yaml 'output_dir={out}' overwrite_output_dir=true"
+    )
+    fake_checkpoint(out, 2)
+    fake_checkpoint(out, 4)
+    (out / "checkpoint-6").mkdir()  # a save cut short: not resumable
+    hint = resume_hint(out, [*command, "overwrite_output_dir=true"], overwrite=True)
+    assert hint == (
+        f"The last complete checkpoint is {out / 'checkpoint-4'}. To resume from it:\n"
+        f"  sftrainer train my.yaml 'output_dir={out}' resume_from_checkpoint=true overwrite_output_dir=false"
+    )
+    assert resume_hint(out, None).endswith(
+        "To resume from it:\n  the same command with resume_from_checkpoint=true"
+    )
