@@ -140,6 +140,8 @@ def run_one(trainer_name: str, settings: dict, suite_name: str, args: argparse.N
         from trl import SFTConfig, SFTTrainer
     else:
         from sftrainer import SFTConfig, SFTTrainer
+
+        common["overwrite_output_dir"] = True  # every setting trains into workdir/out (TRL has no such key)
     trainer = SFTTrainer(
         model=model,
         args=SFTConfig(**common),

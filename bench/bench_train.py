@@ -136,8 +136,11 @@ def run_one(trainer_name: str, batching: str, precision: str, args: argparse.Nam
     else:
         from sftrainer import SFTConfig, SFTTrainer
 
-        trainer = SFTTrainer(
-            model=model, args=SFTConfig(**common), train_dataset=dataset, processing_class=tokenizer
+        trainer = SFTTrainer(  # a repeated measurement trains into the same directory
+            model=model,
+            args=SFTConfig(**common, overwrite_output_dir=True),
+            train_dataset=dataset,
+            processing_class=tokenizer,
         )
     prep_seconds = time.perf_counter() - prep_start
     meter = Meter(trainer.data_collator, tokenizer.pad_token_id)

@@ -294,9 +294,14 @@ def refuse_nonfinite_weights(name: str, step: int, output_dir: str) -> None:
 
 # ---- the run's record ------------------------------------------------------------------------
 
-# Not written to sftrainer_config.yaml: secrets, and resuming (rerunning the config reproduces the
-# run from the start; a resumed run ends where the uninterrupted one would).
-SKIPPED_KEYS = {"hub_token": "a secret", "resume_from_checkpoint": "a rerun starts from step 0"}
+# Not written to sftrainer_config.yaml: secrets, resuming (rerunning the config reproduces the run
+# from the start; a resumed run ends where the uninterrupted one would), and starting over in a used
+# output_dir (`sftrainer eval RUN` reads the config, and a rerun goes to output_dir=NEW_DIR).
+SKIPPED_KEYS = {
+    "hub_token": "a secret",
+    "resume_from_checkpoint": "a rerun starts from step 0",
+    "overwrite_output_dir": "it is about this run's directory",
+}
 PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "sftrainer")
 
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -222,7 +223,14 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def cmd_train(items: Sequence[str], nproc: int | None = None, accelerate_config: str | None = None) -> int:
+def cmd_train(
+    items: Sequence[str],
+    nproc: int | None = None,
+    accelerate_config: str | None = None,
+    argv: Sequence[str] = (),
+) -> int:
+    """``argv``: the command's arguments as given (after the program), for the resume command printed
+    when the run is interrupted (Ctrl-C)."""
     config = items[0] if items and "=" not in items[0] else None
     overrides = list(items[1:] if config else items)
     if (nproc is not None and nproc != 1) or accelerate_config is not None:
@@ -241,13 +249,38 @@ def cmd_train(items: Sequence[str], nproc: int | None = None, accelerate_config:
 
     from sftrainer import builtin
     from sftrainer.run_config import load_config
+    from sftrainer.run_dir import resume_hint
     from sftrainer.train import train
 
     cfg = load_config(config, overrides, defaults=builtin.DEMO_CONFIG if config is None else None)
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except KeyboardInterrupt:
+        if cfg.train.process_index == 0:  # once, under torchrun / accelerate launch
+            # A process of a launched job does not know the command that started the launcher.
+            command = None if _rank_label() else [*_program(), *argv]
+            hint = resume_hint(cfg.train.output_dir, command, cfg.train.overwrite_output_dir)
+            print(f"sftrainer: interrupted\n{hint}", file=sys.stderr)
+        return 130
     if cfg.train.process_index == 0:  # once, under torchrun / accelerate launch
         print(_summary(metrics, cfg.train.output_dir))
     return 0
+
+
+def _program() -> list[str]:
+    """How this process was started, as typed: ``python -m sftrainer`` (with any interpreter options),
+    the ``sftrainer`` script (by name where that name finds it), or ``sftrainer`` (main() called from
+    Python)."""
+    typed = list(getattr(sys, "orig_argv", []))
+    for i, arg in enumerate(typed[:-1]):
+        if arg == "-m" and typed[i + 1] == "sftrainer":
+            return typed[: i + 2]
+    script = sys.argv[0] if sys.argv else ""
+    if os.path.basename(script) != "sftrainer":
+        return ["sftrainer"]
+    found = shutil.which("sftrainer")
+    same = found is not None and os.path.realpath(found) == os.path.realpath(script)
+    return ["sftrainer" if same else script]
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -394,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     try:
         if args.command == "train":
-            return cmd_train([*args.items, *extra], args.nproc, args.accelerate_config)
+            return cmd_train([*args.items, *extra], args.nproc, args.accelerate_config, argv)
         if args.command == "data":
             args.items += extra
             return cmd_data(args)

@@ -31,6 +31,10 @@ INTERVALS = (
     ("eval_strategy", "eval_steps", "evaluate"),
     ("logging_strategy", "logging_steps", "log"),
 )
+OVERWRITE_AND_RESUME = (
+    "overwrite_output_dir: true removes the checkpoints that resume_from_checkpoint continues from; "
+    "set one of them"
+)
 
 
 @dataclass
@@ -261,7 +265,15 @@ class SFTConfig(TrainingArguments):
             "help": "A checkpoint directory to resume from, or true: the latest checkpoint in output_dir."
         },
     )
-
+    # transformers 5 removed this TrainingArguments field (its example scripts read it); here it is
+    # what lets a run start over in a used output_dir (sftrainer.run_dir).
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over in an output_dir that holds an earlier run: its checkpoints, metrics.jsonl and "
+            "eval samples are removed when training (or evaluating) starts. Default: such a run is refused."
+        },
+    )
     allow_batch_change_on_resume: bool = field(
         default=False,
         metadata={
@@ -329,6 +341,8 @@ class SFTConfig(TrainingArguments):
                 continue
             if value is not None and (not isinstance(value, int) or value < 1):
                 out.append(f"{key}: must be a positive integer or null, got {value!r}")
+        if self.overwrite_output_dir and self.resume_from_checkpoint not in (None, False):
+            out.append(OVERWRITE_AND_RESUME)
         if self.completion_only_loss is True and self.train_on == "all":
             out.append("completion_only_loss=True contradicts train_on='all'")
         if self.assistant_only_loss and self.train_on == "all":

@@ -34,6 +34,7 @@ TRAINING_ONLY = (
     "save_steps",
     "load_best_model_at_end",
     "resume_from_checkpoint",
+    "overwrite_output_dir",  # an evaluation into the run's directory must not remove its checkpoints
     "push_to_hub",
     "report_to",
 )

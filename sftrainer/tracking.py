@@ -5,9 +5,13 @@ experiment trackers that ``report_to`` names (transformers' own callbacks send t
   (main process only): ``step``, ``epoch``, ``timestamp`` (Unix seconds), then every metric of the
   event as logged (training, evaluation, and the final ``train_runtime`` summary). Non-finite
   values are written as ``null`` so that any JSON reader takes the file. A resumed run appends; the
-  report keeps the last record of each step.
+  report keeps the last record of each step. A run from step 0 does not append to another run's
+  records: it is refused, or ``overwrite_output_dir`` removes them first (sftrainer.run_dir).
 - ``SamplesCallback`` sends the latest generation samples (prompt, reference, prediction) as a text
   table to TensorBoard (``add_text``) and as a ``wandb.Table`` to W&B after each evaluation.
+- ``place_tensorboard_logs`` gives transformers' ``TensorBoardCallback`` its directory,
+  ``<output_dir>/runs/<date>_<host>``, when the trainer is built rather than when training begins, so
+  that an evaluation before training does not open its writer in ``./runs`` of the launch directory.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import time
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
+from transformers.integrations.integration_utils import default_logdir
 
 METRICS_FILE = "metrics.jsonl"
 MAX_SAMPLES = 20  # rows sent to a tracker per evaluation
@@ -93,3 +99,18 @@ class SamplesCallback(TrainerCallback):
             for s in samples:
                 table.add_data(*(str(s.get(c, "")) for c in SAMPLE_COLUMNS))
             wandb.log({"eval/generation_samples": table, "train/global_step": state.global_step})
+
+
+def place_tensorboard_logs(callbacks: list[TrainerCallback], output_dir: str) -> None:
+    """Point the ``TensorBoardCallback`` among ``callbacks`` at ``<output_dir>/runs/<date>_<host>``, the
+    directory its ``on_train_begin`` would choose, unless it already has a directory or a writer (one
+    given by the caller, or ``TENSORBOARD_LOGGING_DIR``).
+
+    transformers 5.25 sets that directory in ``on_train_begin`` only; a log before it (an evaluation
+    before training) opens ``SummaryWriter(log_dir=None)``, i.e. ``./runs/`` of the current directory,
+    and keeps writing there until training ends.
+    """
+    for callback in callbacks:
+        tensorboard = isinstance(callback, TensorBoardCallback)
+        if tensorboard and callback.tb_writer is None and callback.logging_dir is None:
+            callback.logging_dir = os.path.join(output_dir, default_logdir())

@@ -20,6 +20,7 @@ from sftrainer.export import run_card
 from sftrainer.lora import peft_config_from
 from sftrainer.model import is_vision_checkpoint, load_model, load_processor, load_tokenizer
 from sftrainer.run_config import RunConfig
+from sftrainer.run_dir import check_output_dir
 from sftrainer.trainer import SFTTrainer
 from sftrainer.vision import text_tokenizer
 
@@ -77,6 +78,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is not None:
         check_resume_layout(checkpoint, args, warn=False)  # SFTTrainer.train warns, if it must
+    else:  # before any work: a run from step 0 into a used output_dir (SFTTrainer.train checks again)
+        check_output_dir(args.output_dir, args.overwrite_output_dir)
     name = cfg.model.name_or_path
     # The built-in assets and the datasets cache are built by one process; the others wait and read them.
     with main_process_first(args, "building the demo assets and loading the data"):

@@ -12,8 +12,8 @@ counted (rows, truncated, dropped); ``trainer.data_pipeline`` prepares them, and
 ``evaluate`` later. ``trainer.loss_plan`` says how the loss is computed (decided and logged once).
 
 Logging: ``ConsoleCallback`` (console.py) replaces transformers' progress / printer callbacks, every
-log event is appended to ``<output_dir>/metrics.jsonl`` and generation samples go to TensorBoard / W&B
-(tracking.py).
+log event is appended to ``<output_dir>/metrics.jsonl``, generation samples go to TensorBoard / W&B, and
+TensorBoard's event files go to ``<output_dir>/runs/`` from the first log on (tracking.py).
 
 Checkpoints are written atomically, ``train(resume_from_checkpoint=True)`` skips incomplete ones, and
 a NaN / inf loss or weights stop training with ``NonFiniteLossError`` (see ``sftrainer.checkpoint``).
@@ -53,8 +53,8 @@ from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import IntervalStrategy, align_special_tokens, rotate_checkpoints
 
-from sftrainer import checkpoint, lora, memory, precision, quant, sharding, template_tokens
-from sftrainer.config import SFTConfig, to_sft_config
+from sftrainer import checkpoint, lora, memory, precision, quant, run_dir, sharding, template_tokens
+from sftrainer.config import OVERWRITE_AND_RESUME, SFTConfig, to_sft_config
 from sftrainer.console import ConsoleCallback
 from sftrainer.constants import MODEL_TAGS
 from sftrainer.data import load as data_load
@@ -83,7 +83,7 @@ from sftrainer.loss import (
 )
 from sftrainer.metrics import TokenMetrics
 from sftrainer.model import load_model, load_processor, load_tokenizer, prepare_tokenizer
-from sftrainer.tracking import MetricsFileCallback, SamplesCallback
+from sftrainer.tracking import MetricsFileCallback, SamplesCallback, place_tensorboard_logs
 from sftrainer.vision import (
     adapt_for_training,
     is_processor,
@@ -283,6 +283,7 @@ class SFTTrainer(Trainer):
         logger.info("%s", self.loss_plan.describe())
         self._checked_for_training = False
         self._checkpoint_staging: str | None = None  # set while _save_checkpoint writes
+        self._output_dir_claimed = False  # this trainer has evaluated or trained into output_dir
         if hasattr(self.model, "add_model_tags"):  # model-card tags of what save_model / push_to_hub write
             self.model.add_model_tags(list(MODEL_TAGS))
         self.add_callback(_TrainingRunHooks(self))
@@ -291,6 +292,7 @@ class SFTTrainer(Trainer):
             self.remove_callback(printer)
         for callback in (ConsoleCallback(), MetricsFileCallback(), SamplesCallback(self)):
             self.add_callback(callback)
+        place_tensorboard_logs(self.callback_handler.callbacks, args.output_dir)
 
     def check_packed_isolation(self) -> None:
         """Refuse (``ContaminationError``) an attention backend that lets packed rows see each other.
@@ -429,12 +431,25 @@ class SFTTrainer(Trainer):
     # ---- checkpoints (sftrainer/checkpoint.py) ----
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
-        """Trainer's ``train``; ``resume_from_checkpoint=True`` skips incomplete checkpoints (with a warning)."""
-        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+        """Trainer's ``train``; ``resume_from_checkpoint=True`` skips incomplete checkpoints (with a warning).
+
+        A run from step 0 into an ``output_dir`` that holds an earlier training run is refused
+        (``RunDirError``) unless ``overwrite_output_dir``, which removes that run's checkpoints,
+        ``metrics.jsonl`` and eval samples first (sftrainer.run_dir).
+        """
+        resuming = resume_from_checkpoint is not None and resume_from_checkpoint is not False
+        if resuming and self.args.overwrite_output_dir:
+            raise ConfigError(OVERWRITE_AND_RESUME)
+        if resuming:
             resume_from_checkpoint = checkpoint.resolve_checkpoint(
                 resume_from_checkpoint, self.args.output_dir
             )
             checkpoint.check_resume_layout(resume_from_checkpoint, self.args)
+        else:
+            earlier = run_dir.check_output_dir(self.args.output_dir, self.args.overwrite_output_dir)
+            if earlier or not self._output_dir_claimed:  # else this trainer's evaluation cleared it
+                self._overwrite_output_dir()
+        self._output_dir_claimed = True
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         self._refuse_nonfinite_weights()  # the last update may have overflowed: never save such weights
         return output
@@ -461,6 +476,11 @@ class SFTTrainer(Trainer):
         if flag.item():
             step = self.state.global_step
             checkpoint.refuse_nonfinite_weights(bad or "on another process", step, self.args.output_dir)
+
+    def _overwrite_output_dir(self) -> None:
+        """``overwrite_output_dir``: remove an earlier run's checkpoints, metrics and samples (main process)."""
+        if self.args.overwrite_output_dir and self.args.should_save:
+            run_dir.clear_earlier_run(self.args.output_dir)
 
     def _get_output_dir(self, trial: Any) -> str:
         return self._checkpoint_staging or super()._get_output_dir(trial)
@@ -568,6 +588,9 @@ class SFTTrainer(Trainer):
             self._generation_source = dataset  # scored inside the evaluation loop
         if not self._checked_for_training:  # else on_train_begin checked it, for this training run
             self.check_packed_isolation()
+        if not self._output_dir_claimed:  # an evaluation before training starts the run's metrics
+            self._overwrite_output_dir()
+            self._output_dir_claimed = True
         began = time.perf_counter()
         try:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
@@ -637,12 +660,12 @@ class SFTTrainer(Trainer):
         self.generation_samples_file = None
         if self.is_world_process_zero() and self.generation_samples:
             name = f"step-{step}" if prefix == "eval" else f"step-{step}.{prefix.removeprefix('eval_')}"
-            directory = Path(args.output_dir) / "eval_samples"
+            directory = Path(args.output_dir) / run_dir.EVAL_SAMPLES_DIR
             directory.mkdir(parents=True, exist_ok=True)
             text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in self.generation_samples)
             self.generation_samples_file = directory / f"{name}.jsonl"
             self.generation_samples_file.write_text(text, encoding="utf-8")
-            (Path(args.output_dir) / "eval_samples.jsonl").write_text(text, encoding="utf-8")
+            (Path(args.output_dir) / run_dir.EVAL_SAMPLES_FILE).write_text(text, encoding="utf-8")
             logger.info(
                 "Generation samples (%s, step %d; all in %s):\n%s",
                 prefix,

@@ -205,12 +205,16 @@ def test_save_total_limit_keeps_the_best_and_the_latest(tmp_path, tiny_model_dir
 
 
 def test_save_by_epoch_and_over_an_existing_checkpoint(tmp_path, tiny_model_dir):
-    """save_strategy=epoch names checkpoints by step; a rerun into the same directory replaces them."""
+    """save_strategy=epoch names checkpoints by step; a run resumed from an older checkpoint replaces the
+    later ones it saves again."""
     out = tmp_path / "out"
     args = quick_args(out, max_steps=-1, num_train_epochs=2, save_strategy="epoch")
-    for _ in range(2):
-        SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=ROWS).train()
-        assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
+    SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=ROWS).train()
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
+    (out / "checkpoint-4" / "stale").write_text("from the first run")
+    SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=ROWS).train(str(out / "checkpoint-2"))
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
+    assert not (out / "checkpoint-4" / "stale").exists() and checkpoint_problem(out / "checkpoint-4") is None
 
 
 def fabricate_broken(out: Path, step: int) -> Path:
@@ -399,9 +403,8 @@ def test_resolved_config_round_trips(tmp_path):
 
     cfg = load_config(REPO / "configs" / "builtin-lora.yaml", ["lora.r=4", "max_steps=5"])
     resolved = resolved_config(cfg)
-    assert set(resolved) == (set(init_fields(SFTConfig)) - {"hub_token", "resume_from_checkpoint"}) | {
-        "model", "data", "lora"
-    }  # fmt: skip
+    skipped = {"hub_token", "resume_from_checkpoint", "overwrite_output_dir"}
+    assert set(resolved) == (set(init_fields(SFTConfig)) - skipped) | {"model", "data", "lora"}
     assert resolved["lora"]["r"] == 4 and resolved["model"]["dtype"] == "auto"  # a section default
     assert resolved["truncation_mode"] == "keep_start" and resolved["lr_scheduler_type"] == "cosine"
     assert resolved["bf16"] is False  # resolved for this machine (unset = where the device supports it)

@@ -322,6 +322,98 @@ def test_resume_from_checkpoint_true_resumes_the_latest_checkpoint(capsys, caplo
     ]
 
 
+def test_a_second_run_into_a_used_output_dir_exits_2_then_overwrites_and_resumes(capsys, caplog, tmp_path):
+    """The same command twice: refused before any work, naming the directory, what it holds and the
+    ways out; overwrite_output_dir=true starts metrics.jsonl over; resume_from_checkpoint=true goes on."""
+    out_dir = tmp_path / "run"
+    short = [f"output_dir={out_dir}", "data.eval=null", "exact_match_samples=0", "per_device_train_batch_size=8",
+             "save_strategy=steps", "save_steps=2", "logging_steps=1"]  # fmt: skip
+
+    def steps() -> list[int]:
+        return [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+    code, _, err = run_cli(capsys, "train", *short, "max_steps=4")
+    assert code == 0, err
+    assert steps() == [1, 2, 3, 4, 4]  # the losses, then the summary
+    code, out, err = run_cli(capsys, "train", *short, "max_steps=4")
+    assert code == 2 and out == "" and "Traceback" not in err
+    message = error_message(err)
+    assert message.startswith(
+        f"sftrainer: error: output_dir {out_dir} already holds a training run (checkpoint-2, checkpoint-4; "
+        "metrics.jsonl logging training up to step 4)"
+    )
+    for way_out in ("resume_from_checkpoint=true", "overwrite_output_dir=true", "another output_dir"):
+        assert way_out in message
+    assert steps() == [1, 2, 3, 4, 4]
+
+    with caplog.at_level("WARNING", logger="sftrainer"):
+        code, _, err = run_cli(capsys, "train", *short, "max_steps=2", "overwrite_output_dir=true")
+    assert code == 0, err
+    assert "removed the earlier run's checkpoint-2, checkpoint-4, metrics.jsonl" in caplog.text
+    assert steps() == [1, 2, 2]
+    assert sorted(p.name for p in out_dir.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert "overwrite_output_dir" not in yaml.safe_load((out_dir / "sftrainer_config.yaml").read_text())
+
+    code, _, err = run_cli(capsys, "train", *short, "max_steps=4", "resume_from_checkpoint=true")
+    assert code == 0, err
+    assert steps() == [1, 2, 2, 3, 4, 4]
+    code, _, err = run_cli(
+        capsys, "train", *short, "overwrite_output_dir=true", "resume_from_checkpoint=true"
+    )
+    assert code == 2
+    assert "overwrite_output_dir: true removes the checkpoints that resume_from_checkpoint" in error_message(
+        err
+    )
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals")
+def test_ctrl_c_names_the_last_checkpoint_and_a_command_that_resumes_it(tmp_path, tiny_model_dir):
+    """SIGINT mid-run (Ctrl-C): exit 130, the last complete checkpoint and the command line as run plus
+    resume_from_checkpoint=true; that command resumes from that checkpoint."""
+    import shlex
+    import signal
+    import time
+
+    from sftrainer.checkpoint import latest_checkpoint
+
+    out_dir = tmp_path / "run"
+    argv = ["train", f"output_dir={out_dir}", "data.eval=null", "exact_match_samples=0", "max_steps=1000",
+            "per_device_train_batch_size=8", "save_steps=2", "logging_steps=1", "disable_tqdm=true"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    logs = tmp_path / "stdout", tmp_path / "stderr"  # files, not pipes: nobody reads them while it runs
+    with open(logs[0], "w") as stdout, open(logs[1], "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sftrainer", *argv], env=env, stdout=stdout, stderr=stderr
+        )
+        try:
+            deadline = time.monotonic() + 600  # a hang guard: it takes seconds
+            while not (out_dir / "checkpoint-2").is_dir():
+                assert proc.poll() is None, f"training ended before Ctrl-C: {logs[1].read_text()[-2000:]}"
+                assert time.monotonic() < deadline, "no checkpoint within 600 s"
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    err = logs[1].read_text()
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err
+    last = latest_checkpoint(out_dir)
+    resume = shlex.join([sys.executable, "-m", "sftrainer", *argv, "resume_from_checkpoint=true"])
+    assert err.rstrip().endswith(
+        f"sftrainer: interrupted\nThe last complete checkpoint is {last}. To resume from it:\n  {resume}"
+    )
+
+    step = int(last.rsplit("-", 1)[1])
+    logged = len((out_dir / "metrics.jsonl").read_text().splitlines())  # the interrupted run's records
+    done = subprocess.run([*shlex.split(resume), f"max_steps={step + 1}"], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"Resuming from the latest checkpoint, {last}" in done.stderr
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()[logged:]]
+    assert [r["step"] for r in records if "loss" in r] == [step + 1]  # one step after the checkpoint's
+
+
 def test_save_steps_on_the_command_line_saves_with_the_builtin_config(capsys, caplog, tmp_path):
     """The demo config says save_strategy: 'no'; `sftrainer train save_steps=10` still saves at step 10."""
     out_dir = tmp_path / "run"

@@ -184,7 +184,7 @@ def test_trainer_says_whether_the_router_loss_is_added_and_logs_it(tokenizer, tm
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(h["aux_loss"] > 0 for h in logs)
-    off = _trainer(_mixtral(tokenizer), tokenizer, tmp_path, router_aux_loss_coef=0.0, max_steps=1)
+    off = _trainer(_mixtral(tokenizer), tokenizer, tmp_path / "off", router_aux_loss_coef=0.0, max_steps=1)
     assert off.router_aux_loss_coef == 0.0 and not off.aux_loss_enabled
     off.train()
     assert not [h for h in off.state.log_history if "aux_loss" in h]

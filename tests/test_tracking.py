@@ -90,3 +90,42 @@ def test_wandb_offline_run(tiny_model_dir, tmp_path, monkeypatch):
     tables = [d["eval/generation_samples"] for d in logged if "eval/generation_samples" in d]
     assert len(tables) == 2 and tables[-1].columns == ["prompt", "reference", "prediction"]
     assert any("train/loss" in d for d in logged) and any("eval/loss" in d for d in logged)
+
+
+def scalars_under(root) -> dict[str, list[int]]:
+    """Every scalar tag under ``root`` (all its TensorBoard runs and event files) -> its steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps: dict[str, list[int]] = {}
+    for run_dir in sorted({p.parent for p in root.rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            steps.setdefault(tag, []).extend(e.step for e in acc.Scalars(tag))
+    return {tag: sorted(s) for tag, s in steps.items()}
+
+
+def test_tensorboard_curves_land_in_output_dir_from_an_evaluation_before_training(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """`sftrainer train` evaluates before training (train.py): that first log must not open the writer
+    in ./runs of the launch directory (transformers sets its directory only in on_train_begin)."""
+    pytest.importorskip(
+        "tensorboard", reason="tensorboard is not installed (pip install 'sftrainer[tensorboard]')"
+    )
+    cwd, out = tmp_path / "cwd", tmp_path / "out"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    args = quick_args(
+        out, max_steps=6, logging_steps=2, eval_strategy="steps", eval_steps=3, report_to="tensorboard"
+    )
+    trainer = SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=ROWS, eval_dataset=ROWS[:2])
+    trainer.evaluate(metric_key_prefix="eval_before")  # as train.py: the before/after comparison
+    trainer.train()
+    trainer.evaluate()
+    assert not list(cwd.iterdir()), f"written in the launch directory: {list(cwd.rglob('*'))}"
+    steps = scalars_under(out / "runs")
+    assert steps["eval/before_loss"] == [0]
+    assert steps["train/loss"] == [2, 4, 6]
+    assert steps["eval/loss"] == [3, 6, 6]  # at eval_steps, then the final evaluation

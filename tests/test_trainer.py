@@ -207,7 +207,7 @@ def test_half_precision_checkpoint_on_cpu(tokenizer, tmp_path, dtype, mixed_prec
     assert model.dtype == dtype
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the fp16/bf16 -> fp32 note, tested above
-        args = quick_args(tmp_path / "run", **mixed_precision)
+        args = quick_args(tmp_path / "run", overwrite_output_dir=True, **mixed_precision)  # trained twice
     trainer = SFTTrainer(model=model, args=args, train_dataset=ROWS, processing_class=tokenizer)
     assert {p.dtype for p in trainer.model.parameters()} == {expected}
     train_and_check(trainer)

@@ -119,7 +119,9 @@ def test_full_fine_tune_freezes_the_vision_tower_and_projector_unless_asked(vlm_
     assert moved and all(n.startswith(("model.language_model.", "lm_head.")) for n in moved)
     assert {n for n in before if n.startswith("model.language_model.layers.")} <= set(moved)
 
-    args = _args(tmp_path, learning_rate=1e-3, max_steps=2, train_projector=True, train_vision_tower=True)
+    args = _args(
+        tmp_path / "all", learning_rate=1e-3, max_steps=2, train_projector=True, train_vision_tower=True
+    )
     trainer = SFTTrainer(model=str(vlm_dirs["llava"]), args=args, train_dataset=_rows(4))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
