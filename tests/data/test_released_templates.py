@@ -201,10 +201,14 @@ def test_qwen3_drops_past_reasoning_and_split_turns_keeps_it():
 
 
 def test_qwen3_enable_thinking_false_from_config_and_from_the_row():
-    """With thinking off, the generation prompt holds an empty think block: it is prompt, not trained."""
+    """With thinking off, the generation prompt holds an empty think block: it is prompt, not trained.
+    With thinking on, the block the template writes empty is not trained either (tests/data/test_reasoning.py),
+    unless train_empty_reasoning asks for it."""
     messages = rt.TWO_TURNS[:2]
     on, _ = reasoning_spans("qwen3", messages)
-    assert on == ["<think>\n\n</think>\n\nThe capital is Paris.<|im_end|>"]
+    assert on == ["The capital is Paris.<|im_end|>"]
+    kept, _ = reasoning_spans("qwen3", messages, train_empty_reasoning=True)
+    assert kept == ["<think>\n\n</think>\n\nThe capital is Paris.<|im_end|>"]
     off, _ = reasoning_spans("qwen3", messages, template_kwargs={"enable_thinking": False})
     assert off == ["The capital is Paris.<|im_end|>"]
     tok = rt.tokenizer("qwen3")
