@@ -1,7 +1,8 @@
 """``train(cfg)``: one fine-tuning run, top to bottom.
 
 load model + tokenizer -> load data -> SFTTrainer (prepares data, applies LoRA) -> evaluate ->
-train -> evaluate -> save model, tokenizer, metrics and the resolved config.
+train -> evaluate (unless the last step just evaluated these weights) -> save model, tokenizer,
+metrics and the resolved config.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics.update(result.metrics)
     if eval_ds is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(_final_evaluation(trainer))
 
     output_dir = Path(args.output_dir)
     trainer.save_model(str(output_dir))
@@ -122,6 +123,35 @@ def train(cfg: RunConfig) -> dict[str, float]:
         except Exception as err:  # the model is saved: a failed report must not fail the run
             logger.warning("Could not write the run report: %s: %s", type(err).__name__, err)
     return metrics
+
+
+def last_step_evaluation(state: Any, args: Any) -> dict[str, float]:
+    """The metrics of the evaluation Trainer ran at the last step, when they are those of the weights
+    training ended with; else ``{}``. Trainer evaluates at the last step with ``eval_strategy`` steps or
+    epoch (transformers 5.x ``DefaultFlowCallback``); ``load_best_model_at_end`` then loads another
+    step's weights unless the last step was the best. Several eval sets: their entries merged."""
+    step = state.global_step
+    if args.load_best_model_at_end and state.best_global_step not in (None, step):
+        return {}
+    entries = [
+        e
+        for e in state.log_history
+        if e.get("step") == step
+        and any(k.startswith("eval_") and k.endswith("_loss") and not k.startswith("eval_before") for k in e)
+    ]
+    return {k: v for e in entries for k, v in e.items() if k != "step"}
+
+
+def _final_evaluation(trainer: SFTTrainer) -> dict[str, float]:
+    """The evaluation of the trained weights: the last step's own when it evaluated them (no second
+    pass over the eval set), else a new one."""
+    metrics = last_step_evaluation(trainer.state, trainer.args)
+    if metrics:
+        logger.info(
+            "The final evaluation is the one of step %d (the weights trained)", trainer.state.global_step
+        )
+        return metrics
+    return trainer.evaluate()
 
 
 def _preflight(trainer: SFTTrainer, train_ds: Any, lora: bool | None) -> None:
