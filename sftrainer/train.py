@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sftrainer import builtin, preflight, report, sharding
-from sftrainer.checkpoint import check_resume_layout, resolve_checkpoint, write_run_record
+from sftrainer.checkpoint import check_resume_layout, checkpoint_step, resolve_checkpoint, write_run_record
 from sftrainer.data import load as data_load
 from sftrainer.data.mixture import Mixture
 from sftrainer.distributed import main_process_first
@@ -98,7 +98,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
         processing_class=tokenizer,
         peft_config=peft_config_from(cfg.lora, text_tokenizer(tokenizer), model),
     )
-    _preflight(trainer, train_ds, None if builtin.is_builtin(name) else cfg.lora is not None)
+    resumed_at = checkpoint_step(checkpoint) if checkpoint is not None else 0
+    _preflight(trainer, train_ds, None if builtin.is_builtin(name) else cfg.lora is not None, resumed_at)
     if trainer.args.should_save:  # before training: a run stopped early still says what it was
         write_run_record(cfg, args.output_dir)
 
@@ -154,18 +155,20 @@ def _final_evaluation(trainer: SFTTrainer) -> dict[str, float]:
     return trainer.evaluate()
 
 
-def _preflight(trainer: SFTTrainer, train_ds: Any, lora: bool | None) -> None:
-    """Log the pre-flight block, and time the first steps (sftrainer.preflight). ``lora``: None skips
-    the learning-rate check (the built-in model is trained from scratch, not fine-tuned)."""
-    result, why = preflight.for_trainer(trainer, train_ds, lora)
+def _preflight(trainer: SFTTrainer, train_ds: Any, lora: bool | None, resumed_at: int) -> None:
+    """Log the pre-flight block, and time the first steps and evaluations (sftrainer.preflight).
+    ``lora``: None skips the learning-rate check (the built-in model is trained from scratch, not
+    fine-tuned); ``resumed_at``: the checkpoint's step, when resuming."""
+    result, why = preflight.for_trainer(trainer, train_ds, lora, resumed_at)
     if result is None:
         logger.info("Pre-flight %s", why)
         return
     if trainer.is_world_process_zero():
         logger.info("%s", result.format())
     plan = result.plan
+    _, final = preflight.planned_evaluations(trainer.args, plan, result.eval_rows)
     trainer.add_callback(
-        preflight.StepTimeCallback(preflight.PROBE_STEPS, plan.steps_per_epoch, plan.total_steps)
+        preflight.StepTimeCallback(preflight.PROBE_STEPS, plan.steps_per_epoch, plan.total_steps, final)
     )
 
 
