@@ -12,7 +12,9 @@ Measured vs estimated:
   the run itself, with evaluations taken out, and the evaluation before training, and logs the
   estimate then: steps (those left, on a resumed run) x time per step + evaluations x time per
   evaluation (``sftrainer.timing``). Without either, no time is given.
-- memory: ``sftrainer.memory_estimate.estimate_memory``, a formula (see its docstring), labelled an estimate.
+- memory: what the process holds now, measured, plus the tensors of training by
+  ``sftrainer.memory_estimate.estimate_memory``, a formula (see its docstring), labelled an estimate;
+  ``memory_check`` compares it with a measured peak.
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ import numpy as np
 from transformers import TrainerCallback
 
 from sftrainer.constants import FULL_LR_RANGE, LORA_LR_RANGE, TRUNCATED_WARN_FRACTION
-from sftrainer.memory_estimate import MemoryEstimate, ModelShape, estimate_memory, format_bytes, model_shape
+from sftrainer.memory_estimate import (
+    MemoryEstimate,
+    ModelShape,
+    estimate_memory,
+    format_bytes,
+    model_shape,
+    peak_process_memory,
+    process_memory,
+)
 from sftrainer.timing import RunClock, TimeEstimate, duration, eval_seconds, evaluation_steps
 
 logger = logging.getLogger(__name__)
@@ -385,8 +395,11 @@ def summarize(
     chunked_loss: bool = True,
     probe: Probe | None = None,
     time_note: str = "",
+    baseline: tuple[int | None, str, int] = (None, "", 0),
 ) -> Preflight:
-    """The pre-flight of a run from its prepared train rows (``RowArrays``, packed rows split back)."""
+    """The pre-flight of a run from its prepared train rows (``RowArrays``, packed rows split back).
+    ``baseline``: what the process holds now (bytes or None, what was measured, bytes of the training
+    tensors already in it), see ``memory_baseline``."""
     plan = plan_from_args(sequences, args)
     lengths = arrays.lengths
     seq_len = (
@@ -404,8 +417,11 @@ def summarize(
             eager_attention=eager_attention,
             logits_at_once=logits_at_once(args, shape.vocab) if chunked_loss else None,
         )
+        memory.logits_label = "loss chunk" if chunked_loss else "logits (all at once)"
+        memory.baseline, memory.baseline_what, memory.resident = baseline
         memory.notes.append(
-            "logits: one chunk of the chunked loss" if chunked_loss else "logits: all at once"
+            "not counted: allocator slack and memory the allocator keeps after freeing, optimizer "
+            "temporaries in step(), the CUDA context (0.5-1 GiB), SDPA's attention matrices on the CPU"
         )
     warnings = check_run(
         rows=stats.rows,
@@ -430,6 +446,46 @@ def summarize(
         planned_evaluations(args, plan, eval_rows),
         bool(getattr(args, "generation_enabled", lambda: False)()),
     )
+
+
+def memory_baseline(
+    device: Any | None, shape: ModelShape | None, model_loaded: bool
+) -> tuple[int | None, str, int]:
+    """What the process holds now, for the memory estimate: (bytes, what they are, bytes of the
+    training tensors already among them). On CUDA, what torch has allocated (the model, once the
+    trainer placed it: its weights are in it); on the CPU, the process's resident memory (a model's
+    weights read from safetensors are mapped from the file and count once training reads them, so
+    none are taken as resident)."""
+    import torch
+
+    if device is None:  # not placed yet: where training would run
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        if not torch.cuda.is_initialized() and not model_loaded:
+            return None, "", 0  # nothing allocated yet; the CUDA context is not counted
+        weights = shape.frozen_bytes + shape.trainable_bytes if shape is not None and model_loaded else 0
+        return torch.cuda.memory_allocated(device), "allocated by torch.cuda now", weights
+    what = "this process's RSS now: Python, libraries" + (", model, data" if model_loaded else "")
+    return process_memory(), what, 0
+
+
+def memory_check(trainer: Any) -> tuple[int, int]:
+    """(estimated, measured) peak memory of training ``trainer`` (it trains): on CUDA, the pre-flight's
+    peak against ``torch.cuda.max_memory_allocated`` (reset first); on the CPU, against the process's
+    peak RSS (``ru_maxrss``: call it in a fresh process, whose peak so far is below training's). Both
+    include the baseline (``memory_baseline``): subtract ``estimate.baseline`` for what training added.
+    Raises ValueError where the pre-flight cannot estimate (streamed data)."""
+    import torch
+
+    report, why = for_trainer(trainer, None, lora=None)
+    if report is None or report.memory is None:
+        raise ValueError(f"no memory estimate: {why or 'the model shape is unknown'}")
+    cuda = trainer.args.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(trainer.args.device)
+    trainer.train()
+    measured = torch.cuda.max_memory_allocated(trainer.args.device) if cuda else peak_process_memory()
+    return report.memory.peak, measured
 
 
 def logits_at_once(args: Any, vocab: int) -> int:
@@ -472,12 +528,13 @@ def for_trainer(
     ):  # several eval sets: each evaluation goes through all of them
         eval_rows = sum(len(d) for d in trainer.eval_dataset.values())
     model_config = getattr(trainer.model, "config", None)
+    shape = model_shape(trainer.model)
     report = summarize(
         arrays=row_arrays(dataset),
         sequences=len(dataset),
         args=trainer.args,
         stats=stats,
-        shape=model_shape(trainer.model),
+        shape=shape,
         stop_ids=stop_ids,
         stop_tokens=", ".join(tokenizer.convert_ids_to_tokens(stop_ids)),
         duplicates=count_duplicates(train_raw) if isinstance(train_raw, Dataset) else 0,
@@ -489,6 +546,7 @@ def for_trainer(
         " and the evaluation before training (if any), logged then"
         if plan_from_args(len(dataset), trainer.args).total_steps - resumed_at > PROBE_STEPS
         else "not measured (the run is shorter than the steps it takes to time)",
+        baseline=memory_baseline(trainer.args.device, shape, model_loaded=True),
     )
     report.resumed_at = resumed_at
     return report, ""
