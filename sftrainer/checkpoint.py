@@ -116,6 +116,11 @@ def checkpoint_problem(path: str | Path) -> str | None:
     return None
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a (complete) checkpoint was saved at."""
+    return int(json.loads((Path(path) / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"])
+
+
 def latest_checkpoint(output_dir: str | Path) -> str | None:
     """The newest complete ``checkpoint-<step>`` in ``output_dir``; incomplete ones are skipped with a warning."""
     output_dir = Path(output_dir)

@@ -9,15 +9,22 @@ above it::
 
 When the stream is not a terminal (CI logs, files), or with ``disable_tqdm=True``, there is no bar:
 the same lines only. Only the main process writes.
+
+The ETA counts the evaluations still to run at the latest evaluation's time (``sftrainer.timing``:
+the steps ``eval_strategy`` evaluates at, the evaluation before training timing the first), and the
+steps left at this run's rate with evaluation time taken out. Tokens per second are the input tokens
+(``num_tokens``) of the window since the previous log over the training time of that same window;
+on the bar the ETA is in the postfix (tqdm's own would count evaluations as slow steps).
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any, TextIO
 
 from transformers import TrainerCallback
+
+from sftrainer.timing import RunClock, duration, eval_seconds, evaluation_steps, evaluations_left
 
 # Shown by the compact line, in this order, when present: (key without the eval_ prefix, label, format)
 FIELDS = [
@@ -37,16 +44,6 @@ def human(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.1f}{unit}"
     return f"{n:.0f}"
-
-
-def duration(seconds: float) -> str:
-    """83 -> '1m23s', 3725 -> '1h02m'."""
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def eval_prefix(logs: dict[str, Any]) -> str | None:
@@ -84,7 +81,7 @@ class ConsoleCallback(TrainerCallback):
     terminal and ``disable_tqdm`` is not set).
     """
 
-    def __init__(self, stream: TextIO | None = None, bar: bool | None = None):
+    def __init__(self, stream: TextIO | None = None, bar: bool | None = None, clock: RunClock | None = None):
         self._stream = stream
         self._bar_wanted = bar
         self.bar: Any = None
@@ -92,9 +89,9 @@ class ConsoleCallback(TrainerCallback):
         self.last_train: dict[str, Any] = {}
         self.last_eval: dict[str, Any] = {}
         self.summary: dict[str, Any] = {}
-        self._start = self._last_time = time.monotonic()
-        self._first_step = 0
-        self._last_tokens: float | None = None
+        self.clock = clock or RunClock()
+        self.clock.stop()  # evaluations before train() are timed, not taken out of training time
+        self._eval_steps: list[int] = []
         self._tokens_per_s: float | None = None
 
     @property
@@ -117,20 +114,39 @@ class ConsoleCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
-        self._start = self._last_time = time.monotonic()
-        self._first_step = state.global_step  # > 0 when resuming
-        self._last_tokens, self._tokens_per_s = None, None
+        logged = [e["num_tokens"] for e in state.log_history if "num_tokens" in e and "loss" in e]
+        self.clock.start(state.global_step, logged[-1] if logged else 0.0)  # > 0 when resuming
+        self._eval_steps = evaluation_steps(args, state.max_steps, _steps_per_epoch(args, kwargs))
+        self._tokens_per_s = None
         if self._use_bar(args):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(
                 total=state.max_steps, initial=state.global_step, file=self.stream, dynamic_ncols=True,
-                unit="step", desc="train",
+                unit="step", desc="train", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
             )  # fmt: skip
+
+    def eta(self, state: Any) -> float | None:
+        """Seconds left: the steps, and the evaluations still to run (``sftrainer.timing``)."""
+        left = evaluations_left(self._eval_steps, state.global_step, self.clock.evaluated_at)
+        return self.clock.eta(state.global_step, state.max_steps, left)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.bar is not None and state.is_world_process_zero:
             self.bar.update(state.global_step - self.bar.n)
+            self._set_postfix(self.last_train, self.eta(state))
+
+    def _set_postfix(self, logs: dict[str, Any], eta: float | None) -> None:
+        postfix = {}
+        if "loss" in logs:
+            postfix["loss"] = f"{logs['loss']:.4g}"
+        if "learning_rate" in logs:
+            postfix["lr"] = f"{logs['learning_rate']:.1e}"
+        if self._tokens_per_s:
+            postfix["tok/s"] = human(self._tokens_per_s)
+        if eta is not None:
+            postfix["eta"] = duration(eta)
+        self.bar.set_postfix(postfix, refresh=False)
 
     def on_prediction_step(
         self, args: Any, state: Any, control: Any, eval_dataloader: Any = None, **kwargs: Any
@@ -162,10 +178,16 @@ class ConsoleCallback(TrainerCallback):
             return
         if TRAIN_SUMMARY_KEY in logs:
             self.summary = dict(logs)
+            if isinstance(logs.get("num_tokens"), int | float):  # the steps after the last log
+                self.clock.tokens_per_second(logs["num_tokens"])
             return
         if eval_prefix(logs) is not None:
             self.last_eval = dict(logs)
-            self._last_time = time.monotonic()  # tokens/s counts training time only
+            seconds = eval_seconds(logs)
+            if seconds is not None:  # taken out of training time, and the time of the evaluations left
+                self.clock.evaluated(state.global_step, seconds)
+            if self.bar is not None:  # one evaluation fewer to wait for
+                self._set_postfix(self.last_train, self.eta(state))
             self.write(format_line(logs, state.global_step, state.max_steps))
             return
         if "loss" not in logs:  # something a user or another callback logs: shown as it is
@@ -174,32 +196,14 @@ class ConsoleCallback(TrainerCallback):
             )
             return
         self.last_train = dict(logs)
-        self._update_speed(logs.get("num_tokens"))
-        done = state.global_step - self._first_step
-        elapsed = time.monotonic() - self._start
-        eta = elapsed / done * (state.max_steps - state.global_step) if done > 0 and state.max_steps else None
+        tokens = logs.get("num_tokens")
+        if isinstance(tokens, int | float):
+            self._tokens_per_s = self.clock.tokens_per_second(tokens) or self._tokens_per_s
+        eta = self.eta(state)
         if self.bar is not None:
-            postfix = {"loss": f"{logs['loss']:.4g}"}
-            if "learning_rate" in logs:
-                postfix["lr"] = f"{logs['learning_rate']:.1e}"
-            if self._tokens_per_s:
-                postfix["tok/s"] = human(self._tokens_per_s)
-            self.bar.set_postfix(postfix, refresh=False)
+            self._set_postfix(logs, eta)
             eta = None  # the bar shows it
         self.write(format_line(logs, state.global_step, state.max_steps, self._tokens_per_s, eta))
-
-    def _update_speed(self, num_tokens: Any) -> None:
-        """Tokens per second since the previous log (``num_tokens`` is cumulative)."""
-        now = time.monotonic()
-        if isinstance(num_tokens, int | float):
-            if self._last_tokens is None:
-                since, seconds = num_tokens, now - self._start
-            else:
-                since, seconds = num_tokens - self._last_tokens, now - self._last_time
-            if since >= 0 and seconds > 0:
-                self._tokens_per_s = since / seconds
-            self._last_tokens = num_tokens
-        self._last_time = now
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
@@ -208,11 +212,12 @@ class ConsoleCallback(TrainerCallback):
             self.bar.close()
             self.bar = None
         self.write(self.summary_table(state))
+        self.clock.stop()
 
     def summary_table(self, state: Any) -> str:
         """The end-of-training table: steps, time, losses, tokens, the last evaluation."""
         s, t, e = self.summary, self.last_train, self.last_eval
-        runtime = s.get("train_runtime", time.monotonic() - self._start)
+        runtime = s.get("train_runtime", self.clock.train_seconds)
         rows = [("steps", f"{state.global_step}/{state.max_steps}")]
         if isinstance(s.get("epoch", t.get("epoch")), int | float):
             rows.append(("epochs", f"{s.get('epoch', t.get('epoch')):.2f}"))
@@ -223,9 +228,10 @@ class ConsoleCallback(TrainerCallback):
             rows.append(("train loss (last log)", f"{t['loss']:.4f}"))
         if isinstance(t.get("mean_token_accuracy"), int | float):
             rows.append(("train accuracy (last log)", f"{t['mean_token_accuracy']:.4f}"))
-        tokens = t.get("num_tokens")
-        if isinstance(tokens, int | float) and runtime > 0:
-            rows.append(("tokens", f"{human(tokens)} ({human(tokens / runtime)} tok/s)"))
+        tokens = s.get("num_tokens", t.get("num_tokens"))
+        if isinstance(tokens, int | float):  # tok/s: this call's tokens over its time without evaluations
+            speed = self.clock.tokens_per_second_overall()
+            rows.append(("tokens", f"{human(tokens)}" + (f" ({human(speed)} tok/s)" if speed else "")))
         prefix = eval_prefix(e) if e else None
         for key, label, _ in FIELDS:
             value = e.get(f"{prefix}{key}") if prefix else None
@@ -234,3 +240,13 @@ class ConsoleCallback(TrainerCallback):
         width = max(len(name) for name, _ in rows)
         lines = ["Training summary", *(f"  {name:<{width}}  {value}" for name, value in rows)]
         return "\n".join(lines)
+
+
+def _steps_per_epoch(args: Any, kwargs: dict[str, Any]) -> int | None:
+    """Optimizer steps per epoch, as Trainer counts them from its dataloader (None: a stream)."""
+    try:
+        batches = len(kwargs["train_dataloader"])
+    except (KeyError, TypeError):
+        return None
+    accumulation = args.gradient_accumulation_steps
+    return batches // accumulation + int(batches % accumulation > 0)

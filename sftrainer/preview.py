@@ -431,6 +431,7 @@ def preview_run(
     stop_ids = stop_token_ids(text_tokenizer(tokenizer))
     sequences = train.pack.sequences if train.pack is not None else int(train.arrays.lengths.size)
     rows_per_sequence = train.stats.kept / max(1, sequences)
+    baseline = preflight.memory_baseline(None if not args.use_cpu else "cpu", None, model_loaded=False)
     measured = None
     if probe:
         measured = preflight.measure_step_time(cfg, train_raw, tokenizer, rows_per_sequence)
@@ -442,7 +443,7 @@ def preview_run(
         sequences=sequences,
         args=args,
         stats=train.stats,
-        shape=memory_estimate.model_shape(meta),
+        shape=memory_estimate.model_shape(meta, master_weights=True),
         stop_ids=stop_ids,
         stop_tokens=", ".join(text_tokenizer(tokenizer).convert_ids_to_tokens(stop_ids)),
         duplicates=train.duplicates,
@@ -451,6 +452,7 @@ def preview_run(
         eager_attention=cfg.model.attn_implementation == "eager",
         probe=measured,
         time_note="not measured; --probe times a few real training steps on this machine",
+        baseline=baseline,  # before the probe loads a model
     )
     out.append(report.format())
     return "\n".join(out)

@@ -1,7 +1,8 @@
 """``train(cfg)``: one fine-tuning run, top to bottom.
 
 load model + tokenizer -> load data -> SFTTrainer (prepares data, applies LoRA) -> evaluate ->
-train -> evaluate -> save model, tokenizer, metrics and the resolved config.
+train -> evaluate (unless the last step just evaluated these weights) -> save model, tokenizer,
+metrics and the resolved config.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sftrainer import builtin, preflight, report, sharding
-from sftrainer.checkpoint import check_resume_layout, resolve_checkpoint, write_run_record
+from sftrainer.checkpoint import check_resume_layout, checkpoint_step, resolve_checkpoint, write_run_record
 from sftrainer.data import load as data_load
 from sftrainer.data.mixture import Mixture
 from sftrainer.distributed import main_process_first
@@ -100,7 +101,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
         processing_class=tokenizer,
         peft_config=peft_config_from(cfg.lora, text_tokenizer(tokenizer), model),
     )
-    _preflight(trainer, train_ds, None if builtin.is_builtin(name) else cfg.lora is not None)
+    resumed_at = checkpoint_step(checkpoint) if checkpoint is not None else 0
+    _preflight(trainer, train_ds, None if builtin.is_builtin(name) else cfg.lora is not None, resumed_at)
     if trainer.args.should_save:  # before training: a run stopped early still says what it was
         write_run_record(cfg, args.output_dir)
 
@@ -110,7 +112,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics.update(result.metrics)
     if eval_ds is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(_final_evaluation(trainer))
 
     output_dir = Path(args.output_dir)
     trainer.save_model(str(output_dir))
@@ -127,18 +129,49 @@ def train(cfg: RunConfig) -> dict[str, float]:
     return metrics
 
 
-def _preflight(trainer: SFTTrainer, train_ds: Any, lora: bool | None) -> None:
-    """Log the pre-flight block, and time the first steps (sftrainer.preflight). ``lora``: None skips
-    the learning-rate check (the built-in model is trained from scratch, not fine-tuned)."""
-    result, why = preflight.for_trainer(trainer, train_ds, lora)
+def last_step_evaluation(state: Any, args: Any) -> dict[str, float]:
+    """The metrics of the evaluation Trainer ran at the last step, when they are those of the weights
+    training ended with; else ``{}``. Trainer evaluates at the last step with ``eval_strategy`` steps or
+    epoch (transformers 5.x ``DefaultFlowCallback``); ``load_best_model_at_end`` then loads another
+    step's weights unless the last step was the best. Several eval sets: their entries merged."""
+    step = state.global_step
+    if args.load_best_model_at_end and state.best_global_step not in (None, step):
+        return {}
+    entries = [
+        e
+        for e in state.log_history
+        if e.get("step") == step
+        and any(k.startswith("eval_") and k.endswith("_loss") and not k.startswith("eval_before") for k in e)
+    ]
+    return {k: v for e in entries for k, v in e.items() if k != "step"}
+
+
+def _final_evaluation(trainer: SFTTrainer) -> dict[str, float]:
+    """The evaluation of the trained weights: the last step's own when it evaluated them (no second
+    pass over the eval set), else a new one."""
+    metrics = last_step_evaluation(trainer.state, trainer.args)
+    if metrics:
+        logger.info(
+            "The final evaluation is the one of step %d (the weights trained)", trainer.state.global_step
+        )
+        return metrics
+    return trainer.evaluate()
+
+
+def _preflight(trainer: SFTTrainer, train_ds: Any, lora: bool | None, resumed_at: int) -> None:
+    """Log the pre-flight block, and time the first steps and evaluations (sftrainer.preflight).
+    ``lora``: None skips the learning-rate check (the built-in model is trained from scratch, not
+    fine-tuned); ``resumed_at``: the checkpoint's step, when resuming."""
+    result, why = preflight.for_trainer(trainer, train_ds, lora, resumed_at)
     if result is None:
         logger.info("Pre-flight %s", why)
         return
     if trainer.is_world_process_zero():
         logger.info("%s", result.format())
     plan = result.plan
+    _, final = preflight.planned_evaluations(trainer.args, plan, result.eval_rows)
     trainer.add_callback(
-        preflight.StepTimeCallback(preflight.PROBE_STEPS, plan.steps_per_epoch, plan.total_steps)
+        preflight.StepTimeCallback(preflight.PROBE_STEPS, plan.steps_per_epoch, plan.total_steps, final)
     )
 
 

@@ -282,6 +282,7 @@ class SFTTrainer(Trainer):
             self.loss_plan = without_chunking(self.loss_plan, f"{engine} shards the LM head's weight")
         logger.info("%s", self.loss_plan.describe())
         self._checked_for_training = False
+        self._isolation_checked: tuple | None = None  # the conditions check_packed_isolation passed under
         self._checkpoint_staging: str | None = None  # set while _save_checkpoint writes
         self._output_dir_claimed = False  # this trainer has evaluated or trained into output_dir
         if hasattr(self.model, "add_model_tags"):  # model-card tags of what save_model / push_to_hub write
@@ -299,7 +300,9 @@ class SFTTrainer(Trainer):
 
         Run at the start of training (and of an evaluation outside training), so it tests the model
         as it runs: on the training device, under the training autocast, with the attention
-        implementation of that moment, not as it sat on the CPU when the trainer was built.
+        implementation of that moment, not as it sat on the CPU when the trainer was built. Skipped
+        when the model, device, autocast, attention implementation and layout are those it passed
+        under last time (the evaluations before and after training of one run).
         """
         collator = self.data_collator
         vision_packed = isinstance(collator, VisionCollator) and collator.by_position
@@ -307,8 +310,21 @@ class SFTTrainer(Trainer):
             return
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
         check = check_vision_isolation if vision_packed else check_row_isolation
+        # What the probe's result depends on: a run checks (and logs) it once, not again at each
+        # evaluation before and after training, unless one of these changed in between.
+        conditions = (
+            id(self.model),
+            str(next(self.model.parameters()).device),
+            self.accelerator.mixed_precision,
+            getattr(self.model.config, "_attn_implementation", None),
+            getattr(collator, "flatten", None),
+            check,
+        )
+        if conditions == self._isolation_checked:
+            return
         with self.accelerator.autocast():
             check(self.model, collator, dtypes.get(self.accelerator.mixed_precision))
+        self._isolation_checked = conditions
 
     @staticmethod
     def _check_packing_model(model: Any, args: SFTConfig, processing_class: Any, data_collator: Any) -> None:

@@ -195,6 +195,18 @@ def test_isolation_check_passes_under_bf16_autocast(tiny_model_dir, tmp_path, ca
     assert "Packed rows are isolated with attn_implementation='sdpa' on cpu in bfloat16" in caplog.text
 
 
+def test_isolation_is_checked_and_logged_once_per_run(tiny_model_dir, tmp_path, caplog):
+    """The evaluation before training, training and the evaluation after it (what `sftrainer train`
+    runs) test the same model under the same conditions: one check, one line."""
+    args = _args(tmp_path, packing=True, eval_strategy="steps", eval_steps=2)
+    trainer = SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=_rows(8), eval_dataset=_rows(4))
+    with caplog.at_level("INFO", logger="sftrainer.isolation"):
+        trainer.evaluate(metric_key_prefix="eval_before")
+        trainer.train()
+        trainer.evaluate()
+    assert caplog.text.count("Packed rows are isolated") == 1, caplog.text
+
+
 # ---- gradient accumulation ----------------------------------------------------------------
 
 
