@@ -40,7 +40,6 @@ DEMO_CONFIG: dict[str, Any] = {
     "model": {"name_or_path": BUILTIN},
     "data": {"train": BUILTIN, "eval": BUILTIN},
     "output_dir": "outputs/demo",
-    "overwrite_output_dir": True,  # the demo runs again from scratch (saying what it removes)
     "max_length": 64,
     "num_train_epochs": 3,
     "per_device_train_batch_size": 32,

@@ -13,6 +13,10 @@ would go on at step 1 after the earlier run's last step (the report draws both a
   and the ways out: resume it, ``overwrite_output_dir: true``, or another ``output_dir``. The check of
   transformers' example scripts ("Output directory already exists and is not empty. Use
   --overwrite_output_dir"), which transformers 5 dropped with ``TrainingArguments.overwrite_output_dir``.
+- ``set_aside_earlier_run``: what ``SFTTrainer.train()`` does instead of refusing (the Python API is a
+  drop-in for TRL's, and ``transformers.Trainer`` trains into a used directory; the seed example trains
+  twice into one): the earlier run's ``metrics.jsonl`` and generation samples move to
+  ``earlier-runs/<n>/``, so the two runs are never drawn as one, with a warning; checkpoints stay.
 - ``clear_earlier_run``: what ``overwrite_output_dir: true`` removes (the earlier run's checkpoints,
   ``metrics.jsonl`` and generation samples), said in the log; other files stay, and those the new run
   writes (the model, the report) replace the old ones.
@@ -124,6 +128,40 @@ def refuse_earlier_run(earlier: EarlierRun) -> None:
         f"(it removes the earlier run's checkpoints, {METRICS_FILE} and eval samples); or choose another "
         "output_dir"
     )
+
+
+EARLIER_RUNS_DIR = "earlier-runs"  # earlier-runs/<n>/: the records set_aside_earlier_run moved
+
+
+def set_aside_earlier_run(earlier: EarlierRun) -> Path | None:
+    """Move the records of ``earlier`` (``metrics.jsonl``, generation samples) to ``earlier-runs/<n>/``
+    of its ``output_dir`` and say so; its checkpoints stay where transformers reads them. Returns the
+    folder the records went to (None where there were none)."""
+    output_dir = earlier.output_dir
+    records = [output_dir / name for name in (METRICS_FILE, EVAL_SAMPLES_DIR, EVAL_SAMPLES_FILE)]
+    records = [path for path in records if path.exists()]
+    target = None
+    if records:
+        n = 1
+        while (output_dir / EARLIER_RUNS_DIR / str(n)).exists():
+            n += 1
+        target = output_dir / EARLIER_RUNS_DIR / str(n)
+        target.mkdir(parents=True)
+        for path in records:
+            path.rename(target / path.name)
+    moved = f"; its records ({', '.join(p.name for p in records)}) moved to {target}" if target else ""
+    kept = f"; its checkpoints ({', '.join(earlier.checkpoints)}) stay" if earlier.checkpoints else ""
+    logger.warning(
+        "output_dir %s already holds a training run (%s): this run starts from step 0 beside it, as "
+        "transformers' Trainer does%s%s. To continue that run instead, pass %s=True to train(); "
+        "overwrite_output_dir=True removes it first. (sftrainer train refuses such a directory.)",
+        output_dir,
+        earlier.describe(),
+        moved,
+        kept,
+        RESUME_KEY,
+    )
+    return target
 
 
 def clear_earlier_run(output_dir: str | Path) -> list[str]:

@@ -449,9 +449,11 @@ class SFTTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """Trainer's ``train``; ``resume_from_checkpoint=True`` skips incomplete checkpoints (with a warning).
 
-        A run from step 0 into an ``output_dir`` that holds an earlier training run is refused
-        (``RunDirError``) unless ``overwrite_output_dir``, which removes that run's checkpoints,
-        ``metrics.jsonl`` and eval samples first (sftrainer.run_dir).
+        A run from step 0 into an ``output_dir`` that holds an earlier training run goes on, as
+        TRL's and transformers' do, with the earlier run's ``metrics.jsonl`` and eval samples moved
+        to ``earlier-runs/<n>/`` (said in a warning), so the two are never drawn as one;
+        ``overwrite_output_dir`` removes that run's checkpoints, ``metrics.jsonl`` and eval samples
+        first (sftrainer.run_dir). ``sftrainer train`` refuses such a directory before any work.
         """
         resuming = resume_from_checkpoint is not None and resume_from_checkpoint is not False
         if resuming and self.args.overwrite_output_dir:
@@ -462,8 +464,10 @@ class SFTTrainer(Trainer):
             )
             checkpoint.check_resume_layout(resume_from_checkpoint, self.args)
         else:
-            earlier = run_dir.check_output_dir(self.args.output_dir, self.args.overwrite_output_dir)
-            if earlier or not self._output_dir_claimed:  # else this trainer's evaluation cleared it
+            earlier = run_dir.earlier_run(self.args.output_dir)
+            if earlier and not self.args.overwrite_output_dir and self.args.should_save:
+                run_dir.set_aside_earlier_run(earlier)
+            elif earlier or not self._output_dir_claimed:  # else this trainer's evaluation cleared it
                 self._overwrite_output_dir()
         self._output_dir_claimed = True
         output = super().train(resume_from_checkpoint, *args, **kwargs)

@@ -1,5 +1,6 @@
-"""A used output_dir (sftrainer.run_dir): what counts as an earlier run, the refusal to train a new run
-from step 0 into it, overwrite_output_dir, resuming, and the hint printed after an interruption."""
+"""A used output_dir (sftrainer.run_dir): what counts as an earlier run, what a new run from step 0 does
+about it (the Python API sets its records apart; ``sftrainer train`` refuses: tests/test_cli.py),
+overwrite_output_dir, resuming, and the hint printed after an interruption."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from tiny_models import ROWS, quick_args
 
 from sftrainer import SFTTrainer
-from sftrainer.errors import ConfigError, RunDirError
+from sftrainer.errors import ConfigError
 from sftrainer.run_dir import clear_earlier_run, earlier_run, resume_hint
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -51,23 +52,25 @@ def trainer(model_dir, out, **kw) -> SFTTrainer:
     return SFTTrainer(model=str(model_dir), args=args, train_dataset=ROWS, eval_dataset=ROWS[:2])
 
 
-def test_a_new_run_into_a_used_output_dir_is_refused_overwritten_or_resumed(tiny_model_dir, tmp_path, caplog):
+def test_a_new_run_into_a_used_output_dir_is_set_apart_overwritten_or_resumed(
+    tiny_model_dir, tmp_path, caplog
+):
     out = tmp_path / "run"
     trainer(tiny_model_dir, out, max_steps=4).train()
     before = (out / "metrics.jsonl").read_text()
 
-    # Trained from step 0 again: refused, and nothing written.
-    with pytest.raises(RunDirError) as err:
+    # Trained from step 0 again through the Python API: it trains, as TRL's and transformers' trainers do
+    # (the seed example trains twice into one directory), with the earlier run's records set apart.
+    with caplog.at_level("WARNING", logger="sftrainer"):
         trainer(tiny_model_dir, out, max_steps=2).train()
-    assert str(err.value) == (
+    assert (out / "earlier-runs" / "1" / "metrics.jsonl").read_text() == before
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2]  # this run's alone
+    assert (
         f"output_dir {out} already holds a training run (checkpoint-2, checkpoint-4; metrics.jsonl logging "
-        "training up to step 4); a new run from step 0 would mix with it (metrics.jsonl would go on at step 1 "
-        "after step 4, and the report draw both runs as one curve). To continue that run from checkpoint-4, "
-        "set resume_from_checkpoint=true (trainer.train(resume_from_checkpoint=True) in Python); to start over "
-        "in that directory, set overwrite_output_dir=true (it removes the earlier run's checkpoints, "
-        "metrics.jsonl and eval samples); or choose another output_dir"
+        "training up to step 4): this run starts from step 0 beside it" in caplog.text
     )
-    assert (out / "metrics.jsonl").read_text() == before
+    assert f"moved to {out / 'earlier-runs' / '1'}" in caplog.text
+    caplog.clear()
 
     # overwrite_output_dir: the earlier run's checkpoints and records go; this run's evaluation before
     # training (logged before train() is called) stays.

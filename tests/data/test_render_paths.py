@@ -191,7 +191,7 @@ def test_direct_rendering_is_used_only_after_it_matched_apply_chat_template():
 def test_plain_text_and_other_conversations_are_each_checked_against_apply_chat_template():
     """Plain-text conversations render through the compiled template, others (reasoning, tool
     calls) through render_jinja_template: each way is checked on its own first conversation."""
-    encoder = ExampleTokenizer(rt.tokenizer("qwen3"))
+    encoder = ExampleTokenizer(rt.tokenizer("qwen3"), train_empty_reasoning=True)  # no reasoning sentinel
     encoder.tokenize(examples("3turns"))
     assert encoder._direct == {(True, True): True}
     encoder.tokenize(examples("reasoning"))
