@@ -6,7 +6,8 @@ experiment trackers that ``report_to`` names (transformers' own callbacks send t
   event as logged (training, evaluation, and the final ``train_runtime`` summary). Non-finite
   values are written as ``null`` so that any JSON reader takes the file. A resumed run appends; the
   report keeps the last record of each step. A run from step 0 does not append to another run's
-  records: it is refused, or ``overwrite_output_dir`` removes them first (sftrainer.run_dir).
+  records: ``sftrainer train`` refuses it, ``SFTTrainer.train()`` moves them to ``earlier-runs/<n>/``,
+  ``overwrite_output_dir`` removes them (sftrainer.run_dir).
 - ``SamplesCallback`` sends the latest generation samples (prompt, reference, prediction) as a text
   table to TensorBoard (``add_text``) and as a ``wandb.Table`` to W&B after each evaluation.
 - ``place_tensorboard_logs`` gives transformers' ``TensorBoardCallback`` its directory,
