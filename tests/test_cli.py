@@ -383,7 +383,13 @@ def test_ctrl_c_names_the_last_checkpoint_and_a_command_that_resumes_it(tmp_path
     logs = tmp_path / "stdout", tmp_path / "stderr"  # files, not pipes: nobody reads them while it runs
     with open(logs[0], "w") as stdout, open(logs[1], "w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sftrainer", *argv], env=env, stdout=stdout, stderr=stderr
+            [sys.executable, "-m", "sftrainer", *argv],
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            # A test run started in the background of a non-interactive shell ignores SIGINT, and a
+            # child inherits that (Python then installs no KeyboardInterrupt handler): undo it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             deadline = time.monotonic() + 600  # a hang guard: it takes seconds
