@@ -272,15 +272,15 @@ def _after_empty_reasoning(tok: Any, messages: list[dict], i: int, full: str, kw
         tok, [*messages[:i], {**message, "reasoning_content": "\u2604"}, *messages[i + 1 :]], **kwargs
     )
     at = thought.find("\u2604")
+    if at < len(prompt) or thought[:at] + thought[at + 1 :] != full:
+        return None  # the template writes no reasoning block there
     # the turn's own text: where the conversation changes when the turn's text starts otherwise
     content = message.get("content") or ""
     opened = render(
         tok, [*messages[:i], {**message, "content": "\u2603" + content}, *messages[i + 1 :]], **kwargs
     )
     own = _common_prefix(full, opened)
-    if at < len(prompt) or at > own or thought[:at] + thought[at + 1 :] != full or own == len(prompt):
-        return None
-    return own
+    return own if len(prompt) < own and at <= own else None
 
 
 def trained_spans(labels: list[int]) -> list[tuple[int, int]]:

@@ -14,7 +14,7 @@ turn; its control tokens added as special tokens, as ``clone_chat_template`` doe
 tokenizers' own templates with the tokenizer as released. Raw prompt/completion pairs: every released
 tokenizer and both built kinds.
 
-CI runs a fixed-seed profile in well under a minute; ``SFTRAINER_PROPERTY_PROFILE=thorough`` runs
+CI runs a fixed-seed profile in about a minute (60 s on a 2-core VM); ``SFTRAINER_PROPERTY_PROFILE=thorough`` runs
 every template with every released tokenizer and many more examples. Failures it shrinks to are
 kept as regular tests in ``test_inference_cases.py``.
 """
