@@ -196,11 +196,13 @@ class ExampleTokenizer:
         if not turns:
             return [(full, False)], 0
         spans = self._verbatim_spans(example, full, turns) or self._diff_turns_at_once(example, full, turns)
+        counted = self.untrained_empty_reasoning
         if spans is not None:
             try:
                 return self._turn_segments(example, full, turns, spans)
             except (RowError, TemplateError):
-                pass  # decided turn by turn below, as the message then names the turn at fault
+                # decided turn by turn below, as the message then names the turn at fault
+                self.untrained_empty_reasoning = counted  # each turn counted once
         return self._turn_segments(example, full, turns, None)
 
     def _turn_segments(
