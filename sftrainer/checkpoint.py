@@ -5,9 +5,7 @@
   as the latest. Transformers' ``Trainer`` writes ``checkpoint-<step>`` in place.
 - ``latest_checkpoint`` finds the newest complete ``checkpoint-<step>``, skipping (with a message)
   incomplete ones: left by a crash of a plain ``Trainer`` or copied in part.
-- ``check_loss``: a NaN or infinite loss stops training (``NonFiniteLossError``) before the optimizer
-  applies it; weights that turned NaN / inf anyway are refused at the next save
-  (``refuse_nonfinite_weights``), so no checkpoint of a bad state is ever written.
+- ``NonFiniteLossError``: what ``sftrainer.nonfinite`` raises when a loss or the weights turn NaN / inf.
 - ``write_layout`` / ``check_resume_layout``: each checkpoint records the number of processes and the
   batch sizes it was written with; resuming it at another effective batch is refused (the examples of
   every later step would change), at the same effective batch with another number of processes it
@@ -256,45 +254,6 @@ def _same_batch_hint(effective: int, world: int, accumulation: int) -> str:
 
 class NonFiniteLossError(SFTrainerError):
     """The training loss became NaN or infinite; training stopped before applying it."""
-
-
-def check_loss(loss: torch.Tensor, step: int, output_dir: str) -> None:
-    """Raise ``NonFiniteLossError`` naming ``step`` (1-based optimizer step) if ``loss`` is NaN or inf.
-
-    Trainer itself (``logging_nan_inf_filter``) replaces such a loss by the running mean in the logs
-    and applies its gradients: the weights turn NaN and every later checkpoint with them.
-    """
-    if torch.isfinite(loss).all():
-        return
-    value = "nan" if torch.isnan(loss).any() else "inf"
-    last = latest_checkpoint(output_dir)
-    kept = (
-        f"the last checkpoint, {last}, is kept (resume_from_checkpoint: true continues from it)"
-        if last
-        else "no checkpoint was written before it"
-    )
-    raise NonFiniteLossError(
-        f"the training loss is {value} at step {step}; training stopped before applying it, and {kept}. "
-        "Lower learning_rate, set max_grad_norm, or check the data of that step"
-    )
-
-
-def first_nonfinite_parameter(model: torch.nn.Module) -> str | None:
-    """The name of the first trainable parameter holding a NaN or inf, or None."""
-    for name, param in model.named_parameters():
-        if param.requires_grad and not torch.isfinite(param.detach()).all():
-            return name
-    return None
-
-
-def refuse_nonfinite_weights(name: str, step: int, output_dir: str) -> None:
-    """Raise ``NonFiniteLossError``: the weights at ``step`` hold NaN / inf, so no checkpoint is written."""
-    last = latest_checkpoint(output_dir)
-    kept = f"the last checkpoint, {last}, is kept" if last else "no checkpoint was written before it"
-    raise NonFiniteLossError(
-        f"the weights hold nan or inf after step {step} (first: {name}); training stopped without saving "
-        f"them, and {kept}. Lower learning_rate or set max_grad_norm"
-    )
 
 
 # ---- the run's record ------------------------------------------------------------------------

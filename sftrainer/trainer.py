@@ -16,7 +16,7 @@ log event is appended to ``<output_dir>/metrics.jsonl``, generation samples go t
 TensorBoard's event files go to ``<output_dir>/runs/`` from the first log on (tracking.py).
 
 Checkpoints are written atomically, ``train(resume_from_checkpoint=True)`` skips incomplete ones, and
-a NaN / inf loss or weights stop training with ``NonFiniteLossError`` (see ``sftrainer.checkpoint``).
+a NaN / inf loss or weights stop training with ``NonFiniteLossError`` (see ``sftrainer.nonfinite``).
 
 Train and eval logs carry TRL's token metrics (``mean_token_accuracy``, ``entropy``, ``num_tokens``),
 and ``aux_loss`` where an MoE model's load-balancing loss is trained (``aux_loss_enabled``); the
@@ -53,7 +53,17 @@ from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import IntervalStrategy, align_special_tokens, rotate_checkpoints
 
-from sftrainer import checkpoint, lora, memory, precision, quant, run_dir, sharding, template_tokens
+from sftrainer import (
+    checkpoint,
+    lora,
+    memory,
+    nonfinite,
+    precision,
+    quant,
+    run_dir,
+    sharding,
+    template_tokens,
+)
 from sftrainer.config import OVERWRITE_AND_RESUME, SFTConfig, to_sft_config
 from sftrainer.console import ConsoleCallback
 from sftrainer.constants import MODEL_TAGS
@@ -262,6 +272,7 @@ class SFTTrainer(Trainer):
             # position_ids, and dropping them would merge the rows of a packed sequence.
             args.remove_unused_columns = False
         self._token_metrics = TokenMetrics()
+        self._nonfinite = nonfinite.NonFiniteFlag()  # the micro-batches' losses since the last optimizer step
         self._logits_needed = True  # False inside a loss-only evaluation loop
         super().__init__(
             model=model,
@@ -478,24 +489,19 @@ class SFTTrainer(Trainer):
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
-        # Stop before the optimizer applies a NaN / inf loss (every process, so none waits on the others).
-        bad = (~torch.isfinite(loss.detach())).float().sum()
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, "sum")
-        if bad.item():  # this process's loss, or NaN when another process had the bad one
-            local = loss.detach() if not torch.isfinite(loss.detach()).all() else torch.tensor(float("nan"))
-            checkpoint.check_loss(local, self.state.global_step + 1, self.args.output_dir)
+        # Checked before the optimizer step (_TrainingRunHooks), not here: no host-device sync per micro-batch.
+        self._nonfinite.add(loss)
         return loss
 
     def _refuse_nonfinite_weights(self) -> None:
         """``NonFiniteLossError`` if a trainable weight holds NaN / inf (checked on every process)."""
-        bad = checkpoint.first_nonfinite_parameter(self.model)  # this process's shard of the weights
+        bad = nonfinite.first_nonfinite_parameter(self.model)  # this process's shard of the weights
         flag = torch.tensor(float(bad is not None), device=self.args.device)
         if self.accelerator.num_processes > 1:
             flag = self.accelerator.reduce(flag, "sum")
         if flag.item():
             step = self.state.global_step
-            checkpoint.refuse_nonfinite_weights(bad or "on another process", step, self.args.output_dir)
+            nonfinite.refuse_nonfinite_weights(bad or "on another process", step, self.args.output_dir)
 
     def _overwrite_output_dir(self) -> None:
         """``overwrite_output_dir``: remove an earlier run's checkpoints, metrics and samples (main process)."""
@@ -750,7 +756,8 @@ def _has_positions(dataset: Any) -> bool:
 class _TrainingRunHooks(TrainerCallback):
     """What SFTTrainer does when a training run starts, once the model is placed and prepared and a
     resumed run's state is loaded, before the first optimizer step: check that packed rows are
-    isolated, open the tokens/s window, and continue ``num_tokens`` from where a resumed run was."""
+    isolated, open the tokens/s window, and continue ``num_tokens`` from where a resumed run was; and
+    before each optimizer step, stop on a NaN / inf loss of its micro-batches (``nonfinite``)."""
 
     def __init__(self, trainer: SFTTrainer):
         self.trainer = trainer
@@ -761,6 +768,11 @@ class _TrainingRunHooks(TrainerCallback):
         self.trainer._log_window = (time.perf_counter(), 0.0)
         logged = [e["num_tokens"] for e in state.log_history if "num_tokens" in e and "loss" in e]
         self.trainer._token_metrics.start_count(logged[-1] if logged else 0.0)
+        self.trainer._nonfinite = nonfinite.NonFiniteFlag()
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Stop before the optimizer applies a NaN / inf loss (every process, so none waits on the others).
+        self.trainer._nonfinite.check(self.trainer.accelerator, state.global_step + 1, args.output_dir)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._checked_for_training = False
