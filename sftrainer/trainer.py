@@ -35,8 +35,6 @@ step-<global_step>.jsonl``, copied to ``OUTPUT_DIR/eval_samples.jsonl``), set be
 from __future__ import annotations
 
 import copy
-import itertools
-import json
 import logging
 import math
 import os
@@ -47,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from datasets import DatasetDict, IterableDatasetDict
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -74,13 +72,7 @@ from sftrainer.data.pipeline import DataPipeline
 from sftrainer.data.prepare import PrepareStats
 from sftrainer.data.vision_collate import VisionCollator
 from sftrainer.errors import ConfigError, did_you_mean, warn_caller
-from sftrainer.evaluate import (
-    format_samples,
-    generate_samples,
-    generation_prompt_rows,
-    load_scorer,
-    mean_scores,
-)
+from sftrainer.generation_eval import GenerationEval, refuse_for_vision
 from sftrainer.isolation import check_row_isolation, stateful_layers
 from sftrainer.loss import (
     CHUNKED,
@@ -201,7 +193,7 @@ class SFTTrainer(Trainer):
             # this, two trainers built in one process start from different adapters whatever `seed` says.
             set_seed(args.seed)
         if is_processor(processing_class):
-            _refuse_for_vision(args)
+            refuse_for_vision(args)
         if vlm:  # the language model trains; the vision tower and projector unless asked (sftrainer.vision)
             peft_config = adapt_for_training(
                 model, peft_config, args.train_projector, args.train_vision_tower
@@ -215,10 +207,6 @@ class SFTTrainer(Trainer):
             logger.info("DeepSpeed ZeRO-3 keeps the master weights: their dtypes are left as loaded")
         else:
             model = precision.keep_master_weights(model, args.bf16 or args.fp16, callers_model)
-        self.generation_samples: list[dict[str, Any]] = []  # filled by evaluate(); see the module docstring
-        self.generation_samples_file: Path | None = None
-        self._generation_source: Dataset | IterableDataset | None = None
-        self._generation_prompts: tuple[Dataset, list[bool]] | None = None  # prepared once, when first used
         self._log_window = (time.perf_counter(), 0.0)  # (start, seconds spent evaluating since)
         if isinstance(train_dataset, DatasetDict | IterableDatasetDict):
             train_dataset, split_eval = data_load.split_dataset_dict(train_dataset)
@@ -230,6 +218,7 @@ class SFTTrainer(Trainer):
         self.data_pipeline = DataPipeline(processing_class, args, formatting_func)
         self.data_stats: dict[str, PrepareStats] = self.data_pipeline.data_stats
         self.pack_stats: dict[str, PackStats] = self.data_pipeline.pack_stats
+        self.generation_eval = GenerationEval(self.data_pipeline)  # see the module docstring
         if train_dataset is not None:
             train_dataset = self.data_pipeline(train_dataset, "train data", args.packing)
         if isinstance(eval_dataset, dict):
@@ -610,8 +599,7 @@ class SFTTrainer(Trainer):
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if isinstance(dataset, str) and isinstance(self.eval_dataset, dict):
             dataset = self.eval_dataset[dataset]
-        if self.args.generation_enabled() and isinstance(dataset, Dataset | IterableDataset):
-            self._generation_source = dataset  # scored inside the evaluation loop
+        self.generation_eval.queue(self.args, dataset)  # scored inside the evaluation loop
         if not self._checked_for_training:  # else on_train_begin checked it, for this training run
             self.check_packed_isolation()
         if not self._output_dir_claimed:  # an evaluation before training starts the run's metrics
@@ -621,7 +609,7 @@ class SFTTrainer(Trainer):
         try:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
-            self._generation_source = None
+            self.generation_eval.clear()
             start, paused = self._log_window  # evaluation time is not training time
             self._log_window = (start, paused + time.perf_counter() - began)
 
@@ -648,89 +636,34 @@ class SFTTrainer(Trainer):
         loss = output.metrics.get(f"{metric_key_prefix}_loss")
         if loss is not None:
             output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(loss) if loss < 700 else math.inf
-        source, self._generation_source = self._generation_source, None
-        if source is not None:
-            self._generation_eval(source, output.metrics, metric_key_prefix)
+        self.generation_eval.run(
+            self.args,
+            self.model,
+            self.processing_class,
+            output.metrics,
+            metric_key_prefix,
+            self.state.global_step,
+            self.is_world_process_zero(),
+        )
         return output
+
+    @property
+    def generation_samples(self) -> list[dict[str, Any]]:
+        """The latest evaluation's generation samples (``GenerationEval.samples``)."""
+        return self.generation_eval.samples
+
+    @property
+    def generation_samples_file(self) -> Path | None:
+        """Where the latest evaluation's generation samples were written (``GenerationEval.samples_file``)."""
+        return self.generation_eval.samples_file
 
     @property
     def exact_match_predictions(self) -> list[dict[str, Any]]:
         """Older name of ``generation_samples``."""
         return self.generation_samples
 
-    def _generation_eval(self, source: Any, metrics: dict[str, float], prefix: str) -> None:
-        """Generate, score, add ``{prefix}_<score>`` to ``metrics``, write and log the samples."""
-        args = self.args
-        if args.generation_prompts is not None:
-            rows, has_reference = self._prepared_generation_prompts()
-        else:
-            n = args.exact_match_samples
-            rows = (
-                source.select(range(min(n, len(source))))
-                if isinstance(source, Dataset)
-                else list(itertools.islice(source, n))
-            )
-            has_reference = None
-        self.generation_samples = generate_samples(
-            self.model,
-            self.processing_class,
-            rows,
-            max_new_tokens=args.exact_match_max_new_tokens,
-            batch_size=args.generation_batch_size,
-            temperature=args.generation_temperature,
-            has_reference=has_reference,
-            scorer=load_scorer(args.generation_scorer) if args.generation_scorer else None,
-        )
-        metrics.update({f"{prefix}_{k}": v for k, v in mean_scores(self.generation_samples).items()})
-        step = self.state.global_step
-        self.generation_samples_file = None
-        if self.is_world_process_zero() and self.generation_samples:
-            name = f"step-{step}" if prefix == "eval" else f"step-{step}.{prefix.removeprefix('eval_')}"
-            directory = Path(args.output_dir) / run_dir.EVAL_SAMPLES_DIR
-            directory.mkdir(parents=True, exist_ok=True)
-            text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in self.generation_samples)
-            self.generation_samples_file = directory / f"{name}.jsonl"
-            self.generation_samples_file.write_text(text, encoding="utf-8")
-            (Path(args.output_dir) / run_dir.EVAL_SAMPLES_FILE).write_text(text, encoding="utf-8")
-            logger.info(
-                "Generation samples (%s, step %d; all in %s):\n%s",
-                prefix,
-                step,
-                self.generation_samples_file,
-                format_samples(self.generation_samples),
-            )
-
-    def _prepared_generation_prompts(self) -> tuple[Dataset, list[bool]]:
-        """``generation_prompts`` as prepared rows, and which rows have a reference (prepared once)."""
-        if self._generation_prompts is None:
-            rows, has_reference = generation_prompt_rows(self.args.generation_prompts)
-            # has_reference follows the rows' order, which shuffle_dataset would change.
-            shuffle, self.args.shuffle_dataset = self.args.shuffle_dataset, False
-            try:
-                prepared = self.data_pipeline(rows, "generation_prompts", False)
-            finally:
-                self.args.shuffle_dataset = shuffle
-            if len(prepared) != len(has_reference):
-                raise ConfigError(
-                    f"generation_prompts: {len(has_reference) - len(prepared)} of {len(has_reference)} "
-                    f"prompts were dropped while preparing them (too long for max_length={self.args.max_length}?)"
-                )
-            self._generation_prompts = (prepared, has_reference)
-        return self._generation_prompts
-
     def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, "sum")
-
-
-def _refuse_for_vision(args: SFTConfig) -> None:
-    """Settings a vision-language run cannot honour, refused by key before any work."""
-    if args.generation_enabled():
-        key = "exact_match_samples" if args.exact_match_samples else "generation_prompts"
-        raise ConfigError(
-            f"{key}: generation-based evaluation does not pass images to the model yet; for a "
-            "vision-language model set exact_match_samples=0 and generation_prompts=null (eval_loss still "
-            "measures held-out rows; `sftrainer generate RUN --image PATH` answers with an image)"
-        )
 
 
 def _input_tokens(inputs: dict[str, Any]) -> Any:
