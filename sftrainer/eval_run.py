@@ -101,7 +101,8 @@ def _eval_data(cfg: RunConfig, data: str | None, path: Path) -> Any:
 
 def _load(path: Path, cfg: RunConfig) -> tuple[Any, Any]:
     """Model (with its adapter) and tokenizer: the directory's own tokenizer, else the base model's."""
-    from sftrainer.model import is_vision_checkpoint, load_model, load_processor, load_tokenizer
+    from sftrainer.model import load_model
+    from sftrainer.setup import load_processing_class
 
     options = dict(
         dtype=cfg.model.dtype,
@@ -129,9 +130,8 @@ def _load(path: Path, cfg: RunConfig) -> tuple[Any, Any]:
         raise ConfigError(f"{path}: not a model directory (no config.json or adapter_config.json)")
     has_tokenizer = (path / "tokenizer_config.json").is_file()
     source = str(path) if has_tokenizer else base
-    if is_vision_checkpoint(base, cfg.model.trust_remote_code):  # its processor (sftrainer.vision)
-        return model, load_processor(source, cfg.model.trust_remote_code)
-    return model, load_tokenizer(source, cfg.model.trust_remote_code)
+    # A vision-language base comes with its processor (sftrainer.vision), a text one with its tokenizer.
+    return model, load_processing_class(source, cfg.model.trust_remote_code, model_path=base)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

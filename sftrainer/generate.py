@@ -20,14 +20,9 @@ from transformers import GenerationConfig, TextStreamer
 from sftrainer.data.vision_collate import prompt_inputs
 from sftrainer.errors import DataError
 from sftrainer.export import load_adapter, read_run, resolve_base
-from sftrainer.model import (
-    default_chat_template,
-    is_vision_checkpoint,
-    load_model,
-    load_processor,
-    load_tokenizer,
-)
-from sftrainer.vision import is_processor, prepare_processor, text_tokenizer
+from sftrainer.model import load_model
+from sftrainer.setup import inference_processing_class
+from sftrainer.vision import is_processor, text_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +36,8 @@ def load_for_inference(
     For a vision-language model the "tokenizer" is its processor (saved with the run)."""
     run = read_run(run_dir)
     base_path = resolve_base(run, base) if run.is_adapter else str(run.path)
-    if is_vision_checkpoint(base_path, trust_remote_code):  # the processor saved with the run
-        tokenizer = prepare_processor(load_processor(str(run.path), trust_remote_code))
-    else:
-        tokenizer = load_tokenizer(str(run.path), trust_remote_code)
-        if not tokenizer.chat_template:
-            tokenizer.chat_template = default_chat_template(tokenizer)
-            logger.warning("%s has no chat template; using sftrainer's default", run_dir)
+    # A vision-language model's processor saved with the run, else its tokenizer; ready to prompt.
+    tokenizer = inference_processing_class(str(run.path), base_path, trust_remote_code, str(run_dir))
     if run.is_adapter:
         model = load_model(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
         model = load_adapter(model, run.path)

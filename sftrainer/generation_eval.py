@@ -32,6 +32,7 @@ from sftrainer.evaluate import (
     load_scorer,
     mean_scores,
 )
+from sftrainer.vision import is_processor
 
 # The trainer's logger, as before this module existed: log configurations that name it keep the samples.
 logger = logging.getLogger("sftrainer.trainer")
@@ -40,9 +41,9 @@ logger = logging.getLogger("sftrainer.trainer")
 Prepare = Callable[[Any, str, bool], Any]
 
 
-def refuse_for_vision(args: Any) -> None:
-    """Generation-based evaluation of a vision-language run, refused by key before any work."""
-    if args.generation_enabled():
+def refuse_for_vision(args: Any, processing_class: Any) -> None:
+    """Generation-based evaluation of a vision-language run (a processor), refused by key before any work."""
+    if is_processor(processing_class) and args.generation_enabled():
         key = "exact_match_samples" if args.exact_match_samples else "generation_prompts"
         raise ConfigError(
             f"{key}: generation-based evaluation does not pass images to the model yet; for a "

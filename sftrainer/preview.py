@@ -34,7 +34,7 @@ from sftrainer.data.pack import PackStats, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
 from sftrainer.data.vision_prepare import pack_with_images, prepare_vision
 from sftrainer.errors import ConfigError
-from sftrainer.vision import is_processor, prepare_processor, preview_decoder, text_tokenizer
+from sftrainer.vision import is_processor, preview_decoder, text_tokenizer
 
 MARKERS = ("⟦", "⟧")
 ASCII_MARKERS = ("[[", "]]")
@@ -361,23 +361,14 @@ def preview_run(
     from sftrainer.errors import DataError
     from sftrainer.generate import stop_token_ids
     from sftrainer.lora import peft_config_from
-    from sftrainer.model import is_vision_checkpoint, load_processor, load_tokenizer, prepare_tokenizer
+    from sftrainer.setup import load_processing_class, prepare_processing_class
     from sftrainer.train import resolve_data
 
     args = cfg.train
     name = cfg.model.name_or_path
     model_path = builtin.model_path(name)
-    vlm = is_vision_checkpoint(model_path, cfg.model.trust_remote_code, cfg.model.revision)
-    own = (load_processor if vlm else load_tokenizer)(
-        model_path, cfg.model.trust_remote_code, cfg.model.revision
-    )
-    tokenizer = (prepare_processor if is_processor(own) else prepare_tokenizer)(
-        own,
-        args.chat_template,
-        chat_template_path=args.chat_template_path,
-        eos_token=args.eos_token,
-        pad_token=args.pad_token,
-    )
+    own = load_processing_class(model_path, cfg.model.trust_remote_code, cfg.model.revision)
+    tokenizer = prepare_processing_class(own, args)
     train_raw, eval_raw = resolve_data(cfg)
     train = describe_data(train_raw, tokenizer, args, "train data", data_load.describe(cfg.data.train), cfg)
     out = train.summary_lines(args.max_length)

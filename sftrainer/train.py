@@ -19,11 +19,12 @@ from sftrainer.data.mixture import Mixture
 from sftrainer.distributed import main_process_first
 from sftrainer.export import run_card
 from sftrainer.lora import peft_config_from
-from sftrainer.model import is_vision_checkpoint, load_model, load_processor, load_tokenizer
+from sftrainer.model import load_model
 from sftrainer.run_config import RunConfig
 from sftrainer.run_dir import check_output_dir
+from sftrainer.setup import load_processing_class
 from sftrainer.trainer import SFTTrainer
-from sftrainer.vision import text_tokenizer
+from sftrainer.vision import is_processor, text_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +87,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
     with main_process_first(args, "building the demo assets and loading the data"):
         model_path = builtin.model_path(name)
         # A vision-language checkpoint comes with its processor (sftrainer.vision), a text one with its tokenizer.
-        vlm = is_vision_checkpoint(model_path, cfg.model.trust_remote_code, cfg.model.revision)
-        load = load_processor if vlm else load_tokenizer
-        tokenizer = load(model_path, cfg.model.trust_remote_code, cfg.model.revision)
+        tokenizer = load_processing_class(model_path, cfg.model.trust_remote_code, cfg.model.revision)
+        vlm = is_processor(tokenizer)
         train_ds, eval_ds = resolve_data(cfg)
     model = load_model(model_path, **cfg.model.load_kwargs(args.model_init_kwargs))
     if cfg.lora is None:

@@ -46,22 +46,12 @@ from typing import Any
 
 import torch
 from datasets import DatasetDict, IterableDatasetDict
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import IntervalStrategy, align_special_tokens, rotate_checkpoints
+from transformers.trainer_utils import IntervalStrategy, rotate_checkpoints
 
-from sftrainer import (
-    checkpoint,
-    lora,
-    memory,
-    nonfinite,
-    precision,
-    quant,
-    run_dir,
-    sharding,
-    template_tokens,
-)
+from sftrainer import checkpoint, memory, nonfinite, run_dir, setup, sharding
 from sftrainer.config import OVERWRITE_AND_RESUME, SFTConfig, to_sft_config
 from sftrainer.console import ConsoleCallback
 from sftrainer.constants import MODEL_TAGS
@@ -84,17 +74,13 @@ from sftrainer.loss import (
     without_chunking,
 )
 from sftrainer.metrics import TokenMetrics
-from sftrainer.model import load_model, load_processor, load_tokenizer, prepare_tokenizer
 from sftrainer.tracking import MetricsFileCallback, SamplesCallback, place_tensorboard_logs
+from sftrainer.vision import check_isolation as check_vision_isolation
 from sftrainer.vision import (
-    adapt_for_training,
     is_processor,
-    is_vision_model,
     packing_problem,
-    prepare_processor,
     text_tokenizer,
 )
-from sftrainer.vision import check_isolation as check_vision_isolation
 
 logger = logging.getLogger(__name__)
 
@@ -128,90 +114,61 @@ class SFTTrainer(Trainer):
         formatting_func: Callable[[dict[str, Any]], Any] | None = None,
         **legacy: Any,
     ):
-        if model is None:
-            raise ValueError("SFTTrainer needs a model: a PreTrainedModel, a PeftModel, or a path / hub id")
-        if train_dataset is None and eval_dataset is None:
-            raise ValueError(
-                "`train_dataset` is required: SFTTrainer was given no data (pass train_dataset=, the rows to "
-                "train on; to evaluate only, pass eval_dataset=)"
-            )
-        output_dir = f"{Path(model).name or 'model'}-sft" if isinstance(model, str) else "sftrainer_output"
-        # A copy: the older keywords and remove_unused_columns are written onto it, not the caller's.
-        args = copy.copy(to_sft_config(args, output_dir))
+        # The recipe, in the order it runs: settings and checks, processing class, model, data, loss.
+        _check_inputs(model, train_dataset, eval_dataset)
+        args = _trainer_args(model, args)  # a copy: the caller's is never written to
         processing_class = self._apply_legacy(args, processing_class, legacy)
-        sharding.check_machine(args)  # FSDP / DeepSpeed without GPUs, FSDP without a launcher
-        if args.n_gpu > 1:
-            # Trainer would wrap the model in nn.DataParallel, which splits every tensor argument
-            # (logits_to_keep too) across the GPUs of one process. TRL refuses it as well.
-            raise ConfigError(
-                f"{args.n_gpu} GPUs are visible to one process: launch with `torchrun --nproc_per_node "
-                f"{args.n_gpu}` or `accelerate launch` (one process per GPU), or make one GPU visible "
-                "with CUDA_VISIBLE_DEVICES"
-            )
+        _check_machine(args)
         self._resolve_checkpointing(args)
-
         callers_model = not isinstance(model, str)
-        if isinstance(model, str):
-            model_path = model
-            init_kwargs = {"trust_remote_code": args.trust_remote_code, **(args.model_init_kwargs or {})}
-            if quantization_config is not None:
-                if "quantization_config" in init_kwargs:
-                    raise ConfigError(
-                        "quantization_config is given twice: as an argument and in model_init_kwargs"
-                    )
-                init_kwargs["quantization_config"] = quantization_config
-            model = load_model(model_path, **init_kwargs)
-        elif quantization_config is not None:
-            warn_caller(
-                "quantization_config is ignored: the model is already loaded (pass a path to load it quantized)"
-            )
-        vlm = is_vision_model(model)
-        if processing_class is None:
-            load = load_processor if vlm else load_tokenizer
-            # The tokenizer of the checkpoint the model came from: at the revision it was loaded at.
-            revision = (args.model_init_kwargs or {}).get("revision") if not callers_model else None
-            processing_class = load(_model_path(model), args.trust_remote_code, revision)
-        prepare = prepare_processor if is_processor(processing_class) else prepare_tokenizer
-        given = processing_class
-        processing_class = prepare(  # a copy where it changes: the caller's stays as it was
-            processing_class,
-            args.chat_template,
-            chat_template_path=args.chat_template_path,
-            eos_token=args.eos_token,
-            pad_token=args.pad_token,
+        model = setup.load_training_model(model, args, quantization_config)
+        processing_class, peft_config = setup.training_processing_class(
+            model, processing_class, args, peft_config, callers_model
         )
-        if processing_class is not given and not is_processor(processing_class):
-            # Tokens a chat_template_path template brought: rows in the model, trained.
-            new_ids = template_tokens.new_token_ids(given, processing_class)
-            template_tokens.grow_embeddings(model, processing_class, new_ids, callers_model)
-            peft_config = template_tokens.trainable_rows(model, peft_config, processing_class, new_ids)
-        # The model's config and generation config take the EOS / pad / BOS training uses (as TRL), now
-        # rather than when Trainer.train() would (and report it as a change the user did not make).
-        align_special_tokens(model, processing_class)
-        if peft_config is not None:
-            # LoRA's A matrices are drawn at random here, before Trainer.__init__ seeds torch: without
-            # this, two trainers built in one process start from different adapters whatever `seed` says.
-            set_seed(args.seed)
-        if is_processor(processing_class):
-            refuse_for_vision(args)
-        if vlm:  # the language model trains; the vision tower and projector unless asked (sftrainer.vision)
-            peft_config = adapt_for_training(
-                model, peft_config, args.train_projector, args.train_vision_tower
-            )
-        model = lora.apply(model, peft_config, gradient_checkpointing=bool(args.gradient_checkpointing))
-        quant.check_trainable(model)  # a 4-bit / 8-bit base trains only through an adapter
-        quant.keep_training_layout(model)  # bitsandbytes' CPU inference layout has no backward
-        if sharding.is_partitioned(model):
-            # ZeRO-3 partitioned the weights as they loaded (each parameter holds an empty placeholder)
-            # and its optimizer keeps fp32 master copies itself under bf16 / fp16.
-            logger.info("DeepSpeed ZeRO-3 keeps the master weights: their dtypes are left as loaded")
-        else:
-            model = precision.keep_master_weights(model, args.bf16 or args.fp16, callers_model)
-        self._log_window = (time.perf_counter(), 0.0)  # (start, seconds spent evaluating since)
+        refuse_for_vision(args, processing_class)  # images do not reach generation-based evaluation yet
+        model = setup.model_for_training(model, args, peft_config, callers_model)
+        train_dataset, eval_dataset = self._prepare_datasets(
+            model, args, processing_class, data_collator, formatting_func, train_dataset, eval_dataset
+        )
+        by_position = self._check_packing_data(model, args, train_dataset)
+        data_collator = self._collator(data_collator, model, processing_class, args, by_position)
+        self.loss_plan = _plan_loss(model, args, compute_loss_func)
+        self._keep_columns(args, by_position)
+        self._start_metrics()
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        self._finish_setup()
+
+    # ---- the constructor's steps, in the order it takes them ----
+
+    def _prepare_datasets(
+        self,
+        model: Any,
+        args: SFTConfig,
+        processing_class: Any,
+        data_collator: Any,
+        formatting_func: Callable[[dict[str, Any]], Any] | None,
+        train_dataset: Any,
+        eval_dataset: Any,
+    ) -> tuple[Any, Any]:
+        """The data pipeline, and the train and eval data prepared by it (a ``DatasetDict``'s test split
+        is the eval data unless one is given); packing refused first where the model cannot keep packed
+        rows apart."""
         if isinstance(train_dataset, DatasetDict | IterableDatasetDict):
             train_dataset, split_eval = data_load.split_dataset_dict(train_dataset)
             eval_dataset = eval_dataset if eval_dataset is not None else split_eval
-
         eval_pack = args.packing if args.eval_packing is None else args.eval_packing
         if args.packing or args.padding_free or eval_pack or _has_positions(train_dataset):
             self._check_packing_model(model, args, processing_class, data_collator)  # before preparing data
@@ -232,23 +189,22 @@ class SFTTrainer(Trainer):
             # it does nothing, as in transformers, rather than stop at Trainer's "no eval_dataset".
             logger.warning("eval_steps=%s has no effect: there is no eval_dataset", args.eval_steps)
             args.eval_strategy = IntervalStrategy.NO
+        return train_dataset, eval_dataset
 
+    def _check_packing_data(self, model: Any, args: SFTConfig, train_dataset: Any) -> bool:
+        """Whether batches keep rows apart by position (packing, padding-free, or rows packed already);
+        refused for image rows of a family that cannot (``vision.packing_problem``)."""
         # Also with eval_packing and no eval set yet: evaluate(raw rows) packs them later.
+        eval_pack = args.packing if args.eval_packing is None else args.eval_packing
         by_position = args.packing or args.padding_free or bool(eval_pack) or _has_positions(train_dataset)
         problem = packing_problem(model) if by_position and self.data_pipeline.vision else None
         if problem:
             raise ConfigError(f"packing / padding_free: {problem}; set packing=False and padding_free=False")
-        if data_collator is None:
-            pad_id = text_tokenizer(processing_class).pad_token_id
-            data_collator = self._default_collator(model, pad_id, args, by_position)
-        self.loss_plan = plan_loss(
-            model,
-            args.loss_type,
-            args.router_aux_loss_coef,
-            compute_loss_func,
-            args.label_smoothing_factor,
-            args.loss_chunk_size,
-        )
+        return by_position
+
+    def _keep_columns(self, args: SFTConfig, by_position: bool) -> None:
+        """``remove_unused_columns`` off where the collator reads columns the model's forward does not
+        name (images, position_ids); prompt tuning, which drops position_ids, refused with packing."""
         if self.data_pipeline.vision:
             args.remove_unused_columns = False  # the rows' images are read by the collator
         if by_position:
@@ -260,23 +216,16 @@ class SFTTrainer(Trainer):
             # Our prepared rows hold exactly what the model needs; PEFT's forward signature hides
             # position_ids, and dropping them would merge the rows of a packed sequence.
             args.remove_unused_columns = False
+
+    def _start_metrics(self) -> None:
+        """What training and evaluation accumulate between logs: token metrics, tokens/s, the NaN flag."""
         self._token_metrics = TokenMetrics()
+        self._log_window = (time.perf_counter(), 0.0)  # (start, seconds spent evaluating since)
         self._nonfinite = nonfinite.NonFiniteFlag()  # the micro-batches' losses since the last optimizer step
         self._logits_needed = True  # False inside a loss-only evaluation loop
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_loss_func=compute_loss_func,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        )
+
+    def _finish_setup(self) -> None:
+        """After ``Trainer.__init__``: the final loss plan (logged), run state, model-card tags, callbacks."""
         engine = _parameter_sharding(self)
         if engine:
             self.loss_plan = without_chunking(self.loss_plan, f"{engine} shards the LM head's weight")
@@ -293,7 +242,7 @@ class SFTTrainer(Trainer):
             self.remove_callback(printer)
         for callback in (ConsoleCallback(), MetricsFileCallback(), SamplesCallback(self)):
             self.add_callback(callback)
-        place_tensorboard_logs(self.callback_handler.callbacks, args.output_dir)
+        place_tensorboard_logs(self.callback_handler.callbacks, self.args.output_dir)
 
     def check_packed_isolation(self) -> None:
         """Refuse (``ContaminationError``) an attention backend that lets packed rows see each other.
@@ -387,7 +336,14 @@ class SFTTrainer(Trainer):
         )
         return processing_class
 
-    def _default_collator(self, model: Any, pad_token_id: int, args: SFTConfig, by_position: bool) -> Any:
+    def _collator(
+        self, given: Any, model: Any, processing_class: Any, args: SFTConfig, by_position: bool
+    ) -> Any:
+        """The data collator: ``given``, else the one for the prepared rows (images, rows as given,
+        padded, or kept apart by position)."""
+        if given is not None:
+            return given
+        pad_token_id = text_tokenizer(processing_class).pad_token_id
         flatten = by_position and _flattens(model, args)
         if self.data_pipeline.vision:  # rows with images: the processor makes their pixel inputs
             return VisionCollator(
@@ -666,6 +622,49 @@ class SFTTrainer(Trainer):
         return self.accelerator.reduce(tensor, "sum")
 
 
+def _check_inputs(model: Any, train_dataset: Any, eval_dataset: Any) -> None:
+    if model is None:
+        raise ValueError("SFTTrainer needs a model: a PreTrainedModel, a PeftModel, or a path / hub id")
+    if train_dataset is None and eval_dataset is None:
+        raise ValueError(
+            "`train_dataset` is required: SFTTrainer was given no data (pass train_dataset=, the rows to "
+            "train on; to evaluate only, pass eval_dataset=)"
+        )
+
+
+def _trainer_args(model: Any, args: SFTConfig | TrainingArguments | None) -> SFTConfig:
+    """The trainer's own ``SFTConfig``: a copy, since the older keywords and remove_unused_columns are
+    written onto it, not the caller's; without ``args``, the defaults with an output_dir named after
+    the model."""
+    output_dir = f"{Path(model).name or 'model'}-sft" if isinstance(model, str) else "sftrainer_output"
+    return copy.copy(to_sft_config(args, output_dir))
+
+
+def _check_machine(args: SFTConfig) -> None:
+    """Refuse machines the settings cannot run on, before any work."""
+    sharding.check_machine(args)  # FSDP / DeepSpeed without GPUs, FSDP without a launcher
+    if args.n_gpu > 1:
+        # Trainer would wrap the model in nn.DataParallel, which splits every tensor argument
+        # (logits_to_keep too) across the GPUs of one process. TRL refuses it as well.
+        raise ConfigError(
+            f"{args.n_gpu} GPUs are visible to one process: launch with `torchrun --nproc_per_node "
+            f"{args.n_gpu}` or `accelerate launch` (one process per GPU), or make one GPU visible "
+            "with CUDA_VISIBLE_DEVICES"
+        )
+
+
+def _plan_loss(model: Any, args: SFTConfig, compute_loss_func: Callable | None) -> Any:
+    """How the loss is computed (``loss.plan_loss``), from the settings that choose it."""
+    return plan_loss(
+        model,
+        args.loss_type,
+        args.router_aux_loss_coef,
+        compute_loss_func,
+        args.label_smoothing_factor,
+        args.loss_chunk_size,
+    )
+
+
 def _input_tokens(inputs: dict[str, Any]) -> Any:
     """Input tokens of a batch, padding excluded where an attention mask says where it is."""
     mask = inputs.get("attention_mask")
@@ -717,17 +716,6 @@ class _TrainingRunHooks(TrainerCallback):
                     else logger.info
                 )
                 log(stats.summary(args.max_length))
-
-
-def _model_path(model: Any) -> str:
-    path = getattr(model, "name_or_path", None) or getattr(
-        getattr(model, "config", None), "_name_or_path", None
-    )
-    if not path:
-        raise ValueError(
-            "pass processing_class= (the tokenizer): the model does not say where it was loaded from"
-        )
-    return path
 
 
 def _parameter_sharding(trainer: Trainer) -> str | None:

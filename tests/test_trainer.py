@@ -368,7 +368,7 @@ def test_the_model_is_tagged_as_trained_by_sftrainer(tiny_model_dir, tmp_path):
 
 
 def test_the_tokenizer_loads_at_the_revision_the_model_loads_at(tiny_model_dir, tmp_path, monkeypatch):
-    import sftrainer.trainer
+    import sftrainer.setup
 
     seen = []
 
@@ -376,7 +376,7 @@ def test_the_tokenizer_loads_at_the_revision_the_model_loads_at(tiny_model_dir, 
         seen.append(revision)
         return AutoTokenizer.from_pretrained(path)
 
-    monkeypatch.setattr(sftrainer.trainer, "load_tokenizer", load_tokenizer)
+    monkeypatch.setattr(sftrainer.setup, "load_tokenizer", load_tokenizer)
     args = quick_args(tmp_path, model_init_kwargs={"revision": "v1.0"})
     SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=ROWS)
     assert seen == ["v1.0"]

@@ -262,7 +262,7 @@ def test_skip_prepare_dataset_refuses_masks_without_labels(tiny_model_dir, tmp_p
 
 
 def test_trust_remote_code_reaches_the_model_and_tokenizer_loaders(tiny_model_dir, tmp_path, monkeypatch):
-    import sftrainer.trainer as trainer_module
+    import sftrainer.setup as trainer_module
 
     seen = {}
     real_model, real_tokenizer = trainer_module.load_model, trainer_module.load_tokenizer
@@ -423,7 +423,7 @@ def test_trainer_takes_trls_arguments_in_trls_order():
 
 
 def test_quantization_config_reaches_the_loader_or_is_said_to_be_ignored(tiny_model, tmp_path, monkeypatch):
-    import sftrainer.trainer as trainer_module
+    import sftrainer.setup as trainer_module
 
     marker = object()
     monkeypatch.setattr(trainer_module, "load_model", lambda path, **kw: (_ for _ in ()).throw(KeyError(kw)))
