@@ -1,5 +1,9 @@
 """``SFTTrainer``: a ``transformers.Trainer`` that prepares SFT data and models in its constructor.
 
+The constructor is the recipe, one named step a line, in the order they run: check the inputs and the
+machine, the processing class and the model for training (``sftrainer.setup``), the data (prepared by
+``trainer.data_pipeline``), the collator, the loss plan; then ``Trainer.__init__`` and the callbacks.
+
 It accepts both call styles of TRL's ``SFTTrainer``:
 
 - current: ``SFTTrainer(model="path", args=SFTConfig(max_length=...), processing_class=tok, ...)``
@@ -29,7 +33,8 @@ inside the evaluation loop, so its metrics (``eval_exact_match``, ``eval_normali
 ``eval_<scorer>``) reach ``on_evaluate`` callbacks and ``metric_for_best_model``. Its samples
 (prompt, reference, prediction, scores) are ``trainer.generation_samples`` (the latest evaluation;
 ``trainer.generation_samples_file`` is where they were written: ``OUTPUT_DIR/eval_samples/
-step-<global_step>.jsonl``, copied to ``OUTPUT_DIR/eval_samples.jsonl``), set before ``on_evaluate``.
+step-<global_step>.jsonl``, copied to ``OUTPUT_DIR/eval_samples.jsonl``), set before ``on_evaluate``;
+``trainer.generation_eval`` (``sftrainer.generation_eval``) does it.
 """
 
 from __future__ import annotations
