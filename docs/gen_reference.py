@@ -6,8 +6,9 @@
 docs/gen_reference.py`` writes the pages. ``tests/test_docs.py`` fails when a page on disk differs from
 what ``render()`` gives now, so a changed help text means running the command again.
 
-The output does not depend on the machine: argparse is given a fixed width, and a field's default is
-shown only where it is a plain value (a default computed at run time is shown as "computed")."""
+The output does not depend on the machine or the Python version: the CLI page is built from the parsers'
+arguments rather than argparse's formatted help, and a field's default is shown only where it is a plain
+value (a default computed at run time is shown as "computed")."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ DOCS = Path(__file__).resolve().parent
 COMMAND = "python docs/gen_reference.py"
 CONFIG_PAGE = "reference/config.md"
 CLI_PAGE = "reference/cli.md"
-WIDTH = 100  # argparse's line width for the CLI page, whatever the terminal
 
 
 def _banner(what: str) -> str:
@@ -50,7 +50,7 @@ def _default(f: dataclasses.Field) -> str:
     if isinstance(value, enum.Enum):
         value = value.value
     if isinstance(value, (str, int, float, bool)) or value is None:
-        return f"`{value!r}`".replace("|", "\\|")
+        return f"`{value!r}`"  # a code span may hold a | in a table cell
     return "computed"
 
 
@@ -88,33 +88,106 @@ def render_config() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+def _subparsers(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """``(name, one-line help, parser)`` of each subcommand, in the order ``--help`` lists them."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
+            return [(name, helps.get(name, ""), sub) for name, sub in action.choices.items()]
+    return []
 
 
-def _fixed_width(parser: argparse.ArgumentParser) -> None:
-    cls = parser.formatter_class
-    parser.formatter_class = lambda prog: cls(prog, width=WIDTH)  # type: ignore[misc,assignment]
+def _arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [
+        a
+        for a in parser._actions
+        if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
+        and a.help != argparse.SUPPRESS
+    ]
+
+
+def _spelling(action: argparse.Action) -> str:
+    if not action.option_strings:
+        return str(action.metavar or action.dest)
+    takes_value = action.nargs != 0
+    metavar = action.metavar or action.dest.upper()
+    return ", ".join(f"{o} {metavar}" if takes_value else o for o in action.option_strings)
+
+
+def _usage(name: str, parser: argparse.ArgumentParser) -> str:
+    """The usage line, built from the arguments (argparse's own wording changes between Python versions)."""
+    if parser.usage:
+        return parser.usage.replace("%(prog)s", name)
+    parts = [name, "[-h]"]
+    for action in _arguments(parser):
+        spelled = _spelling(action).split(", ")[-1]
+        if action.nargs == "*":
+            spelled = f"[{spelled} ...]"
+        parts.append(spelled if not action.option_strings or action.required else f"[{spelled}]")
+    if _subparsers(parser):
+        parts.append("COMMAND ...")
+    return " ".join(parts)
+
+
+def _meaning(action: argparse.Action) -> str:
+    if isinstance(action, argparse._VersionAction):
+        return "print the version and exit"
+    meaning = " ".join(str(action.help or "").split())
+    shows_default = action.option_strings and action.nargs != 0
+    if shows_default and action.default not in (None, [], argparse.SUPPRESS) and "default" not in meaning:
+        meaning = f"{meaning} (default: `{action.default}`)" if meaning else f"default: `{action.default}`"
+    if action.required and action.option_strings:
+        meaning = f"required; {meaning}"
+    return meaning or "see the description above"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _argument_table(parser: argparse.ArgumentParser) -> list[str]:
+    rows = [
+        f"| `{_spelling(a)}` | {_cell(_meaning(a))} |" for a in _arguments(parser)
+    ]  # a code span may hold a |
+    return ["| argument | meaning |", "|---|---|", *rows, ""] if rows else []
+
+
+def _command(name: str, summary: str, parser: argparse.ArgumentParser) -> list[str]:
+    lines = [f"## `{name}`", ""]
+    if summary:
+        lines += [summary[0].upper() + summary[1:] + ".", ""]
+    lines += ["```text", _usage(name, parser), "```", ""]
+    if parser.description and parser.description.rstrip(".") != summary[:1].upper() + summary[1:]:
+        if parser.formatter_class is argparse.RawDescriptionHelpFormatter:
+            lines += ["```text", parser.description.rstrip(), "```", ""]
+        else:
+            lines += [" ".join(parser.description.split()), ""]
+    commands = _subparsers(parser)
+    if commands:
+        lines += ["| command | what it does |", "|---|---|"]
+        lines += [f"| [`{c}`](#sftrainer-{c}) | {h} |" for c, h, _ in commands]
+        lines.append("")
+    lines += _argument_table(parser)
+    if parser.epilog:
+        lines += ["```text", parser.epilog.rstrip(), "```", ""]
+    return lines
 
 
 def render_cli() -> str:
-    """``sftrainer --help`` and each command's ``--help`` (the keys list left out: see the config page)."""
+    """Each command: what it does, its usage, its description, its arguments, its examples. The keys list
+    ``sftrainer train --help`` appends is the configuration page instead."""
     parser = cli._parser(with_keys=False)
     lines = [
         "# Command line",
         "",
         _banner("the argparse parsers of the `sftrainer` command"),
-        "Every command's `--help`, as printed. The `key=value` overrides `train`, `data` and `eval` take are "
+        "What each command's `--help` says. The `key=value` overrides `train`, `data` and `eval` take are "
         "the [configuration keys](config.md).",
         "",
     ]
-    commands = {"sftrainer": parser, **{f"sftrainer {n}": p for n, p in _subparsers(parser).items()}}
-    for title, command in commands.items():
-        _fixed_width(command)
-        lines += [f"## `{title}`", "", "```text", command.format_help().rstrip(), "```", ""]
+    lines += _command("sftrainer", "", parser)
+    for name, summary, sub in _subparsers(parser):
+        lines += _command(f"sftrainer {name}", summary, sub)
     return "\n".join(lines).rstrip() + "\n"
 
 
