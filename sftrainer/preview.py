@@ -362,7 +362,7 @@ def preview_run(
     from sftrainer.generate import stop_token_ids
     from sftrainer.lora import peft_config_from
     from sftrainer.model import is_vision_checkpoint, load_processor, load_tokenizer, prepare_tokenizer
-    from sftrainer.train import resolve_data
+    from sftrainer.sources import resolve_data
 
     args = cfg.train
     name = cfg.model.name_or_path

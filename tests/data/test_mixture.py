@@ -17,7 +17,7 @@ from sftrainer.data.mixture import Mixture, MixtureSource, plan_rows, sample_ind
 from sftrainer.data.pipeline import DataPipeline
 from sftrainer.errors import ConfigError, DataError
 from sftrainer.run_config import build_config
-from sftrainer.train import resolve_data
+from sftrainer.sources import resolve_data
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
