@@ -19,18 +19,17 @@ from sftrainer import SFTConfig
 from sftrainer.cli import main
 from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.load import load
+from sftrainer.data.stats import count_duplicates, row_arrays
 from sftrainer.preview import (
     ANSI_RESET,
     ANSI_TRAINED,
     ASCII_MARKERS,
     MARKERS,
-    count_duplicates,
     format_histogram,
     length_histogram,
     markers_for,
     prepare_for_preview,
     render_row,
-    row_arrays,
     template_source,
 )
 
