@@ -60,7 +60,7 @@ from sftrainer.constants import MODEL_TAGS
 from sftrainer.data import load as data_load
 from sftrainer.data.collate import DataCollatorForLanguageModeling, PaddedCollator, PositionCollator
 from sftrainer.data.pack import PackStats
-from sftrainer.data.pipeline import DataPipeline
+from sftrainer.pipeline import DataPipeline
 from sftrainer.data.prepare import PrepareStats
 from sftrainer.data.vision_collate import VisionCollator
 from sftrainer.errors import ConfigError, did_you_mean, warn_caller

@@ -14,7 +14,7 @@ from datasets import Dataset, IterableDataset
 
 from sftrainer.config import SFTConfig
 from sftrainer.data.mixture import Mixture, MixtureSource, plan_rows, sample_indices
-from sftrainer.data.pipeline import DataPipeline
+from sftrainer.pipeline import DataPipeline
 from sftrainer.errors import ConfigError, DataError
 from sftrainer.run_config import build_config
 from sftrainer.sources import resolve_data
