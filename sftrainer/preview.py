@@ -26,12 +26,12 @@ from datasets import Dataset, IterableDataset
 from sftrainer.constants import FIRST_ROWS, IGNORE_INDEX, ROW_TOKEN_LIMIT, STREAM_PREVIEW_ROWS
 from sftrainer.data.content import ContentCounts, classify_columns, content_of
 from sftrainer.data.formats import implied_columns
-from sftrainer.data.mixture import Mixture, SourceUse, format_sources, prepare_mixture
-from sftrainer.data.pack import PackStats, pack_dataset
-from sftrainer.data.prepare import PrepareStats, prepare
+from sftrainer.data.mixture import Mixture, SourceUse, format_sources
+from sftrainer.data.pack import PackStats
+from sftrainer.data.prepare import PrepareStats
 from sftrainer.data.stats import RowArrays, count_duplicates, row_arrays
-from sftrainer.data.vision_prepare import pack_with_images, prepare_vision
 from sftrainer.errors import ConfigError
+from sftrainer.pipeline import DataPipeline
 from sftrainer.vision import is_processor, prepare_processor, preview_decoder, text_tokenizer
 
 MARKERS = ("⟦", "⟧")
@@ -56,23 +56,16 @@ def prepare_for_preview(
 def _prepare_with_sources(
     dataset: Any, tokenizer: Any, args: Any, name: str
 ) -> tuple[Dataset, PrepareStats, PackStats | None, list[PrepareStats]]:
-    """``prepare_for_preview``, plus each source's counts for a mixture."""
-    sources: list[PrepareStats] = []
-    settings = args.data_settings()
-    if args.packing and args.packing_strategy in ("bfd_split", "wrapped"):
-        settings = dataclasses.replace(settings, max_length=None)  # the packer cuts long rows
-    vision = is_processor(tokenizer)
-    if vision:  # rows with images, tokenized with the processor (sftrainer.data.vision)
-        prepared, stats = prepare_vision(dataset, tokenizer, settings, name, image_root=args.image_root)
-    elif isinstance(dataset, Mixture):  # each source sampled and prepared on its own, as training does
-        prepared, stats, sources = prepare_mixture(dataset, tokenizer, settings, name, args.seed)
-    else:
-        prepared, stats = prepare(dataset, tokenizer, settings, name)
-    pack = None
-    if args.packing and isinstance(prepared, Dataset):
-        pack_rows = pack_with_images if vision else pack_dataset
-        _, pack = pack_rows(prepared, args.max_length, args.packing_strategy)
-    return prepared, stats, pack, sources
+    """``prepare_for_preview``, plus each source's counts for a mixture: the run's own ``DataPipeline``
+    (``shuffle=False``), keeping the rows before packing."""
+    pipeline = DataPipeline(tokenizer, args, shuffle=False, keep_rows=True)
+    pipeline(dataset, name, args.packing)
+    return (
+        pipeline.rows[name],
+        pipeline.data_stats[name],
+        pipeline.pack_stats.get(name),
+        pipeline.source_stats.get(name, []),
+    )
 
 
 def column_mapping(
