@@ -17,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from datasets import Dataset, IterableDataset
 
+from sftrainer.config import SFTConfig
 from sftrainer.constants import FIRST_ROWS, IMAGE_COLUMNS, LOSS_MASK_COLUMNS
 from sftrainer.data import load as data_load
 from sftrainer.data.images import lift_images
@@ -31,9 +32,6 @@ from sftrainer.data.vision_prepare import pack_with_images, prepare_vision
 from sftrainer.distributed import main_process_first
 from sftrainer.errors import ConfigError, DataError
 from sftrainer.vision import is_processor
-
-if TYPE_CHECKING:
-    from sftrainer.config import SFTConfig
 
 logger = logging.getLogger(__name__)
 

@@ -23,15 +23,21 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, IterableDataset
 
+from sftrainer import builtin, memory_estimate, png, preflight
 from sftrainer.constants import FIRST_ROWS, IGNORE_INDEX, ROW_TOKEN_LIMIT, STREAM_PREVIEW_ROWS
+from sftrainer.data import load as data_load
 from sftrainer.data.content import ContentCounts, classify_columns, content_of
 from sftrainer.data.formats import implied_columns
 from sftrainer.data.mixture import Mixture, SourceUse, format_sources
 from sftrainer.data.pack import PackStats
 from sftrainer.data.prepare import PrepareStats
 from sftrainer.data.stats import RowArrays, count_duplicates, row_arrays
-from sftrainer.errors import ConfigError
+from sftrainer.errors import ConfigError, DataError
+from sftrainer.generate import stop_token_ids
+from sftrainer.lora import peft_config_from
+from sftrainer.model import is_vision_checkpoint, load_processor, load_tokenizer, prepare_tokenizer
 from sftrainer.pipeline import DataPipeline
+from sftrainer.sources import resolve_data
 from sftrainer.vision import is_processor, prepare_processor, preview_decoder, text_tokenizer
 
 MARKERS = ("⟦", "⟧")
@@ -117,8 +123,6 @@ def format_histogram(hist: Histogram, bar: str = "#", width: int = HISTOGRAM_WID
 
 
 def write_histogram_png(path: str, hist: Histogram, max_length: int | None) -> None:
-    from sftrainer import png
-
     png.write_bars(
         path,
         "token length histogram",
@@ -290,14 +294,6 @@ def preview_run(
     show_template: bool = False,
 ) -> str:
     """Everything ``sftrainer data`` prints for a run config (``run_config.RunConfig``)."""
-    from sftrainer import builtin, memory_estimate, preflight
-    from sftrainer.data import load as data_load
-    from sftrainer.errors import DataError
-    from sftrainer.generate import stop_token_ids
-    from sftrainer.lora import peft_config_from
-    from sftrainer.model import is_vision_checkpoint, load_processor, load_tokenizer, prepare_tokenizer
-    from sftrainer.sources import resolve_data
-
     args = cfg.train
     name = cfg.model.name_or_path
     model_path = builtin.model_path(name)
@@ -396,8 +392,6 @@ def describe_data(raw: Any, tokenizer: Any, args: Any, name: str, source: str, c
     """Prepare one raw data set as training would, and describe it. A stream is described by its
     first ``STREAM_PREVIEW_ROWS`` rows (said in the source line)."""
     if isinstance(raw, IterableDataset):
-        from sftrainer.data import load as data_load
-
         rows = list(raw.take(STREAM_PREVIEW_ROWS))
         if not rows:
             raise ConfigError(f"{name}: the stream has no rows")
@@ -427,8 +421,6 @@ def describe_data(raw: Any, tokenizer: Any, args: Any, name: str, source: str, c
 
 
 def _eval_source(cfg: Any) -> str:
-    from sftrainer.data import load as data_load
-
     if cfg.data.eval is not None:
         return data_load.describe(cfg.data.eval)
     if cfg.data.eval_split:
