@@ -1,7 +1,7 @@
 """See the data before spending compute: what ``sftrainer data`` shows of one data set.
 
-The rows are prepared exactly as training prepares them (``sftrainer.data.prepare.prepare`` with the
-run's settings, then ``pack_dataset`` when packing), and then described: format and column mapping,
+The rows are prepared by training's own ``DataPipeline`` (``sftrainer.pipeline``; ``shuffle=False``, and
+the rows shown before packing), so they are the rows trained, and then described: format and column mapping,
 row counts, a token-length histogram, rendered rows with the trained tokens marked, and the chat
 template in use with where it came from. Everything here is a pure function of prepared rows, a
 tokenizer and settings, so tests call each one directly; ``sftrainer.preflight`` adds the run-level
@@ -60,11 +60,12 @@ def prepare_for_preview(
 
 
 def _prepare_with_sources(
-    dataset: Any, tokenizer: Any, args: Any, name: str
+    dataset: Any, tokenizer: Any, args: Any, name: str, pipeline: DataPipeline | None = None
 ) -> tuple[Dataset, PrepareStats, PackStats | None, list[PrepareStats]]:
     """``prepare_for_preview``, plus each source's counts for a mixture: the run's own ``DataPipeline``
-    (``shuffle=False``), keeping the rows before packing."""
-    pipeline = DataPipeline(tokenizer, args, shuffle=False, keep_rows=True)
+    (``shuffle=False``, keeping the rows before packing; ``pipeline``: one made so, shared by the data sets
+    of a run, which then says each difference from TRL once, as training does)."""
+    pipeline = pipeline or preview_pipeline(tokenizer, args)
     pipeline(dataset, name, args.packing)
     return (
         pipeline.rows[name],
@@ -72,6 +73,12 @@ def _prepare_with_sources(
         pipeline.pack_stats.get(name),
         pipeline.source_stats.get(name, []),
     )
+
+
+def preview_pipeline(tokenizer: Any, args: Any) -> DataPipeline:
+    """The pipeline training prepares data with, as ``sftrainer data`` runs it: rows left in order
+    (``shuffle=False``) and kept before packing (``rows``)."""
+    return DataPipeline(tokenizer, args, shuffle=False, keep_rows=True)
 
 
 def column_mapping(
@@ -309,14 +316,18 @@ def preview_run(
         pad_token=args.pad_token,
     )
     train_raw, eval_raw = resolve_data(cfg)
-    train = describe_data(train_raw, tokenizer, args, "train data", data_load.describe(cfg.data.train), cfg)
+    pipeline = preview_pipeline(tokenizer, args)
+    train_source = data_load.describe(cfg.data.train)
+    train = describe_data(train_raw, tokenizer, args, "train data", train_source, cfg, pipeline)
     out = train.summary_lines(args.max_length)
     eval_rows = None
     if eval_raw is None:
         out.append("eval data: none (data.eval or data.eval_split would measure held-out loss)")
     else:
         try:
-            evaluation = describe_data(eval_raw, tokenizer, args, "eval data", _eval_source(cfg), cfg)
+            evaluation = describe_data(
+                eval_raw, tokenizer, args, "eval data", _eval_source(cfg), cfg, pipeline
+            )
             out += evaluation.summary_lines(args.max_length)
             eval_rows = evaluation.stats.kept
         except DataError as err:
@@ -388,7 +399,15 @@ def preview_run(
     return "\n".join(out)
 
 
-def describe_data(raw: Any, tokenizer: Any, args: Any, name: str, source: str, cfg: Any) -> DataPreview:
+def describe_data(
+    raw: Any,
+    tokenizer: Any,
+    args: Any,
+    name: str,
+    source: str,
+    cfg: Any,
+    pipeline: DataPipeline | None = None,
+) -> DataPreview:
     """Prepare one raw data set as training would, and describe it. A stream is described by its
     first ``STREAM_PREVIEW_ROWS`` rows (said in the source line)."""
     if isinstance(raw, IterableDataset):
@@ -400,7 +419,7 @@ def describe_data(raw: Any, tokenizer: Any, args: Any, name: str, source: str, c
     mixture = isinstance(raw, Mixture)
     columns = [f"a mixture of {len(raw.sources)} sources"] if mixture else list(raw.column_names or [])
     mapping = {} if mixture else column_mapping(columns, cfg.data.columns, args.dataset_text_field)
-    prepared, stats, pack, sources = _prepare_with_sources(raw, tokenizer, args, name)
+    prepared, stats, pack, sources = _prepare_with_sources(raw, tokenizer, args, name, pipeline)
     images, text_field = is_processor(tokenizer), args.dataset_text_field
     uses, ignored, content = [], [], None
     if mixture:

@@ -383,8 +383,8 @@ def _trained_and_previewed(raw: dict, run: Path, monkeypatch) -> tuple[Any, Any]
         train.train(cfg)
     prepare = preview._prepare_with_sources
 
-    def spy(dataset, tokenizer, args, name):
-        out = prepare(dataset, tokenizer, args, name)
+    def spy(dataset, tokenizer, args, name, *rest):
+        out = prepare(dataset, tokenizer, args, name, *rest)
         seen.setdefault(name, out[0])
         return out
 
