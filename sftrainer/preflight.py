@@ -510,8 +510,8 @@ def for_trainer(
     to ``StepTimeCallback`` (measured on the run's own steps and evaluations)."""
     from datasets import Dataset
 
+    from sftrainer.data.stats import count_duplicates, row_arrays
     from sftrainer.generate import stop_token_ids
-    from sftrainer.preview import count_duplicates, row_arrays
 
     dataset, stats = trainer.train_dataset, trainer.data_stats.get("train data")
     if not isinstance(dataset, Dataset) or "labels" not in dataset.column_names or stats is None:

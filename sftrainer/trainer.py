@@ -60,7 +60,6 @@ from sftrainer.constants import MODEL_TAGS
 from sftrainer.data import load as data_load
 from sftrainer.data.collate import DataCollatorForLanguageModeling, PaddedCollator, PositionCollator
 from sftrainer.data.pack import PackStats
-from sftrainer.data.pipeline import DataPipeline
 from sftrainer.data.prepare import PrepareStats
 from sftrainer.data.vision_collate import VisionCollator
 from sftrainer.errors import ConfigError, did_you_mean, warn_caller
@@ -83,6 +82,7 @@ from sftrainer.loss import (
 )
 from sftrainer.metrics import TokenMetrics
 from sftrainer.model import load_model, load_processor, load_tokenizer, prepare_tokenizer
+from sftrainer.pipeline import DataPipeline
 from sftrainer.tracking import MetricsFileCallback, SamplesCallback, place_tensorboard_logs
 from sftrainer.vision import (
     adapt_for_training,
