@@ -32,9 +32,10 @@ from sftrainer.data.formats import implied_columns
 from sftrainer.data.mixture import Mixture, SourceUse, format_sources, prepare_mixture
 from sftrainer.data.pack import PackStats, pack_dataset
 from sftrainer.data.prepare import PrepareStats, prepare
-from sftrainer.data.vision_prepare import pack_with_images, prepare_vision
 from sftrainer.errors import ConfigError
-from sftrainer.vision import is_processor, prepare_processor, preview_decoder, text_tokenizer
+from sftrainer.vision.model import prepare_processor
+from sftrainer.vision.prepare import pack_with_images, prepare_vision
+from sftrainer.vision.processor import is_processor, preview_decoder, text_tokenizer
 
 MARKERS = ("⟦", "⟧")
 ASCII_MARKERS = ("[[", "]]")
@@ -109,7 +110,7 @@ def _prepare_with_sources(
     if args.packing and args.packing_strategy in ("bfd_split", "wrapped"):
         settings = dataclasses.replace(settings, max_length=None)  # the packer cuts long rows
     vision = is_processor(tokenizer)
-    if vision:  # rows with images, tokenized with the processor (sftrainer.data.vision)
+    if vision:  # rows with images, tokenized with the processor (sftrainer.vision)
         prepared, stats = prepare_vision(dataset, tokenizer, settings, name, image_root=args.image_root)
     elif isinstance(dataset, Mixture):  # each source sampled and prepared on its own, as training does
         prepared, stats, sources = prepare_mixture(dataset, tokenizer, settings, name, args.seed)

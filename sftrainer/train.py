@@ -23,7 +23,7 @@ from sftrainer.model import is_vision_checkpoint, load_model, load_processor, lo
 from sftrainer.run_config import RunConfig
 from sftrainer.run_dir import check_output_dir
 from sftrainer.trainer import SFTTrainer
-from sftrainer.vision import text_tokenizer
+from sftrainer.vision.processor import text_tokenizer
 
 logger = logging.getLogger(__name__)
 

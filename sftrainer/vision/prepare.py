@@ -1,10 +1,10 @@
 """A vision-language data set -> rows with ``input_ids``, ``labels`` and ``images``, with every
 problem counted (``prepare`` of the text pipeline, for a processor; the tokens come from
-``sftrainer.data.vision.VisionTokenizer``).
+``sftrainer.vision.encode.VisionTokenizer``).
 
 Output rows (``prepare_vision``): ``input_ids`` list[int], ``labels`` list[int] (``IGNORE_INDEX`` on
 every untrained and every image token), ``images`` list of ``{"bytes", "path"}`` (decoded by
-``vision_collate.VisionCollator``, which makes the pixel tensors batch by batch). Rows that cannot be
+``vision.collate.VisionCollator``, which makes the pixel tensors batch by batch). Rows that cannot be
 used are listed together (row number, field, problem); rows ``max_length`` would cut inside an image
 are dropped and counted (``VisionPrepareStats.dropped_image_cut``).
 """
@@ -31,9 +31,9 @@ from sftrainer.data.formats import (
     rename_columns,
     split_turns,
 )
-from sftrainer.data.images import ImageRef, count_images, image_column, load_image, split_images
 from sftrainer.data.load import guard_stream
 from sftrainer.data.origin import origin_of, where
+from sftrainer.data.pack import best_fit_decreasing, pack_dataset
 from sftrainer.data.prepare import (
     EMPTY,
     OK,
@@ -46,8 +46,9 @@ from sftrainer.data.prepare import (
     shared_heap,
 )
 from sftrainer.data.tokenize import Segment
-from sftrainer.data.vision import VisionTokenizer
 from sftrainer.errors import ConfigError, DataError, RowError
+from sftrainer.vision.encode import VisionTokenizer
+from sftrainer.vision.images import ImageRef, count_images, image_column, load_image, split_images
 
 logger = logging.getLogger(__name__)
 
@@ -322,8 +323,6 @@ def pack_with_images(dataset: Dataset, max_length: int, strategy: str = "bfd") -
     """
     import numpy as np
     import pyarrow as pa
-
-    from sftrainer.data.pack import best_fit_decreasing, pack_dataset
 
     if strategy != "bfd":
         raise ConfigError(
