@@ -188,6 +188,7 @@ def _lora_config(
             "LoRA target_modules is a regular expression; applied as given (vision tower included if it matches)"
         )
         return peft_config
+    assert parts.language is not None  # adapt_for_training refuses a model without a language model
     prefixes = [parts.language] + (list(parts.vision_tower) if train_vision_tower else [])
     head = model.get_output_embeddings()
     if targets is None or targets == "all-linear":

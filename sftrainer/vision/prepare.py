@@ -153,6 +153,7 @@ class _VisionBatch:
             row, column, text_field = dict(formatted), image_column(list(formatted)), None
             fmt = detect_format([c for c in row if c not in IMAGE_COLUMNS], "formatting_func output")
         text_row, refs = split_images(row, column, self.image_root)
+        assert fmt is not None  # the data set's format, or the formatting_func output's, detected above
         example = normalise_row(text_row, fmt, text_field, pairs_as_chat(fmt, self.settings.pair_template))
         trains = self.settings.train_on != "all"
         if isinstance(example, ChatExample) and trains and not _has_answer(example):

@@ -86,8 +86,10 @@ def check_isolation(model: Any, collator: Any, compute_dtype: torch.dtype | None
     if not error <= tolerance * scale:
         typed = [k for k in ("token_type_ids", "mm_token_type_ids") if k in together]
         if typed:  # is it the bidirectional attention within images that crosses the rows?
-            plain = [{k: v for k, v in b.items() if k not in typed} for b in (together, alone)]
-            without, scale = _difference(model, *plain, span)
+            plain_together, plain_alone = (
+                {k: v for k, v in b.items() if k not in typed} for b in (together, alone)
+            )
+            without, scale = _difference(model, plain_together, plain_alone, span)
             if without <= tolerance * scale:
                 import transformers
 
