@@ -21,6 +21,7 @@ imports nothing, so ``import sftrainer.vision.builtin`` stays light):
 
 Layers: ``images``, ``processor``, ``encode``, ``prepare`` and ``collate`` sit beside ``sftrainer.data``
 (they import ``data``, ``constants`` and ``errors``, and nothing above); ``model`` and ``probe`` sit on
-the model layer (``sftrainer.model``, ``sftrainer.isolation``). No module of ``data/`` imports this
-package.
+the model layer (``sftrainer.model``, ``sftrainer.isolation``). The pure modules of ``data/`` never
+import this package: the pipeline, which orchestrates, picks the image strategy when the processing
+class is a processor.
 """
