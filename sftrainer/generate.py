@@ -17,7 +17,6 @@ from typing import Any, TextIO
 import torch
 from transformers import GenerationConfig, TextStreamer
 
-from sftrainer.data.vision_collate import prompt_inputs
 from sftrainer.errors import DataError
 from sftrainer.export import load_adapter, read_run, resolve_base
 from sftrainer.model import (
@@ -27,7 +26,9 @@ from sftrainer.model import (
     load_processor,
     load_tokenizer,
 )
-from sftrainer.vision import is_processor, prepare_processor, text_tokenizer
+from sftrainer.vision.collate import prompt_inputs
+from sftrainer.vision.model import prepare_processor
+from sftrainer.vision.processor import is_processor, text_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ pure functions of ``sftrainer.data`` (and the image strategy of ``sftrainer.visi
 come from one function, ``prepare_settings``.
 
 Output rows: ``input_ids``, ``labels`` (``IGNORE_INDEX`` on untrained tokens), plus ``position_ids``
-when packed, and ``images`` with a vision-language processor (``sftrainer.data.vision``). With
+when packed, and ``images`` with a vision-language processor (``sftrainer.vision``). With
 ``dataset_kwargs={"skip_prepare_dataset": True}`` (TRL) the rows are used as given.
 """
 
@@ -24,14 +24,14 @@ from datasets import Dataset, IterableDataset
 from sftrainer.config import SFTConfig
 from sftrainer.constants import FIRST_ROWS, IMAGE_COLUMNS, LOSS_MASK_COLUMNS
 from sftrainer.data import load as data_load
-from sftrainer.data.images import lift_images
 from sftrainer.data.mixture import Mixture, prepare_mixture
 from sftrainer.data.pack import PackStats, StreamPacker, pack_dataset
 from sftrainer.data.prepare import DataSettings, PrepareStats, prepare
-from sftrainer.data.vision_prepare import pack_with_images, prepare_vision
 from sftrainer.distributed import main_process_first
 from sftrainer.errors import ConfigError, DataError
-from sftrainer.vision import is_processor
+from sftrainer.vision.images import lift_images
+from sftrainer.vision.prepare import pack_with_images, prepare_vision
+from sftrainer.vision.processor import is_processor
 
 logger = logging.getLogger(__name__)
 

@@ -516,7 +516,7 @@ def for_trainer(
     dataset, stats = trainer.train_dataset, trainer.data_stats.get("train data")
     if not isinstance(dataset, Dataset) or "labels" not in dataset.column_names or stats is None:
         return None, "skipped: the train data is streamed or used as given, so it cannot be counted up front"
-    from sftrainer.vision import text_tokenizer
+    from sftrainer.vision.processor import text_tokenizer
 
     tokenizer = text_tokenizer(trainer.processing_class)  # a vision-language processor's tokenizer
     stop_ids = stop_token_ids(tokenizer)

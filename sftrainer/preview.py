@@ -38,7 +38,8 @@ from sftrainer.lora import peft_config_from
 from sftrainer.model import is_vision_checkpoint, load_processor, load_tokenizer, prepare_tokenizer
 from sftrainer.pipeline import DataPipeline
 from sftrainer.sources import resolve_data
-from sftrainer.vision import is_processor, prepare_processor, preview_decoder, text_tokenizer
+from sftrainer.vision.model import prepare_processor
+from sftrainer.vision.processor import is_processor, preview_decoder, text_tokenizer
 
 MARKERS = ("⟦", "⟧")
 ASCII_MARKERS = ("[[", "]]")

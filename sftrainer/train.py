@@ -21,7 +21,7 @@ from sftrainer.run_config import RunConfig
 from sftrainer.run_dir import check_output_dir
 from sftrainer.sources import resolve_data
 from sftrainer.trainer import SFTTrainer
-from sftrainer.vision import text_tokenizer
+from sftrainer.vision.processor import text_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -61,7 +61,6 @@ from sftrainer.data import load as data_load
 from sftrainer.data.collate import DataCollatorForLanguageModeling, PaddedCollator, PositionCollator
 from sftrainer.data.pack import PackStats
 from sftrainer.data.prepare import PrepareStats
-from sftrainer.data.vision_collate import VisionCollator
 from sftrainer.errors import ConfigError, did_you_mean, warn_caller
 from sftrainer.evaluate import (
     format_samples,
@@ -84,15 +83,10 @@ from sftrainer.metrics import TokenMetrics
 from sftrainer.model import load_model, load_processor, load_tokenizer, prepare_tokenizer
 from sftrainer.pipeline import DataPipeline
 from sftrainer.tracking import MetricsFileCallback, SamplesCallback, place_tensorboard_logs
-from sftrainer.vision import (
-    adapt_for_training,
-    is_processor,
-    is_vision_model,
-    packing_problem,
-    prepare_processor,
-    text_tokenizer,
-)
-from sftrainer.vision import check_isolation as check_vision_isolation
+from sftrainer.vision.collate import VisionCollator
+from sftrainer.vision.model import adapt_for_training, is_vision_model, packing_problem, prepare_processor
+from sftrainer.vision.probe import check_isolation as check_vision_isolation
+from sftrainer.vision.processor import is_processor, text_tokenizer
 
 logger = logging.getLogger(__name__)
 
