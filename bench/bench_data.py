@@ -192,7 +192,7 @@ def run_prepare(trainer_name: str, fmt: str, args: argparse.Namespace) -> dict:
         prepared = trainer._prepare_dataset(dataset, tokenizer, config, args.packing, None, "train")
     else:
         from sftrainer import SFTConfig
-        from sftrainer.data.pipeline import DataPipeline
+        from sftrainer.pipeline import DataPipeline
 
         config = SFTConfig(**common)
         pipeline = DataPipeline(tokenizer, config)
@@ -220,7 +220,7 @@ def run_stream(rows: int, args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
     from sftrainer import SFTConfig
-    from sftrainer.data.pipeline import DataPipeline
+    from sftrainer.pipeline import DataPipeline
 
     workdir = Path(args.workdir)
     path = data_file(workdir, "pair", "sftrainer", rows)

@@ -17,11 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sftrainer.vision import builtin as builtin_vlm
+
 logger = logging.getLogger(__name__)
 
 VERSION = "v1"
 BUILTIN = "builtin"
-BUILTIN_VLM = "builtin-vlm"  # a tiny LLaVA for the vision-language example (sftrainer.builtin_vlm)
+BUILTIN_VLM = "builtin-vlm"  # a tiny LLaVA for the vision-language example (sftrainer.vision.builtin)
 
 WORDS = (
     "apple", "berry", "cat", "dog", "egg", "fish", "goat", "hat", "ink", "jam", "kite", "lamp",
@@ -207,9 +209,7 @@ def model_path(name: str) -> str:
     if name == BUILTIN:
         return str(model_dir())
     if name == BUILTIN_VLM:
-        from sftrainer import builtin_vlm
-
-        return str(builtin_vlm.model_dir())
+        return str(vlm_model_dir())
     return name
 
 
@@ -225,6 +225,16 @@ def model_dir() -> Path:
             build_model(tokenizer).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         logger.info("Built the demo model in %s", root)
+    return root
+
+
+def vlm_model_dir() -> Path:
+    """Directory of the built-in vision-language model, built on first use or when broken."""
+    root = cache_dir() / builtin_vlm.DIRECTORY
+    if not (all((root / name).is_file() for name in builtin_vlm.FILES) and _model_ok(root)):
+        with _atomic_dir(root) as tmp:
+            builtin_vlm.save(tmp)
+        logger.info("Built the demo vision-language model in %s", root)
     return root
 
 

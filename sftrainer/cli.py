@@ -234,7 +234,7 @@ def cmd_train(
     config = items[0] if items and "=" not in items[0] else None
     overrides = list(items[1:] if config else items)
     if (nproc is not None and nproc != 1) or accelerate_config is not None:
-        from sftrainer.distributed import prepare_launch
+        from sftrainer.launch import prepare_launch
 
         command = prepare_launch(config, overrides, nproc, accelerate_config)
         print(f"sftrainer: running {shlex.join(command)}", file=sys.stderr)

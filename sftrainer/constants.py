@@ -54,7 +54,7 @@ LORA_LR_RANGE = (1e-5, 1e-3)
 FULL_LR_RANGE = (1e-7, 1e-4)
 TRUNCATED_WARN_FRACTION = 0.5  # warn when more than this share of the rows is cut to max_length
 
-# Vision-language data (sftrainer.data.vision): the columns that hold a row's images, the content
+# Vision-language data (sftrainer.vision): the columns that hold a row's images, the content
 # part types that hold one image, and the keys of such a part that can hold the image itself.
 IMAGE_COLUMNS = ("images", "image")
 # Prepared rows shown rendered with their trained tokens: `sftrainer data` (its --rows default) and

@@ -94,7 +94,7 @@ def _eval_data(cfg: RunConfig, data: str | None, path: Path) -> Any:
             f"no eval data: pass DATA (a file), or evaluate a run directory whose {RUN_CONFIG} sets "
             f"data.eval, data.eval_split or data.eval_split_name ({path} has none)"
         )
-    from sftrainer.train import resolve_data
+    from sftrainer.sources import resolve_data
 
     return resolve_data(cfg)[1]
 

@@ -17,12 +17,12 @@ from typing import Any, TextIO
 import torch
 from transformers import GenerationConfig, TextStreamer
 
-from sftrainer.data.vision_collate import prompt_inputs
 from sftrainer.errors import DataError
 from sftrainer.export import load_adapter, read_run, resolve_base
 from sftrainer.model import load_model
 from sftrainer.setup import inference_processing_class
-from sftrainer.vision import is_processor, text_tokenizer
+from sftrainer.vision.collate import prompt_inputs
+from sftrainer.vision.processor import is_processor, text_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from sftrainer.evaluate import (
     load_scorer,
     mean_scores,
 )
-from sftrainer.vision import is_processor
+from sftrainer.vision.processor import is_processor
 
 # The trainer's logger, as before this module existed: log configurations that name it keep the samples.
 logger = logging.getLogger("sftrainer.trainer")

@@ -141,7 +141,7 @@ def check_row_isolation(model: Any, collator: Any, compute_dtype: torch.dtype | 
         raise ContaminationError(_leak_message(model, collator, layers, probe, device))
     logger.info(
         "Packed rows are isolated with attn_implementation='%s' on %s in %s (%s)",
-        _attn_implementation(model),
+        attn_implementation(model),
         device,
         precision,
         probe.describe(),
@@ -168,17 +168,8 @@ def probe_rows(model: Any, collator: Any, precision: str = "float32") -> Probe:
         ]
         batch = collator(features)
         spans = [(0, 7), (1, 4)]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        # use_cache=False as in training (SFTTrainer.compute_loss): with a cache, transformers skips
-        # the packed-sequence mask.
-        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs, use_cache=False).logits.float()
-        alone = model(input_ids=torch.tensor([row], device=device), use_cache=False).logits[0].float()
-    finally:
-        model.train(was_training)
+    logits = forward_logits(model, batch)
+    alone = forward_logits(model, {"input_ids": torch.tensor([row])})[0]
     after_first, after_second = (logits[r, start : start + len(row)] for r, start in spans)
     scale = max(1.0, alone.abs().max().item())
     return Probe(
@@ -189,9 +180,23 @@ def probe_rows(model: Any, collator: Any, precision: str = "float32") -> Probe:
     )
 
 
+def forward_logits(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """The float32 logits of ``batch`` (labels ignored), run as the probes run it: in eval mode (the
+    model's mode restored after), on the model's device, with ``use_cache=False`` as in training
+    (``SFTTrainer.compute_loss``): with a cache, transformers skips the packed-sequence mask."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}
+    was_training = model.training
+    model.eval()
+    try:
+        return model(**inputs, use_cache=False).logits.float()
+    finally:
+        model.train(was_training)
+
+
 def _leak_message(model: Any, collator: Any, layers: list[str], probe: Probe, device: torch.device) -> str:
-    impl = _attn_implementation(model)
-    name = _model_name(model)
+    impl = attn_implementation(model)
+    name = model_name(model)
     if layers:
         return (
             f"packing / padding_free: {name} has layers that carry state along the sequence "
@@ -220,7 +225,7 @@ def _leak_message(model: Any, collator: Any, layers: list[str], probe: Probe, de
 
 def _unproven_message(model: Any, layers: list[str], probe: Probe) -> str:
     return (
-        f"packing / padding_free: {_model_name(model)} has layers that carry state along the sequence "
+        f"packing / padding_free: {model_name(model)} has layers that carry state along the sequence "
         f"({', '.join(layers)}): {probe.describe()}, within rounding ({REDUCED_TOLERANCE:g}), which hides the "
         "leaks such layers have (LFM2's: 4e-4), and its weights are not all float32, so isolation cannot be "
         f"checked in float32 either. {_RESET}"
@@ -289,9 +294,11 @@ def _all_float32(model: Any) -> bool:
     return all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def _attn_implementation(model: Any) -> str:
+def attn_implementation(model: Any) -> str:
+    """The attention backend the model's config names, as messages quote it."""
     return getattr(model.config, "_attn_implementation", None) or "unknown"
 
 
-def _model_name(model: Any) -> str:
+def model_name(model: Any) -> str:
+    """The class name of the model (of the base model under a PEFT wrapper), as messages quote it."""
     return type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__

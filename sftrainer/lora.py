@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 
 from sftrainer.errors import ConfigError, did_you_mean
-from sftrainer.run_config import LoraSettings
+
+if TYPE_CHECKING:  # the `lora:` section is the run config's; only its fields are read here
+    from sftrainer.run_config import LoraSettings
 
 logger = logging.getLogger(__name__)
 

@@ -510,13 +510,13 @@ def for_trainer(
     to ``StepTimeCallback`` (measured on the run's own steps and evaluations)."""
     from datasets import Dataset
 
+    from sftrainer.data.stats import count_duplicates, row_arrays
     from sftrainer.generate import stop_token_ids
-    from sftrainer.preview import count_duplicates, row_arrays
 
     dataset, stats = trainer.train_dataset, trainer.data_stats.get("train data")
     if not isinstance(dataset, Dataset) or "labels" not in dataset.column_names or stats is None:
         return None, "skipped: the train data is streamed or used as given, so it cannot be counted up front"
-    from sftrainer.vision import text_tokenizer
+    from sftrainer.vision.processor import text_tokenizer
 
     tokenizer = text_tokenizer(trainer.processing_class)  # a vision-language processor's tokenizer
     stop_ids = stop_token_ids(tokenizer)

@@ -1,7 +1,7 @@
 """See the data before spending compute: what ``sftrainer data`` shows of one data set.
 
-The rows are prepared exactly as training prepares them (``sftrainer.data.prepare.prepare`` with the
-run's settings, then ``pack_dataset`` when packing), and then described: format and column mapping,
+The rows are prepared by training's own ``DataPipeline`` (``sftrainer.pipeline``; ``shuffle=False``, and
+the rows shown before packing), so they are the rows trained, and then described: format and column mapping,
 row counts, a token-length histogram, rendered rows with the trained tokens marked, and the chat
 template in use with where it came from. Everything here is a pure function of prepared rows, a
 tokenizer and settings, so tests call each one directly; ``sftrainer.preflight`` adds the run-level
@@ -16,76 +16,35 @@ context the model reads but is not trained on.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from datasets import Dataset, IterableDataset
 
+from sftrainer import builtin, memory_estimate, png, preflight
 from sftrainer.constants import FIRST_ROWS, IGNORE_INDEX, ROW_TOKEN_LIMIT, STREAM_PREVIEW_ROWS
+from sftrainer.data import load as data_load
 from sftrainer.data.content import ContentCounts, classify_columns, content_of
 from sftrainer.data.formats import implied_columns
-from sftrainer.data.mixture import Mixture, SourceUse, format_sources, prepare_mixture
-from sftrainer.data.pack import PackStats, pack_dataset
-from sftrainer.data.prepare import PrepareStats, prepare
-from sftrainer.data.vision_prepare import pack_with_images, prepare_vision
-from sftrainer.errors import ConfigError
-from sftrainer.vision import is_processor, preview_decoder, text_tokenizer
+from sftrainer.data.mixture import Mixture, SourceUse, format_sources
+from sftrainer.data.pack import PackStats
+from sftrainer.data.prepare import PrepareStats
+from sftrainer.data.stats import RowArrays, count_duplicates, row_arrays
+from sftrainer.errors import ConfigError, DataError
+from sftrainer.generate import stop_token_ids
+from sftrainer.lora import peft_config_from
+from sftrainer.pipeline import DataPipeline
+from sftrainer.setup import load_processing_class, prepare_processing_class
+from sftrainer.sources import resolve_data
+from sftrainer.vision.processor import is_processor, preview_decoder, text_tokenizer
 
 MARKERS = ("⟦", "⟧")
 ASCII_MARKERS = ("[[", "]]")
 ANSI_TRAINED, ANSI_RESET = "\033[1;32m", "\033[0m"  # bold green: trained tokens
 HISTOGRAM_BINS = 12
 HISTOGRAM_WIDTH = 40  # characters of the longest bar
-
-
-@dataclass
-class RowArrays:
-    """The prepared rows as flat arrays: token ``ids`` and ``labels``, and ``offsets`` (row k is
-    ``ids[offsets[k]:offsets[k + 1]]``). Packed sequences are split back into their rows."""
-
-    ids: np.ndarray
-    labels: np.ndarray
-    offsets: np.ndarray
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def trained_per_row(self) -> np.ndarray:
-        trained = (self.labels != IGNORE_INDEX).astype(np.int64)
-        return np.add.reduceat(trained, self.offsets[:-1]) if self.lengths.size else trained[:0]
-
-    def rows_with_any(self, token_ids: list[int]) -> np.ndarray:
-        """Per row: does a trained position hold one of ``token_ids``?"""
-        hit = (self.labels != IGNORE_INDEX) & np.isin(self.ids, token_ids)
-        if not self.lengths.size:
-            return np.zeros(0, dtype=bool)
-        return np.add.reduceat(hit.astype(np.int64), self.offsets[:-1]) > 0
-
-
-def row_arrays(dataset: Dataset) -> RowArrays:
-    """Flat arrays of a prepared data set (``input_ids``, ``labels``, optional ``position_ids``)."""
-    if dataset._indices is not None:  # a filtered / shuffled view: the rows it selects
-        dataset = dataset.flatten_indices()
-
-    def column(name: str) -> pa.ListArray:
-        return dataset.data.column(name).combine_chunks()
-
-    ids_col = column("input_ids")
-    ids = ids_col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    labels = column("labels").flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    offsets = ids_col.offsets.to_numpy().astype(np.int64)
-    offsets = offsets - offsets[0]
-    if "position_ids" in dataset.column_names:  # packed: a row starts wherever its position is 0
-        positions = column("position_ids").flatten().to_numpy(zero_copy_only=False)
-        starts = np.flatnonzero(positions == 0)
-        offsets = np.concatenate([starts, [ids.size]]).astype(np.int64)
-    return RowArrays(ids, labels, offsets)
 
 
 # ---- preparing --------------------------------------------------------------------------------
@@ -101,25 +60,25 @@ def prepare_for_preview(
 
 
 def _prepare_with_sources(
-    dataset: Any, tokenizer: Any, args: Any, name: str
+    dataset: Any, tokenizer: Any, args: Any, name: str, pipeline: DataPipeline | None = None
 ) -> tuple[Dataset, PrepareStats, PackStats | None, list[PrepareStats]]:
-    """``prepare_for_preview``, plus each source's counts for a mixture."""
-    sources: list[PrepareStats] = []
-    settings = args.data_settings()
-    if args.packing and args.packing_strategy in ("bfd_split", "wrapped"):
-        settings = dataclasses.replace(settings, max_length=None)  # the packer cuts long rows
-    vision = is_processor(tokenizer)
-    if vision:  # rows with images, tokenized with the processor (sftrainer.data.vision)
-        prepared, stats = prepare_vision(dataset, tokenizer, settings, name, image_root=args.image_root)
-    elif isinstance(dataset, Mixture):  # each source sampled and prepared on its own, as training does
-        prepared, stats, sources = prepare_mixture(dataset, tokenizer, settings, name, args.seed)
-    else:
-        prepared, stats = prepare(dataset, tokenizer, settings, name)
-    pack = None
-    if args.packing and isinstance(prepared, Dataset):
-        pack_rows = pack_with_images if vision else pack_dataset
-        _, pack = pack_rows(prepared, args.max_length, args.packing_strategy)
-    return prepared, stats, pack, sources
+    """``prepare_for_preview``, plus each source's counts for a mixture: the run's own ``DataPipeline``
+    (``shuffle=False``, keeping the rows before packing; ``pipeline``: one made so, shared by the data sets
+    of a run, which then says each difference from TRL once, as training does)."""
+    pipeline = pipeline or preview_pipeline(tokenizer, args)
+    pipeline(dataset, name, args.packing)
+    return (
+        pipeline.rows[name],
+        pipeline.data_stats[name],
+        pipeline.pack_stats.get(name),
+        pipeline.source_stats.get(name, []),
+    )
+
+
+def preview_pipeline(tokenizer: Any, args: Any) -> DataPipeline:
+    """The pipeline training prepares data with, as ``sftrainer data`` runs it: rows left in order
+    (``shuffle=False``) and kept before packing (``rows``)."""
+    return DataPipeline(tokenizer, args, shuffle=False, keep_rows=True)
 
 
 def column_mapping(
@@ -132,18 +91,6 @@ def column_mapping(
     if text_field is not None:
         return {}
     return implied_columns(columns)
-
-
-def count_duplicates(dataset: Any) -> int:
-    """Rows that repeat an earlier row exactly (all columns equal)."""
-    seen: set[bytes] = set()
-    duplicates = 0
-    for row in dataset:
-        key = hashlib.blake2b(json.dumps(row, sort_keys=True, default=str).encode(), digest_size=16).digest()
-        if key in seen:
-            duplicates += 1
-        seen.add(key)
-    return duplicates
 
 
 # ---- the histogram -------------------------------------------------------------------------------
@@ -183,8 +130,6 @@ def format_histogram(hist: Histogram, bar: str = "#", width: int = HISTOGRAM_WID
 
 
 def write_histogram_png(path: str, hist: Histogram, max_length: int | None) -> None:
-    from sftrainer import png
-
     png.write_bars(
         path,
         "token length histogram",
@@ -356,28 +301,24 @@ def preview_run(
     show_template: bool = False,
 ) -> str:
     """Everything ``sftrainer data`` prints for a run config (``run_config.RunConfig``)."""
-    from sftrainer import builtin, memory_estimate, preflight
-    from sftrainer.data import load as data_load
-    from sftrainer.errors import DataError
-    from sftrainer.generate import stop_token_ids
-    from sftrainer.lora import peft_config_from
-    from sftrainer.setup import load_processing_class, prepare_processing_class
-    from sftrainer.train import resolve_data
-
     args = cfg.train
     name = cfg.model.name_or_path
     model_path = builtin.model_path(name)
     own = load_processing_class(model_path, cfg.model.trust_remote_code, cfg.model.revision)
     tokenizer = prepare_processing_class(own, args)
     train_raw, eval_raw = resolve_data(cfg)
-    train = describe_data(train_raw, tokenizer, args, "train data", data_load.describe(cfg.data.train), cfg)
+    pipeline = preview_pipeline(tokenizer, args)
+    train_source = data_load.describe(cfg.data.train)
+    train = describe_data(train_raw, tokenizer, args, "train data", train_source, cfg, pipeline)
     out = train.summary_lines(args.max_length)
     eval_rows = None
     if eval_raw is None:
         out.append("eval data: none (data.eval or data.eval_split would measure held-out loss)")
     else:
         try:
-            evaluation = describe_data(eval_raw, tokenizer, args, "eval data", _eval_source(cfg), cfg)
+            evaluation = describe_data(
+                eval_raw, tokenizer, args, "eval data", _eval_source(cfg), cfg, pipeline
+            )
             out += evaluation.summary_lines(args.max_length)
             eval_rows = evaluation.stats.kept
         except DataError as err:
@@ -449,12 +390,18 @@ def preview_run(
     return "\n".join(out)
 
 
-def describe_data(raw: Any, tokenizer: Any, args: Any, name: str, source: str, cfg: Any) -> DataPreview:
+def describe_data(
+    raw: Any,
+    tokenizer: Any,
+    args: Any,
+    name: str,
+    source: str,
+    cfg: Any,
+    pipeline: DataPipeline | None = None,
+) -> DataPreview:
     """Prepare one raw data set as training would, and describe it. A stream is described by its
     first ``STREAM_PREVIEW_ROWS`` rows (said in the source line)."""
     if isinstance(raw, IterableDataset):
-        from sftrainer.data import load as data_load
-
         rows = list(raw.take(STREAM_PREVIEW_ROWS))
         if not rows:
             raise ConfigError(f"{name}: the stream has no rows")
@@ -463,7 +410,7 @@ def describe_data(raw: Any, tokenizer: Any, args: Any, name: str, source: str, c
     mixture = isinstance(raw, Mixture)
     columns = [f"a mixture of {len(raw.sources)} sources"] if mixture else list(raw.column_names or [])
     mapping = {} if mixture else column_mapping(columns, cfg.data.columns, args.dataset_text_field)
-    prepared, stats, pack, sources = _prepare_with_sources(raw, tokenizer, args, name)
+    prepared, stats, pack, sources = _prepare_with_sources(raw, tokenizer, args, name, pipeline)
     images, text_field = is_processor(tokenizer), args.dataset_text_field
     uses, ignored, content = [], [], None
     if mixture:
@@ -484,8 +431,6 @@ def describe_data(raw: Any, tokenizer: Any, args: Any, name: str, source: str, c
 
 
 def _eval_source(cfg: Any) -> str:
-    from sftrainer.data import load as data_load
-
     if cfg.data.eval is not None:
         return data_load.describe(cfg.data.eval)
     if cfg.data.eval_split:

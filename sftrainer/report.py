@@ -135,7 +135,7 @@ def save_run_inputs(trainer: Any, output_dir: str | Path) -> None:
     if rows is None:
         rows = trainer.train_dataset  # prepared elsewhere (skip_prepare_dataset) or streamed
     if rows is not None:
-        from sftrainer.vision import preview_decoder  # image tokens written once per image
+        from sftrainer.vision.processor import preview_decoder  # image tokens written once per image
 
         preview = masking_preview(rows, preview_decoder(trainer.processing_class), FIRST_ROWS)
         (out / MASKING_PREVIEW).write_text(json.dumps(preview, indent=1), encoding="utf-8")

@@ -33,7 +33,8 @@ from sftrainer.model import (
     load_tokenizer,
     prepare_tokenizer,
 )
-from sftrainer.vision import adapt_for_training, is_processor, is_vision_model, prepare_processor
+from sftrainer.vision.model import adapt_for_training, is_vision_model, prepare_processor
+from sftrainer.vision.processor import is_processor
 
 # The loggers these lines were written under before this module existed: the CLI prints the name.
 trainer_logger = logging.getLogger("sftrainer.trainer")

@@ -7,15 +7,12 @@ metrics and the resolved config.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 from sftrainer import builtin, preflight, report, sharding
 from sftrainer.checkpoint import check_resume_layout, checkpoint_step, resolve_checkpoint, write_run_record
-from sftrainer.data import load as data_load
-from sftrainer.data.mixture import Mixture
 from sftrainer.distributed import main_process_first
 from sftrainer.export import run_card
 from sftrainer.lora import peft_config_from
@@ -23,54 +20,11 @@ from sftrainer.model import load_model
 from sftrainer.run_config import RunConfig
 from sftrainer.run_dir import check_output_dir
 from sftrainer.setup import load_processing_class
+from sftrainer.sources import resolve_data
 from sftrainer.trainer import SFTTrainer
-from sftrainer.vision import is_processor, text_tokenizer
+from sftrainer.vision.processor import is_processor, text_tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_data(cfg: RunConfig) -> tuple[Any, Any]:
-    """Train and eval sources, with 'builtin' replaced by the demo data files.
-
-    A mixture (data.train listing sources as mappings) comes back as a ``Mixture`` with every source
-    loaded; the trainer samples and prepares it source by source.
-    """
-    train_src, eval_src = cfg.data.train, cfg.data.eval
-    if cfg.data.is_mixture():
-        sources = [
-            dataclasses.replace(s, data=str(builtin.data_files()[0])) if s.data == builtin.BUILTIN else s
-            for s in cfg.data.mixture_sources()
-        ]
-        mixture = Mixture(sources, seed=cfg.train.seed).loaded("train data")
-        eval_ds = None
-        if eval_src is not None:
-            eval_src = str(builtin.data_files()[1]) if eval_src == builtin.BUILTIN else eval_src
-            eval_ds = data_load.load(
-                eval_src, f"eval data ({data_load.describe(eval_src)})", split=cfg.data.eval_split_name
-            )
-            if cfg.data.columns:
-                eval_ds = data_load.rename(eval_ds, cfg.data.columns, "eval data")
-        return mixture, eval_ds
-    if eval_src is None and cfg.data.eval_split_name is not None:
-        eval_src = train_src  # another split of the same dataset
-    if builtin.BUILTIN in (train_src, eval_src):
-        train_file, eval_file = builtin.data_files()
-        train_src = str(train_file) if train_src == builtin.BUILTIN else train_src
-        eval_src = str(eval_file) if eval_src == builtin.BUILTIN else eval_src
-    train_ds = data_load.load(
-        train_src, f"train data ({data_load.describe(train_src)})", **cfg.data.hub_args()
-    )
-    eval_ds = None
-    if eval_src is not None:
-        eval_ds = data_load.load(
-            eval_src, f"eval data ({data_load.describe(eval_src)})", **cfg.data.hub_args(eval=True)
-        )
-    elif cfg.data.eval_split > 0:
-        train_ds, eval_ds = data_load.train_eval_split(train_ds, cfg.data.eval_split, cfg.train.seed)
-    if cfg.data.columns:
-        train_ds = data_load.rename(train_ds, cfg.data.columns, "train data")
-        eval_ds = data_load.rename(eval_ds, cfg.data.columns, "eval data") if eval_ds is not None else None
-    return train_ds, eval_ds
 
 
 def train(cfg: RunConfig) -> dict[str, float]:

@@ -63,9 +63,7 @@ from sftrainer.constants import MODEL_TAGS
 from sftrainer.data import load as data_load
 from sftrainer.data.collate import DataCollatorForLanguageModeling, PaddedCollator, PositionCollator
 from sftrainer.data.pack import PackStats
-from sftrainer.data.pipeline import DataPipeline
 from sftrainer.data.prepare import PrepareStats
-from sftrainer.data.vision_collate import VisionCollator
 from sftrainer.errors import ConfigError, did_you_mean, warn_caller
 from sftrainer.generation_eval import GenerationEval, refuse_for_vision
 from sftrainer.isolation import check_row_isolation, stateful_layers
@@ -79,13 +77,12 @@ from sftrainer.loss import (
     without_chunking,
 )
 from sftrainer.metrics import TokenMetrics
+from sftrainer.pipeline import DataPipeline
 from sftrainer.tracking import MetricsFileCallback, SamplesCallback, place_tensorboard_logs
-from sftrainer.vision import check_isolation as check_vision_isolation
-from sftrainer.vision import (
-    is_processor,
-    packing_problem,
-    text_tokenizer,
-)
+from sftrainer.vision.collate import VisionCollator
+from sftrainer.vision.model import packing_problem
+from sftrainer.vision.probe import check_isolation as check_vision_isolation
+from sftrainer.vision.processor import is_processor, text_tokenizer
 
 logger = logging.getLogger(__name__)
 

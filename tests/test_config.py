@@ -395,7 +395,7 @@ def test_hub_dataset_keys_reach_load_dataset(tmp_path, monkeypatch):
     """data.split / eval_split_name / subset / data_files, as ultrachat_200k needs them (no network)."""
     from datasets import Dataset
 
-    from sftrainer.train import resolve_data
+    from sftrainer.sources import resolve_data
 
     calls = []
 
@@ -688,7 +688,7 @@ def test_yaml_data_columns_are_applied(tmp_path):
     never applied, although the README's main example uses it)."""
     import json
 
-    from sftrainer.train import resolve_data
+    from sftrainer.sources import resolve_data
 
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(4)))

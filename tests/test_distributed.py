@@ -24,8 +24,8 @@ from tiny_models import save_tiny_model
 
 from sftrainer import cli
 from sftrainer.checkpoint import latest_checkpoint
-from sftrainer.distributed import launch_command
 from sftrainer.errors import ConfigError
+from sftrainer.launch import launch_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("dist_train.py")

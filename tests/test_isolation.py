@@ -284,7 +284,7 @@ def test_the_vision_check_refuses_stateful_text_layers_too():
     """LFM2-VL: its language model's short convolutions leak across packed rows with images as without."""
     import transformers
 
-    from sftrainer.vision import check_isolation
+    from sftrainer.vision.probe import check_isolation
 
     if not hasattr(transformers, "Lfm2VlConfig"):
         pytest.skip(f"transformers {transformers.__version__} has no Lfm2VlConfig")

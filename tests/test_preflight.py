@@ -13,6 +13,7 @@ from tiny_models import quick_args
 from sftrainer import SFTTrainer
 from sftrainer.constants import FULL_LR_RANGE, IGNORE_INDEX, LORA_LR_RANGE
 from sftrainer.data.load import load
+from sftrainer.data.stats import row_arrays
 from sftrainer.preflight import (
     StepTimeCallback,
     check_run,
@@ -21,7 +22,7 @@ from sftrainer.preflight import (
     plan_steps,
     rows_missing_stop,
 )
-from sftrainer.preview import prepare_for_preview, row_arrays
+from sftrainer.preview import prepare_for_preview
 
 PAIRS = [{"prompt": f"Count the words: {'sun ' * n}", "response": str(n)} for n in range(1, 12)]
 

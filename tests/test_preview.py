@@ -6,11 +6,13 @@ tokens), the histogram against the kept rows, the PNG by decoding it, the warnin
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,18 +21,17 @@ from sftrainer import SFTConfig
 from sftrainer.cli import main
 from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.load import load
+from sftrainer.data.stats import count_duplicates, row_arrays
 from sftrainer.preview import (
     ANSI_RESET,
     ANSI_TRAINED,
     ASCII_MARKERS,
     MARKERS,
-    count_duplicates,
     format_histogram,
     length_histogram,
     markers_for,
     prepare_for_preview,
     render_row,
-    row_arrays,
     template_source,
 )
 
@@ -346,3 +347,73 @@ def test_data_command_describes_a_stream_by_its_first_rows(tmp_path, capsys, tin
     assert code == 0
     assert f"train data: {data} (streamed: its first 4 rows, not the whole stream)" in out
     assert "rows: 4 read, 4 kept" in out and out.count("--- row ") == 1
+
+
+# ---- the preview's rows are the trained rows ------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised where training would start: the trainer is built, its data prepared."""
+
+
+def _rows_of(dataset) -> list[tuple[bytes, bytes]]:
+    """Each row (packed sequences split back) as the bytes of its input_ids and labels."""
+    arrays = row_arrays(dataset)
+    bounds = zip(arrays.offsets[:-1], arrays.offsets[1:])
+    return [(arrays.ids[a:b].tobytes(), arrays.labels[a:b].tobytes()) for a, b in bounds]
+
+
+def _trained_and_previewed(raw: dict, run: Path, monkeypatch) -> tuple[Any, Any]:
+    """The train rows ``train(cfg)`` builds its trainer with, and the rows ``sftrainer data`` prepared."""
+    from sftrainer import preview
+    from sftrainer.run_config import build_config
+    from sftrainer.trainer import SFTTrainer
+
+    train = importlib.import_module("sftrainer.train")  # the module (sftrainer.train is also the function)
+    cfg = build_config({**raw, "output_dir": str(run), "report_to": "none"})
+    seen: dict[str, Any] = {}
+
+    class Captured(SFTTrainer):
+        def train(self, *args, **kwargs):
+            seen["trained"] = self.train_dataset
+            raise _Stop
+
+    monkeypatch.setattr(train, "SFTTrainer", Captured)
+    with pytest.raises(_Stop):
+        train.train(cfg)
+    prepare = preview._prepare_with_sources
+
+    def spy(dataset, tokenizer, args, name, *rest):
+        out = prepare(dataset, tokenizer, args, name, *rest)
+        seen.setdefault(name, out[0])
+        return out
+
+    monkeypatch.setattr(preview, "_prepare_with_sources", spy)
+    preview.preview_run(cfg)
+    return seen["trained"], seen["train data"]
+
+
+def _write(path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["chat", "packed", "mixture"])
+def test_previewed_rows_are_the_trained_rows_byte_for_byte(kind, tmp_path, monkeypatch):
+    chat = _write(tmp_path / "chat.jsonl", CHAT_ROWS * 3)
+    pairs = _write(tmp_path / "pairs.jsonl", PAIRS)
+    raw: dict[str, Any] = {
+        "chat": {"data": {"train": chat}, "max_length": 48},
+        "packed": {"data": {"train": pairs}, "packing": True, "max_length": 64},
+        "mixture": {"data": {"train": [{"path": pairs, "weight": 2}, {"path": chat, "weight": 1}]}},
+    }[kind]
+    trained, previewed = _trained_and_previewed(raw, tmp_path / "run", monkeypatch)
+    assert ("position_ids" in trained.column_names) == (kind == "packed")
+    # Training shuffles (and packs); the preview keeps the prepared rows in order: the same rows.
+    assert sorted(_rows_of(trained)) == sorted(_rows_of(previewed))
+    assert len(_rows_of(previewed)) > 0
+    unshuffled, in_order = _trained_and_previewed(
+        {**raw, "shuffle_dataset": False}, tmp_path / "unshuffled", monkeypatch
+    )
+    if kind != "packed":  # packing reorders rows (best-fit decreasing); unpacked, the order is the same too
+        assert _rows_of(unshuffled) == _rows_of(in_order)

@@ -405,7 +405,7 @@ def test_public_collator_reads_trl_packing_and_loss_masks():
 
 def test_differences_from_trl_are_said_once_in_the_log(tiny_model_dir, tmp_path, caplog):
     chat = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}] * 4
-    with caplog.at_level(logging.INFO, logger="sftrainer.data.pipeline"):
+    with caplog.at_level(logging.INFO, logger="sftrainer.pipeline"):
         trainer = SFTTrainer(
             model=str(tiny_model_dir), args=quick_args(tmp_path), train_dataset=chat, eval_dataset=chat
         )

@@ -17,10 +17,10 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from sftrainer import SFTTrainer
 from sftrainer.constants import IGNORE_INDEX
-from sftrainer.data.vision_collate import VisionCollator
 from sftrainer.errors import ConfigError, DataError
 from sftrainer.isolation import ContaminationError
-from sftrainer.vision import packing_problem, vision_parts
+from sftrainer.vision.collate import VisionCollator
+from sftrainer.vision.model import packing_problem, vision_parts
 
 QUESTIONS = (
     "What is in the picture?",
@@ -302,7 +302,7 @@ def llava_run(vlm_dirs, tmp_path_factory):
 def test_the_generation_prompt_is_the_training_prompt(llava_run, tmp_path):
     """What generate feeds the model for a question with an image is exactly the untrained prefix
     training gave the model before its answer."""
-    from sftrainer.data.vision_collate import prompt_inputs
+    from sftrainer.vision.collate import prompt_inputs
 
     _, trainer = llava_run
     path = tmp_path / "red.png"
@@ -448,8 +448,8 @@ def test_trl_vision_collator_trains_image_tokens_where_sftrainer_trains_none(vlm
 
 
 def test_a_streamed_data_set_with_images_trains(vlm_dirs, tmp_path):
-    from sftrainer.data.images import lift_images
     from sftrainer.data.load import load
+    from sftrainer.vision.images import lift_images
 
     stream = load([lift_images(r) for r in _rows(4)], "rows").to_iterable_dataset()
     trainer = SFTTrainer(

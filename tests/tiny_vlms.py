@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from sftrainer import builtin_vlm
+from sftrainer.vision import builtin as builtin_vlm
 
 HERE = Path(__file__).parent
 FAMILIES = ("llava", "idefics3", "gemma3")

@@ -57,7 +57,7 @@ OPTIONAL_COLUMNS: dict[Format, tuple[str, ...]] = {
     Format.PROMPT_COMPLETION: ("system", *CHAT_COLUMNS),
     Format.PROMPT_RESPONSE: ("system", *CHAT_COLUMNS),
 }
-# The image columns of vision-language rows (sftrainer.data.images) are known too: data.columns may map to them.
+# The image columns of vision-language rows (sftrainer.vision.images) are known too: data.columns may map to them.
 KNOWN_COLUMNS = sorted(
     {c for cols in (*REQUIRED_COLUMNS.values(), *OPTIONAL_COLUMNS.values()) for c in cols}
     | set(IMAGE_COLUMNS)

@@ -11,18 +11,21 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import hashlib
 import itertools
 import logging
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, Features, IterableDataset, List, Value
+from datasets.fingerprint import Hasher
 
 from sftrainer.constants import PAIR_TEMPLATES, ROWS_PER_PREPARE_PROCESS, TRAIN_ON, TRUNCATION_MODES
 from sftrainer.data.formats import (
@@ -42,6 +45,7 @@ from sftrainer.data.load import guard_stream
 from sftrainer.data.origin import Origin, origin_of, places, where
 from sftrainer.data.tokenize import ExampleTokenizer, Tokenized, tokenize_pretokenized
 from sftrainer.errors import ConfigError, DataError, RowError, did_you_mean
+from sftrainer.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -517,11 +521,6 @@ def auto_num_proc(rows: int) -> int:
 def _code_version() -> str:
     """A hash of this package's data code: datasets fingerprints a map by the function object, not the
     code of the helpers it calls, so without it a cache written by an older sftrainer is reused."""
-    import hashlib
-    from pathlib import Path
-
-    from sftrainer import __version__
-
     digest = hashlib.sha256(__version__.encode())
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.read_bytes())
@@ -532,8 +531,6 @@ def cache_key(dataset: Dataset, settings: DataSettings, parts: list[Any], column
     """A prepared data set's cache key: the data, the settings, what else decides the rows (``parts``:
     the tokenizer / processor and template, the format, a formatting_func) and the code that prepares
     them. None (datasets decides) if a part cannot be hashed (an unpicklable formatting_func)."""
-    from datasets.fingerprint import Hasher
-
     # How many processes prepare it, and whether a cached copy may be used, do not change the rows.
     settings = dataclasses.replace(settings, num_proc=None, overwrite_cache=False)
     try:

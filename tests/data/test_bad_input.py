@@ -499,7 +499,7 @@ def test_mixed_formats_split_off_or_sampled_from_a_file_are_named_by_their_lines
     """The CLI splits eval_split off (and renames data.columns) before preparing, and a mixture
     prepares a sample: the first row of each format is still named by its line in the file."""
     from sftrainer.data.mixture import Mixture, MixtureSource, prepare_mixture
-    from sftrainer.train import resolve_data
+    from sftrainer.sources import resolve_data
 
     chat = json.dumps({"messages": [USER, ANSWER]})
     path = jsonl(*[chat] * 6, *[json.dumps({"question": "Q", "response": "A"})] * 6)(tmp_path)

@@ -124,7 +124,7 @@ def test_eval_split_is_deterministic_by_seed(tmp_path):
     """data.eval_split holds out the same rows for the same seed (also through the YAML run), others
     for another seed, and never a row in both parts."""
     from sftrainer.run_config import load_config
-    from sftrainer.train import resolve_data
+    from sftrainer.sources import resolve_data
 
     rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(40)]
     path = tmp_path / "rows.jsonl"

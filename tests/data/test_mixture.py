@@ -14,10 +14,10 @@ from datasets import Dataset, IterableDataset
 
 from sftrainer.config import SFTConfig
 from sftrainer.data.mixture import Mixture, MixtureSource, plan_rows, sample_indices
-from sftrainer.data.pipeline import DataPipeline
 from sftrainer.errors import ConfigError, DataError
+from sftrainer.pipeline import DataPipeline
 from sftrainer.run_config import build_config
-from sftrainer.train import resolve_data
+from sftrainer.sources import resolve_data
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:

@@ -142,7 +142,7 @@ def test_null_content_rendered_as_empty_text_is_said_once(caplog):
     import logging
 
     tok = rt.tokenizer("qwen3")
-    with caplog.at_level(logging.WARNING, logger="sftrainer.data.tokenize"):
+    with caplog.at_level(logging.WARNING, logger="sftrainer.data.render"):
         rows, _ = zoo.prep([{"messages": rt.TOOL_CALL, "tools": [rt.WEATHER_TOOL]}] * 3, tok)
     assert spans(rows, tok)[0][0].startswith("<tool_call>")
     assert caplog.text.count("rendered with empty text") == 1

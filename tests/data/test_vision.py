@@ -15,17 +15,17 @@ from tiny_vlms import FAMILIES, build_processor, image, png_bytes
 from transformers import AutoProcessor
 
 from sftrainer.constants import IGNORE_INDEX
-from sftrainer.data import vision_prepare
 from sftrainer.data.formats import ChatExample, normalise_messages
-from sftrainer.data.images import SENTINEL, image_ref, lift_images, load_image, split_images, with_parts
 from sftrainer.data.load import load
 from sftrainer.data.prepare import DataSettings
 from sftrainer.data.tokenize import ExampleTokenizer
-from sftrainer.data.vision import CollapsedImages, feature_token_ids
-from sftrainer.data.vision_collate import VisionCollator
-from sftrainer.data.vision_prepare import pack_with_images, prepare_vision
 from sftrainer.errors import ConfigError, DataError, RowError
-from sftrainer.vision import prepare_processor
+from sftrainer.vision import prepare as vision_prepare
+from sftrainer.vision.collate import VisionCollator
+from sftrainer.vision.images import SENTINEL, image_ref, lift_images, load_image, split_images, with_parts
+from sftrainer.vision.model import prepare_processor
+from sftrainer.vision.prepare import pack_with_images, prepare_vision
+from sftrainer.vision.processor import CollapsedImages, feature_token_ids
 
 END_OF_TURN = {"llava": "</s>", "idefics3": "<end_of_utterance>", "gemma3": "<end_of_turn>"}
 

@@ -23,9 +23,11 @@ from typing import Any
 import torch
 
 from sftrainer.data.collate import PaddedCollator, PositionCollator
-from sftrainer.data.images import load_image
-from sftrainer.data.vision import feature_token_ids, placeholder
+from sftrainer.data.formats import ChatExample
 from sftrainer.errors import DataError
+from sftrainer.vision.encode import VisionTokenizer, expand_placeholders
+from sftrainer.vision.images import load_image, split_images, with_parts
+from sftrainer.vision.processor import feature_token_ids, placeholder
 
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "text_replacement_offsets")
 TYPE_ID_KEYS = ("token_type_ids", "mm_token_type_ids")
@@ -81,10 +83,6 @@ def prompt_inputs(
     as training renders them: typed parts, the chat template's generation prompt, each image's
     expansion, BOS once. ``images`` (paths, bytes, PIL images) fill the messages' ``{"type": "image"}``
     parts in order, or, when the messages are plain strings, go before the first user text."""
-    from sftrainer.data.formats import ChatExample
-    from sftrainer.data.images import split_images, with_parts
-    from sftrainer.data.vision import VisionTokenizer, expand_placeholders
-
     row, refs = split_images({"messages": messages, "images": list(images)}, "images" if images else None)
     loaded = [load_image(ref, f"image {k + 1}") for k, ref in enumerate(refs)]
     tokenizer = processor.tokenizer

@@ -1,4 +1,4 @@
-"""Vision-language models: their processor, what trains, and whether packed rows stay apart.
+"""Vision-language models: their processor made ready, what trains, and which families can pack.
 
 - ``prepare_processor``: the checkpoint's processor (image processor + tokenizer + chat template;
   ``model.load_processor`` loads it) made ready as ``model.prepare_tokenizer`` makes a tokenizer
@@ -8,9 +8,13 @@
   place; LoRA gets a copy of the ``LoraConfig`` whose ``target_modules`` match the language model's
   layers only (PEFT's ``all-linear`` would also adapt every linear layer of the vision tower), with
   the projector in ``modules_to_save`` when it trains.
-- ``packing_problem`` / ``check_isolation``: packing and padding-free batches for families whose
-  rows can be kept apart by ``position_ids``, checked on the model with images before training;
-  families that compute their positions from the batch's image layout are refused.
+- ``packing_problem``: packing and padding-free batches for families whose rows can be kept apart by
+  ``position_ids`` (``vision.probe.check_isolation`` checks it on the model with images before
+  training); families that compute their positions from the batch's image layout are refused.
+
+With ``probe.py`` (which asks ``packing_problem``), the part of the package on the model layer: it
+imports ``sftrainer.model``; the data-side modules (images, processor, encode, collate, prepare) never
+import it.
 """
 
 from __future__ import annotations
@@ -28,10 +32,9 @@ from sftrainer.constants import (
     PROJECTOR_NAMES,
     VISION_TOWER_NAMES,
 )
-from sftrainer.data.collate import PositionCollator
 from sftrainer.errors import ConfigError
-from sftrainer.isolation import ContaminationError, check_row_isolation, stateful_layers
-from sftrainer.model import is_vision_config, prepare_tokenizer, read_chat_template
+from sftrainer.model import default_chat_template, is_vision_config, prepare_tokenizer, read_chat_template
+from sftrainer.vision.processor import placeholder
 
 logger = logging.getLogger(__name__)
 
@@ -53,27 +56,6 @@ DEFAULT_VISION_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '### Assistant:\\n' }}{%- endif -%}"
 )
-
-
-def is_processor(obj: Any) -> bool:
-    """A multimodal processor with an image processor and a tokenizer (not a bare tokenizer)."""
-    from transformers import ProcessorMixin
-
-    return isinstance(obj, ProcessorMixin) and hasattr(obj, "image_processor") and hasattr(obj, "tokenizer")
-
-
-def text_tokenizer(processing_class: Any) -> Any:
-    """The tokenizer of a processor, or the tokenizer itself."""
-    return processing_class.tokenizer if is_processor(processing_class) else processing_class
-
-
-def preview_decoder(processing_class: Any) -> Any:
-    """What decodes rows for people: a processor's runs of image tokens written once (``<image>×576``)."""
-    if not is_processor(processing_class):
-        return processing_class
-    from sftrainer.data.vision import CollapsedImages
-
-    return CollapsedImages(processing_class)
 
 
 def is_vision_model(model: Any) -> bool:
@@ -113,9 +95,6 @@ def prepare_processor(
 
 
 def _default_template(processor: Any, tokenizer: Any) -> str:
-    from sftrainer.data.vision import placeholder
-    from sftrainer.model import default_chat_template
-
     bos = "{{ bos_token }}" if default_chat_template(tokenizer).startswith("{{ bos_token }}") else ""
     logger.info(
         "Neither the processor nor its tokenizer has a chat template; using sftrainer's default ('### "
@@ -209,6 +188,7 @@ def _lora_config(
             "LoRA target_modules is a regular expression; applied as given (vision tower included if it matches)"
         )
         return peft_config
+    assert parts.language is not None  # adapt_for_training refuses a model without a language model
     prefixes = [parts.language] + (list(parts.vision_tower) if train_vision_tower else [])
     head = model.get_output_embeddings()
     if targets is None or targets == "all-linear":
@@ -263,105 +243,3 @@ def packing_problem(model: Any) -> str | None:
     if getattr(config, "cross_attention_layers", None) or kind == "mllama":
         return f"{kind} attends to images through cross-attention masks laid out per batch row"
     return None
-
-
-@torch.no_grad()
-def check_isolation(model: Any, collator: Any, compute_dtype: torch.dtype | None = None) -> None:
-    """Raise ``ContaminationError`` unless rows packed with their images are isolated.
-
-    As ``isolation.check_row_isolation``, with an image in each row: two rows of text around an image
-    each (different images) are laid out as the collator lays out training batches, and the logits of
-    the second are compared with those of the same row alone, in a batch of its own.
-    """
-    from sftrainer.data.images import image_ref
-    from sftrainer.data.vision import VisionTokenizer
-    from sftrainer.data.vision_collate import VisionCollator
-
-    problem = packing_problem(model)
-    if problem is not None:
-        raise ContaminationError(
-            f"packing / padding_free: {problem}; set packing=False and padding_free=False"
-        )
-    if stateful_layers(model):  # rows of text show a state carried from one row into the next
-        text = PositionCollator(collator.pad_token_id, flatten=collator.flatten)
-        check_row_isolation(model, text, compute_dtype)
-    processor = collator.processor
-    encoder = VisionTokenizer(processor)
-    images = [_probe_image(k) for k in range(2)]
-    rows = []
-    vocab = model.get_input_embeddings().num_embeddings
-    gen = torch.Generator().manual_seed(0)
-    for k, image in enumerate(images):
-        (expansion,) = encoder.expansions([[image]])[0]
-        ids = encoder.tokenizer(expansion, add_special_tokens=False)["input_ids"]
-        before, after = (
-            [i for i in torch.randint(3, vocab, (n,), generator=gen).tolist() if i not in encoder.special_ids]
-            for n in (6 + k, 4)
-        )
-        rows.append({"input_ids": before + ids + after, "images": [image_ref(image, "probe")]})
-    first, second = rows
-    if collator.flatten:
-        features = rows
-    else:  # one packed row, plus a plain row so the batch dimension is exercised too
-        positions = [*range(len(first["input_ids"])), *range(len(second["input_ids"]))]
-        packed = {"input_ids": first["input_ids"] + second["input_ids"], "position_ids": positions}
-        features = [{**packed, "images": first["images"] + second["images"]}, first]
-    alone = VisionCollator(processor, collator.pad_token_id)([second])
-    together = collator(features)
-    span = (len(first["input_ids"]), len(first["input_ids"]) + len(second["input_ids"]))
-    error, scale = _difference(model, together, alone, span)
-    compute_dtype = compute_dtype or model.dtype
-    tolerance = 1e-3 if compute_dtype == torch.float32 else 3e-2
-    impl = getattr(model.config, "_attn_implementation", None) or "unknown"
-    name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
-    if not error <= tolerance * scale:
-        typed = [k for k in ("token_type_ids", "mm_token_type_ids") if k in together]
-        if typed:  # is it the bidirectional attention within images that crosses the rows?
-            plain = [{k: v for k, v in b.items() if k not in typed} for b in (together, alone)]
-            without, scale = _difference(model, *plain, span)
-            if without <= tolerance * scale:
-                import transformers
-
-                raise ContaminationError(
-                    f"packing / padding_free with images: {name} attends bidirectionally within each image "
-                    f"({typed[0]}), and transformers {transformers.__version__}'s attention masks do not keep "
-                    f"that inside each packed row (logits differ by {error:.3g} from the row alone; without "
-                    f"{typed[0]} by {without:.2g}). Set packing=False and padding_free=False for this model."
-                )
-        raise ContaminationError(
-            f"packed rows with images attend to each other with {name} and attn_implementation='{impl}' "
-            f"(logits differ by {error:.3g} from the row alone), so packing or padding-free batches would "
-            "train on cross-row context. Set packing=False and padding_free=False, or try "
-            "attn_implementation 'sdpa' or 'eager'."
-        )
-    logger.info(
-        "Packed rows with images are isolated (%s, attn_implementation='%s', max logit difference %.2g)",
-        name,
-        impl,
-        error,
-    )
-
-
-def _difference(model: Any, together: dict, alone: dict, span: tuple[int, int]) -> tuple[float, float]:
-    """(max |logit difference| of the row at ``span`` of ``together``'s first row vs ``alone``, scale)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        got = model(**_on(together, device), use_cache=False).logits[0, span[0] : span[1]].float()
-        want = model(**_on(alone, device), use_cache=False).logits[0].float()
-    finally:
-        model.train(was_training)
-    return (got - want).abs().max().item(), max(1.0, want.abs().max().item())
-
-
-def _probe_image(k: int) -> Any:
-    from PIL import Image
-
-    gen = torch.Generator().manual_seed(k)
-    pixels = torch.randint(0, 256, (48, 40, 3), generator=gen, dtype=torch.uint8).numpy()
-    return Image.fromarray(pixels, "RGB")
-
-
-def _on(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}

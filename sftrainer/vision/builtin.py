@@ -3,20 +3,17 @@ weights and its processor, built locally like the built-in text model, so that t
 example (configs/vlm-lora.yaml) runs anywhere on a CPU in seconds. It has never seen an image:
 it shows the shape of a run, not a useful model.
 
-Saved with ``save_pretrained`` in the cache directory (``$SFTRAINER_HOME``), rebuilt when missing or
-broken, and loaded through the same code as any checkpoint (``AutoModelForImageTextToText``,
-``AutoProcessor``). The image processor is CLIP's PIL one, which needs no torchvision.
+``save(directory)`` writes it with ``save_pretrained``; ``sftrainer.builtin`` keeps it in the cache
+directory (``$SFTRAINER_HOME``), rebuilt when missing or broken (``FILES``), and it is loaded through
+the same code as any checkpoint (``AutoModelForImageTextToText``, ``AutoProcessor``). The image
+processor is CLIP's PIL one, which needs no torchvision. Imports nothing from sftrainer: the built-in
+models' cache (``sftrainer.builtin``) imports this module, not the other way round.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
-
-from sftrainer import builtin
-
-logger = logging.getLogger(__name__)
 
 VERSION = "v1"
 IMAGE_SIZE, PATCH = 32, 8  # 16 image tokens per image
@@ -40,16 +37,15 @@ CORPUS = [
 ]
 
 
-def model_dir() -> Path:
-    """Directory of the built-in vision-language model, built on first use or when broken."""
-    root = builtin.cache_dir() / f"builtin-llava-{VERSION}"
-    if not _ok(root):
-        with builtin._atomic_dir(root) as tmp:
-            processor = build_processor()
-            build_model(processor.tokenizer).save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-        logger.info("Built the demo vision-language model in %s", root)
-    return root
+DIRECTORY = f"builtin-llava-{VERSION}"  # its name in the cache directory
+FILES = ("config.json", "tokenizer.json", "processor_config.json", "model.safetensors")  # a whole copy
+
+
+def save(directory: Path) -> None:
+    """Build the model and its processor and save both in ``directory``."""
+    processor = build_processor()
+    build_model(processor.tokenizer).save_pretrained(directory)
+    processor.save_pretrained(directory)
 
 
 def build_processor() -> Any:
@@ -123,8 +119,3 @@ def build_model(tokenizer: Any, seed: int = 0) -> Any:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-def _ok(root: Path) -> bool:
-    files = ("config.json", "tokenizer.json", "processor_config.json", "model.safetensors")
-    return all((root / name).is_file() for name in files) and builtin._model_ok(root)

@@ -1,5 +1,7 @@
 """Vision-language rows -> tokens: a conversation rendered with its images' tokens, the loss exactly on
-the assistant text, never on an image token (``sftrainer.data.vision_prepare`` runs it over a data set).
+the assistant text, never on an image token (``sftrainer.vision.prepare`` runs it over a data set).
+``VisionTokenizer`` is the image strategy's encoder: it renders and encodes as the text pipeline's
+``ExampleTokenizer`` does (it wraps one), with the images' expansions put in between.
 
 One row goes through the text pipeline's own steps, with the images put in between:
 
@@ -26,27 +28,10 @@ from typing import Any
 
 from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.formats import ChatExample
-from sftrainer.data.images import with_parts
 from sftrainer.data.tokenize import ExampleTokenizer, Segment, Tokenized
 from sftrainer.errors import ConfigError, RowError
-
-
-def placeholder(processor: Any) -> str:
-    """The text the processor expands into an image's tokens (``<image>``, Gemma 3's ``<start_of_image>``)."""
-    token = getattr(processor, "image_token", None)
-    if not isinstance(token, str) or not token:
-        raise ConfigError(
-            f"{type(processor).__name__} has no image_token: sftrainer cannot tell where its images go"
-        )
-    return token
-
-
-def feature_token_ids(processor: Any) -> frozenset[int]:
-    """Ids of the tokens the model replaces by image features (repeated once per feature)."""
-    ids = {i for i in getattr(processor, "image_token_ids", None) or [] if isinstance(i, int)}
-    if not ids:
-        ids = {processor.tokenizer.convert_tokens_to_ids(placeholder(processor))}
-    return frozenset(ids)
+from sftrainer.vision.images import with_parts
+from sftrainer.vision.processor import feature_token_ids, placeholder
 
 
 class VisionTokenizer:
@@ -186,24 +171,3 @@ def expand_placeholders(text: str, placeholder: str, replacements: Any) -> str:
     reps = iter(replacements)
     pieces = text.split(placeholder)
     return pieces[0] + "".join(next(reps) + piece for piece in pieces[1:])
-
-
-class CollapsedImages:
-    """A processor's ``decode`` that writes each run of image tokens once, as ``<image>×576``: what
-    ``sftrainer data`` and the run report show of a row (not 576 placeholders)."""
-
-    def __init__(self, processor: Any):
-        self.tokenizer = processor.tokenizer
-        self.feature_ids = feature_token_ids(processor)
-
-    def decode(self, ids: Sequence[int], **kwargs: Any) -> str:
-        out, start = [], 0
-        ids = list(ids)
-        for k in range(1, len(ids) + 1):
-            if k == len(ids) or (ids[k] in self.feature_ids) != (ids[start] in self.feature_ids):
-                if ids[start] in self.feature_ids:
-                    out.append(f"{self.tokenizer.convert_ids_to_tokens(ids[start])}×{k - start}")
-                else:
-                    out.append(self.tokenizer.decode(ids[start:k], **kwargs))
-                start = k
-        return "".join(out)

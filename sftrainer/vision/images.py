@@ -236,7 +236,7 @@ USER_TEXT_FIELDS = ("prompt", "instruction", "text")  # a pair's prompt opens it
 
 def _string_contents(row: dict[str, Any]) -> list[tuple[tuple[str, int | None, str | None], str, str]]:
     """((field, message index, content key), role, text) of each string text of the row, in order."""
-    out = []
+    out: list[tuple[tuple[str, int | None, str | None], str, str]] = []
     for field in TEXT_FIELDS:
         value = row.get(field)
         if isinstance(value, str):

@@ -1,10 +1,15 @@
-"""Raw data -> rows the collator takes: load, tokenize, truncate, pack, shuffle; with the counts of each.
+"""DataPipeline: the ONE preparation path, raw data -> rows the collator takes (load, tokenize, truncate,
+pack, shuffle), with the counts of each step.
 
-``SFTTrainer`` runs every data set through one ``DataPipeline``: the train and eval sets given to its
-constructor, and the raw eval sets given to ``evaluate`` later, so they are prepared the same way.
+Contract: training (``SFTTrainer``: the train and eval sets given to its constructor, and the raw eval sets
+given to ``evaluate`` later) and ``sftrainer data`` (``sftrainer.preview``, with ``shuffle=False``) prepare
+every data set through this class, so the rows the preview shows are the rows trained. It orchestrates the
+pure functions of ``sftrainer.data`` (and the image strategy of ``sftrainer.vision``); the settings they get
+come from one function, ``prepare_settings``.
 
 Output rows: ``input_ids``, ``labels`` (``IGNORE_INDEX`` on untrained tokens), plus ``position_ids``
-when packed, and ``images`` with a vision-language processor (``sftrainer.data.vision``). With ``dataset_kwargs={"skip_prepare_dataset": True}`` (TRL) the rows are used as given.
+when packed, and ``images`` with a vision-language processor (``sftrainer.vision``). With
+``dataset_kwargs={"skip_prepare_dataset": True}`` (TRL) the rows are used as given.
 """
 
 from __future__ import annotations
@@ -12,23 +17,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from datasets import Dataset, IterableDataset
 
+from sftrainer.config import SFTConfig
 from sftrainer.constants import FIRST_ROWS, IMAGE_COLUMNS, LOSS_MASK_COLUMNS
 from sftrainer.data import load as data_load
-from sftrainer.data.images import lift_images
 from sftrainer.data.mixture import Mixture, prepare_mixture
 from sftrainer.data.pack import PackStats, StreamPacker, pack_dataset
-from sftrainer.data.prepare import PrepareStats, prepare
-from sftrainer.data.vision_prepare import pack_with_images, prepare_vision
+from sftrainer.data.prepare import DataSettings, PrepareStats, prepare
 from sftrainer.distributed import main_process_first
 from sftrainer.errors import ConfigError, DataError
-from sftrainer.vision import is_processor
-
-if TYPE_CHECKING:
-    from sftrainer.config import SFTConfig
+from sftrainer.vision.images import lift_images
+from sftrainer.vision.prepare import pack_with_images, prepare_vision
+from sftrainer.vision.processor import is_processor
 
 logger = logging.getLogger(__name__)
 
@@ -36,20 +39,39 @@ SHUFFLE_BUFFER = 1000  # rows held by a streaming shuffle
 STREAM_PACK_ROWS = 2000  # rows of a stream packed together (best-fit decreasing within them)
 
 
+def prepare_settings(args: SFTConfig, pack: bool) -> DataSettings:
+    """The settings rows are prepared with: ``args.data_settings()``, without ``max_length`` when a packing
+    strategy that cuts long rows itself ('bfd_split', 'wrapped') packs them."""
+    settings = args.data_settings()
+    if pack and args.packing_strategy in ("bfd_split", "wrapped"):
+        settings = dataclasses.replace(settings, max_length=None)  # the packer cuts long rows
+    return settings
+
+
 class DataPipeline:
-    """Prepares data sets for one tokenizer and config; ``data_stats`` / ``pack_stats`` hold the counts by name."""
+    """Prepares data sets for one tokenizer and config; ``data_stats`` / ``pack_stats`` hold the counts by
+    name, ``source_stats`` each source's counts of a mixture. ``shuffle=False`` leaves the rows in order
+    where ``args.shuffle_dataset`` would shuffle them (``sftrainer data``); ``keep_rows=True`` keeps each
+    data set's prepared rows before packing in ``rows`` (what ``sftrainer data`` shows)."""
 
     def __init__(
         self,
         tokenizer: Any,
         args: SFTConfig,
         formatting_func: Callable[[dict[str, Any]], Any] | None = None,
+        *,
+        shuffle: bool = True,
+        keep_rows: bool = False,
     ):
         self.tokenizer = tokenizer
         self.args = args
         self.formatting_func = formatting_func
+        self.shuffle = shuffle
+        self.keep_rows = keep_rows
         self.data_stats: dict[str, PrepareStats] = {}
         self.pack_stats: dict[str, PackStats] = {}
+        self.source_stats: dict[str, list[PrepareStats]] = {}
+        self.rows: dict[str, Dataset | IterableDataset] = {}  # with keep_rows: before packing and shuffling
         self._prepared: list[Any] = []  # what this pipeline returned: passed again, used as is
         # The first prepared rows of each data set, before shuffling and packing: the rows
         # `sftrainer data` shows first, which the run report previews too (report.save_run_inputs).
@@ -119,9 +141,7 @@ class DataPipeline:
                 "carry its rows' images); load it without streaming, or set packing=False "
                 "(padding_free=True also avoids padding)"
             )
-        settings = args.data_settings()
-        if pack and args.packing_strategy in ("bfd_split", "wrapped"):
-            settings = dataclasses.replace(settings, max_length=None)  # the packer cuts long rows
+        settings = prepare_settings(args, pack)
         if isinstance(dataset, Mixture):
             prepared, self.data_stats[name] = self._prepare_mixture(dataset, name, settings)
         elif self.vision:
@@ -137,6 +157,8 @@ class DataPipeline:
         if isinstance(prepared, Dataset):
             first = prepared.select(range(min(FIRST_ROWS, len(prepared))))
             self.first_rows[name] = first.select_columns(["input_ids", "labels"]).to_list()
+        if self.keep_rows:
+            self.rows[name] = prepared
         if not pack:
             return self._shuffle(prepared)
         if isinstance(prepared, IterableDataset):
@@ -161,11 +183,14 @@ class DataPipeline:
         )
         return self._shuffle(packed)
 
-    def _prepare_mixture(self, mixture: Mixture, name: str, settings: Any) -> tuple[Dataset, PrepareStats]:
+    def _prepare_mixture(
+        self, mixture: Mixture, name: str, settings: DataSettings
+    ) -> tuple[Dataset, PrepareStats]:
         """Each source sampled and prepared on its own; ``data_stats`` gets each source's counts too."""
         prepared, total, parts = prepare_mixture(
             mixture, self.tokenizer, settings, name, self.args.seed, self.formatting_func
         )
+        self.source_stats[name] = parts
         for stats in parts:
             self.data_stats[stats.name] = stats
             self._note_differences(stats.format, False)
@@ -194,7 +219,7 @@ class DataPipeline:
                 logger.info("Differs from TRL: %s", note)
 
     def _shuffle(self, dataset: Dataset | IterableDataset) -> Dataset | IterableDataset:
-        if not self.args.shuffle_dataset:
+        if not (self.shuffle and self.args.shuffle_dataset):
             return dataset
         if isinstance(dataset, IterableDataset):
             return dataset.shuffle(seed=self.args.seed, buffer_size=SHUFFLE_BUFFER)

@@ -1,10 +1,10 @@
 """A vision-language data set -> rows with ``input_ids``, ``labels`` and ``images``, with every
 problem counted (``prepare`` of the text pipeline, for a processor; the tokens come from
-``sftrainer.data.vision.VisionTokenizer``).
+``sftrainer.vision.encode.VisionTokenizer``).
 
 Output rows (``prepare_vision``): ``input_ids`` list[int], ``labels`` list[int] (``IGNORE_INDEX`` on
 every untrained and every image token), ``images`` list of ``{"bytes", "path"}`` (decoded by
-``vision_collate.VisionCollator``, which makes the pixel tensors batch by batch). Rows that cannot be
+``vision.collate.VisionCollator``, which makes the pixel tensors batch by batch). Rows that cannot be
 used are listed together (row number, field, problem); rows ``max_length`` would cut inside an image
 are dropped and counted (``VisionPrepareStats.dropped_image_cut``).
 """
@@ -31,9 +31,9 @@ from sftrainer.data.formats import (
     rename_columns,
     split_turns,
 )
-from sftrainer.data.images import ImageRef, count_images, image_column, load_image, split_images
 from sftrainer.data.load import guard_stream
 from sftrainer.data.origin import origin_of, where
+from sftrainer.data.pack import best_fit_decreasing, pack_dataset
 from sftrainer.data.prepare import (
     EMPTY,
     OK,
@@ -46,8 +46,9 @@ from sftrainer.data.prepare import (
     shared_heap,
 )
 from sftrainer.data.tokenize import Segment
-from sftrainer.data.vision import VisionTokenizer
 from sftrainer.errors import ConfigError, DataError, RowError
+from sftrainer.vision.encode import VisionTokenizer
+from sftrainer.vision.images import ImageRef, count_images, image_column, load_image, split_images
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class _VisionBatch:
             row, column, text_field = dict(formatted), image_column(list(formatted)), None
             fmt = detect_format([c for c in row if c not in IMAGE_COLUMNS], "formatting_func output")
         text_row, refs = split_images(row, column, self.image_root)
+        assert fmt is not None  # the data set's format, or the formatting_func output's, detected above
         example = normalise_row(text_row, fmt, text_field, pairs_as_chat(fmt, self.settings.pair_template))
         trains = self.settings.train_on != "all"
         if isinstance(example, ChatExample) and trains and not _has_answer(example):
@@ -322,8 +324,6 @@ def pack_with_images(dataset: Dataset, max_length: int, strategy: str = "bfd") -
     """
     import numpy as np
     import pyarrow as pa
-
-    from sftrainer.data.pack import best_fit_decreasing, pack_dataset
 
     if strategy != "bfd":
         raise ConfigError(
