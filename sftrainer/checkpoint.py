@@ -30,12 +30,12 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sftrainer.errors import ConfigError, SFTrainerError
+from sftrainer.run import TRAINER_STATE, write_atomic
 
 logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = f"tmp-{PREFIX_CHECKPOINT_DIR}-"  # not matched by Trainer's `checkpoint-*` glob
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-TRAINER_STATE = "trainer_state.json"
 # Processes and batch sizes a checkpoint was written with (absent from older checkpoints).
 LAYOUT_FILE = "sftrainer_layout.json"
 # One of these in a checkpoint holds the weights (full model, PEFT adapter, sharded, FSDP, DeepSpeed).
@@ -289,13 +289,3 @@ def refuse_nonfinite_weights(name: str, step: int, output_dir: str) -> None:
         f"the weights hold nan or inf after step {step} (first: {name}); training stopped without saving "
         f"them, and {kept}. Lower learning_rate or set max_grad_norm"
     )
-
-
-# ---- writing ------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and one rename: never half written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

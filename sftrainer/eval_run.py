@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from sftrainer import builtin
-from sftrainer.checkpoint import TRAINER_STATE
 from sftrainer.data import load as data_load
 from sftrainer.errors import ConfigError
 from sftrainer.model import is_vision_checkpoint, load_processor, load_tokenizer
@@ -28,6 +27,7 @@ from sftrainer.run import (
     EVAL_RESULTS_FILE,
     MODEL_CONFIG,
     TOKENIZER_CONFIG,
+    TRAINER_STATE,
     load_run_model,
     model_source,
     read_run,

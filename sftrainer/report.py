@@ -24,11 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sftrainer.checkpoint import TRAINER_STATE
 from sftrainer.constants import FIRST_ROWS, IGNORE_INDEX, ROW_TOKEN_LIMIT
 from sftrainer.errors import SFTrainerError
 from sftrainer.png import Series, nice_ticks, tick_labels, write_charts
 from sftrainer.run import (
+    CHECKPOINT_PREFIX,
     CONFIG_FILE,
     DATA_STATS,
     EVAL_SAMPLES_DIR,
@@ -38,6 +38,7 @@ from sftrainer.run import (
     REPORT_HTML,
     REPORT_PNG,
     RESULTS_FILE,
+    TRAINER_STATE,
 )
 
 BLUE, ORANGE, GREEN = (31, 119, 180), (255, 127, 14), (44, 160, 44)
@@ -57,7 +58,7 @@ def load_history(run_dir: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
     states = [run_dir / TRAINER_STATE]
     checkpoints = sorted(
-        run_dir.glob("checkpoint-*"),
+        run_dir.glob(f"{CHECKPOINT_PREFIX}*"),
         key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
     )
     states += [c / TRAINER_STATE for c in reversed(checkpoints)]

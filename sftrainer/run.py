@@ -20,6 +20,9 @@ holds:
 - ``README.md`` (the model card, ``sftrainer.export``), ``report.png`` and ``report.html``
   (``sftrainer.report``), ``runs/<date>_<host>/`` (TensorBoard's event files, transformers' name);
 - ``earlier-runs/<n>/``: the records of an earlier run in the same directory (``sftrainer.run_dir``).
+
+Importing this module imports no torch or transformers (``sftrainer report`` reads a run with the
+layout names alone); the functions that need them import them where they run.
 """
 
 from __future__ import annotations
@@ -35,17 +38,15 @@ import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sftrainer import builtin
-from sftrainer.checkpoint import write_atomic
-from sftrainer.config import init_fields
 from sftrainer.errors import RunDirError
-from sftrainer.model import load_model
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ EARLIER_RUNS_DIR = "earlier-runs"  # earlier-runs/<n>/: the records set_aside_ea
 MODEL_CONFIG = "config.json"  # a full model's (or a base model's) config
 ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter's config
 TOKENIZER_CONFIG = "tokenizer_config.json"  # present where a tokenizer was saved
+TRAINER_STATE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME: the run's and each checkpoint's
+CHECKPOINT_PREFIX = "checkpoint-"  # checkpoint-<step>/: transformers' PREFIX_CHECKPOINT_DIR, then "-"
 
 # ---- the run record --------------------------------------------------------------------------
 
@@ -81,6 +84,8 @@ PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "sftraine
 
 def resolved_config(cfg: Any) -> dict[str, Any]:
     """``cfg`` (a ``RunConfig``) as the YAML ``sftrainer train`` reads: every key, defaults filled in."""
+    from sftrainer.config import init_fields  # transformers: only where a config is written
+
     out: dict[str, Any] = {}
     for name in init_fields(type(cfg.train)):
         if name not in SKIPPED_KEYS:
@@ -106,6 +111,8 @@ def _plain(value: Any) -> Any:
 
 def run_info(argv: list[str] | None = None) -> dict[str, Any]:
     """Library versions, Python, platform and the command line of this process."""
+    import torch  # only where a run starts
+
     versions = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -170,7 +177,7 @@ def read_run(run_dir: str | Path) -> Run:
         raise RunDirError(
             f"{run_dir} is not a run directory: it holds neither {ADAPTER_CONFIG} (a LoRA adapter) nor "
             f"{MODEL_CONFIG} (a full model). Give the output_dir of `sftrainer train` or one of its "
-            f"{PREFIX_CHECKPOINT_DIR}-<step>"
+            f"{CHECKPOINT_PREFIX}<step>"
         )
     run = Run(path=path, is_adapter=adapter_file.is_file())
     if run.is_adapter:
@@ -178,7 +185,7 @@ def read_run(run_dir: str | Path) -> Run:
     if (path / RESULTS_FILE).is_file():  # not the parent's: a checkpoint is not the final model
         run.metrics = json.loads((path / RESULTS_FILE).read_text())
     # A checkpoint-<step> directory has its run's config and card one level up.
-    in_checkpoint = path.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
+    in_checkpoint = path.name.startswith(CHECKPOINT_PREFIX)
     for where in (path, path.parent) if in_checkpoint else (path,):
         if run.config_path is None and (where / CONFIG_FILE).is_file():
             run.config_path = where / CONFIG_FILE
@@ -251,6 +258,8 @@ def load_run_model(
     trainable) on the base ``model_source(run, base)`` finds. A vision-language checkpoint loads as
     one (``sftrainer.model.load_model``); ``dtype`` is the dtype the weights load in ('auto': the
     checkpoint's own). The caller sets eval mode, or merges the adapter."""
+    from sftrainer.model import load_model  # torch / transformers: only where a model is loaded
+
     model = load_model(
         model_source(run, base),
         dtype=dtype,
@@ -270,3 +279,10 @@ def load_adapter(model: Any, run_dir: str | Path) -> Any:
             "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
         )
         return PeftModel.from_pretrained(model, str(run_dir))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and one rename: never half written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

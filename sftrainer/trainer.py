@@ -535,7 +535,7 @@ class SFTTrainer(Trainer):
             )
         self.accelerator.wait_for_everyone()  # every process has written its part
         if self.args.should_save:
-            self.state.save_to_json(os.path.join(staging, name, checkpoint.TRAINER_STATE))  # the final paths
+            self.state.save_to_json(os.path.join(staging, name, run.TRAINER_STATE))  # the final paths
             checkpoint.write_layout(os.path.join(staging, name), self.args)
             checkpoint.publish(staging, run_dir, name)
             rotate_checkpoints(
