@@ -113,7 +113,7 @@ def run_info(argv: list[str] | None = None) -> dict[str, Any]:
     """Library versions, Python, platform and the command line of this process."""
     import torch  # only where a run starts
 
-    versions = {"python": platform.python_version()}
+    versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
