@@ -391,6 +391,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _summary(metrics: dict[str, float], output_dir: str) -> str:
+    from sftrainer.run import RESULTS_FILE  # torch / transformers: only once a command runs
+
     rows = []
     for key in ("loss", "exact_match"):
         before, after = metrics.get(f"eval_before_{key}"), metrics.get(f"eval_{key}")
@@ -400,7 +402,7 @@ def _summary(metrics: dict[str, float], output_dir: str) -> str:
     return textwrap.dedent(f"""
         Training finished in {metrics.get("train_runtime", 0):.0f}s (train loss {metrics.get("train_loss", float("nan")):.4f}).
         {"{table}"}
-        Saved to {output_dir}  (metrics: {os.path.join(output_dir, "all_results.json")})
+        Saved to {output_dir}  (metrics: {os.path.join(output_dir, RESULTS_FILE)})
         """).replace("{table}", table)
 
 

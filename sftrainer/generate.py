@@ -18,14 +18,8 @@ import torch
 from transformers import GenerationConfig, TextStreamer
 
 from sftrainer.errors import DataError
-from sftrainer.export import load_adapter, read_run, resolve_base
-from sftrainer.model import (
-    default_chat_template,
-    is_vision_checkpoint,
-    load_model,
-    load_processor,
-    load_tokenizer,
-)
+from sftrainer.model import default_chat_template, is_vision_checkpoint, load_processor, load_tokenizer
+from sftrainer.run import load_run_model, model_source, read_run
 from sftrainer.vision.collate import prompt_inputs
 from sftrainer.vision.model import prepare_processor
 from sftrainer.vision.processor import is_processor, text_tokenizer
@@ -41,7 +35,7 @@ def load_for_inference(
     """(model in eval mode, tokenizer) of a run directory: a full model, or an adapter on its base.
     For a vision-language model the "tokenizer" is its processor (saved with the run)."""
     run = read_run(run_dir)
-    base_path = resolve_base(run, base) if run.is_adapter else str(run.path)
+    base_path = model_source(run, base)
     if is_vision_checkpoint(base_path, trust_remote_code):  # the processor saved with the run
         tokenizer = prepare_processor(load_processor(str(run.path), trust_remote_code))
     else:
@@ -49,12 +43,9 @@ def load_for_inference(
         if not tokenizer.chat_template:
             tokenizer.chat_template = default_chat_template(tokenizer)
             logger.warning("%s has no chat template; using sftrainer's default", run_dir)
+    model = load_run_model(run, base_path, dtype=dtype, trust_remote_code=trust_remote_code)
     if run.is_adapter:
-        model = load_model(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
-        model = load_adapter(model, run.path)
         logger.info("Loaded the LoRA adapter of %s on %s", run_dir, base_path)
-    else:
-        model = load_model(str(run.path), dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
     return model, tokenizer
 

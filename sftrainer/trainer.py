@@ -53,7 +53,7 @@ from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import IntervalStrategy, align_special_tokens, rotate_checkpoints
 
-from sftrainer import checkpoint, lora, memory, precision, quant, run_dir, sharding, template_tokens
+from sftrainer import checkpoint, lora, memory, precision, quant, run, run_dir, sharding, template_tokens
 from sftrainer.config import OVERWRITE_AND_RESUME, SFTConfig, to_sft_config
 from sftrainer.console import ConsoleCallback
 from sftrainer.constants import MODEL_TAGS
@@ -529,7 +529,7 @@ class SFTTrainer(Trainer):
             )
         self.accelerator.wait_for_everyone()  # every process has written its part
         if self.args.should_save:
-            self.state.save_to_json(os.path.join(staging, name, checkpoint.TRAINER_STATE))  # the final paths
+            self.state.save_to_json(os.path.join(staging, name, run.TRAINER_STATE))  # the final paths
             checkpoint.write_layout(os.path.join(staging, name), self.args)
             checkpoint.publish(staging, run_dir, name)
             rotate_checkpoints(
@@ -674,12 +674,12 @@ class SFTTrainer(Trainer):
         self.generation_samples_file = None
         if self.is_world_process_zero() and self.generation_samples:
             name = f"step-{step}" if prefix == "eval" else f"step-{step}.{prefix.removeprefix('eval_')}"
-            directory = Path(args.output_dir) / run_dir.EVAL_SAMPLES_DIR
+            directory = Path(args.output_dir) / run.EVAL_SAMPLES_DIR
             directory.mkdir(parents=True, exist_ok=True)
             text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in self.generation_samples)
             self.generation_samples_file = directory / f"{name}.jsonl"
             self.generation_samples_file.write_text(text, encoding="utf-8")
-            (Path(args.output_dir) / run_dir.EVAL_SAMPLES_FILE).write_text(text, encoding="utf-8")
+            (Path(args.output_dir) / run.EVAL_SAMPLES_FILE).write_text(text, encoding="utf-8")
             logger.info(
                 "Generation samples (%s, step %d; all in %s):\n%s",
                 prefix,

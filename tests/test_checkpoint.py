@@ -33,11 +33,10 @@ from sftrainer.checkpoint import (
     checkpoint_problem,
     latest_checkpoint,
     resolve_checkpoint,
-    resolved_config,
     resume_layout_problem,
-    run_info,
 )
 from sftrainer.errors import ConfigError
+from sftrainer.run import resolved_config, run_info
 from sftrainer.run_config import load_config
 
 REPO = Path(__file__).resolve().parents[1]

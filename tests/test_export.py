@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftrainer import builtin
 from sftrainer.cli import main
-from sftrainer.export import read_run, resolve_base
 from sftrainer.generate import prompt_ids
+from sftrainer.run import read_run, resolve_base
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
