@@ -29,8 +29,8 @@ from sftrainer.constants import (
     VISION_TOWER_NAMES,
 )
 from sftrainer.data.collate import PositionCollator
-from sftrainer.errors import ConfigError
-from sftrainer.isolation import ContaminationError, check_row_isolation, stateful_layers
+from sftrainer.errors import ConfigError, ContaminationError
+from sftrainer.isolation import check_row_isolation, stateful_layers
 from sftrainer.model import is_vision_config, prepare_tokenizer, read_chat_template
 
 logger = logging.getLogger(__name__)

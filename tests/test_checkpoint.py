@@ -27,7 +27,6 @@ from transformers import TrainerCallback
 from sftrainer import SFTTrainer
 from sftrainer.checkpoint import (
     LAYOUT_FILE,
-    NonFiniteLossError,
     batch_layout,
     check_resume_layout,
     checkpoint_problem,
@@ -37,7 +36,7 @@ from sftrainer.checkpoint import (
     resume_layout_problem,
     run_info,
 )
-from sftrainer.errors import ConfigError
+from sftrainer.errors import ConfigError, NonFiniteLossError
 from sftrainer.run_config import load_config
 
 REPO = Path(__file__).resolve().parents[1]

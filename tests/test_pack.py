@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.collate import DataCollatorForLanguageModeling, PaddedCollator, PositionCollator
 from sftrainer.data.pack import StreamPacker, best_fit_decreasing, pack_dataset
-from sftrainer.isolation import ContaminationError, check_row_isolation
+from sftrainer.errors import ContaminationError
+from sftrainer.isolation import check_row_isolation
 
 
 def _rows(lengths: list[int], seed: int = 0, vocab: int = 300) -> list[dict]:

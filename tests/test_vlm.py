@@ -18,8 +18,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from sftrainer import SFTTrainer
 from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.vision_collate import VisionCollator
-from sftrainer.errors import ConfigError, DataError
-from sftrainer.isolation import ContaminationError
+from sftrainer.errors import ConfigError, ContaminationError, DataError
 from sftrainer.vision import packing_problem, vision_parts
 
 QUESTIONS = (
