@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from sftrainer.constants import FIRST_ROWS
 from sftrainer.errors import ConfigError, SFTrainerError
+from sftrainer.version import __version__
 
 TRAIN_HELP = """\
 Fine-tune a causal language model.
@@ -208,8 +209,6 @@ def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _version() -> str:
-    from sftrainer import __version__
-
     return __version__
 
 

@@ -42,6 +42,7 @@ from sftrainer.data.load import guard_stream
 from sftrainer.data.origin import Origin, origin_of, places, where
 from sftrainer.data.tokenize import ExampleTokenizer, Tokenized, tokenize_pretokenized
 from sftrainer.errors import ConfigError, DataError, RowError, did_you_mean
+from sftrainer.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -519,8 +520,6 @@ def _code_version() -> str:
     code of the helpers it calls, so without it a cache written by an older sftrainer is reused."""
     import hashlib
     from pathlib import Path
-
-    from sftrainer import __version__
 
     digest = hashlib.sha256(__version__.encode())
     for path in sorted(Path(__file__).parent.glob("*.py")):
