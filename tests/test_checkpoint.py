@@ -39,6 +39,8 @@ from sftrainer.checkpoint import (
 from sftrainer.errors import ConfigError, NonFiniteLossError
 from sftrainer.run_config import load_config
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A training run that can kill itself: KILL_AT=<step> sends SIGKILL at the end of that optimizer

@@ -33,6 +33,8 @@ from sftrainer.isolation import (
     stateful_layers,
 )
 
+pytestmark = pytest.mark.slow
+
 LAYOUTS = {"flat": True, "rows": False}  # padding-free / FlashAttention: one flat row; else padded rows
 
 # The layer each family's refusal names (what transformers 5.25 calls it).

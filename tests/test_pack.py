@@ -172,6 +172,7 @@ def _model(tiny_model_dir, impl):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("flatten", [True, False])
 def test_packed_losses_and_gradients_equal_row_by_row(tiny_model_dir, impl, flatten):
@@ -234,6 +235,7 @@ class _LeakyCollator(PositionCollator):
         return batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("flatten", [True, False])
 def test_isolation_check_passes_and_refuses_a_leaking_setup(tiny_model_dir, impl, flatten):

@@ -34,6 +34,8 @@ from sftrainer.preview import (
     template_source,
 )
 
+pytestmark = pytest.mark.slow
+
 CHAT_ROWS = [
     {
         "messages": [

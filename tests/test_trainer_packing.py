@@ -14,6 +14,8 @@ from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.collate import PaddedCollator, PositionCollator
 from sftrainer.errors import ContaminationError
 
+pytestmark = pytest.mark.slow
+
 WORDS = [
     "apple",
     "berry",

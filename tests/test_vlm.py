@@ -21,6 +21,8 @@ from sftrainer.data.vision_collate import VisionCollator
 from sftrainer.errors import ConfigError, ContaminationError, DataError
 from sftrainer.vision import packing_problem, vision_parts
 
+pytestmark = pytest.mark.slow
+
 QUESTIONS = (
     "What is in the picture?",
     "Describe the image.",
