@@ -246,7 +246,7 @@ def cmd_train(
             )
         return code
 
-    from sftrainer import builtin
+    import sftrainer.builtin as builtin
     from sftrainer.run_config import load_config
     from sftrainer.run_dir import resume_hint
     from sftrainer.train import train
@@ -283,7 +283,7 @@ def _program() -> list[str]:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from sftrainer import builtin
+    import sftrainer.builtin as builtin
     from sftrainer.preview import markers_for, preview_run
     from sftrainer.run_config import load_config
 

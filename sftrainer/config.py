@@ -14,7 +14,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from sftrainer import precision, sharding
+import sftrainer.precision as precision
+import sftrainer.sharding as sharding
 from sftrainer.compat import normalise_trl_values, sft_values_from, trl_field_problems
 from sftrainer.data.pack import packing_strategy_problems
 from sftrainer.data.prepare import DataSettings

@@ -165,7 +165,8 @@ def prepare_launch(
 
     import torch
 
-    from sftrainer import builtin, sharding
+    import sftrainer.builtin as builtin
+    import sftrainer.sharding as sharding
     from sftrainer.coerce import coerce
     from sftrainer.precision import accelerator_type
     from sftrainer.run_config import apply_overrides, read_yaml
