@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sftrainer.constants import IGNORE_INDEX
 from sftrainer.errors import ConfigError, DataError, SFTrainerError
 from sftrainer.notices import install as _install_notice_filters
+from sftrainer.version import __version__ as __version__
 
 if TYPE_CHECKING:
     from sftrainer.config import SFTConfig
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from sftrainer.train import train
     from sftrainer.trainer import SFTTrainer
 
-__version__ = "0.1.0"
 __all__ = [
     "IGNORE_INDEX",
     "ConfigError",

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sftrainer.errors import ConfigError, SFTrainerError
+from sftrainer.errors import ConfigError, NonFiniteLossError
 from sftrainer.run import TRAINER_STATE, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -246,10 +246,6 @@ def _same_batch_hint(effective: int, world: int, accumulation: int) -> str:
 
 
 # ---- NaN / inf guard ---------------------------------------------------------------------------
-
-
-class NonFiniteLossError(SFTrainerError):
-    """The training loss became NaN or infinite; training stopped before applying it."""
 
 
 def check_loss(loss: torch.Tensor, step: int, output_dir: str) -> None:

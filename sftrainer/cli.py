@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from sftrainer.constants import FIRST_ROWS
 from sftrainer.errors import ConfigError, SFTrainerError
+from sftrainer.version import __version__
 
 TRAIN_HELP = """\
 Fine-tune a causal language model.
@@ -208,8 +209,6 @@ def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _version() -> str:
-    from sftrainer import __version__
-
     return __version__
 
 
@@ -247,7 +246,7 @@ def cmd_train(
             )
         return code
 
-    from sftrainer import builtin
+    import sftrainer.builtin as builtin
     from sftrainer.run_config import load_config
     from sftrainer.run_dir import resume_hint
     from sftrainer.train import train
@@ -284,7 +283,7 @@ def _program() -> list[str]:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from sftrainer import builtin
+    import sftrainer.builtin as builtin
     from sftrainer.preview import markers_for, preview_run
     from sftrainer.run_config import load_config
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from sftrainer import quant, sharding
+import sftrainer.quant as quant
+import sftrainer.sharding as sharding
 from sftrainer.coerce import coerce
 from sftrainer.config import INTERVALS, SFTConfig, init_fields
 from sftrainer.errors import ConfigError, did_you_mean

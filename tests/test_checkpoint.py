@@ -27,7 +27,6 @@ from transformers import TrainerCallback
 from sftrainer import SFTTrainer
 from sftrainer.checkpoint import (
     LAYOUT_FILE,
-    NonFiniteLossError,
     batch_layout,
     check_resume_layout,
     checkpoint_problem,
@@ -35,9 +34,11 @@ from sftrainer.checkpoint import (
     resolve_checkpoint,
     resume_layout_problem,
 )
-from sftrainer.errors import ConfigError
+from sftrainer.errors import ConfigError, NonFiniteLossError
 from sftrainer.run import resolved_config, run_info
 from sftrainer.run_config import load_config
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -124,6 +124,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_processes_preparing_the_same_data_at_once_agree(data_file):
     """Two runs started together on one cache (not under torchrun: nothing orders them) both
     finish, with the same rows; datasets writes each cache file under a temporary name first."""
