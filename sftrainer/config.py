@@ -16,6 +16,7 @@ from transformers import TrainingArguments
 
 import sftrainer.precision as precision
 import sftrainer.sharding as sharding
+from sftrainer.coerce import init_fields
 from sftrainer.compat import normalise_trl_values, sft_values_from, trl_field_problems
 from sftrainer.data.pack import packing_strategy_problems
 from sftrainer.data.prepare import DataSettings
@@ -470,7 +471,3 @@ def to_sft_config(args: TrainingArguments | None, output_dir: str = "sftrainer_o
     # Every field both classes share is copied: a trl.SFTConfig keeps its SFT settings. `args` already
     # ran __post_init__; fp16 there means the user asked for it, bf16 too.
     return SFTConfig(**sft_values_from(args, init_fields(SFTConfig)))
-
-
-def init_fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from sftrainer import builtin
+from sftrainer.coerce import init_fields
 from sftrainer.errors import RunDirError
 
 if TYPE_CHECKING:
@@ -84,8 +85,6 @@ PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "sftraine
 
 def resolved_config(cfg: Any) -> dict[str, Any]:
     """``cfg`` (a ``RunConfig``) as the YAML ``sftrainer train`` reads: every key, defaults filled in."""
-    from sftrainer.config import init_fields  # transformers: only where a config is written
-
     out: dict[str, Any] = {}
     for name in init_fields(type(cfg.train)):
         if name not in SKIPPED_KEYS:

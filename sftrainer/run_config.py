@@ -19,8 +19,8 @@ import yaml
 
 import sftrainer.quant as quant
 import sftrainer.sharding as sharding
-from sftrainer.coerce import coerce
-from sftrainer.config import INTERVALS, SFTConfig, init_fields
+from sftrainer.coerce import coerce, init_fields
+from sftrainer.config import INTERVALS, SFTConfig
 from sftrainer.errors import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)

@@ -399,7 +399,8 @@ def test_nan_weights_after_the_last_step_are_refused(tmp_path, tiny_model_dir):
 
 def test_resolved_config_round_trips(tmp_path):
     """Every key written, defaults filled in; it loads back to the same config."""
-    from sftrainer.config import SFTConfig, init_fields
+    from sftrainer.coerce import init_fields
+    from sftrainer.config import SFTConfig
 
     cfg = load_config(REPO / "configs" / "builtin-lora.yaml", ["lora.r=4", "max_steps=5"])
     resolved = resolved_config(cfg)
