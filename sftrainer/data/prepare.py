@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import gc
 import hashlib
+import inspect
 import itertools
 import logging
 import os
@@ -611,10 +612,27 @@ def auto_num_proc(rows: int) -> int:
 def _code_version() -> str:
     """A hash of this package's data code: datasets fingerprints a map by the function object, not the
     code of the helpers it calls, so without it a cache written by an older sftrainer is reused."""
+    return _hash_folder(Path(__file__).parent)
+
+
+@functools.cache
+def _hash_folder(folder: Path) -> str:
     digest = hashlib.sha256(__version__.encode())
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in sorted(folder.glob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def _strategy_code(parts: list[Any]) -> list[str]:
+    """The code of the parts' own sftrainer packages outside ``data/`` (the vision encoder's folder),
+    hashed as ``_code_version`` hashes ``data/``."""
+    here = Path(__file__).parent
+    folders = {
+        Path(inspect.getfile(type(part))).parent
+        for part in parts
+        if type(part).__module__.startswith("sftrainer.")
+    }
+    return [_hash_folder(folder) for folder in sorted(folders - {here})]
 
 
 def cache_key(dataset: Dataset, settings: DataSettings, parts: list[Any], columns: list[str]) -> str | None:
@@ -624,7 +642,8 @@ def cache_key(dataset: Dataset, settings: DataSettings, parts: list[Any], column
     # How many processes prepare it, and whether a cached copy may be used, do not change the rows.
     settings = dataclasses.replace(settings, num_proc=None, overwrite_cache=False)
     try:
-        return Hasher.hash([dataset._fingerprint, settings, parts, columns, _code_version()])
+        code = [_code_version(), *_strategy_code(parts)]
+        return Hasher.hash([dataset._fingerprint, settings, parts, columns, code])
     except Exception:
         return None
 
