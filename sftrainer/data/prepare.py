@@ -13,56 +13,43 @@ references), and rows that ``max_length`` would cut inside an image are dropped 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import gc
-import hashlib
-import inspect
 import itertools
 import logging
-import os
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, Features, IterableDataset, List, Value
-from datasets.fingerprint import Hasher
 
 from sftrainer.constants import (
     IMAGE_COLUMNS,
     PAIR_TEMPLATES,
-    ROWS_PER_PREPARE_PROCESS,
     TRAIN_ON,
     TRUNCATION_MODES,
 )
+from sftrainer.data.cache import auto_num_proc, cache_key, shared_heap
 from sftrainer.data.formats import (
     REQUIRED_COLUMNS,
     ChatExample,
     Format,
     detect_format,
     implied_columns,
-    mixed_formats_error,
     normalise_row,
     pairs_as_chat,
     rename_columns,
-    row_formats,
     split_turns,
 )
 from sftrainer.data.load import guard_stream
-from sftrainer.data.origin import Origin, origin_of, places, where
+from sftrainer.data.origin import origin_of, where
+from sftrainer.data.problems import invalid_rows_error, refuse_mixed_formats
 from sftrainer.data.tokenize import ExampleTokenizer, RowEncoder, Tokenized, tokenize_pretokenized
 from sftrainer.errors import ConfigError, DataError, RowError, did_you_mean
-from sftrainer.version import __version__
 
 logger = logging.getLogger(__name__)
-
-MAX_LISTED_PROBLEMS = 5
 
 # Values of the temporary "_issue" column.
 OK, TRUNCATED, EMPTY, IMAGE_CUT = "", "truncated", "empty", "image_cut"  # image_cut: see RowEncoder
@@ -423,7 +410,7 @@ def prepare(
             "with their images, which sftrainer tokenizes with the processor"
         )
     if fmt is not None and settings.text_field is None and not settings.skip_invalid_rows:
-        _refuse_mixed_formats(dataset, fmt, name, origin)
+        refuse_mixed_formats(dataset, fmt, name, origin)
     fmt_name = "formatting_func" if fmt is None else fmt.value
     tokenizer = encoder.tokenizer
     fn = _TokenizeBatch(encoder, fmt, settings, formatting_func)
@@ -458,7 +445,9 @@ def prepare(
     if isinstance(dataset, IterableDataset):
         return _prepare_iterable(dataset, fn, columns, stats), stats
 
-    fingerprint = cache_key(dataset, settings, [fn.encoder, fn.fmt, fn.formatting_func], columns)
+    # How many processes prepare it, and whether a cached copy may be used, do not change the rows.
+    decides = dataclasses.replace(settings, num_proc=None, overwrite_cache=False)
+    fingerprint = cache_key(dataset, [decides, fn.encoder, fn.fmt, fn.formatting_func], columns)
     num_proc = settings.num_proc if settings.num_proc is not None else auto_num_proc(len(dataset))
     if settings.num_proc is None and fingerprint is None:
         num_proc = 1  # what cannot be pickled (a formatting_func) cannot be sent to other processes
@@ -538,114 +527,6 @@ def text_encoder(tokenizer: Any, settings: DataSettings) -> ExampleTokenizer:
 def _data(columns: list[str], encoder: RowEncoder) -> list[str]:
     """The columns that hold a row's text (an encoder that reads images reads the image columns)."""
     return columns if encoder.images is None else [c for c in columns if c not in IMAGE_COLUMNS]
-
-
-def _refuse_mixed_formats(dataset: Any, fmt: Format, name: str, origin: Origin | None) -> None:
-    """Rows of several formats (prompt/response lines in a messages file) are refused up front, naming
-    the first row of each, not row by row after tokenizing. A stream is checked row by row as read."""
-    if not isinstance(dataset, Dataset):
-        return
-    candidates = [cols for cols in REQUIRED_COLUMNS.values() if set(cols) <= set(dataset.column_names)]
-    if len(candidates) < 2:
-        return  # the columns of one format only: the rows cannot mix formats
-    needed = sorted({c for cols in candidates for c in cols})
-    formats = row_formats(dataset.select_columns(needed).with_format("arrow")[:])
-    if len(formats) > 1:
-        firsts = places(origin, [first for first, _ in formats.values()])
-        raise mixed_formats_error(where(name, origin), formats, fmt, firsts)
-
-
-_ROW = re.compile(r"row (\d+): ")  # how a problem begins (_TokenizeBatch)
-
-
-def invalid_rows_error(
-    name: str, invalid: list[str], rows: int, described: str, origin: Origin | None = None
-) -> DataError:
-    """The error for rows that cannot be used: how many, the first few problems (row, field, what;
-    with the file and line where ``origin`` knows them), and what to do."""
-    shown = [(_ROW.match(p), p) for p in invalid[:MAX_LISTED_PROBLEMS]]
-    found = origin.places(int(m.group(1)) - 1 for m, _ in shown if m) if origin is not None else {}
-    listed = "\n".join(
-        f"  row {m.group(1)} ({found[int(m.group(1)) - 1]}): {p[m.end() :]}"
-        if m and int(m.group(1)) - 1 in found
-        else f"  {p}"
-        for m, p in shown
-    )
-    more = (
-        f"\n  ... and {len(invalid) - MAX_LISTED_PROBLEMS} more" if len(invalid) > MAX_LISTED_PROBLEMS else ""
-    )
-    return DataError(
-        f"{where(name, origin)}: {len(invalid)} of {rows} rows cannot be used ({described}):\n{listed}{more}\n"
-        "Fix these rows, or set skip_invalid_rows=true to drop them (they are counted)."
-    )
-
-
-@contextlib.contextmanager
-def shared_heap(num_proc: int | None) -> Iterator[None]:
-    """While worker processes are forked and run (``num_proc`` > 1), leave the objects that exist
-    before them out of garbage collection (``gc.freeze``, what Python advises before ``fork()``).
-    Otherwise each collection in a worker walks every object it inherited (all of torch and
-    transformers), and writing to them makes the worker copy those memory pages: about a tenth of
-    the preparation time. Unfrozen afterwards; nothing is done where objects are already frozen
-    (the caller's own freeze is left as it is)."""
-    if not num_proc or num_proc <= 1 or gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-def auto_num_proc(rows: int) -> int:
-    """Processes for ``dataset_num_proc`` unset: one per ``ROWS_PER_PREPARE_PROCESS`` rows, at most
-    one per CPU core this process may run on."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, rows // ROWS_PER_PREPARE_PROCESS))
-
-
-@functools.cache
-def _code_version() -> str:
-    """A hash of this package's data code: datasets fingerprints a map by the function object, not the
-    code of the helpers it calls, so without it a cache written by an older sftrainer is reused."""
-    return _hash_folder(Path(__file__).parent)
-
-
-@functools.cache
-def _hash_folder(folder: Path) -> str:
-    digest = hashlib.sha256(__version__.encode())
-    for path in sorted(folder.glob("*.py")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def _strategy_code(parts: list[Any]) -> list[str]:
-    """The code of the parts' own sftrainer packages outside ``data/`` (the vision encoder's folder),
-    hashed as ``_code_version`` hashes ``data/``."""
-    here = Path(__file__).parent
-    folders = {
-        Path(inspect.getfile(type(part))).parent
-        for part in parts
-        if type(part).__module__.startswith("sftrainer.")
-    }
-    return [_hash_folder(folder) for folder in sorted(folders - {here})]
-
-
-def cache_key(dataset: Dataset, settings: DataSettings, parts: list[Any], columns: list[str]) -> str | None:
-    """A prepared data set's cache key: the data, the settings, what else decides the rows (``parts``:
-    the tokenizer / processor and template, the format, a formatting_func) and the code that prepares
-    them. None (datasets decides) if a part cannot be hashed (an unpicklable formatting_func)."""
-    # How many processes prepare it, and whether a cached copy may be used, do not change the rows.
-    settings = dataclasses.replace(settings, num_proc=None, overwrite_cache=False)
-    try:
-        code = [_code_version(), *_strategy_code(parts)]
-        return Hasher.hash([dataset._fingerprint, settings, parts, columns, code])
-    except Exception:
-        return None
 
 
 def _prepare_iterable(
