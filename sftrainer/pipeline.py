@@ -146,13 +146,12 @@ class DataPipeline:
         if isinstance(dataset, Mixture):
             prepared, self.data_stats[name] = self._prepare_mixture(dataset, name, settings)
         else:
-            # The encoder is the strategy: a processor's reads the rows' images and carries them through.
-            encoder = (
-                VisionTokenizer.for_settings(self.tokenizer, settings, args.image_root)
-                if self.vision
-                else None
-            )
-            if encoder is None:
+            # The encoder is the strategy: the text one (None), or a processor's, which reads the rows'
+            # images and carries them through the same prepare.
+            encoder = None
+            if self.vision:
+                encoder = VisionTokenizer.for_settings(self.tokenizer, settings, args.image_root)
+            else:
                 _refuse_images(dataset, name)
             prepared, self.data_stats[name] = prepare(
                 dataset, self.tokenizer, settings, name, self.formatting_func, encoder
