@@ -4,6 +4,22 @@ from sftrainer import SFTTrainer, SFTConfig   # drop-in for `from trl import SFT
 
 The public names are imported on first use, so ``import sftrainer`` (and ``sftrainer --help``) does
 not import torch, transformers or datasets.
+
+Layers, bottom to top. A module imports only from its own layer or below, and there are no import cycles
+(imports inside functions count; type-only imports under ``TYPE_CHECKING`` do not, they never run);
+``tests/test_layers.py`` reads this table and checks both.
+
+L0  constants, errors, version, notices, coerce, compat, timing, console, png, metrics, memory  — foundation: choices, error classes, small helpers
+L1  data.*  — pure data functions: load, formats, render and locate turns, tokenize, pack, collate
+L2  vision, vision.images, vision.processor, vision.encode, vision.prepare, vision.collate, vision.builtin  — the image strategy of the data layer
+L3  loss, isolation, precision, sharding, quant, lora, template_tokens, model, nonfinite, evaluate, memory_estimate, builtin  — mechanisms: each decides one thing once
+L3  checkpoint, run, run_dir, tracking, distributed  — a run on disk and its processes: checkpoints, the finished run, who goes first
+L4  vision.model, vision.probe  — the model side of vision: adapting a VLM, its isolation probe
+L5  config, run_config  — the typed configuration (SFTConfig, the YAML run), validated in one place
+L6  setup, pipeline, sources, generation_eval  — what the trainer is built from: processing class, model, the one data pipeline
+L7  trainer  — SFTTrainer: a constructor that is a list of named steps, and the overrides training needs
+L8  train, preflight, preview, generate, export, eval_run, report, launch, config_help  — the commands: one library function each
+L9  cli, __main__, sftrainer  — entry points: parse arguments, call one command
 """
 
 from __future__ import annotations
@@ -16,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from sftrainer.constants import IGNORE_INDEX
 from sftrainer.errors import ConfigError, DataError, SFTrainerError
 from sftrainer.notices import install as _install_notice_filters
+from sftrainer.version import __version__ as __version__
 
 if TYPE_CHECKING:
     from sftrainer.config import SFTConfig
@@ -24,7 +41,6 @@ if TYPE_CHECKING:
     from sftrainer.train import train
     from sftrainer.trainer import SFTTrainer
 
-__version__ = "0.1.0"
 __all__ = [
     "IGNORE_INDEX",
     "ConfigError",

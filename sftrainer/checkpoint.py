@@ -1,45 +1,37 @@
-"""Checkpoints and the run's record: what it takes to stop a run anywhere and continue it exactly.
+"""Checkpoints: what it takes to stop a run anywhere and continue it exactly.
 
 - A checkpoint is staged in ``tmp-checkpoint-<step>/checkpoint-<step>`` and renamed into place once
   complete (``SFTTrainer._save_checkpoint``), so a crash while saving leaves the previous checkpoint
   as the latest. Transformers' ``Trainer`` writes ``checkpoint-<step>`` in place.
 - ``latest_checkpoint`` finds the newest complete ``checkpoint-<step>``, skipping (with a message)
   incomplete ones: left by a crash of a plain ``Trainer`` or copied in part.
-- ``NonFiniteLossError``: what ``sftrainer.nonfinite`` raises when a loss or the weights turn NaN / inf.
 - ``write_layout`` / ``check_resume_layout``: each checkpoint records the number of processes and the
   batch sizes it was written with; resuming it at another effective batch is refused (the examples of
   every later step would change), at the same effective batch with another number of processes it
   continues with a warning.
-- ``write_run_record``: the resolved config (``sftrainer_config.yaml``, every default filled in, loadable
-  by ``sftrainer train``) and the library versions and command line (``run_info.json``).
+
+The run directory around the checkpoints (its record, metrics, model card, ...) is ``sftrainer.run``'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import json
 import logging
 import os
-import platform
 import re
 import shutil
-import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sftrainer.errors import ConfigError, SFTrainerError
+from sftrainer.errors import ConfigError
+from sftrainer.run import TRAINER_STATE, write_atomic
 
 logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = f"tmp-{PREFIX_CHECKPOINT_DIR}-"  # not matched by Trainer's `checkpoint-*` glob
 CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-TRAINER_STATE = "trainer_state.json"
 # Processes and batch sizes a checkpoint was written with (absent from older checkpoints).
 LAYOUT_FILE = "sftrainer_layout.json"
 # One of these in a checkpoint holds the weights (full model, PEFT adapter, sharded, FSDP, DeepSpeed).
@@ -174,7 +166,7 @@ def batch_layout(args: Any) -> dict[str, int]:
 def write_layout(checkpoint_dir: str | Path, args: Any) -> None:
     """Record ``batch_layout(args)`` in ``checkpoint_dir/LAYOUT_FILE`` (read back on resume)."""
     text = json.dumps(batch_layout(args), indent=2) + "\n"
-    _write_atomic(Path(checkpoint_dir) / LAYOUT_FILE, text)
+    write_atomic(Path(checkpoint_dir) / LAYOUT_FILE, text)
 
 
 def resume_layout_problem(recorded: dict[str, Any], args: Any, name: str) -> tuple[str | None, str | None]:
@@ -247,88 +239,3 @@ def _same_batch_hint(effective: int, world: int, accumulation: int) -> str:
     if effective % (world * accumulation) == 0:
         return f"Set per_device_train_batch_size={effective // (world * accumulation)} to keep it"
     return f"Choose per_device_train_batch_size x gradient_accumulation_steps = {effective} / {world}"
-
-
-# ---- NaN / inf guard ---------------------------------------------------------------------------
-
-
-class NonFiniteLossError(SFTrainerError):
-    """The training loss became NaN or infinite; training stopped before applying it."""
-
-
-# ---- the run's record ------------------------------------------------------------------------
-
-# Not written to sftrainer_config.yaml: secrets, resuming (rerunning the config reproduces the run
-# from the start; a resumed run ends where the uninterrupted one would), and starting over in a used
-# output_dir (`sftrainer eval RUN` reads the config, and a rerun goes to output_dir=NEW_DIR).
-SKIPPED_KEYS = {
-    "hub_token": "a secret",
-    "resume_from_checkpoint": "a rerun starts from step 0",
-    "overwrite_output_dir": "it is about this run's directory",
-}
-PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "sftrainer")
-
-
-def resolved_config(cfg: Any) -> dict[str, Any]:
-    """``cfg`` (a ``RunConfig``) as the YAML ``sftrainer train`` reads: every key, defaults filled in."""
-    from sftrainer.config import init_fields
-
-    out: dict[str, Any] = {}
-    for name in init_fields(type(cfg.train)):
-        if name not in SKIPPED_KEYS:
-            out[name] = _plain(getattr(cfg.train, name))
-    out["model"] = _plain(cfg.model)
-    out["data"] = _plain(cfg.data)
-    out["lora"] = _plain(cfg.lora) if cfg.lora is not None else None
-    return out
-
-
-def _plain(value: Any) -> Any:
-    """A YAML-safe copy: enums by value, dataclasses as mappings, tuples as lists."""
-    if isinstance(value, enum.Enum):
-        return value.value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def run_info(argv: list[str] | None = None) -> dict[str, Any]:
-    """Library versions, Python, platform and the command line of this process."""
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "command": list(sys.argv if argv is None else argv),
-        "cwd": os.getcwd(),
-        "versions": versions,
-        "platform": platform.platform(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-    }
-
-
-def write_run_record(cfg: Any, output_dir: str | Path) -> None:
-    """Write ``sftrainer_config.yaml`` (the resolved config) and ``run_info.json`` to ``output_dir``."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    skipped = ", ".join(f"{k} ({why})" for k, why in SKIPPED_KEYS.items())
-    header = (
-        "# The resolved configuration of this run: every key, defaults filled in.\n"
-        f"# `sftrainer train {output_dir / 'sftrainer_config.yaml'} output_dir=NEW_DIR` runs it again.\n"
-        f"# Not written: {skipped}.\n"
-    )
-    body = yaml.safe_dump(resolved_config(cfg), sort_keys=False, allow_unicode=True)
-    _write_atomic(output_dir / "sftrainer_config.yaml", header + body)
-    _write_atomic(output_dir / "run_info.json", json.dumps(run_info(), indent=2) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from sftrainer.constants import FIRST_ROWS
 from sftrainer.errors import ConfigError, SFTrainerError
+from sftrainer.version import __version__
 
 TRAIN_HELP = """\
 Fine-tune a causal language model.
@@ -208,8 +209,6 @@ def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _version() -> str:
-    from sftrainer import __version__
-
     return __version__
 
 
@@ -247,7 +246,7 @@ def cmd_train(
             )
         return code
 
-    from sftrainer import builtin
+    import sftrainer.builtin as builtin
     from sftrainer.run_config import load_config
     from sftrainer.run_dir import resume_hint
     from sftrainer.train import train
@@ -284,7 +283,7 @@ def _program() -> list[str]:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from sftrainer import builtin
+    import sftrainer.builtin as builtin
     from sftrainer.preview import markers_for, preview_run
     from sftrainer.run_config import load_config
 
@@ -391,6 +390,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _summary(metrics: dict[str, float], output_dir: str) -> str:
+    from sftrainer.run import RESULTS_FILE  # torch / transformers: only once a command runs
+
     rows = []
     for key in ("loss", "exact_match"):
         before, after = metrics.get(f"eval_before_{key}"), metrics.get(f"eval_{key}")
@@ -400,7 +401,7 @@ def _summary(metrics: dict[str, float], output_dir: str) -> str:
     return textwrap.dedent(f"""
         Training finished in {metrics.get("train_runtime", 0):.0f}s (train loss {metrics.get("train_loss", float("nan")):.4f}).
         {"{table}"}
-        Saved to {output_dir}  (metrics: {os.path.join(output_dir, "all_results.json")})
+        Saved to {output_dir}  (metrics: {os.path.join(output_dir, RESULTS_FILE)})
         """).replace("{table}", table)
 
 

@@ -1,11 +1,13 @@
 """Check a config value against its type annotation, converting command-line strings.
 
 ``coerce(value, annotation)`` returns the value (converted where a string from the command line
-stands for a number or a boolean) or raises ``ValueError`` saying what was expected.
+stands for a number or a boolean) or raises ``ValueError`` saying what was expected. ``init_fields``
+names the fields of a config dataclass that a user sets.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import types
 import typing
@@ -108,3 +110,8 @@ def _type_name(annotation: Any) -> str:
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args) or str(annotation)
+
+
+def init_fields(cls: type) -> dict[str, dataclasses.Field]:
+    """The fields of config dataclass ``cls`` a user sets: constructor arguments, not private ones."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}

@@ -14,7 +14,9 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from sftrainer import precision, sharding
+import sftrainer.precision as precision
+import sftrainer.sharding as sharding
+from sftrainer.coerce import init_fields
 from sftrainer.compat import normalise_trl_values, sft_values_from, trl_field_problems
 from sftrainer.data.pack import packing_strategy_problems
 from sftrainer.data.prepare import DataSettings
@@ -43,78 +45,19 @@ class SFTConfig(TrainingArguments):
 
     Drop-in for TRL's ``SFTConfig``: ``max_length``, ``dataset_text_field``, ``packing``,
     ``completion_only_loss``, ``assistant_only_loss``, ``dataset_num_proc`` and ``model_init_kwargs``
-    mean what they mean there.
+    mean what they mean there, and the fields TRL 1.16 also has keep its names, defaults and meaning
+    (``sftrainer/compat.py``). Fields are grouped by topic; ``problems()`` validates them all.
     """
 
+    # ---- Sequence length, truncation, packing and padding --------------------------------------------
     max_length: int | None = field(
         default=1024,
         metadata={"help": "Longest tokenized row; longer rows are truncated and counted. None: no limit."},
     )
-    dataset_text_field: str | None = field(
-        default=None,
-        metadata={
-            "help": "Column holding plain text. 'prompt' on prompt/response rows trains on the response."
-        },
-    )
-    train_on: str = field(
-        default="response",
-        metadata={
-            "help": "Which tokens carry loss: 'response' (responses / assistant turns + end of turn), "
-            "'last_turn' (the last assistant turn only) or 'all'."
-        },
-    )
-    pair_template: str = field(
-        default="auto",
-        metadata={
-            "help": "How prompt/response pairs are rendered: 'chat' (the chat template), 'raw' "
-            "(prompt + response + EOS) or 'auto' (raw for prompt/completion, chat otherwise)."
-        },
-    )
-    chat_template: str | None = field(
-        default=None,
-        metadata={
-            "help": "A Jinja chat template, or a path to one (.jinja/.j2/.txt/.json), replacing the tokenizer's."
-        },
-    )
-    chat_template_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "TRL name: a .jinja file, or a tokenizer directory / hub id whose template (and EOS) to use."
-        },
-    )
-    eos_token: str | None = field(
-        default=None,
-        metadata={
-            "help": "End-of-sequence token to train, replacing the tokenizer's (must be in its vocabulary)."
-        },
-    )
-    pad_token: str | None = field(
-        default=None,
-        metadata={
-            "help": "Padding token, replacing the tokenizer's (must be in its vocabulary); default: its own, else EOS."
-        },
-    )
-    chat_template_kwargs: dict[str, Any] | None = field(
-        default=None,
-        metadata={
-            "help": "Extra variables for the chat template, e.g. {enable_thinking: false}; a row's own "
-            "chat_template_kwargs column wins."
-        },
-    )
-    split_turns: bool = field(
-        default=False,
-        metadata={
-            "help": "Train each assistant turn of a conversation as its own example, its history rendered "
-            "as at inference (for templates that rewrite history, e.g. drop past reasoning)."
-        },
-    )
-    train_empty_reasoning: bool = field(
-        default=False,
-        metadata={
-            "help": "Train the empty reasoning block a chat template writes before an answer that carries no "
-            "reasoning (Qwen3: <think></think>). Off: it is context, as at inference in non-thinking mode, "
-            "and the model does not learn to skip thinking."
-        },
+    max_seq_length: int | None = field(default=None, metadata={"help": "Deprecated TRL name of max_length."})
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={"help": "Which end of a row longer than max_length is kept: 'keep_start' or 'keep_end'."},
     )
     packing: bool = field(
         default=False,
@@ -138,6 +81,25 @@ class SFTConfig(TrainingArguments):
     eval_packing: bool | None = field(
         default=None, metadata={"help": "Pack the eval data too; default: the same as packing."}
     )
+    pad_to_multiple_of: int | str | None = field(
+        default=None,
+        metadata={"help": "Pad batches to a multiple of this ('auto', TRL's default: None here)."},
+    )
+
+    # ---- Data: which column, how rows are rendered, which tokens carry loss --------------------------
+    dataset_text_field: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column holding plain text. 'prompt' on prompt/response rows trains on the response."
+        },
+    )
+    train_on: str = field(
+        default="response",
+        metadata={
+            "help": "Which tokens carry loss: 'response' (responses / assistant turns + end of turn), "
+            "'last_turn' (the last assistant turn only) or 'all'."
+        },
+    )
     completion_only_loss: bool | None = field(
         default=None, metadata={"help": "TRL name: False trains on all tokens (same as train_on='all')."}
     )
@@ -145,6 +107,63 @@ class SFTConfig(TrainingArguments):
         default=False,
         metadata={"help": "TRL name: True trains on assistant turns only (already the default)."},
     )
+    pair_template: str = field(
+        default="auto",
+        metadata={
+            "help": "How prompt/response pairs are rendered: 'chat' (the chat template), 'raw' "
+            "(prompt + response + EOS) or 'auto' (raw for prompt/completion, chat otherwise)."
+        },
+    )
+    split_turns: bool = field(
+        default=False,
+        metadata={
+            "help": "Train each assistant turn of a conversation as its own example, its history rendered "
+            "as at inference (for templates that rewrite history, e.g. drop past reasoning)."
+        },
+    )
+    train_empty_reasoning: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the empty reasoning block a chat template writes before an answer that carries no "
+            "reasoning (Qwen3: <think></think>). Off: it is context, as at inference in non-thinking mode, "
+            "and the model does not learn to skip thinking."
+        },
+    )
+
+    # ---- Tokenizer: chat template and special tokens -------------------------------------------------
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "A Jinja chat template, or a path to one (.jinja/.j2/.txt/.json), replacing the tokenizer's."
+        },
+    )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "TRL name: a .jinja file, or a tokenizer directory / hub id whose template (and EOS) to use."
+        },
+    )
+    chat_template_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Extra variables for the chat template, e.g. {enable_thinking: false}; a row's own "
+            "chat_template_kwargs column wins."
+        },
+    )
+    eos_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "End-of-sequence token to train, replacing the tokenizer's (must be in its vocabulary)."
+        },
+    )
+    pad_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "Padding token, replacing the tokenizer's (must be in its vocabulary); default: its own, else EOS."
+        },
+    )
+
+    # ---- Data preparation: processes, bad rows, the cache, order -------------------------------------
     dataset_num_proc: int | None = field(
         default=None,
         metadata={
@@ -162,14 +181,80 @@ class SFTConfig(TrainingArguments):
             "tokenizer, template, settings and sftrainer version, so this is rarely needed)."
         },
     )
-    pad_to_multiple_of: int | str | None = field(
+    dataset_kwargs: dict[str, Any] | None = field(
         default=None,
-        metadata={"help": "Pad batches to a multiple of this ('auto', TRL's default: None here)."},
+        metadata={"help": "TRL: {'skip_prepare_dataset': True} uses the data as given (tokenized rows)."},
     )
+    shuffle_dataset: bool = field(
+        default=False, metadata={"help": "Shuffle the prepared rows (before and after packing), with seed."}
+    )
+
+    # ---- Loss ----------------------------------------------------------------------------------------
+    loss_type: str = field(
+        default="nll",
+        metadata={
+            "help": "'nll' (cross-entropy) or 'dft' (token losses weighted by the detached p(target))."
+        },
+    )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Positions per chunk of the loss, which never holds full-vocabulary logits; "
+            "None: about 16M logits per chunk (vocabulary-dependent)."
+        },
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "MoE load-balancing loss weight; None: the model config's; 0: off."},
+    )
+
+    # ---- Model loading -------------------------------------------------------------------------------
     model_init_kwargs: dict[str, Any] | None = field(
         default=None,
         metadata={"help": "Keyword arguments for from_pretrained when the model is given as a path."},
     )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run model code from the checkpoint when model is a path (unsafe)."}
+    )
+
+    # ---- Vision-language models ----------------------------------------------------------------------
+    image_root: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory relative image paths in the data are read from (default: the current one)."
+        },
+    )
+    train_projector: bool = field(
+        default=False,
+        metadata={
+            "help": "Vision-language models: also train the projector between vision tower and language model "
+            "(in full; with LoRA it is saved with the adapter)."
+        },
+    )
+    train_vision_tower: bool = field(
+        default=False,
+        metadata={
+            "help": "Vision-language models: also train the vision tower (in full, or with LoRA on its layers)."
+        },
+    )
+
+    # ---- Memory and sharding -------------------------------------------------------------------------
+    activation_offloading: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the activations saved for backward in CPU memory (CUDA GPU only; parameters stay put)."
+        },
+    )
+    # TrainingArguments types this `str | None` (its legacy strings); `fsdp: true` is the 5.x spelling.
+    fsdp: bool | str | None = field(
+        default=None,
+        metadata={
+            "help": "FSDP (FSDP2 by default): shard weights, gradients and optimizer state across GPUs; "
+            "settings in fsdp_config. Needs GPUs and a launcher (--nproc N)."
+        },
+    )
+
+    # ---- Evaluation by generation --------------------------------------------------------------------
     exact_match_samples: int = field(
         default=0,
         metadata={
@@ -200,64 +285,8 @@ class SFTConfig(TrainingArguments):
             "float or dict of floats, averaged into eval_<name>."
         },
     )
-    # TRL 1.16 fields (same names, defaults and meaning; see sftrainer/compat.py and the README).
-    dataset_kwargs: dict[str, Any] | None = field(
-        default=None,
-        metadata={"help": "TRL: {'skip_prepare_dataset': True} uses the data as given (tokenized rows)."},
-    )
-    truncation_mode: str = field(
-        default="keep_start",
-        metadata={"help": "Which end of a row longer than max_length is kept: 'keep_start' or 'keep_end'."},
-    )
-    shuffle_dataset: bool = field(
-        default=False, metadata={"help": "Shuffle the prepared rows (before and after packing), with seed."}
-    )
-    loss_type: str = field(
-        default="nll",
-        metadata={
-            "help": "'nll' (cross-entropy) or 'dft' (token losses weighted by the detached p(target))."
-        },
-    )
-    loss_chunk_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Positions per chunk of the loss, which never holds full-vocabulary logits; "
-            "None: about 16M logits per chunk (vocabulary-dependent)."
-        },
-    )
-    activation_offloading: bool = field(
-        default=False,
-        metadata={
-            "help": "Keep the activations saved for backward in CPU memory (CUDA GPU only; parameters stay put)."
-        },
-    )
-    router_aux_loss_coef: float | None = field(
-        default=None,
-        metadata={"help": "MoE load-balancing loss weight; None: the model config's; 0: off."},
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run model code from the checkpoint when model is a path (unsafe)."}
-    )
-    train_projector: bool = field(
-        default=False,
-        metadata={
-            "help": "Vision-language models: also train the projector between vision tower and language model "
-            "(in full; with LoRA it is saved with the adapter)."
-        },
-    )
-    train_vision_tower: bool = field(
-        default=False,
-        metadata={
-            "help": "Vision-language models: also train the vision tower (in full, or with LoRA on its layers)."
-        },
-    )
-    image_root: str | None = field(
-        default=None,
-        metadata={
-            "help": "Directory relative image paths in the data are read from (default: the current one)."
-        },
-    )
-    max_seq_length: int | None = field(default=None, metadata={"help": "Deprecated TRL name of max_length."})
+
+    # ---- Output directory and resuming ---------------------------------------------------------------
     # TrainingArguments types this `str | None`, which refused YAML's `true` (Trainer.train's idiom).
     resume_from_checkpoint: str | bool | None = field(
         default=None,
@@ -282,16 +311,8 @@ class SFTConfig(TrainingArguments):
             "of each step and the steps per epoch change."
         },
     )
-    # TrainingArguments types this `str | None` (its legacy strings); `fsdp: true` is the 5.x spelling.
-    fsdp: bool | str | None = field(
-        default=None,
-        metadata={
-            "help": "FSDP (FSDP2 by default): shard weights, gradients and optimizer state across GPUs; "
-            "settings in fsdp_config. Needs GPUs and a launcher (--nproc N)."
-        },
-    )
 
-    # Defaults suited to fine-tuning rather than pre-training.
+    # ---- TrainingArguments defaults suited to fine-tuning rather than pre-training -------------------
     learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate (AdamW)."})
     logging_steps: float = field(default=10, metadata={"help": "Log the loss every N optimizer steps."})
     bf16: bool | None = field(
@@ -450,7 +471,3 @@ def to_sft_config(args: TrainingArguments | None, output_dir: str = "sftrainer_o
     # Every field both classes share is copied: a trl.SFTConfig keeps its SFT settings. `args` already
     # ran __post_init__; fp16 there means the user asked for it, bf16 too.
     return SFTConfig(**sft_values_from(args, init_fields(SFTConfig)))
-
-
-def init_fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}

@@ -59,6 +59,14 @@ class RunDirError(SFTrainerError):
     """A run directory (or merge output directory) cannot be used as given."""
 
 
+class NonFiniteLossError(SFTrainerError):
+    """The training loss became NaN or infinite; training stopped before applying it."""
+
+
+class ContaminationError(SFTrainerError):
+    """Rows of a packed / padding-free batch would see each other with this model and backend."""
+
+
 def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` attributed to the caller's line: the first frame outside sftrainer, transformers
     and dataclass-generated ``__init__`` code, however deep the call (``SFTConfig(...)``, a

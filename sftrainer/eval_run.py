@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,22 @@ from typing import Any
 from sftrainer import builtin
 from sftrainer.data import load as data_load
 from sftrainer.errors import ConfigError
+from sftrainer.run import (
+    ADAPTER_CONFIG,
+    CONFIG_FILE,
+    EVAL_RESULTS_FILE,
+    MODEL_CONFIG,
+    TOKENIZER_CONFIG,
+    TRAINER_STATE,
+    load_run_model,
+    model_source,
+    read_run,
+)
 from sftrainer.run_config import RunConfig, apply_overrides, build_config, read_yaml
+from sftrainer.setup import load_processing_class
 
 logger = logging.getLogger(__name__)
 
-RUN_CONFIG = "sftrainer_config.yaml"
 # Training-only settings of a saved run that an evaluation must not act on.
 TRAINING_ONLY = (
     "eval_strategy",
@@ -57,12 +67,12 @@ def evaluate_saved(
     eval_ds = _eval_data(cfg, data, path)
     model, tokenizer = _load(path, cfg)
     trainer = SFTTrainer(model=model, args=cfg.train, eval_dataset=eval_ds, processing_class=tokenizer)
-    state = path / "trainer_state.json"
+    state = path / TRAINER_STATE
     if state.is_file():  # a checkpoint: its samples file is named after the step it was saved at
         trainer.state.global_step = int(json.loads(state.read_text()).get("global_step", 0))
     metrics = trainer.evaluate()
     out_dir = Path(cfg.train.output_dir)
-    results = out_dir / "eval_results.json"
+    results = out_dir / EVAL_RESULTS_FILE
     if trainer.is_world_process_zero():  # once, under torchrun / accelerate launch
         out_dir.mkdir(parents=True, exist_ok=True)
         results.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -71,7 +81,7 @@ def evaluate_saved(
 
 def _run_config(path: Path, overrides: Sequence[str], output_dir: str) -> RunConfig:
     """The run's configuration (found beside ``path`` or above it), overridden, for evaluation only."""
-    found = next((d / RUN_CONFIG for d in (path, path.parent) if (d / RUN_CONFIG).is_file()), None)
+    found = next((d / CONFIG_FILE for d in (path, path.parent) if (d / CONFIG_FILE).is_file()), None)
     raw = read_yaml(found) if found is not None else {}
     if found is not None:
         logger.info("Settings from %s", found)
@@ -91,7 +101,7 @@ def _eval_data(cfg: RunConfig, data: str | None, path: Path) -> Any:
         return data_load.load(data, f"eval data ({data_load.describe(data)})")
     if not cfg.data.has_eval():
         raise ConfigError(
-            f"no eval data: pass DATA (a file), or evaluate a run directory whose {RUN_CONFIG} sets "
+            f"no eval data: pass DATA (a file), or evaluate a run directory whose {CONFIG_FILE} sets "
             f"data.eval, data.eval_split or data.eval_split_name ({path} has none)"
         )
     from sftrainer.sources import resolve_data
@@ -101,34 +111,25 @@ def _eval_data(cfg: RunConfig, data: str | None, path: Path) -> Any:
 
 def _load(path: Path, cfg: RunConfig) -> tuple[Any, Any]:
     """Model (with its adapter) and tokenizer: the directory's own tokenizer, else the base model's."""
-    from sftrainer.model import load_model
-    from sftrainer.setup import load_processing_class
-
-    options = dict(
+    adapter = path / ADAPTER_CONFIG
+    if adapter.is_file() and not json.loads(adapter.read_text()).get("base_model_name_or_path"):
+        raise ConfigError(f"{adapter}: no base_model_name_or_path: cannot tell which model it adapts")
+    if not adapter.is_file() and not (path / MODEL_CONFIG).is_file():
+        raise ConfigError(f"{path}: not a model directory (no {MODEL_CONFIG} or {ADAPTER_CONFIG})")
+    run = read_run(path)
+    base = model_source(run)
+    model = load_run_model(
+        run,
+        base,
         dtype=cfg.model.dtype,
         attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    adapter = path / "adapter_config.json"
-    if adapter.is_file():
-        from peft import PeftModel
-
-        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-        if not base:
-            raise ConfigError(f"{adapter}: no base_model_name_or_path: cannot tell which model it adapts")
-        base = builtin.model_path(base)
-        with warnings.catch_warnings():  # peft 0.21 on transformers 5.x: see lora.apply
-            warnings.filterwarnings(
-                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
-            )
-            model = PeftModel.from_pretrained(load_model(base, **options), str(path))
+    if run.is_adapter:
         logger.info("Evaluating the LoRA adapter %s on %s", path, base)
-    elif (path / "config.json").is_file():
-        model, base = load_model(str(path), **options), str(path)
-        logger.info("Evaluating the model %s", path)
     else:
-        raise ConfigError(f"{path}: not a model directory (no config.json or adapter_config.json)")
-    has_tokenizer = (path / "tokenizer_config.json").is_file()
+        logger.info("Evaluating the model %s", path)
+    has_tokenizer = (path / TOKENIZER_CONFIG).is_file()
     source = str(path) if has_tokenizer else base
     # A vision-language base comes with its processor (sftrainer.vision), a text one with its tokenizer.
     return model, load_processing_class(source, cfg.model.trust_remote_code, model_path=base)

@@ -1,9 +1,9 @@
-"""A finished run as something to use: read a run directory, merge a LoRA adapter into its base, and
-write the model card (README.md) that every saved run and merged model carries.
+"""A finished run as something to hand on: merge a LoRA adapter into its base (``merge``), and write
+the model card (README.md) that every saved run and merged model carries (``run_card``,
+``write_model_card``).
 
-A run directory is what ``train()`` writes (or a ``checkpoint-<step>`` inside it): a full model
-(``config.json`` + safetensors) or a PEFT adapter (``adapter_config.json``), the tokenizer with its
-chat template, ``all_results.json`` and ``sftrainer_config.yaml`` (a checkpoint's is one level up).
+Reading the run, finding its base and loading its model are ``sftrainer.run``'s, as for
+``generate``, ``chat`` and ``eval``.
 """
 
 from __future__ import annotations
@@ -11,127 +11,40 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from transformers import AutoConfig
 
 from sftrainer import builtin
 from sftrainer.errors import RunDirError
+from sftrainer.model import DTYPES, is_vision_checkpoint, load_processor, load_tokenizer
+from sftrainer.run import (
+    ADAPTER_CONFIG,
+    CARD_FILE,
+    CONFIG_FILE,
+    MODEL_CONFIG,
+    RESULTS_FILE,
+    load_run_model,
+    read_run,
+    resolve_base,
+)
 
 logger = logging.getLogger(__name__)
-
-CONFIG_FILE = "sftrainer_config.yaml"
-RESULTS_FILE = "all_results.json"
-CARD_FILE = "README.md"
-
-
-@dataclass
-class Run:
-    """What a run directory holds. ``config`` is the saved run config (YAML as written), if found."""
-
-    path: Path
-    is_adapter: bool
-    adapter_base: str | None = None  # base_model_name_or_path of adapter_config.json
-    config: dict[str, Any] = field(default_factory=dict)
-    config_path: Path | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    card_facts: dict[str, Any] = field(default_factory=dict)  # the `sftrainer:` entry of README.md
-
-    @property
-    def was_quantized(self) -> bool:
-        """Whether the run loaded its base quantized (QLoRA): the ``model:`` section's keys, or TRL's
-        ``model_init_kwargs`` spelling."""
-        keys = ("quantization_config", "load_in_4bit", "load_in_8bit")
-        sections = (self.config.get("model_init_kwargs"), self.config.get("model"))
-        return any(isinstance(s, dict) and any(s.get(k) for k in keys) for s in sections)
-
-
-def read_run(run_dir: str | Path) -> Run:
-    """Read a run directory. Raises ``RunDirError`` when it holds neither a model nor an adapter."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise RunDirError(f"{run_dir}: no such run directory")
-    adapter_file, model_file = path / "adapter_config.json", path / "config.json"
-    if not adapter_file.is_file() and not model_file.is_file():
-        raise RunDirError(
-            f"{run_dir} is not a run directory: it holds neither adapter_config.json (a LoRA adapter) nor "
-            "config.json (a full model). Give the output_dir of `sftrainer train` or one of its checkpoint-<step>"
-        )
-    run = Run(path=path, is_adapter=adapter_file.is_file())
-    if run.is_adapter:
-        run.adapter_base = json.loads(adapter_file.read_text()).get("base_model_name_or_path")
-    if (path / RESULTS_FILE).is_file():  # not the parent's: a checkpoint is not the final model
-        run.metrics = json.loads((path / RESULTS_FILE).read_text())
-    # A checkpoint-<step> directory has its run's config and card one level up.
-    for where in (path, path.parent) if path.name.startswith("checkpoint-") else (path,):
-        if run.config_path is None and (where / CONFIG_FILE).is_file():
-            run.config_path = where / CONFIG_FILE
-            run.config = yaml.safe_load(run.config_path.read_text()) or {}
-        if not run.card_facts and (where / CARD_FILE).is_file():
-            run.card_facts = _front_matter(where / CARD_FILE).get("sftrainer") or {}
-    return run
-
-
-def _looks_like_path(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-
-
-def resolve_base(run: Run, base: str | None = None) -> str:
-    """The base model of an adapter run, as a loadable directory or hub id.
-
-    ``base`` (the user's) wins. Then the adapter's ``base_model_name_or_path`` if it exists ('builtin'
-    is the demo model; a relative path is tried from the run directory, then from here), then the run
-    config's ``model.name_or_path`` (the adapter records an absolute cache path, which another machine or
-    ``$SFTRAINER_HOME`` may lack), then the adapter's name as a hub id.
-    """
-    if base is not None:
-        return builtin.model_path(base)
-    names = [run.adapter_base, (run.config.get("model") or {}).get("name_or_path")]
-    for name in [n for n in names if n]:
-        if builtin.is_builtin(name):
-            return builtin.model_path(name)
-        for candidate in (Path(name).expanduser(), run.path / name):
-            if candidate.is_dir():
-                return str(candidate)
-    hub_ids = [n for n in names if n and not _looks_like_path(n)]
-    if hub_ids:
-        return hub_ids[0]
-    raise RunDirError(
-        f"{run.path}: the adapter's base model {run.adapter_base!r} is not found (looked from here and from "
-        "the run directory); give its location with --base PATH"
-    )
-
-
-def load_adapter(model: Any, run_dir: str | Path) -> Any:
-    """``PeftModel.from_pretrained`` of the adapter in ``run_dir`` on ``model``."""
-    import warnings
-
-    from peft import PeftModel
-
-    with warnings.catch_warnings():
-        # peft 0.21 reads `model.is_gradient_checkpointing`, deprecated in transformers 5.x (as in lora.py).
-        warnings.filterwarnings(
-            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
-        )
-        return PeftModel.from_pretrained(model, str(run_dir))
 
 
 def _checkpoint_dtype(base: str, trust_remote_code: bool) -> Any:
     """The dtype the base checkpoint is stored in (read before loading it in float32), or None."""
-    import torch
-    from transformers import AutoConfig
-
     dtype = getattr(AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code), "dtype", None)
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def _is_stored_quantized(base: str) -> bool:
-    config = Path(base) / "config.json"
+    config = Path(base) / MODEL_CONFIG
     return config.is_file() and bool(json.loads(config.read_text()).get("quantization_config"))
 
 
@@ -146,14 +59,10 @@ def merge(
     run config and a model card to ``out_dir``. The base is loaded in float32 (never quantized, so a
     QLoRA adapter is merged into the full-precision weights); the merged weights are saved in ``dtype``
     ('auto': the base checkpoint's own dtype)."""
-    import torch
-
-    from sftrainer.model import DTYPES, is_vision_checkpoint, load_model, load_processor, load_tokenizer
-
     run = read_run(run_dir)
     if not run.is_adapter:
         raise RunDirError(
-            f"{run_dir} holds a full model (config.json, no adapter_config.json): there is no LoRA adapter "
+            f"{run_dir} holds a full model ({MODEL_CONFIG}, no {ADAPTER_CONFIG}): there is no LoRA adapter "
             "to merge; load it as it is with AutoModelForCausalLM.from_pretrained"
         )
     out = Path(out_dir)
@@ -174,8 +83,8 @@ def merge(
             base_path,
         )
     saved_dtype = _checkpoint_dtype(base_path, trust_remote_code) if dtype == "auto" else DTYPES[dtype]
-    model = load_model(base_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    model = load_adapter(model, run.path).merge_and_unload()
+    model = load_run_model(run, base_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = model.merge_and_unload()
     if saved_dtype is not None and saved_dtype != torch.float32:
         model = model.to(saved_dtype)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +95,7 @@ def merge(
         shutil.copyfile(run.config_path, out / CONFIG_FILE)
     if run.metrics:
         (out / RESULTS_FILE).write_text(json.dumps(run.metrics, indent=2) + "\n")
-    adapter = json.loads((run.path / "adapter_config.json").read_text())
+    adapter = json.loads((run.path / ADAPTER_CONFIG).read_text())
     lora = run.config.get("lora") or {k: adapter.get(k) for k in ADAPTER_KEYS if adapter.get(k) is not None}
     write_model_card(
         out,
@@ -356,18 +265,6 @@ def run_card(cfg: Any, metrics: dict[str, Any], rows: dict[str, int | None], vis
         settings=settings,
         vision=vision,
     )
-
-
-def _front_matter(path: Path) -> dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
-    if not text.startswith("---\n"):
-        return {}
-    end = text.find("\n---", 4)
-    try:
-        data = yaml.safe_load(text[4:end]) if end > 0 else None
-    except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _fmt(value: Any) -> str:

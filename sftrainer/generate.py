@@ -18,8 +18,7 @@ import torch
 from transformers import GenerationConfig, TextStreamer
 
 from sftrainer.errors import DataError
-from sftrainer.export import load_adapter, read_run, resolve_base
-from sftrainer.model import load_model
+from sftrainer.run import load_run_model, model_source, read_run
 from sftrainer.setup import inference_processing_class
 from sftrainer.vision.collate import prompt_inputs
 from sftrainer.vision.processor import is_processor, text_tokenizer
@@ -35,15 +34,12 @@ def load_for_inference(
     """(model in eval mode, tokenizer) of a run directory: a full model, or an adapter on its base.
     For a vision-language model the "tokenizer" is its processor (saved with the run)."""
     run = read_run(run_dir)
-    base_path = resolve_base(run, base) if run.is_adapter else str(run.path)
+    base_path = model_source(run, base)
     # A vision-language model's processor saved with the run, else its tokenizer; ready to prompt.
     tokenizer = inference_processing_class(str(run.path), base_path, trust_remote_code, str(run_dir))
+    model = load_run_model(run, base_path, dtype=dtype, trust_remote_code=trust_remote_code)
     if run.is_adapter:
-        model = load_model(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
-        model = load_adapter(model, run.path)
         logger.info("Loaded the LoRA adapter of %s on %s", run_dir, base_path)
-    else:
-        model = load_model(str(run.path), dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
     return model, tokenizer
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
-from sftrainer import run_dir
+from sftrainer import run
 from sftrainer.errors import ConfigError
 from sftrainer.evaluate import (
     format_samples,
@@ -112,12 +112,12 @@ class GenerationEval:
 
     def _write(self, output_dir: str, prefix: str, step: int) -> None:
         name = f"step-{step}" if prefix == "eval" else f"step-{step}.{prefix.removeprefix('eval_')}"
-        directory = Path(output_dir) / run_dir.EVAL_SAMPLES_DIR
+        directory = Path(output_dir) / run.EVAL_SAMPLES_DIR
         directory.mkdir(parents=True, exist_ok=True)
         text = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in self.samples)
         self.samples_file = directory / f"{name}.jsonl"
         self.samples_file.write_text(text, encoding="utf-8")
-        (Path(output_dir) / run_dir.EVAL_SAMPLES_FILE).write_text(text, encoding="utf-8")
+        (Path(output_dir) / run.EVAL_SAMPLES_FILE).write_text(text, encoding="utf-8")
         logger.info(
             "Generation samples (%s, step %d; all in %s):\n%s",
             prefix,

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from sftrainer.errors import SFTrainerError
+from sftrainer.errors import ContaminationError
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +63,6 @@ FP32_INDEPENDENCE = 1e-5  # neighbour A vs neighbour B; noise <= 5.6e-7
 FP32_ALONE = 1e-4  # packed vs alone: different shapes take different kernels; noise <= 7.0e-7
 REDUCED_TOLERANCE = 3e-2  # both, in bf16 / fp16 / TF32; noise <= 6.7e-3
 _RESET = "Set packing=False and padding_free=False (and eval_packing=False)."
-
-
-class ContaminationError(SFTrainerError):
-    """Rows of a packed / padding-free batch would see each other with this model and backend."""
 
 
 @dataclass(frozen=True)

@@ -259,7 +259,7 @@ def meta_model(model_path: str, dtype: str, trust_remote_code: bool, peft_config
     import torch
     from transformers import AutoConfig
 
-    from sftrainer import lora
+    import sftrainer.lora as lora
     from sftrainer.model import DTYPES, auto_model_class
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)

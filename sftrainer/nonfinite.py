@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from sftrainer.checkpoint import NonFiniteLossError, latest_checkpoint
+from sftrainer.checkpoint import latest_checkpoint
+from sftrainer.errors import NonFiniteLossError
 
 
 class NonFiniteFlag:

@@ -29,8 +29,9 @@ from sftrainer.data.pack import PackStats, StreamPacker, pack_dataset
 from sftrainer.data.prepare import DataSettings, PrepareStats, prepare
 from sftrainer.distributed import main_process_first
 from sftrainer.errors import ConfigError, DataError
+from sftrainer.vision.encode import VisionTokenizer
 from sftrainer.vision.images import lift_images
-from sftrainer.vision.prepare import pack_with_images, prepare_vision
+from sftrainer.vision.pack import pack_with_images
 from sftrainer.vision.processor import is_processor
 
 logger = logging.getLogger(__name__)
@@ -144,14 +145,16 @@ class DataPipeline:
         settings = prepare_settings(args, pack)
         if isinstance(dataset, Mixture):
             prepared, self.data_stats[name] = self._prepare_mixture(dataset, name, settings)
-        elif self.vision:
-            prepared, self.data_stats[name] = prepare_vision(
-                dataset, self.tokenizer, settings, name, self.formatting_func, args.image_root
-            )
         else:
-            _refuse_images(dataset, name)
+            # The encoder is the strategy: the text one (None), or a processor's, which reads the rows'
+            # images and carries them through the same prepare.
+            encoder = None
+            if self.vision:
+                encoder = VisionTokenizer.for_settings(self.tokenizer, settings, args.image_root)
+            else:
+                _refuse_images(dataset, name)
             prepared, self.data_stats[name] = prepare(
-                dataset, self.tokenizer, settings, name, self.formatting_func
+                dataset, self.tokenizer, settings, name, self.formatting_func, encoder
             )
         self._note_differences(self.data_stats[name].format, pack)
         if isinstance(prepared, Dataset):

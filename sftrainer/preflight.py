@@ -258,7 +258,7 @@ def measure_step_time(cfg: Any, train_rows: Any, tokenizer: Any, rows_per_sequen
     evaluate the sample (loss only, as often as the run would need one evaluation) and time it per row."""
     import torch
 
-    from sftrainer import builtin
+    import sftrainer.builtin as builtin
     from sftrainer.lora import peft_config_from
     from sftrainer.model import load_model
     from sftrainer.run_config import apply_overrides, build_config

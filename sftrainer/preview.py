@@ -252,11 +252,11 @@ class DataPreview:
         for count, reason in dropped:
             if count:
                 lines.append(f"  dropped: {count} rows: {reason}")
-        if getattr(s, "dropped_image_cut", 0):
+        if s.dropped_image_cut:
             lines.append(
                 f"  dropped: {s.dropped_image_cut} rows: max_length would cut through an image's tokens"
             )
-        if not s.dropped_empty and not s.dropped_invalid and not getattr(s, "dropped_image_cut", 0):
+        if not s.dropped_empty and not s.dropped_invalid and not s.dropped_image_cut:
             lines.append("  dropped: none")
         if s.empty_reasoning_turns:
             lines.append(
@@ -264,7 +264,7 @@ class DataPreview:
                 "block the template writes; the block is context, not trained (train_empty_reasoning=true "
                 "trains it)"
             )
-        if hasattr(s, "images"):
+        if s.images is not None:  # an encoder that reads images
             lines.append(
                 f"  images: {s.images} in the kept rows (rows below show each as its image token ×count)"
             )

@@ -27,9 +27,20 @@ from typing import Any
 from sftrainer.constants import FIRST_ROWS, IGNORE_INDEX, ROW_TOKEN_LIMIT
 from sftrainer.errors import SFTrainerError
 from sftrainer.png import Series, nice_ticks, tick_labels, write_charts
+from sftrainer.run import (
+    CHECKPOINT_PREFIX,
+    CONFIG_FILE,
+    DATA_STATS,
+    EVAL_SAMPLES_DIR,
+    EVAL_SAMPLES_FILE,
+    MASKING_PREVIEW,
+    METRICS_FILE,
+    REPORT_HTML,
+    REPORT_PNG,
+    RESULTS_FILE,
+    TRAINER_STATE,
+)
 
-REPORT_PNG, REPORT_HTML = "report.png", "report.html"
-DATA_STATS, MASKING_PREVIEW = "data_stats.json", "masking_preview.json"
 BLUE, ORANGE, GREEN = (31, 119, 180), (255, 127, 14), (44, 160, 44)
 MAX_SAMPLES = 50  # sample rows shown in the HTML
 # The metrics the results open with, before training -> after, in this order (eval_<name> in
@@ -42,15 +53,15 @@ HEADLINE_METRICS = ("loss", "mean_token_accuracy", "perplexity", "exact_match", 
 
 def load_history(run_dir: Path) -> list[dict[str, Any]]:
     """The log events of a run, oldest first."""
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
     if metrics.is_file():
         return [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-    states = [run_dir / "trainer_state.json"]
+    states = [run_dir / TRAINER_STATE]
     checkpoints = sorted(
-        run_dir.glob("checkpoint-*"),
+        run_dir.glob(f"{CHECKPOINT_PREFIX}*"),
         key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
     )
-    states += [c / "trainer_state.json" for c in reversed(checkpoints)]
+    states += [c / TRAINER_STATE for c in reversed(checkpoints)]
     for state in states:
         if state.is_file():
             return list(json.loads(state.read_text(encoding="utf-8")).get("log_history", []))
@@ -80,11 +91,11 @@ def curves(history: Sequence[dict[str, Any]]) -> dict[str, list[tuple[float, flo
 def load_samples(run_dir: Path) -> tuple[str, list[dict[str, Any]]]:
     """(where from, rows) of the latest generation samples."""
     steps = []
-    for path in (run_dir / "eval_samples").glob("step-*.jsonl"):
+    for path in (run_dir / EVAL_SAMPLES_DIR).glob("step-*.jsonl"):
         match = re.fullmatch(r"step-(\d+)\.jsonl", path.name)
         if match:
             steps.append((int(match.group(1)), path))
-    path = max(steps)[1] if steps else run_dir / "eval_samples.jsonl"
+    path = max(steps)[1] if steps else run_dir / EVAL_SAMPLES_FILE
     if not path.is_file():
         return "", []
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -252,10 +263,10 @@ def before_after(results: dict[str, Any]) -> list[tuple[str, Any, Any]]:
 
 
 def _results(run_dir: Path, history: list[dict[str, Any]]) -> str:
-    results = _read_json(run_dir / "all_results.json")
+    results = _read_json(run_dir / RESULTS_FILE)
     results = results or next((r for r in reversed(history) if "train_runtime" in r), None)
     if not results:
-        return "<p>No all_results.json (the run has not finished).</p>"
+        return f"<p>No {RESULTS_FILE} (the run has not finished).</p>"
     rows = before_after(results)
     shown = {f"eval{p}_{m}" for m, _, _ in rows for p in ("", "_before")}
     if rows:
@@ -324,7 +335,7 @@ def _data(run_dir: Path) -> str:
 
 def render_html(run_dir: Path, history: list[dict[str, Any]]) -> str:
     name = _e(run_dir.resolve().name)
-    config = run_dir / "sftrainer_config.yaml"
+    config = run_dir / CONFIG_FILE
     sections = [
         f"<h1>sftrainer run: {name}</h1><p>{_e(run_dir.resolve())}</p>",
         _section("results", "Results", _results(run_dir, history)),
@@ -333,7 +344,7 @@ def render_html(run_dir: Path, history: list[dict[str, Any]]) -> str:
         _section("masking", "Masking preview", _masking(run_dir)),
         _section("data", "Data", _data(run_dir)),
         _section("config", "Config", f"<pre>{_e(config.read_text(encoding='utf-8'))}</pre>"
-                 if config.is_file() else "<p>No sftrainer_config.yaml.</p>"),
+                 if config.is_file() else f"<p>No {CONFIG_FILE}.</p>"),
     ]  # fmt: skip
     head = f'<meta charset="utf-8"><title>sftrainer report: {name}</title><style>{CSS}</style>'
     return (
@@ -351,7 +362,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     history = load_history(run)
     if not history:
         raise SFTrainerError(
-            f"report: {run} holds no metrics.jsonl or trainer_state.json: is it the output_dir of a training run?"
+            f"report: {run} holds no {METRICS_FILE} or {TRAINER_STATE}: is it the output_dir of a training run?"
         )
     c = curves(history)
     png, page = run / REPORT_PNG, run / REPORT_HTML

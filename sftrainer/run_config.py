@@ -17,9 +17,10 @@ from typing import Any
 
 import yaml
 
-from sftrainer import quant, sharding
-from sftrainer.coerce import coerce
-from sftrainer.config import INTERVALS, SFTConfig, init_fields
+import sftrainer.quant as quant
+import sftrainer.sharding as sharding
+from sftrainer.coerce import coerce, init_fields
+from sftrainer.config import INTERVALS, SFTConfig
 from sftrainer.errors import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)

@@ -35,12 +35,10 @@ from pathlib import Path
 
 from sftrainer.checkpoint import CHECKPOINT_RE, STAGING_PREFIX, latest_checkpoint
 from sftrainer.errors import RunDirError
-from sftrainer.tracking import METRICS_FILE
+from sftrainer.run import EARLIER_RUNS_DIR, EVAL_SAMPLES_DIR, EVAL_SAMPLES_FILE, METRICS_FILE
 
 logger = logging.getLogger(__name__)
 
-EVAL_SAMPLES_DIR = "eval_samples"  # eval_samples/step-<step>.jsonl: the samples of each evaluation
-EVAL_SAMPLES_FILE = "eval_samples.jsonl"  # the latest evaluation's samples
 TRAINING_KEYS = ("loss", "train_loss")  # a metrics.jsonl record holding one of these logs training
 RESUME_KEY, OVERWRITE_KEY = "resume_from_checkpoint", "overwrite_output_dir"
 
@@ -128,9 +126,6 @@ def refuse_earlier_run(earlier: EarlierRun) -> None:
         f"(it removes the earlier run's checkpoints, {METRICS_FILE} and eval samples); or choose another "
         "output_dir"
     )
-
-
-EARLIER_RUNS_DIR = "earlier-runs"  # earlier-runs/<n>/: the records set_aside_earlier_run moved
 
 
 def set_aside_earlier_run(earlier: EarlierRun) -> Path | None:

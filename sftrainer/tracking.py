@@ -28,7 +28,8 @@ from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.integrations.integration_utils import default_logdir
 
-METRICS_FILE = "metrics.jsonl"
+from sftrainer.run import METRICS_FILE
+
 MAX_SAMPLES = 20  # rows sent to a tracker per evaluation
 SAMPLE_COLUMNS = ("prompt", "reference", "prediction")
 

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from sftrainer import builtin, preflight, report, sharding
-from sftrainer.checkpoint import check_resume_layout, checkpoint_step, resolve_checkpoint, write_run_record
+from sftrainer.checkpoint import check_resume_layout, checkpoint_step, resolve_checkpoint
 from sftrainer.distributed import main_process_first
 from sftrainer.export import run_card
 from sftrainer.lora import peft_config_from
 from sftrainer.model import load_model
+from sftrainer.run import write_run_record
 from sftrainer.run_config import RunConfig
 from sftrainer.run_dir import check_output_dir
 from sftrainer.setup import load_processing_class

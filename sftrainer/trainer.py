@@ -56,7 +56,7 @@ from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import IntervalStrategy, rotate_checkpoints
 
-from sftrainer import checkpoint, memory, nonfinite, run_dir, setup, sharding
+from sftrainer import checkpoint, memory, nonfinite, run, run_dir, setup, sharding
 from sftrainer.config import OVERWRITE_AND_RESUME, SFTConfig, to_sft_config
 from sftrainer.console import ConsoleCallback
 from sftrainer.constants import MODEL_TAGS
@@ -488,7 +488,7 @@ class SFTTrainer(Trainer):
             )
         self.accelerator.wait_for_everyone()  # every process has written its part
         if self.args.should_save:
-            self.state.save_to_json(os.path.join(staging, name, checkpoint.TRAINER_STATE))  # the final paths
+            self.state.save_to_json(os.path.join(staging, name, run.TRAINER_STATE))  # the final paths
             checkpoint.write_layout(os.path.join(staging, name), self.args)
             checkpoint.publish(staging, run_dir, name)
             rotate_checkpoints(

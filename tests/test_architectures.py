@@ -19,6 +19,8 @@ from tiny_models import (
 
 from sftrainer import SFTTrainer
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def arch_dirs(tmp_path_factory, tiny_model_dir):

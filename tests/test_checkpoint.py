@@ -27,18 +27,18 @@ from transformers import TrainerCallback
 from sftrainer import SFTTrainer
 from sftrainer.checkpoint import (
     LAYOUT_FILE,
-    NonFiniteLossError,
     batch_layout,
     check_resume_layout,
     checkpoint_problem,
     latest_checkpoint,
     resolve_checkpoint,
-    resolved_config,
     resume_layout_problem,
-    run_info,
 )
-from sftrainer.errors import ConfigError
+from sftrainer.errors import ConfigError, NonFiniteLossError
+from sftrainer.run import resolved_config, run_info
 from sftrainer.run_config import load_config
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -399,7 +399,8 @@ def test_nan_weights_after_the_last_step_are_refused(tmp_path, tiny_model_dir):
 
 def test_resolved_config_round_trips(tmp_path):
     """Every key written, defaults filled in; it loads back to the same config."""
-    from sftrainer.config import SFTConfig, init_fields
+    from sftrainer.coerce import init_fields
+    from sftrainer.config import SFTConfig
 
     cfg = load_config(REPO / "configs" / "builtin-lora.yaml", ["lora.r=4", "max_steps=5"])
     resolved = resolved_config(cfg)

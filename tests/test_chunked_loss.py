@@ -24,7 +24,10 @@ from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.collate import PaddedCollator, PositionCollator
 from sftrainer.loss import CHUNKED, FULL, LEAN, plan_loss, sft_loss, verify_chunked
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
 
 VOCAB = 300
 SMALL = dict(

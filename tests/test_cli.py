@@ -20,6 +20,8 @@ import yaml
 from sftrainer.cli import main
 from sftrainer.run_config import load_config
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 # Run by their own tests below: the demo (what builtin-full.yaml spells out) and builtin-lora.yaml.

@@ -14,6 +14,8 @@ from tiny_models import ROWS
 
 from sftrainer.cli import main
 
+pytestmark = pytest.mark.slow
+
 SHORT = ["max_steps=2", "per_device_train_batch_size=2", "max_length=64", "exact_match_samples=2",
          "exact_match_max_new_tokens=4", "logging_steps=1", "learning_rate=1e-2"]  # fmt: skip
 

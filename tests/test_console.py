@@ -15,7 +15,10 @@ from sftrainer import SFTTrainer
 from sftrainer.console import ConsoleCallback, duration, format_line, human
 from sftrainer.timing import RunClock
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
 
 LINE = re.compile(r"^step \d+/6 \| epoch [\d.]+ \| loss [\d.]+ \| lr [\d.]+e-\d+ \| acc [\d.]+ .*tok/s")
 

@@ -27,6 +27,8 @@ from sftrainer.checkpoint import latest_checkpoint
 from sftrainer.errors import ConfigError
 from sftrainer.launch import launch_command
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("dist_train.py")
 STEPS = 4  # dist_train.STEPS

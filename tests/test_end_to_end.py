@@ -19,6 +19,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+pytestmark = pytest.mark.slow
+
 ROWS = [
     {"prompt": "Reverse the words: cat dog", "response": "dog cat"},
     {"prompt": "Count the words: sun sun sun", "response": "3"},

@@ -8,6 +8,8 @@ from tiny_models import quick_args
 from sftrainer import IGNORE_INDEX, SFTTrainer
 from sftrainer.evaluate import exact_match, split_prompt_reference
 
+pytestmark = pytest.mark.slow
+
 X = IGNORE_INDEX
 
 # Distinct prompts (each row's answer is decidable from its prompt) with short answers.

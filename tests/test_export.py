@@ -14,10 +14,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftrainer import builtin
 from sftrainer.cli import main
-from sftrainer.export import read_run, resolve_base
 from sftrainer.generate import prompt_ids
+from sftrainer.run import read_run, resolve_base
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
 
 # fp32 throughout: merging W + B @ A * scale changes only the rounding of the sums.
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)

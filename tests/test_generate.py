@@ -24,7 +24,10 @@ from sftrainer.cli import main
 from sftrainer.evaluate import split_prompt_reference
 from sftrainer.model import default_chat_template
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
 
 REVERSE, COUNT = "Reverse the words: cat dog", "Count the words: sun sun sun"
 

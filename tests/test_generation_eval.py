@@ -135,6 +135,7 @@ class Seen(TrainerCallback):
         )
 
 
+@pytest.mark.slow
 def test_samples_per_step_and_early_stopping_on_normalized_match(tiny_model_dir, tmp_path, scorer_file):
     # An untrained model matches nothing: the score never improves, so training stops after patience 1.
     trainer = SFTTrainer(
@@ -222,6 +223,7 @@ def test_generation_prompts_file_with_references(tiny_model_dir, tmp_path):
     assert metrics["eval_exact_match"] == trainer.generation_samples[0]["scores"]["exact_match"]
 
 
+@pytest.mark.slow
 def test_perplexity_is_exp_loss_and_train_logs_tokens_per_second(tiny_model_dir, tmp_path):
     trainer = SFTTrainer(
         model=str(tiny_model_dir),

@@ -24,14 +24,16 @@ from tiny_models import (
 
 from sftrainer import SFTTrainer
 from sftrainer.data.collate import DataCollatorForLanguageModeling, PositionCollator
+from sftrainer.errors import ContaminationError
 from sftrainer.isolation import (
     FP32_INDEPENDENCE,
     REDUCED_TOLERANCE,
-    ContaminationError,
     check_row_isolation,
     probe_rows,
     stateful_layers,
 )
+
+pytestmark = pytest.mark.slow
 
 LAYOUTS = {"flat": True, "rows": False}  # padding-free / FlashAttention: one flat row; else padded rows
 

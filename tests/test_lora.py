@@ -16,6 +16,8 @@ from sftrainer import SFTTrainer, builtin, lora
 from sftrainer.errors import ConfigError
 from sftrainer.run_config import LoraSettings, load_config
 
+pytestmark = pytest.mark.slow
+
 CHATS = [
     {"messages": [{"role": "user", "content": "Reverse the words: cat dog"}, {"role": "assistant", "content": "dog cat"}]},
     {"messages": [{"role": "user", "content": "Count the words: sun sun"}, {"role": "assistant", "content": "2"}]},

@@ -16,7 +16,10 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, MixtralConfig
 from sftrainer import ConfigError, SFTTrainer
 from sftrainer.constants import IGNORE_INDEX
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
 
 
 def _trainer(model, tokenizer, tmp_path, **kw) -> SFTTrainer:

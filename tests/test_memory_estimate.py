@@ -117,6 +117,7 @@ print(json.dumps({"estimate": estimate, "measured": measured, "baseline": report
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_the_estimate_holds_against_the_measured_peak_rss(tmp_path, tokenizer, lora):
     """What training adds to the process's resident memory (peak RSS after training less RSS before

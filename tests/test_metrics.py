@@ -12,6 +12,8 @@ from tiny_models import ROWS, quick_args
 from sftrainer import SFTTrainer
 from sftrainer.constants import IGNORE_INDEX
 
+pytestmark = pytest.mark.slow
+
 METRICS = ("mean_token_accuracy", "entropy", "num_tokens")
 
 

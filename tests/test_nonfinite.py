@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback
 
 from sftrainer import SFTTrainer
-from sftrainer.checkpoint import NonFiniteLossError
+from sftrainer.errors import NonFiniteLossError
 from sftrainer.nonfinite import NonFiniteFlag
 
 

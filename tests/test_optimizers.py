@@ -16,7 +16,10 @@ from sftrainer.constants import BITSANDBYTES_OPTIMIZERS
 from sftrainer.memory import is_installed, optimizer_problems
 from sftrainer.run_config import load_config
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
 
 NO_TORCHAO = "torchao is not installed (pip install 'sftrainer[torchao]')"
 OPTIMIZERS = [

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.collate import DataCollatorForLanguageModeling, PaddedCollator, PositionCollator
 from sftrainer.data.pack import StreamPacker, best_fit_decreasing, pack_dataset
-from sftrainer.isolation import ContaminationError, check_row_isolation
+from sftrainer.errors import ContaminationError
+from sftrainer.isolation import check_row_isolation
 
 
 def _rows(lengths: list[int], seed: int = 0, vocab: int = 300) -> list[dict]:
@@ -171,6 +172,7 @@ def _model(tiny_model_dir, impl):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("flatten", [True, False])
 def test_packed_losses_and_gradients_equal_row_by_row(tiny_model_dir, impl, flatten):
@@ -233,6 +235,7 @@ class _LeakyCollator(PositionCollator):
         return batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("flatten", [True, False])
 def test_isolation_check_passes_and_refuses_a_leaking_setup(tiny_model_dir, impl, flatten):

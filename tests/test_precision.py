@@ -23,7 +23,10 @@ from sftrainer.precision import MixedPrecision, choose_mixed_precision
 from sftrainer.run_config import load_config
 
 # peft 0.21 reads an attribute transformers 5 deprecated (sftrainer silences it in its own calls).
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
 
 LR = 2e-5
 

@@ -24,6 +24,8 @@ from sftrainer.preflight import (
 )
 from sftrainer.preview import prepare_for_preview
 
+pytestmark = pytest.mark.slow
+
 PAIRS = [{"prompt": f"Count the words: {'sun ' * n}", "response": str(n)} for n in range(1, 12)]
 
 

@@ -35,6 +35,8 @@ from sftrainer.preview import (
     template_source,
 )
 
+pytestmark = pytest.mark.slow
+
 CHAT_ROWS = [
     {
         "messages": [

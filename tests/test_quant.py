@@ -20,10 +20,13 @@ from sftrainer import SFTTrainer, quant
 from sftrainer.errors import ConfigError
 from sftrainer.run_config import load_config
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("bitsandbytes") is None,
-    reason="bitsandbytes (the quant extra) is not installed: pip install 'sftrainer[quant]'",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("bitsandbytes") is None,
+        reason="bitsandbytes (the quant extra) is not installed: pip install 'sftrainer[quant]'",
+    ),
+]
 
 LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 QUANTIZED = ("Params4bit", "Int8Params")

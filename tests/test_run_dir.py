@@ -52,6 +52,7 @@ def trainer(model_dir, out, **kw) -> SFTTrainer:
     return SFTTrainer(model=str(model_dir), args=args, train_dataset=ROWS, eval_dataset=ROWS[:2])
 
 
+@pytest.mark.slow
 def test_a_new_run_into_a_used_output_dir_is_set_apart_overwritten_or_resumed(
     tiny_model_dir, tmp_path, caplog
 ):

@@ -15,7 +15,10 @@ from sftrainer import SFTTrainer
 from sftrainer.model import DEFAULT_CHAT_TEMPLATE
 
 # peft 0.21 reads an attribute transformers 5 deprecated; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
 
 
 def logits(model, ids: list[int]) -> torch.Tensor:

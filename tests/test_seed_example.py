@@ -30,7 +30,10 @@ NO_GPU = not torch.cuda.is_available()
 
 # peft 0.21 reads an attribute transformers 5 deprecated; only the test's own PeftModel call hits it
 # (sftrainer silences it, and assert_older_style_warnings records with "always" to check that).
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
 
 
 def seed_training_args() -> TrainingArguments:

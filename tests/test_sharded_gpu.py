@@ -25,6 +25,7 @@ WEIGHT_TOL = 1e-4  # to be measured on the first GPU run
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.distributed,
     pytest.mark.skipif(
         GPUS < 2, reason=f"needs 2 CUDA GPUs (this machine has {GPUS}): FSDP / DeepSpeed shard across GPUs"

@@ -40,6 +40,7 @@ def test_evaluation_steps_are_trainers(overrides, max_steps, per_epoch, expected
     assert evaluation_steps(_args(**overrides), max_steps, per_epoch) == expected
 
 
+@pytest.mark.slow
 def test_evaluation_steps_match_a_real_run(tmp_path, tiny_model_dir):
     from tiny_models import ROWS, quick_args
 

@@ -11,7 +11,10 @@ from tiny_models import ROWS, quick_args
 from sftrainer import SFTTrainer
 from sftrainer.tracking import markdown_table
 
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
 
 
 def train(tiny_model_dir, tmp_path, report_to: str) -> SFTTrainer:

@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from sftrainer.train import last_step_evaluation
+
+pytestmark = pytest.mark.slow
 
 ROWS = [{"prompt": f"Count the words: {'sun ' * n}", "response": str(n)} for n in range(1, 9)]
 

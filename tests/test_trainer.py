@@ -24,7 +24,10 @@ END_OF_TURN = "<|im_end|>"
 NO_GPU = not torch.cuda.is_available()
 
 # peft 0.21 reads an attribute transformers 5 deprecated (sftrainer silences it in its own calls).
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
 
 
 def lora(**kw) -> LoraConfig:

@@ -10,6 +10,8 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 
 from sftrainer import SFTTrainer
 
+pytestmark = pytest.mark.slow
+
 
 def _trainer(tiny_model_dir, tmp_path, eval_dataset=None, **kw) -> SFTTrainer:
     values = dict(per_device_eval_batch_size=2, exact_match_max_new_tokens=4)

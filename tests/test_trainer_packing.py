@@ -12,7 +12,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from sftrainer import ConfigError, SFTConfig, SFTTrainer
 from sftrainer.constants import IGNORE_INDEX
 from sftrainer.data.collate import PaddedCollator, PositionCollator
-from sftrainer.isolation import ContaminationError
+from sftrainer.errors import ContaminationError
+
+pytestmark = pytest.mark.slow
 
 WORDS = [
     "apple",

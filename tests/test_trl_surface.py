@@ -25,6 +25,7 @@ from sftrainer.data.pack import pack_dataset
 NO_GPU = not torch.cuda.is_available()
 # Warnings TRL's own config and trainer raise on a CPU with transformers 5.24 (not sftrainer's).
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning"),
     pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true:UserWarning"),
     pytest.mark.filterwarnings("ignore:The `'keep_end'` truncation mode is deprecated:FutureWarning"),

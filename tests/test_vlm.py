@@ -17,10 +17,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from sftrainer import SFTTrainer
 from sftrainer.constants import IGNORE_INDEX
-from sftrainer.errors import ConfigError, DataError
-from sftrainer.isolation import ContaminationError
+from sftrainer.errors import ConfigError, ContaminationError, DataError
 from sftrainer.vision.collate import VisionCollator
 from sftrainer.vision.model import packing_problem, vision_parts
+
+pytestmark = pytest.mark.slow
 
 QUESTIONS = (
     "What is in the picture?",

@@ -3,56 +3,56 @@
 Rows that cannot be used are reported together (row number, field, problem) rather than one at a
 time; rows truncated to ``max_length`` are counted, and rows left with no trained token are dropped
 and counted, so nothing disappears silently.
+
+The one prepare path for text and for rows with images: the encoder (``tokenize.RowEncoder``) is the
+strategy. ``ExampleTokenizer`` by default; the pipeline passes ``sftrainer.vision``'s for a processor,
+and then the rows' images are carried through in an ``images`` column (list of the encoder's image
+references), and rows that ``max_length`` would cut inside an image are dropped and counted
+(``PrepareStats.dropped_image_cut``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import gc
-import hashlib
 import itertools
 import logging
-import os
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, Features, IterableDataset, List, Value
-from datasets.fingerprint import Hasher
 
-from sftrainer.constants import PAIR_TEMPLATES, ROWS_PER_PREPARE_PROCESS, TRAIN_ON, TRUNCATION_MODES
+from sftrainer.constants import (
+    IMAGE_COLUMNS,
+    PAIR_TEMPLATES,
+    TRAIN_ON,
+    TRUNCATION_MODES,
+)
+from sftrainer.data.cache import auto_num_proc, cache_key, shared_heap
 from sftrainer.data.formats import (
     REQUIRED_COLUMNS,
     ChatExample,
     Format,
     detect_format,
     implied_columns,
-    mixed_formats_error,
     normalise_row,
     pairs_as_chat,
     rename_columns,
-    row_formats,
     split_turns,
 )
 from sftrainer.data.load import guard_stream
-from sftrainer.data.origin import Origin, origin_of, places, where
-from sftrainer.data.tokenize import ExampleTokenizer, Tokenized, tokenize_pretokenized
+from sftrainer.data.origin import origin_of, where
+from sftrainer.data.problems import invalid_rows_error, refuse_mixed_formats
+from sftrainer.data.tokenize import ExampleTokenizer, RowEncoder, Tokenized, tokenize_pretokenized
 from sftrainer.errors import ConfigError, DataError, RowError, did_you_mean
-from sftrainer.version import __version__
 
 logger = logging.getLogger(__name__)
 
-MAX_LISTED_PROBLEMS = 5
-
 # Values of the temporary "_issue" column.
-OK, TRUNCATED, EMPTY = "", "truncated", "empty"
+OK, TRUNCATED, EMPTY, IMAGE_CUT = "", "truncated", "empty", "image_cut"  # image_cut: see RowEncoder
 PREPARED_FEATURES = Features(
     {
         "input_ids": List(Value("int64")),
@@ -66,6 +66,8 @@ PREPARED_FEATURES = Features(
     }
 )
 TEMPORARY_COLUMNS = [name for name in PREPARED_FEATURES if name.startswith("_")]  # counted, then removed
+# With an encoder that reads images: each row's images, as ``datasets`` stores an Image ({"bytes", "path"}).
+IMAGES_FEATURE = List({"bytes": Value("binary"), "path": Value("string")})
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ class PrepareStats:
         0  # answers after an empty reasoning block the template wrote, left untrained
     )
     streamed: bool = False  # counted as the stream is read: the rows read so far
+    images: int | None = None  # images in the kept rows; None: the encoder reads no images
+    dropped_image_cut: int = 0  # rows max_length would cut inside an image
 
     def summary(self, max_length: int | None) -> str:
         read = " read so far" if self.streamed else ""
@@ -137,6 +141,13 @@ class PrepareStats:
             )
         if self.inexact_rows:
             parts.append(f"{self.inexact_rows} row(s) with a later prompt that differs from inference")
+        if self.images is not None:
+            parts.append(f"{self.images} images")
+        if self.dropped_image_cut:
+            parts.append(
+                f"{self.dropped_image_cut} dropped: max_length={max_length} would cut through an image's "
+                "tokens (raise max_length)"
+            )
         return ", ".join(parts)
 
     def same_role_note(self) -> str | None:
@@ -172,14 +183,15 @@ class PrepareStats:
 
 
 class _TokenizeBatch:
-    """The function given to ``Dataset.map``: a batch of raw rows -> token rows + an issue per row.
+    """The function given to ``Dataset.map``: a batch of raw rows -> token rows + an issue per row
+    (and each row's images, where the encoder reads them).
 
     With ``split_turns`` one conversation gives one output row per trained assistant turn.
     """
 
     def __init__(
         self,
-        encoder: ExampleTokenizer,
+        encoder: RowEncoder,
         fmt: Format | None,
         settings: DataSettings,
         formatting_func: Callable[[dict[str, Any]], Any] | None,
@@ -189,12 +201,17 @@ class _TokenizeBatch:
         self.settings = settings
         self.formatting_func = formatting_func
 
+    @property
+    def columns(self) -> list[str]:
+        return [*PREPARED_FEATURES, *(["images"] if self.encoder.images is not None else [])]
+
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         keys = list(batch)
         rows = [dict(zip(keys, values)) for values in zip(*batch.values())]
-        out: dict[str, list[Any]] = {name: [] for name in PREPARED_FEATURES}
+        out: dict[str, list[Any]] = {name: [] for name in self.columns}
         plan: list[tuple[Any, ...]] = []  # per example: ("row", Tokenized), ("error", issue), or its render
-        rendered = []
+        rendered: list[tuple[Any, list[Any]]] = []
+        images: list[list[Any]] = []
         for row, index in zip(rows, indices):
             try:
                 if self.fmt is Format.TOKENIZED:
@@ -203,26 +220,35 @@ class _TokenizeBatch:
                     continue
                 examples = self._examples(row)
                 before = self.encoder.untrained_empty_reasoning
-                renders = [self.encoder.render(example) for example in examples]
+                renders = [self.encoder.render(example, refs) for example, refs in examples]
                 empty_reasoning = self.encoder.untrained_empty_reasoning - before
             except RowError as err:
                 plan.append(("error", f"row {index + 1}: {err}"))
                 continue
-            same_role = any(_same_role(example) for example in examples)
-            for k, (example, (segments, rewritten)) in enumerate(zip(examples, renders)):
+            same_role = any(_same_role(example) for example, _ in examples)
+            for k, ((example, refs), (segments, rewritten)) in enumerate(zip(examples, renders)):
                 plan.append(
-                    ("rendered", len(rendered), rewritten, same_role, empty_reasoning if k == 0 else 0)
+                    ("rendered", len(rendered), rewritten, same_role, empty_reasoning if k == 0 else 0, index)
                 )
                 rendered.append((example, segments))
-        encoded = self.encoder.encode(rendered)
+                images.append(refs)
+        has_images = self.encoder.images is not None
+        encoded = self.encoder.encode(rendered, images) if has_images else self.encoder.encode(rendered)
         for item in plan:
             if item[0] == "row":
                 self._put(out, item[1])
             elif item[0] == "error":
                 self._put(out, None, item[1])
             else:  # an example's rows: more than one where its turns could not share a row
-                _, k, rewritten, same_role, empty_reasoning = item
-                for n, tokenized in enumerate(encoded[k]):
+                _, k, rewritten, same_role, empty_reasoning, index = item
+                result = encoded[k]
+                if isinstance(result, RowError):
+                    self._put(out, None, f"row {index + 1}: {result}")
+                    continue
+                if result is None:  # the encoder drops it: max_length would cut inside an image
+                    self._put(out, None, IMAGE_CUT)
+                    continue
+                for n, tokenized in enumerate(result):
                     first = n == 0
                     self._put(
                         out,
@@ -232,16 +258,21 @@ class _TokenizeBatch:
                         same_role and first,
                         not first,
                         empty_reasoning if first else 0,
+                        images[k] if first else [],  # an encoder that reads images keeps one row each
                     )
         return out
 
-    def _examples(self, row: dict[str, Any]) -> list[Any]:
-        example = self._example(row)
+    def _examples(self, row: dict[str, Any]) -> list[tuple[Any, list[Any]]]:
+        """The row's examples, each with the images it holds."""
+        example, refs = self._example(row)
         if isinstance(example, ChatExample) and self.settings.train_on != "all":
             _check_has_answer(example, self.fmt)
         if self.settings.split_turns and isinstance(example, ChatExample):
-            return split_turns(example)
-        return [example]
+            parts = split_turns(example)
+            if self.encoder.images is None:
+                return [(part, []) for part in parts]
+            return [(part, self.encoder.images.held_by(part, refs)) for part in parts]
+        return [(example, refs)]
 
     def _truncate(self, tokenized: Tokenized) -> Tokenized:
         """keep_end: the encoder kept whole rows (max_length=None); keep their last max_length tokens."""
@@ -250,20 +281,31 @@ class _TokenizeBatch:
             return tokenized
         return Tokenized(tokenized.input_ids[-n:], tokenized.labels[-n:], True, tokenized.inexact)
 
-    def _example(self, row: dict[str, Any]) -> Any:
+    def _split(self, row: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+        """The row without its images, and its images (none for a text encoder)."""
+        if self.encoder.images is None:
+            return row, []
+        return self.encoder.images.split(row)
+
+    def _example(self, row: dict[str, Any]) -> tuple[Any, list[Any]]:
         if self.formatting_func is None:
-            return normalise_row(
-                row, self.fmt, self.settings.text_field, pairs_as_chat(self.fmt, self.settings.pair_template)
-            )
+            assert self.fmt is not None  # detected from the data set's columns
+            text_row, refs = self._split(row)
+            as_chat = pairs_as_chat(self.fmt, self.settings.pair_template)
+            return normalise_row(text_row, self.fmt, self.settings.text_field, as_chat), refs
         formatted = self.formatting_func(row)
         if isinstance(formatted, list) and len(formatted) == 1:  # older TRL batched style
             formatted = formatted[0]
         if isinstance(formatted, str):
-            return normalise_row({"text": formatted}, Format.TEXT, None, False)
+            return normalise_row({"text": formatted}, Format.TEXT, None, False), []
         if isinstance(formatted, Mapping):
-            fmt = detect_format(list(formatted), "formatting_func output")
+            text_row, refs = self._split(dict(formatted))
+            columns = list(text_row)
+            if self.encoder.images is not None:
+                columns = [c for c in columns if c not in IMAGE_COLUMNS]
+            fmt = detect_format(columns, "formatting_func output")
             as_chat = pairs_as_chat(fmt, self.settings.pair_template)
-            return normalise_row(dict(formatted), fmt, None, as_chat)
+            return normalise_row(text_row, fmt, None, as_chat), refs
         raise RowError("formatting_func", f"must return a str or a dict, got {type(formatted).__name__}")
 
     def _put(
@@ -275,6 +317,7 @@ class _TokenizeBatch:
         same_role: bool = False,
         split: bool = False,
         empty_reasoning: int = 0,
+        images: list[Any] | None = None,
     ) -> None:
         """Append one output row."""
         tokenized = self._truncate(tokenized) if tokenized is not None else None
@@ -286,6 +329,8 @@ class _TokenizeBatch:
         out["_split"].append(split)
         out["_inexact"].append(tokenized is not None and tokenized.inexact)
         out["_empty_reasoning"].append(empty_reasoning)
+        if "images" in out:
+            out["images"].append(images or [])
 
 
 def _check_has_answer(example: ChatExample, fmt: Format | None) -> None:
@@ -324,20 +369,24 @@ def prepare(
     settings: DataSettings,
     name: str = "train data",
     formatting_func: Callable[[dict[str, Any]], Any] | None = None,
+    encoder: RowEncoder | None = None,
 ) -> tuple[Dataset | IterableDataset, PrepareStats]:
-    """Tokenize a data set. Returns rows with ``input_ids`` and ``labels`` only, and the counts."""
+    """Tokenize a data set. Returns rows with ``input_ids`` and ``labels`` only (and ``images`` where
+    the encoder reads them), and the counts. ``encoder``: the strategy that tokenizes (default
+    ``text_encoder(tokenizer, settings)``; then ``tokenizer`` is not used)."""
     problems = settings.problems()
     if problems:
         raise ConfigError("; ".join(problems))
     origin = origin_of(dataset)  # where the rows come from, for messages
     if isinstance(dataset, IterableDataset):
         dataset = guard_stream(dataset, name)
+    encoder = encoder if encoder is not None else text_encoder(tokenizer, settings)
     columns = column_names(dataset, name)
     if settings.columns:
         dataset = dataset.rename_columns(rename_columns(columns, settings.columns, name))
         columns = column_names(dataset, name)
-    elif formatting_func is None and settings.text_field is None and implied_columns(columns):
-        mapping = implied_columns(columns)
+    elif formatting_func is None and settings.text_field is None and implied_columns(_data(columns, encoder)):
+        mapping = implied_columns(_data(columns, encoder))
         dataset = dataset.rename_columns(mapping)
         columns = column_names(dataset, name)
         logger.info(
@@ -348,22 +397,22 @@ def prepare(
         )
     if formatting_func is None and "chosen" in columns:
         logger.info("%s: preference data: the chosen answers are trained; 'rejected' is not used", name)
+    if encoder.images is not None:
+        dataset = encoder.images.readable(dataset)
     fmt = (
         None
         if formatting_func is not None
-        else detect_format(columns, where(name, origin), settings.text_field)
+        else detect_format(_data(columns, encoder), where(name, origin), settings.text_field)
     )
+    if fmt is Format.TOKENIZED and encoder.images is not None:
+        raise DataError(
+            f"{name}: pre-tokenized rows (input_ids) cannot carry images; give conversations (messages) "
+            "with their images, which sftrainer tokenizes with the processor"
+        )
     if fmt is not None and settings.text_field is None and not settings.skip_invalid_rows:
-        _refuse_mixed_formats(dataset, fmt, name, origin)
+        refuse_mixed_formats(dataset, fmt, name, origin)
     fmt_name = "formatting_func" if fmt is None else fmt.value
-    keep_start = settings.truncation_mode == "keep_start"  # keep_end cuts whole rows afterwards
-    encoder = ExampleTokenizer(
-        tokenizer,
-        settings.max_length if keep_start else None,
-        settings.train_on,
-        dict(settings.chat_template_kwargs),
-        train_empty_reasoning=settings.train_empty_reasoning,
-    )
+    tokenizer = encoder.tokenizer
     fn = _TokenizeBatch(encoder, fmt, settings, formatting_func)
     uses_chat = fmt in (Format.MESSAGES, Format.SHAREGPT) or (
         fmt in (Format.ALPACA, Format.PROMPT_RESPONSE, Format.PROMPT_COMPLETION)
@@ -386,11 +435,19 @@ def prepare(
         else:
             fmt_name += ", raw"
     stats = PrepareStats(name=name, format=fmt_name)
+    if encoder.images is not None:
+        stats.format += ", images"
+        stats.images = 0
+    features = (
+        Features({**PREPARED_FEATURES, "images": IMAGES_FEATURE}) if encoder.images else PREPARED_FEATURES
+    )
 
     if isinstance(dataset, IterableDataset):
         return _prepare_iterable(dataset, fn, columns, stats), stats
 
-    fingerprint = cache_key(dataset, settings, [fn.encoder, fn.fmt, fn.formatting_func], columns)
+    # How many processes prepare it, and whether a cached copy may be used, do not change the rows.
+    decides = dataclasses.replace(settings, num_proc=None, overwrite_cache=False)
+    fingerprint = cache_key(dataset, [decides, fn.encoder, fn.fmt, fn.formatting_func], columns)
     num_proc = settings.num_proc if settings.num_proc is not None else auto_num_proc(len(dataset))
     if settings.num_proc is None and fingerprint is None:
         num_proc = 1  # what cannot be pickled (a formatting_func) cannot be sent to other processes
@@ -408,7 +465,7 @@ def prepare(
             with_indices=True,
             remove_columns=columns,
             num_proc=num_proc if num_proc > 1 else None,
-            features=PREPARED_FEATURES,  # typed: Arrow infers the type of a list of ints 15x slower
+            features=features,  # typed: Arrow infers the type of a list of ints 15x slower
             load_from_cache_file=False if settings.overwrite_cache else None,  # None: datasets' setting
             desc=f"Tokenizing {name}",
             new_fingerprint=fingerprint,
@@ -419,8 +476,9 @@ def prepare(
     stats.rows = len(issues)
     stats.truncated = counts.get(TRUNCATED, 0)
     stats.dropped_empty = counts.get(EMPTY, 0)
+    stats.dropped_image_cut = counts.get(IMAGE_CUT, 0)
     usable = pc.is_in(issues, value_set=pa.array([OK, TRUNCATED]))
-    invalid_mask = pc.invert(pc.or_(usable, pc.equal(issues, EMPTY)))
+    invalid_mask = pc.invert(pc.or_(usable, pc.is_in(issues, value_set=pa.array([EMPTY, IMAGE_CUT]))))
     invalid = pc.filter(issues, invalid_mask).to_pylist()
     if invalid and not settings.skip_invalid_rows:
         raise invalid_rows_error(name, invalid, len(issues), f"{fmt_name} format", origin)
@@ -435,11 +493,15 @@ def prepare(
     stats.empty_reasoning_turns = int(
         pc.sum(pc.filter(mapped.data.column("_empty_reasoning"), usable)).as_py() or 0
     )
+    if stats.images is not None:
+        kept_images = pc.filter(mapped.data.column("images"), usable)
+        stats.images = int(pc.sum(pc.list_value_length(kept_images)).as_py() or 0)
     mapped = mapped.remove_columns(TEMPORARY_COLUMNS)
     if kept.size < stats.rows:
         mapped = mapped.select(kept)
     stats.kept = len(mapped)
-    log = logger.warning if stats.truncated or stats.dropped_empty or stats.dropped_invalid else logger.info
+    dropped = stats.truncated or stats.dropped_empty or stats.dropped_invalid or stats.dropped_image_cut
+    log = logger.warning if dropped else logger.info
     log(stats.summary(settings.max_length))
     for note in (stats.same_role_note(), stats.empty_reasoning_note()):
         if note:
@@ -449,94 +511,22 @@ def prepare(
     return mapped, stats
 
 
-def _refuse_mixed_formats(dataset: Any, fmt: Format, name: str, origin: Origin | None) -> None:
-    """Rows of several formats (prompt/response lines in a messages file) are refused up front, naming
-    the first row of each, not row by row after tokenizing. A stream is checked row by row as read."""
-    if not isinstance(dataset, Dataset):
-        return
-    candidates = [cols for cols in REQUIRED_COLUMNS.values() if set(cols) <= set(dataset.column_names)]
-    if len(candidates) < 2:
-        return  # the columns of one format only: the rows cannot mix formats
-    needed = sorted({c for cols in candidates for c in cols})
-    formats = row_formats(dataset.select_columns(needed).with_format("arrow")[:])
-    if len(formats) > 1:
-        firsts = places(origin, [first for first, _ in formats.values()])
-        raise mixed_formats_error(where(name, origin), formats, fmt, firsts)
-
-
-_ROW = re.compile(r"row (\d+): ")  # how a problem begins (_TokenizeBatch)
-
-
-def invalid_rows_error(
-    name: str, invalid: list[str], rows: int, described: str, origin: Origin | None = None
-) -> DataError:
-    """The error for rows that cannot be used: how many, the first few problems (row, field, what;
-    with the file and line where ``origin`` knows them), and what to do."""
-    shown = [(_ROW.match(p), p) for p in invalid[:MAX_LISTED_PROBLEMS]]
-    found = origin.places(int(m.group(1)) - 1 for m, _ in shown if m) if origin is not None else {}
-    listed = "\n".join(
-        f"  row {m.group(1)} ({found[int(m.group(1)) - 1]}): {p[m.end() :]}"
-        if m and int(m.group(1)) - 1 in found
-        else f"  {p}"
-        for m, p in shown
-    )
-    more = (
-        f"\n  ... and {len(invalid) - MAX_LISTED_PROBLEMS} more" if len(invalid) > MAX_LISTED_PROBLEMS else ""
-    )
-    return DataError(
-        f"{where(name, origin)}: {len(invalid)} of {rows} rows cannot be used ({described}):\n{listed}{more}\n"
-        "Fix these rows, or set skip_invalid_rows=true to drop them (they are counted)."
+def text_encoder(tokenizer: Any, settings: DataSettings) -> ExampleTokenizer:
+    """The text ``RowEncoder`` for ``settings``: with keep_end it keeps whole rows, and ``prepare``
+    keeps their last ``max_length`` tokens."""
+    keep_start = settings.truncation_mode == "keep_start"
+    return ExampleTokenizer(
+        tokenizer,
+        settings.max_length if keep_start else None,
+        settings.train_on,
+        dict(settings.chat_template_kwargs),
+        train_empty_reasoning=settings.train_empty_reasoning,
     )
 
 
-@contextlib.contextmanager
-def shared_heap(num_proc: int | None) -> Iterator[None]:
-    """While worker processes are forked and run (``num_proc`` > 1), leave the objects that exist
-    before them out of garbage collection (``gc.freeze``, what Python advises before ``fork()``).
-    Otherwise each collection in a worker walks every object it inherited (all of torch and
-    transformers), and writing to them makes the worker copy those memory pages: about a tenth of
-    the preparation time. Unfrozen afterwards; nothing is done where objects are already frozen
-    (the caller's own freeze is left as it is)."""
-    if not num_proc or num_proc <= 1 or gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-def auto_num_proc(rows: int) -> int:
-    """Processes for ``dataset_num_proc`` unset: one per ``ROWS_PER_PREPARE_PROCESS`` rows, at most
-    one per CPU core this process may run on."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, rows // ROWS_PER_PREPARE_PROCESS))
-
-
-@functools.cache
-def _code_version() -> str:
-    """A hash of this package's data code: datasets fingerprints a map by the function object, not the
-    code of the helpers it calls, so without it a cache written by an older sftrainer is reused."""
-    digest = hashlib.sha256(__version__.encode())
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def cache_key(dataset: Dataset, settings: DataSettings, parts: list[Any], columns: list[str]) -> str | None:
-    """A prepared data set's cache key: the data, the settings, what else decides the rows (``parts``:
-    the tokenizer / processor and template, the format, a formatting_func) and the code that prepares
-    them. None (datasets decides) if a part cannot be hashed (an unpicklable formatting_func)."""
-    # How many processes prepare it, and whether a cached copy may be used, do not change the rows.
-    settings = dataclasses.replace(settings, num_proc=None, overwrite_cache=False)
-    try:
-        return Hasher.hash([dataset._fingerprint, settings, parts, columns, _code_version()])
-    except Exception:
-        return None
+def _data(columns: list[str], encoder: RowEncoder) -> list[str]:
+    """The columns that hold a row's text (an encoder that reads images reads the image columns)."""
+    return columns if encoder.images is None else [c for c in columns if c not in IMAGE_COLUMNS]
 
 
 def _prepare_iterable(
@@ -548,18 +538,21 @@ def _prepare_iterable(
 
     def strict(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         out = fn(batch, indices)
-        bad = [i for i in out["_issue"] if i not in (OK, TRUNCATED, EMPTY)]
+        bad = [i for i in out["_issue"] if i not in (OK, TRUNCATED, EMPTY, IMAGE_CUT)]
         if bad and not fn.settings.skip_invalid_rows:
             raise DataError(f"{stats.name}: {bad[0]}")
         issues = out["_issue"]
         stats.rows += len(issues)
         stats.truncated += issues.count(TRUNCATED)
         stats.dropped_empty += issues.count(EMPTY)
+        stats.dropped_image_cut += issues.count(IMAGE_CUT)
         stats.dropped_invalid += len(bad)
         stats.kept += issues.count(OK) + issues.count(TRUNCATED)
         stats.split_rows += sum(out["_split"])
         stats.inexact_rows += sum(out["_inexact"])
         stats.empty_reasoning_turns += sum(out["_empty_reasoning"])
+        if stats.images is not None:
+            stats.images += sum(len(refs) for refs, i in zip(out["images"], issues) if i in (OK, TRUNCATED))
         return out
 
     mapped = dataset.map(strict, batched=True, with_indices=True, remove_columns=columns)

@@ -9,12 +9,16 @@ their labels from TRL's mask columns (``tokenize_pretokenized``).
 
 Output rows (``ExampleTokenizer.tokenize``): ``input_ids`` list[int], ``labels`` list[int] with
 ``IGNORE_INDEX`` on every untrained token. ``labels`` are aligned with ``input_ids`` (not shifted).
+
+``RowEncoder`` is the protocol ``data.prepare.prepare`` tokenizes with (render, then encode a batch):
+``ExampleTokenizer`` implements it for text, ``sftrainer.vision.encode.VisionTokenizer`` for rows with
+images (its ``images``, a ``RowImages``, finds and reads them); the pipeline picks which.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from sftrainer.constants import IGNORE_INDEX, LOSS_MASK_COLUMNS
 from sftrainer.data.encode import Segment, SegmentEncoder, Tokenized
@@ -22,9 +26,58 @@ from sftrainer.data.formats import ChatExample, Example
 from sftrainer.data.turns import TurnLocator
 from sftrainer.errors import RowError
 
+D = TypeVar("D")
+
+
+class RowImages(Protocol):
+    """The images of rows, for an encoder that reads them: opaque to ``data/`` (``ImageRef`` in
+    ``sftrainer.vision.images``); ``prepare`` carries them in an ``images`` column."""
+
+    def readable(self, dataset: D) -> D:
+        """The data set with its image column (if any) read as this encoder reads it."""
+        ...
+
+    def split(self, row: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+        """The row without its images (each image's place marked in its text), and its images.
+        Raises ``RowError`` for an image that cannot be used."""
+        ...
+
+    def held_by(self, example: Example, images: list[Any]) -> list[Any]:
+        """The images of ``images`` that ``example`` holds (a ``split_turns`` part holds the first ones)."""
+        ...
+
+
+class RowEncoder(Protocol):
+    """What ``data.prepare.prepare`` tokenizes with. Picklable (``num_proc``).
+
+    ``render`` gives an example's segments and how many trained turns the template renders differently
+    (``RowError`` for a row it cannot render); ``encode`` tokenizes a batch of rendered examples (with
+    the images each holds, where ``images`` is not None) and gives per example its rows, the
+    ``RowError`` of an example it cannot use, or None for one dropped because ``max_length`` would
+    cut through an image's tokens.
+    """
+
+    tokenizer: Any  # the text tokenizer: its EOS and chat template are checked up front
+    max_length: int | None  # pre-tokenized rows are cut to it
+
+    @property
+    def images(self) -> RowImages | None: ...  # None: the rows' images are not read (a text encoder)
+
+    @property
+    def untrained_empty_reasoning(self) -> int: ...  # a running count (``TurnLocator``)
+
+    def render(self, example: Example, images: Sequence[Any] = ()) -> tuple[list[Segment], int]: ...
+
+    def encode(
+        self, rows: Sequence[tuple[Example, list[Segment]]], images: Sequence[Sequence[Any]] | None = None
+    ) -> Sequence[list[Tokenized] | RowError | None]: ...
+
 
 class ExampleTokenizer(TurnLocator):
-    """Tokenizes examples for one tokenizer and one set of settings. Picklable for ``num_proc``."""
+    """Tokenizes examples for one tokenizer and one set of settings. Picklable for ``num_proc``.
+    The text ``RowEncoder``: it reads no images."""
+
+    images: RowImages | None = None
 
     def __init__(
         self,
@@ -50,8 +103,15 @@ class ExampleTokenizer(TurnLocator):
         encoded = self.encode([(ex, self.segments(ex)) for ex in examples])
         return [row for rows in encoded for row in rows]
 
-    def encode(self, rows: Sequence[tuple[Example, list[Segment]]]) -> list[list[Tokenized]]:
-        """Tokenize already rendered rows in batched tokenizer calls; per row, its output rows."""
+    def render(self, example: Example, images: Sequence[Any] = ()) -> tuple[list[Segment], int]:
+        """``TurnLocator.render``; ``images`` is the protocol's, always empty for text (``images`` is None)."""
+        return super().render(example)
+
+    def encode(
+        self, rows: Sequence[tuple[Example, list[Segment]]], images: Sequence[Sequence[Any]] | None = None
+    ) -> list[list[Tokenized]]:
+        """Tokenize already rendered rows in batched tokenizer calls; per row, its output rows
+        (``images``: the protocol's, unused for text)."""
         return self.encoder.encode([(isinstance(ex, ChatExample), segs) for ex, segs in rows])
 
 

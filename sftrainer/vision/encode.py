@@ -1,7 +1,8 @@
 """Vision-language rows -> tokens: a conversation rendered with its images' tokens, the loss exactly on
-the assistant text, never on an image token (``sftrainer.vision.prepare`` runs it over a data set).
-``VisionTokenizer`` is the image strategy's encoder: it renders and encodes as the text pipeline's
-``ExampleTokenizer`` does (it wraps one), with the images' expansions put in between.
+the assistant text, never on an image token. ``VisionTokenizer`` is the image strategy's encoder: a
+``data.tokenize.RowEncoder`` (``data.prepare.prepare`` runs it over a data set, as the text encoder),
+which renders and encodes as the text pipeline's ``ExampleTokenizer`` does (it wraps one), with the
+images' expansions put in between; its ``images`` (``ImageReader``) find and read the rows' images.
 
 One row goes through the text pipeline's own steps, with the images put in between:
 
@@ -18,24 +19,68 @@ One row goes through the text pipeline's own steps, with the images put in betwe
    ``IGNORE_INDEX``, the number of image tokens is checked against what the processor expects, and a
    row that ``max_length`` would cut inside an image is refused (None: the model would get fewer image
    tokens than image features).
+
+Truncation is done here (``_fit``, never inside an image, for keep_start and keep_end alike), and an
+example gives one row (``split_rows`` off: a row's images cannot follow it into a second row; a later
+prompt that differs from inference is counted as ``inexact``).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
+
+from datasets import Dataset, Image, IterableDataset
 
 from sftrainer.constants import IGNORE_INDEX
-from sftrainer.data.formats import ChatExample
+from sftrainer.data.formats import ChatExample, Example
+from sftrainer.data.prepare import DataSettings
 from sftrainer.data.tokenize import ExampleTokenizer, Segment, Tokenized
 from sftrainer.errors import ConfigError, RowError
-from sftrainer.vision.images import with_parts
+from sftrainer.vision.images import ImageRef, count_images, image_column, load_image, split_images, with_parts
 from sftrainer.vision.processor import feature_token_ids, placeholder
+
+D = TypeVar("D", Dataset, IterableDataset)
+
+
+class ImageReader:
+    """The ``data.tokenize.RowImages`` of vision rows: the image column ('images' or 'image') read
+    undecoded, each row's images split from its text (relative paths read from ``image_root``)."""
+
+    def __init__(self, image_root: str | None = None):
+        self.image_root = image_root
+
+    def readable(self, dataset: D) -> D:
+        """The data set with its image column read as stored ({"bytes", "path"}), not decoded by
+        datasets: the rows' images are decoded in ``VisionTokenizer.encode``, with errors naming the row."""
+        column = image_column(list(dataset.column_names or []))
+        feature = (dataset.features or {}).get(column) if column else None
+        if column is None or feature is None:
+            return dataset
+        new = _undecoded(feature)
+        return dataset if new == feature else dataset.cast_column(column, new)
+
+    def split(self, row: dict[str, Any]) -> tuple[dict[str, Any], list[ImageRef]]:
+        return split_images(row, image_column(list(row)), self.image_root)
+
+    def held_by(self, example: Example, images: list[ImageRef]) -> list[ImageRef]:
+        return images[: count_images(example)]
+
+
+def _undecoded(feature: Any) -> Any:
+    if isinstance(feature, Image):
+        return Image(decode=False)
+    if hasattr(feature, "feature"):
+        feature = copy.copy(feature)
+        feature.feature = _undecoded(feature.feature)
+    return feature
 
 
 class VisionTokenizer:
-    """Tokenizes vision-language examples for one processor and settings; picklable (``num_proc``)."""
+    """Tokenizes vision-language examples for one processor and settings; picklable (``num_proc``).
+    A ``data.tokenize.RowEncoder``."""
 
     def __init__(
         self,
@@ -45,6 +90,7 @@ class VisionTokenizer:
         template_kwargs: dict[str, Any] | None = None,
         truncation_mode: str = "keep_start",
         train_empty_reasoning: bool = False,
+        image_root: str | None = None,
     ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -58,13 +104,34 @@ class VisionTokenizer:
         self.placeholder = placeholder(processor)
         self.feature_ids = feature_token_ids(processor)
         self._expansions: dict[str, tuple[frozenset[int], int]] = {}
+        self.images = ImageReader(image_root)
+
+    @classmethod
+    def for_settings(
+        cls, processor: Any, settings: DataSettings, image_root: str | None = None
+    ) -> VisionTokenizer:
+        """The encoder ``data.prepare.prepare`` uses for a processor and ``settings``."""
+        return cls(
+            processor,
+            settings.max_length,
+            settings.train_on,
+            dict(settings.chat_template_kwargs),
+            settings.truncation_mode,
+            settings.train_empty_reasoning,
+            image_root,
+        )
+
+    @property
+    def untrained_empty_reasoning(self) -> int:
+        return self.text.untrained_empty_reasoning
 
     @functools.cached_property
     def special_ids(self) -> frozenset[int]:
         return frozenset(self.tokenizer.all_special_ids) | frozenset(self.tokenizer.added_tokens_decoder)
 
-    def render(self, example: Any, n_images: int) -> tuple[list[Segment], int]:
-        """Segments (as ``ExampleTokenizer.render``) of an example holding ``n_images`` image places."""
+    def render(self, example: Example, images: Sequence[Any] = ()) -> tuple[list[Segment], int]:
+        """Segments (as ``ExampleTokenizer.render``) of an example holding ``images`` (one per image place)."""
+        n_images = len(images)
         if isinstance(example, ChatExample):
             example = with_parts(example)
         elif n_images:
@@ -119,7 +186,43 @@ class VisionTokenizer:
         return self._expansions[text]
 
     def encode(
-        self, rows: Sequence[tuple[Any, list[Segment], list[str]]]
+        self, rows: Sequence[tuple[Example, list[Segment]]], images: Sequence[Sequence[Any]] | None = None
+    ) -> list[list[Tokenized] | RowError | None]:
+        """Tokenize rendered rows with their images (``ImageRef``, read here). Per row: its one row of
+        tokens, None when ``max_length`` would cut inside an image, or the ``RowError`` of a row whose
+        images cannot be read, the processor rejects, or whose image tokens the tokenizer did not keep
+        apart."""
+        given = images if images is not None else [[] for _ in rows]
+        results: list[list[Tokenized] | RowError | None] = [None] * len(rows)
+        loaded: dict[int, list[Any]] = {}
+        for k, refs in enumerate(given):
+            try:
+                loaded[k] = [load_image(ref, _where(ref, j)) for j, ref in enumerate(refs)]
+            except RowError as err:
+                results[k] = err
+        ready: list[tuple[int, list[str]]] = []
+        for k, reps in zip(loaded, self._replacements(list(loaded.values()))):
+            if isinstance(reps, RowError):
+                results[k] = reps
+            else:
+                ready.append((k, reps))
+        encoded = self._encode([(*rows[k], reps) for k, reps in ready])
+        for (k, _), result in zip(ready, encoded):
+            results[k] = [result] if isinstance(result, Tokenized) else result
+        return results
+
+    def _replacements(self, images: list[list[Any]]) -> list[list[str] | RowError]:
+        """The processor's expansions for the rows' images; if it fails, row by row, so that only the
+        rows whose images it rejects are reported."""
+        try:
+            return list(self.expansions(images))
+        except (ValueError, TypeError, OSError) as err:
+            if len(images) == 1:
+                return [RowError("images", f"the image processor rejects this row's images ({err})")]
+        return [self._replacements([row])[0] for row in images]
+
+    def _encode(
+        self, rows: Sequence[tuple[Example, list[Segment], list[str]]]
     ) -> list[Tokenized | RowError | None]:
         """Tokenize rendered rows with their images' expansions. Per row: the tokens, None when
         ``max_length`` would cut inside an image, or the ``RowError`` of a row whose image tokens the
@@ -158,6 +261,10 @@ class VisionTokenizer:
             start = len(ids) - n
             return None if at and at[0] < start else Tokenized(ids[start:], labels[start:], True, inexact)
         return None if at and at[-1] >= n else Tokenized(ids[:n], labels[:n], True, inexact)
+
+
+def _where(ref: ImageRef, k: int) -> str:
+    return f"images[{k}]" + (f" ({ref['path']})" if ref.get("path") else "")
 
 
 def _expand(segments: list[Segment], placeholder: str, replacements: list[str]) -> list[Segment]:

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from sftrainer.data.collate import PositionCollator
+from sftrainer.errors import ContaminationError
 from sftrainer.isolation import (
     REDUCED_TOLERANCE,
-    ContaminationError,
     attn_implementation,
     check_row_isolation,
     forward_logits,

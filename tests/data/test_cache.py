@@ -14,8 +14,10 @@ import pytest
 import tokenizers_zoo as zoo
 from datasets import load_dataset
 
+from sftrainer.data import cache as cache_module
 from sftrainer.data import prepare as prepare_module
-from sftrainer.data.prepare import DataSettings, auto_num_proc, prepare
+from sftrainer.data.cache import auto_num_proc
+from sftrainer.data.prepare import DataSettings, prepare
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,6 +126,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_processes_preparing_the_same_data_at_once_agree(data_file):
     """Two runs started together on one cache (not under torchrun: nothing orders them) both
     finish, with the same rows; datasets writes each cache file under a temporary name first."""
@@ -145,7 +148,7 @@ def test_unset_num_proc_stays_in_one_process_for_what_cannot_be_pickled(monkeypa
     """A formatting_func holding a generator cannot go to another process: the rows are still prepared."""
     from datasets import Dataset
 
-    monkeypatch.setattr(prepare_module, "ROWS_PER_PREPARE_PROCESS", 2)
+    monkeypatch.setattr(cache_module, "ROWS_PER_PREPARE_PROCESS", 2)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
     suffixes = (" ." for _ in iter(int, 1))  # endless, and not picklable
 

@@ -101,6 +101,7 @@ def test_raw_pair_cut_mid_word_trains_the_rest_of_the_word():
 # ---- 2. prompt tokens that inference never sees --------------------------------------------------
 
 
+@pytest.mark.slow
 def test_llama3_prompt_keeps_the_whole_word_inference_sees():
     """ignore_merges: 'olsun' alone is one token; followed by 'lar' BPE splits it. The prompt keeps
     the token inference gives it."""

@@ -35,6 +35,8 @@ from sftrainer.data.formats import ChatExample, PairExample, normalise_messages
 from sftrainer.data.tokenize import ExampleTokenizer
 from sftrainer.errors import TemplateError
 
+pytestmark = pytest.mark.slow
+
 PROFILE = os.environ.get("SFTRAINER_PROPERTY_PROFILE", "ci")
 THOROUGH = PROFILE == "thorough"
 settings.register_profile(

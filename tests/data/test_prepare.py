@@ -9,8 +9,9 @@ import tokenizers_zoo as zoo
 from datasets import Dataset, DatasetDict, IterableDataset
 
 from sftrainer.constants import IGNORE_INDEX
+from sftrainer.data.cache import shared_heap
 from sftrainer.data.load import load, split_dataset_dict
-from sftrainer.data.prepare import DataSettings, prepare, shared_heap
+from sftrainer.data.prepare import DataSettings, prepare
 from sftrainer.errors import ConfigError, DataError
 
 LONG_PROMPT = "Summarise: the cat sat on the mat. " * 6
@@ -253,7 +254,7 @@ def test_split_turns_gives_one_row_per_assistant_turn(chatml):
 def test_the_prepared_cache_is_keyed_by_sftrainer_code(tmp_path, monkeypatch):
     """datasets keys a map by the function object, not the helpers it calls: a cache written by other
     sftrainer code must not be reused."""
-    from sftrainer.data import prepare as prepare_module
+    from sftrainer.data import cache as cache_module
 
     path = tmp_path / "rows.jsonl"
     path.write_text('{"prompt": "a b", "response": "c d"}\n' * 4)
@@ -264,6 +265,6 @@ def test_the_prepared_cache_is_keyed_by_sftrainer_code(tmp_path, monkeypatch):
     first, _ = prepare(load_dataset("json", data_files=str(path), split="train"), tok, settings, "train")
     again, _ = prepare(load_dataset("json", data_files=str(path), split="train"), tok, settings, "train")
     assert again._fingerprint == first._fingerprint  # same data, settings and code: the cache is reused
-    monkeypatch.setattr(prepare_module, "_code_version", lambda: "other code")
+    monkeypatch.setattr(cache_module, "_code_version", lambda: "other code")
     changed, _ = prepare(load_dataset("json", data_files=str(path), split="train"), tok, settings, "train")
     assert changed._fingerprint != first._fingerprint

@@ -108,6 +108,7 @@ def test_every_template_is_covered_with_its_provenance():
         assert rt.INDEX[name]["source"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("last", [False, True], ids=["result-follows", "call-is-last"])
 @pytest.mark.parametrize("name", rt.NAMES)
 def test_tool_calls_are_trained_and_tool_results_never(name, last):

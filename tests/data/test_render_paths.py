@@ -103,6 +103,7 @@ class ViaApplyChatTemplate(ExampleTokenizer):
         return self._apply_chat_template(messages, example.tools, generation_prompt, kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conv", CONVERSATIONS)
 @pytest.mark.parametrize("name", TOKENIZERS)
 @pytest.mark.parametrize("train_on", ["response", "last_turn"])

@@ -15,16 +15,17 @@ from tiny_vlms import FAMILIES, build_processor, image, png_bytes
 from transformers import AutoProcessor
 
 from sftrainer.constants import IGNORE_INDEX
+from sftrainer.data import prepare as prepare_module
 from sftrainer.data.formats import ChatExample, normalise_messages
 from sftrainer.data.load import load
-from sftrainer.data.prepare import DataSettings
+from sftrainer.data.prepare import DataSettings, prepare
 from sftrainer.data.tokenize import ExampleTokenizer
 from sftrainer.errors import ConfigError, DataError, RowError
-from sftrainer.vision import prepare as vision_prepare
 from sftrainer.vision.collate import VisionCollator
+from sftrainer.vision.encode import VisionTokenizer
 from sftrainer.vision.images import SENTINEL, image_ref, lift_images, load_image, split_images, with_parts
 from sftrainer.vision.model import prepare_processor
-from sftrainer.vision.prepare import pack_with_images, prepare_vision
+from sftrainer.vision.pack import pack_with_images
 from sftrainer.vision.processor import CollapsedImages, feature_token_ids
 
 END_OF_TURN = {"llava": "</s>", "idefics3": "<end_of_utterance>", "gemma3": "<end_of_turn>"}
@@ -48,6 +49,11 @@ def pictures(tmp_path):
         paths[colour] = tmp_path / f"{colour}.png"
         image(colour).save(paths[colour])
     return paths
+
+
+def prepare_vision(dataset, processor, settings):
+    """What the pipeline does for a processor: the one ``prepare`` with the vision encoder."""
+    return prepare(dataset, processor, settings, encoder=VisionTokenizer.for_settings(processor, settings))
 
 
 def _prep(processor, rows, **settings):
@@ -403,9 +409,9 @@ def test_a_second_preparation_reads_the_cache_and_overwrite_cache_prepares_again
     rows = [{"messages": _chat({"type": "image", "image": str(pictures["red"])})} for _ in range(6)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     calls = []
-    original = vision_prepare._VisionBatch.__call__
+    original = prepare_module._TokenizeBatch.__call__
     monkeypatch.setattr(
-        vision_prepare._VisionBatch,
+        prepare_module._TokenizeBatch,
         "__call__",
         lambda self, b, i: calls.append(len(i)) or original(self, b, i),
     )
