@@ -11,7 +11,7 @@ Layers, bottom to top. A module imports only from its own layer or below, and th
 
 L0  constants, errors, version, notices, coerce, compat, timing, console, png, metrics, memory  — foundation: choices, error classes, small helpers
 L1  data.*  — pure data functions: load, formats, render and locate turns, tokenize, pack, collate
-L2  vision, vision.images, vision.processor, vision.encode, vision.prepare, vision.collate, vision.builtin  — the image strategy of the data layer
+L2  vision, vision.images, vision.processor, vision.encode, vision.pack, vision.collate, vision.builtin  — the image strategy of the data layer
 L3  loss, isolation, precision, sharding, quant, lora, template_tokens, model, nonfinite, evaluate, memory_estimate, builtin  — mechanisms: each decides one thing once
 L3  checkpoint, run, run_dir, tracking, distributed  — a run on disk and its processes: checkpoints, the finished run, who goes first
 L4  vision.model, vision.probe  — the model side of vision: adapting a VLM, its isolation probe
