@@ -157,6 +157,7 @@ def _parser(with_keys: bool) -> argparse.ArgumentParser:
     evaluate.add_argument("target", metavar="RUN_DIR_OR_MODEL")
     evaluate.add_argument("items", nargs="*", metavar="[DATA] [key=value ...]")
     evaluate.add_argument("--output", metavar="DIR", help="where eval_results.json goes (default: RUN_DIR)")
+    evaluate.add_argument("--base", help="the base model of an adapter, when its recorded base is not found")
 
     report = sub.add_parser(
         "report",
@@ -324,11 +325,11 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(target: str, items: Sequence[str], output: str | None) -> int:
+def cmd_eval(target: str, items: Sequence[str], output: str | None, base: str | None = None) -> int:
     from sftrainer.eval_run import evaluate_saved, format_metrics
 
     data = items[0] if items and "=" not in items[0] else None
-    metrics, results = evaluate_saved(target, data, list(items[1:] if data else items), output)
+    metrics, results = evaluate_saved(target, data, list(items[1:] if data else items), output, base)
     print(f"{format_metrics(metrics)}\nSaved to {results}")
     return 0
 
@@ -433,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.items += extra
             return cmd_data(args)
         if args.command == "eval":
-            return cmd_eval(args.target, args.items, args.output)
+            return cmd_eval(args.target, args.items, args.output, args.base)
         if args.command == "report":
             return cmd_report(args.run_dir)
         if args.command in ("merge", "generate", "chat"):

@@ -55,9 +55,11 @@ def evaluate_saved(
     data: str | None = None,
     overrides: Sequence[str] = (),
     output: str | None = None,
+    base: str | None = None,
 ) -> tuple[dict[str, float], Path]:
     """Evaluate ``target`` (a run directory, model directory, adapter directory, checkpoint or
-    'builtin'). Returns the metrics and the path of ``eval_results.json``. Raises ``ConfigError``."""
+    'builtin'; ``base``: an adapter's base model where its recorded one is not found). Returns the
+    metrics and the path of ``eval_results.json``. Raises ``ConfigError``."""
     from sftrainer.trainer import SFTTrainer  # torch / transformers: only once a command runs
 
     path = Path(builtin.model_path(target))
@@ -65,7 +67,7 @@ def evaluate_saved(
         raise ConfigError(f"no such run, model or checkpoint directory: {target}")
     cfg = _run_config(path, overrides, output or str(path))
     eval_ds = _eval_data(cfg, data, path)
-    model, tokenizer = _load(path, cfg)
+    model, tokenizer = _load(path, cfg, base)
     trainer = SFTTrainer(model=model, args=cfg.train, eval_dataset=eval_ds, processing_class=tokenizer)
     state = path / TRAINER_STATE
     if state.is_file():  # a checkpoint: its samples file is named after the step it was saved at
@@ -109,7 +111,7 @@ def _eval_data(cfg: RunConfig, data: str | None, path: Path) -> Any:
     return resolve_data(cfg)[1]
 
 
-def _load(path: Path, cfg: RunConfig) -> tuple[Any, Any]:
+def _load(path: Path, cfg: RunConfig, base: str | None = None) -> tuple[Any, Any]:
     """Model (with its adapter) and tokenizer: the directory's own tokenizer, else the base model's."""
     adapter = path / ADAPTER_CONFIG
     if adapter.is_file() and not json.loads(adapter.read_text()).get("base_model_name_or_path"):
@@ -117,7 +119,7 @@ def _load(path: Path, cfg: RunConfig) -> tuple[Any, Any]:
     if not adapter.is_file() and not (path / MODEL_CONFIG).is_file():
         raise ConfigError(f"{path}: not a model directory (no {MODEL_CONFIG} or {ADAPTER_CONFIG})")
     run = read_run(path)
-    base = model_source(run)
+    base = model_source(run, base)
     model = load_run_model(
         run,
         base,

@@ -110,10 +110,27 @@ def test_eval_an_adapter_whose_base_is_builtin(run_dir, data_file, tmp_path):
     assert results["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-4)
 
 
+def test_eval_an_adapter_whose_base_moved_takes_base(run_dir, data_file, tmp_path, capsys):
+    """The recorded base is gone (and the run's config, which names it too, stays behind): ``--base``."""
+    if not (run_dir / "adapter_config.json").is_file():
+        pytest.skip("a full model has no adapter_config.json")
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run_dir, adapter, ignore=shutil.ignore_patterns("checkpoint-*", "eval_*", "*.yaml"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    gone = str(tmp_path / "moved-base")
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": gone}))
+    assert "--base PATH" in _error(capsys, "eval", str(adapter), str(data_file))
+    code, _ = run_quietly("eval", str(adapter), str(data_file), "--base", "builtin")
+    assert code == 0
+    results = json.loads((adapter / "eval_results.json").read_text())
+    trained = json.loads((run_dir / "all_results.json").read_text())
+    assert results["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-4)
+
+
 def test_eval_help(capsys):
     with pytest.raises(SystemExit) as info:
         main(["eval", "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for text in ("RUN_DIR_OR_MODEL", "[DATA]", "--output", "eval_results.json", "checkpoint"):
+    for text in ("RUN_DIR_OR_MODEL", "[DATA]", "--output", "--base", "eval_results.json", "checkpoint"):
         assert text in out, f"{text!r} missing from eval --help"

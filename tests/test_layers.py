@@ -103,8 +103,12 @@ def _layer(module: str, table: dict[str, int]) -> int | None:
 def test_every_module_has_a_documented_layer():
     table = _documented_layers()
     assert table, "sftrainer/__init__.py's docstring states no layers (lines like `L1  data.*  — ...`)"
-    missing = sorted(m for m in _modules() if _layer(m, table) is None)
+    modules = _modules()
+    missing = sorted(m for m in modules if _layer(m, table) is None)
     assert not missing, f"modules in no layer of sftrainer/__init__.py's docstring: {missing}"
+    names = {m.removeprefix("sftrainer").removeprefix(".") or "sftrainer" for m in modules}
+    stale = sorted(e for e in table if e.removesuffix(".*") not in names)
+    assert not stale, f"sftrainer/__init__.py's layers name modules that do not exist: {stale}"
 
 
 def test_no_import_cycles():
