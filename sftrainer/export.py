@@ -22,7 +22,7 @@ from transformers import AutoConfig
 
 from sftrainer import builtin
 from sftrainer.errors import RunDirError
-from sftrainer.model import DTYPES, is_vision_checkpoint, load_processor, load_tokenizer
+from sftrainer.model import DTYPES
 from sftrainer.run import (
     ADAPTER_CONFIG,
     CARD_FILE,
@@ -33,6 +33,8 @@ from sftrainer.run import (
     read_run,
     resolve_base,
 )
+from sftrainer.setup import load_processing_class
+from sftrainer.vision.processor import is_processor
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +91,8 @@ def merge(
         model = model.to(saved_dtype)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    vlm = is_vision_checkpoint(base_path, trust_remote_code)  # then the run holds its processor
-    (load_processor if vlm else load_tokenizer)(str(run.path), trust_remote_code).save_pretrained(out)
+    processing_class = load_processing_class(str(run.path), trust_remote_code, model_path=base_path)
+    processing_class.save_pretrained(out)  # a vision-language base: the run holds its processor
     if run.config_path is not None:
         shutil.copyfile(run.config_path, out / CONFIG_FILE)
     if run.metrics:
@@ -105,7 +107,7 @@ def merge(
         rows=run.card_facts.get("rows") or {},
         kind="merged",
         commands=[*_train_commands(run.config_path), f"sftrainer merge {run_dir} {out_dir}"],
-        vision=vlm,
+        vision=is_processor(processing_class),
     )
     logger.info("Merged the adapter of %s into %s; saved the full model to %s", run_dir, base_path, out)
     return out
