@@ -87,7 +87,7 @@ def make_tasks(n_train: int = 6000, n_eval: int = 200, seed: int = 0) -> tuple[l
     while len(eval_rows) < n_eval:
         row = _task(rng)
         eval_rows[row["prompt"]] = row
-    train_rows = []
+    train_rows: list[dict] = []
     while len(train_rows) < n_train:
         row = _task(rng)
         if row["prompt"] not in eval_rows:

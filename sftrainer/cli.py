@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 from sftrainer.constants import FIRST_ROWS
 from sftrainer.errors import ConfigError, SFTrainerError
@@ -253,13 +254,14 @@ def cmd_train(
     from sftrainer.train import train
 
     cfg = load_config(config, overrides, defaults=builtin.DEMO_CONFIG if config is None else None)
+    assert cfg.train.output_dir is not None  # TrainingArguments.__post_init__ defaults it
     try:
         metrics = train(cfg)
     except KeyboardInterrupt:
         if cfg.train.process_index == 0:  # once, under torchrun / accelerate launch
             # A process of a launched job does not know the command that started the launcher.
-            command = None if _rank_label() else [*_program(), *argv]
-            hint = resume_hint(cfg.train.output_dir, command, cfg.train.overwrite_output_dir)
+            resume_command = None if _rank_label() else [*_program(), *argv]
+            hint = resume_hint(cfg.train.output_dir, resume_command, cfg.train.overwrite_output_dir)
             print(f"sftrainer: interrupted\n{hint}", file=sys.stderr)
         return 130
     if cfg.train.process_index == 0:  # once, under torchrun / accelerate launch
@@ -299,7 +301,7 @@ def cmd_data(args: argparse.Namespace) -> int:
             )
         overrides = [f"data.train={first}", "data.eval=null", *overrides]
         first = None
-        defaults = {"model": {"name_or_path": args.model}}
+        defaults: dict[str, Any] | None = {"model": {"name_or_path": args.model}}
     else:
         defaults = builtin.DEMO_CONFIG if first is None else None
     if args.model is not None:

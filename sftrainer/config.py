@@ -10,7 +10,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainingArguments
 
@@ -48,6 +48,10 @@ class SFTConfig(TrainingArguments):
     mean what they mean there, and the fields TRL 1.16 also has keep its names, defaults and meaning
     (``sftrainer/compat.py``). Fields are grouped by topic; ``problems()`` validates them all.
     """
+
+    if TYPE_CHECKING:  # attributes set by __new__ and resolve_intervals, not fields (declared for mypy only)
+        _given: tuple[str, ...] = field(init=False)
+        _implied: tuple[str, ...] = field(init=False)
 
     # ---- Sequence length, truncation, packing and padding --------------------------------------------
     max_length: int | None = field(
@@ -246,7 +250,7 @@ class SFTConfig(TrainingArguments):
         },
     )
     # TrainingArguments types this `str | None` (its legacy strings); `fsdp: true` is the 5.x spelling.
-    fsdp: bool | str | None = field(
+    fsdp: bool | str | None = field(  # type: ignore[assignment]  # widens TrainingArguments' type
         default=None,
         metadata={
             "help": "FSDP (FSDP2 by default): shard weights, gradients and optimizer state across GPUs; "
@@ -288,7 +292,7 @@ class SFTConfig(TrainingArguments):
 
     # ---- Output directory and resuming ---------------------------------------------------------------
     # TrainingArguments types this `str | None`, which refused YAML's `true` (Trainer.train's idiom).
-    resume_from_checkpoint: str | bool | None = field(
+    resume_from_checkpoint: str | bool | None = field(  # type: ignore[assignment]  # widens TrainingArguments' type
         default=None,
         metadata={
             "help": "A checkpoint directory to resume from, or true: the latest checkpoint in output_dir."
@@ -315,7 +319,7 @@ class SFTConfig(TrainingArguments):
     # ---- TrainingArguments defaults suited to fine-tuning rather than pre-training -------------------
     learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate (AdamW)."})
     logging_steps: float = field(default=10, metadata={"help": "Log the loss every N optimizer steps."})
-    bf16: bool | None = field(
+    bf16: bool | None = field(  # type: ignore[assignment]  # widens TrainingArguments' type: None = by accelerator
         default=None,
         metadata={
             "help": "bf16 mixed precision; default: on when the accelerator (CUDA, MPS, XPU) supports it."

@@ -235,7 +235,7 @@ class ConsoleCallback(TrainerCallback):
         prefix = eval_prefix(e) if e else None
         for key, label, _ in FIELDS:
             value = e.get(f"{prefix}{key}") if prefix else None
-            if isinstance(value, int | float) and key != "learning_rate":
+            if prefix and isinstance(value, int | float) and key != "learning_rate":
                 rows.append((f"{prefix.rstrip('_')} {SUMMARY_LABELS.get(label, label)}", f"{value:.4f}"))
         width = max(len(name) for name, _ in rows)
         lines = ["Training summary", *(f"  {name:<{width}}  {value}" for name, value in rows)]

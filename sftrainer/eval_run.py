@@ -73,6 +73,7 @@ def evaluate_saved(
     if state.is_file():  # a checkpoint: its samples file is named after the step it was saved at
         trainer.state.global_step = int(json.loads(state.read_text()).get("global_step", 0))
     metrics = trainer.evaluate()
+    assert cfg.train.output_dir is not None  # TrainingArguments.__post_init__ defaults it
     out_dir = Path(cfg.train.output_dir)
     results = out_dir / EVAL_RESULTS_FILE
     if trainer.is_world_process_zero():  # once, under torchrun / accelerate launch

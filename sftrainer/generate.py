@@ -154,12 +154,13 @@ def chat(
 
     With a vision-language model, ``images`` go with the first user turn and ``/image PATH`` attaches
     an image to the next one; the history keeps them, and drops them with their exchange."""
-    start = [{"role": "system", "content": system}] if system else []
+    start: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     history = list(start)
     vision = is_processor(tokenizer)
     if images and not vision:
         raise DataError("images need a vision-language model (this run's model is a text model)")
-    pending, attached = list(images), []  # images for the next user turn; the history's, in order
+    pending = list(images)  # images for the next user turn
+    attached: list[Any] = []  # the history's images, in order
     stop = stop_token_ids(text_tokenizer(tokenizer))
     limit = context_limit(model)
     while True:

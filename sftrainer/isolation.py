@@ -106,7 +106,7 @@ def stateful_layers(model: Any) -> list[str]:
         elif any(_is_sequence_convolution(child) for child in module.children()):
             found.setdefault(type(module).__name__, "a causal convolution")
     if not found:
-        config = getattr(model, "config", None)
+        config: Any = getattr(model, "config", None)  # a transformers config, or None
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         kinds = sorted({k for k in getattr(text, "layer_types", None) or [] if k in STATEFUL_LAYER_TYPES})
         return [f"layer_types '{k}'" for k in kinds]
@@ -231,7 +231,7 @@ def _unproven_message(model: Any, layers: list[str], probe: Probe) -> str:
 def _probe_with_eager(model: Any, collator: Any, precision: str) -> Probe:
     """The probe with eager attention, which reads the block-diagonal mask transformers builds from
     ``position_ids``: a leak that goes away is the attention backend's."""
-    configs = {
+    configs: dict[int, Any] = {
         id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "_attn_implementation")
     }
     saved = {key: c._attn_implementation for key, c in configs.items()}

@@ -53,7 +53,7 @@ def launch_command(
             f"{nproc} processes on the CPU (DDP over gloo: for trying a multi-process run, slower than "
             "one process) add use_cpu=true"
         )
-    if not use_cpu and nproc > gpus:
+    if not use_cpu and gpus and nproc > gpus:  # gpus: not 0 or None here (refused above)
         raise ConfigError(
             f"--nproc {nproc}: this machine has {gpus} GPU(s), and each process trains on its own; "
             f"use --nproc {gpus} or fewer (gradient_accumulation_steps keeps the effective batch size), "

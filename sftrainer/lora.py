@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 
@@ -34,14 +35,15 @@ def peft_config_from(
         target_modules=targets,
         use_dora=settings.use_dora,
         use_rslora=settings.use_rslora,
-        bias=settings.bias,
+        # A str in LoraSettings (YAML); its problems() allows only these three values.
+        bias=cast(Literal["none", "all", "lora_only"], settings.bias),
         modules_to_save=settings.modules_to_save,
         trainable_token_indices=trainable_token_indices(settings.trainable_tokens, tokenizer, model),
         task_type="CAUSAL_LM",
     )
 
 
-def token_ids(tokens: list[str | int], tokenizer: Any, key: str = "lora.trainable_tokens") -> list[int]:
+def token_ids(tokens: Sequence[str | int], tokenizer: Any, key: str = "lora.trainable_tokens") -> list[int]:
     """Ids of ``tokens`` (token strings of ``tokenizer``, or ids), in order, without repeats."""
     vocab = tokenizer.get_vocab() if tokenizer is not None else {}
     ids = []
@@ -61,7 +63,7 @@ def token_ids(tokens: list[str | int], tokenizer: Any, key: str = "lora.trainabl
 
 
 def trainable_token_indices(
-    tokens: list[str | int] | None, tokenizer: Any, model: Any
+    tokens: Sequence[str | int] | None, tokenizer: Any, model: Any
 ) -> list[int] | dict[str, list[int]] | None:
     """PEFT's ``trainable_token_indices`` for ``tokens``: their rows of the input embeddings and, in a
     model whose output embeddings are not tied to them, of ``lm_head`` too, so that the model also

@@ -135,7 +135,9 @@ def plan_loss(
     aux_coef = _router_aux_coef(model, router_aux_loss_coef)
     peft_config = getattr(model, "active_peft_config", None)
     peft_type = str(getattr(getattr(peft_config, "peft_type", None), "value", "")).upper()
-    virtual = int(peft_config.num_virtual_tokens) if peft_type in PREPENDING_PEFT else 0
+    virtual = (
+        int(peft_config.num_virtual_tokens) if peft_config is not None and peft_type in PREPENDING_PEFT else 0
+    )
     if compute_loss_func is not None or label_smoothing_factor:
         if loss_type != "nll":
             raise ConfigError(f"loss_type='{loss_type}' cannot be combined with compute_loss_func")
@@ -234,6 +236,7 @@ def sft_loss(
     if plan.kind == CHUNKED and not full_logits:
         keep = trained_positions(labels)  # [K]
         head = _output_head(model)
+        assert head is not None  # plan_loss makes a chunked plan only for a model with an output head
         with _head_input(head) as captured:  # the head sees no positions: only its input is kept
             outputs = model(**model_inputs, logits_to_keep=keep + v)
         hidden = captured["hidden"]  # [B, K, H]
@@ -330,7 +333,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     no chunk's logits are kept for backward. Returns (summed loss, [3] stats)."""
 
     @staticmethod
-    def forward(ctx: Any, hidden, weight, bias, targets, transform, chunk, loss_type, grad_enabled):  # type: ignore[override]
+    def forward(ctx: Any, hidden, weight, bias, targets, transform, chunk, loss_type, grad_enabled):
         # needs_input_grad ignores no_grad (evaluation): no gradients are computed there.
         want_h, want_w, want_b = (grad_enabled and want for want in ctx.needs_input_grad[:3])
         grad_h = torch.empty_like(hidden) if want_h else None
@@ -375,7 +378,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total, stats
 
     @staticmethod
-    def backward(ctx: Any, grad_total: torch.Tensor, _grad_stats: Any):  # type: ignore[override]
+    def backward(ctx: Any, grad_total: torch.Tensor, _grad_stats: Any):
         if ctx.grads is None:
             raise RuntimeError("the chunked loss computes its gradients once: backward ran twice through it")
         grads = [None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.grads]
@@ -446,6 +449,7 @@ def verify_chunked(model: Any, input_ids: torch.Tensor, plan: LossPlan) -> LossP
     was_training = model.training
     model.eval()
     try:
+        assert head is not None  # plan_loss makes a chunked plan only for a model with an output head
         with torch.no_grad(), _head_input(head, passthrough=True) as captured:
             theirs = model(input_ids=probe, use_cache=False).logits.float()
             # In the model's dtype (as it computes), with the head as the loss calls it.

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -19,9 +19,17 @@ from sftrainer import quant
 from sftrainer.errors import ConfigError
 from sftrainer.template_tokens import template_tokens
 
+if TYPE_CHECKING:
+    from transformers import AutoModelForImageTextToText
+
 logger = logging.getLogger(__name__)
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, str | torch.dtype] = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 # Used when a tokenizer has no chat template of its own. Plain-text headers, so any tokenizer can
 # render it; the assistant turn ends with EOS, which is trained, so the model learns to stop.
@@ -130,7 +138,7 @@ def load_model(
         dtype = DTYPES[dtype]
     kwargs.setdefault("use_safetensors", True)
     _quantization_kwargs(kwargs)
-    auto_class = AutoModelForCausalLM
+    auto_class: type[AutoModelForCausalLM | AutoModelForImageTextToText] = AutoModelForCausalLM
     if is_vision_checkpoint(name_or_path, trust_remote_code, revision):
         from transformers import AutoModelForImageTextToText
 
@@ -276,7 +284,10 @@ def prepare_tokenizer(
     tokenizer lacks are added (logged; the trainer grows the model's embeddings for them, see
     ``sftrainer.template_tokens``). Raises ``ConfigError`` for a missing file or an unknown token.
     """
-    template, template_eos, source, new_tokens = None, None, None, []
+    template: str | None = None
+    template_eos: str | None = None
+    source: str | None = None
+    new_tokens: list[Any] = []
     if chat_template:
         template, source = read_chat_template(chat_template), "chat_template"
     elif chat_template_path:

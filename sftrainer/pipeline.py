@@ -164,6 +164,7 @@ class DataPipeline:
             self.rows[name] = prepared
         if not pack:
             return self._shuffle(prepared)
+        assert args.max_length is not None  # SFTConfig.problems refuses packing without max_length
         if isinstance(prepared, IterableDataset):
             logger.info(
                 "%s: packed on the fly (streaming), %d rows at a time into sequences of <= %d tokens",

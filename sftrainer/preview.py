@@ -412,7 +412,9 @@ def describe_data(
     mapping = {} if mixture else column_mapping(columns, cfg.data.columns, args.dataset_text_field)
     prepared, stats, pack, sources = _prepare_with_sources(raw, tokenizer, args, name, pipeline)
     images, text_field = is_processor(tokenizer), args.dataset_text_field
-    uses, ignored, content = [], [], None
+    uses: list[SourceUse] = []
+    ignored: list[str] = []
+    content: ContentCounts | None = None
     if mixture:
         source = "mixture of " + ", ".join(s.label for s in raw.sources)
         for (part, rows), part_stats in zip(raw.sample(name, args.seed), sources):

@@ -228,7 +228,7 @@ class DataConfig:
         default to the data: keys of the same name. Paths are not loaded yet."""
         from sftrainer.data.mixture import MixtureSource
 
-        specs = [s if isinstance(s, dict) else {"path": s} for s in self.train]
+        specs: list[dict[str, Any]] = [s if isinstance(s, dict) else {"path": s} for s in self.train]
         return [
             MixtureSource(
                 data=spec["path"],
@@ -446,7 +446,7 @@ def build_config(raw: Mapping[str, Any], where: str = "", overrides: Sequence[st
         problems += [line.strip() for line in text.splitlines() if line.strip()]
     data = built.get("data", DataConfig())
     strategy = getattr(train, "eval_strategy", "no")
-    if strategy != "no" and not data.has_eval():
+    if train is not None and strategy != "no" and not data.has_eval():
         implied = "eval_strategy" in getattr(train, "_implied", ())
         problems.append(
             f"eval_strategy: '{getattr(strategy, 'value', strategy)}'"
@@ -485,6 +485,7 @@ def build_config(raw: Mapping[str, Any], where: str = "", overrides: Sequence[st
         )
     if problems:
         raise ConfigError(_problems_message(problems, where, overrides))
+    assert train is not None  # SFTConfig raised: its problems were raised above
     model = built.get("model", ModelConfig())
     if train.trust_remote_code:  # TRL's top-level spelling of model.trust_remote_code
         model.trust_remote_code = True

@@ -9,6 +9,7 @@ data files; a mixture comes back as a loaded ``Mixture``. Training (``sftrainer.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from sftrainer import builtin
@@ -23,7 +24,8 @@ def resolve_data(cfg: RunConfig) -> tuple[Any, Any]:
     A mixture (data.train listing sources as mappings) comes back as a ``Mixture`` with every source
     loaded; the trainer samples and prepares it source by source.
     """
-    train_src, eval_src = cfg.data.train, cfg.data.eval
+    train_src = cfg.data.train
+    eval_src: str | Sequence[str | dict[str, Any]] | None = cfg.data.eval  # may become train_src
     if cfg.data.is_mixture():
         sources = [
             dataclasses.replace(s, data=str(builtin.data_files()[0])) if s.data == builtin.BUILTIN else s

@@ -88,6 +88,7 @@ def trainable_rows(model: Any, peft_config: Any, tokenizer: Any, ids: list[int])
 
     config = copy.deepcopy(peft_config)  # the caller's config is left as it was
     wanted = trainable_token_indices(ids, tokenizer, model)
+    assert isinstance(wanted, dict)  # the model is given and ids is not empty: rows by module
     given = config.trainable_token_indices
     if isinstance(given, list):  # PEFT: a list means the input embeddings' rows
         given = {next(iter(wanted)): given}

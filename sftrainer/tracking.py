@@ -113,6 +113,9 @@ def place_tensorboard_logs(callbacks: list[TrainerCallback], output_dir: str) ->
     and keeps writing there until training ends.
     """
     for callback in callbacks:
-        tensorboard = isinstance(callback, TensorBoardCallback)
-        if tensorboard and callback.tb_writer is None and callback.logging_dir is None:
+        if (
+            isinstance(callback, TensorBoardCallback)
+            and callback.tb_writer is None
+            and callback.logging_dir is None
+        ):
             callback.logging_dir = os.path.join(output_dir, default_logdir())

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 def train(cfg: RunConfig) -> dict[str, float]:
     """Run one fine-tune. Returns the final metrics (also written to ``<output_dir>/all_results.json``)."""
     args = cfg.train
+    assert args.output_dir is not None  # TrainingArguments.__post_init__ defaults it
     sharding.check_machine(args)  # before any work: FSDP / DeepSpeed need GPUs (and FSDP a launcher)
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is not None:

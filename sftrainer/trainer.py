@@ -47,7 +47,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from datasets import DatasetDict, IterableDatasetDict
@@ -97,6 +97,11 @@ LEGACY_KWARGS = {
 
 
 class SFTTrainer(Trainer):
+    # Narrower than Trainer's: __init__ always turns what it is given into an SFTConfig (_trainer_args)
+    # and loads a model (no model_init).
+    args: SFTConfig
+    model: PreTrainedModel | torch.nn.Module
+
     def __init__(
         self,
         model: str | PreTrainedModel | Any = None,
@@ -236,14 +241,16 @@ class SFTTrainer(Trainer):
         self._isolation_checked: tuple | None = None  # the conditions check_packed_isolation passed under
         self._checkpoint_staging: str | None = None  # set while _save_checkpoint writes
         self._output_dir_claimed = False  # this trainer has evaluated or trained into output_dir
-        if hasattr(self.model, "add_model_tags"):  # model-card tags of what save_model / push_to_hub write
-            self.model.add_model_tags(list(MODEL_TAGS))
+        add_model_tags = getattr(self.model, "add_model_tags", None)
+        if add_model_tags is not None:  # model-card tags of what save_model / push_to_hub write
+            add_model_tags(list(MODEL_TAGS))
         self.add_callback(_TrainingRunHooks(self))
         # Compact lines, a bar on terminals and a summary instead of the raw dicts transformers prints.
         for printer in {ProgressCallback, PrinterCallback, DEFAULT_PROGRESS_CALLBACK}:
             self.remove_callback(printer)
         for callback in (ConsoleCallback(), MetricsFileCallback(), SamplesCallback(self)):
             self.add_callback(callback)
+        assert self.args.output_dir is not None  # TrainingArguments.__post_init__ defaults it
         place_tensorboard_logs(self.callback_handler.callbacks, self.args.output_dir)
 
     def check_packed_isolation(self) -> None:
@@ -303,7 +310,10 @@ class SFTTrainer(Trainer):
         it once the config is built, so a script that sets either one afterwards gets checkpointing.
         """
         enabled = bool(args.activation_checkpointing or args.gradient_checkpointing)
-        given = args.activation_checkpointing_kwargs or args.gradient_checkpointing_kwargs
+        # TrainingArguments reads a JSON string into a dict (another string fails in checkpointing_kwargs).
+        given = cast(
+            dict[str, Any] | None, args.activation_checkpointing_kwargs or args.gradient_checkpointing_kwargs
+        )
         kwargs = memory.checkpointing_kwargs(enabled, given)  # a new dict: the caller's stays as it was
         args.activation_checkpointing = args.gradient_checkpointing = enabled
         args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = kwargs
@@ -347,17 +357,17 @@ class SFTTrainer(Trainer):
             return given
         pad_token_id = text_tokenizer(processing_class).pad_token_id
         flatten = by_position and _flattens(model, args)
+        # SFTConfig turns TRL's 'auto' into None and refuses any other string.
+        pad_to = cast(int | None, args.pad_to_multiple_of)
         if self.data_pipeline.vision:  # rows with images: the processor makes their pixel inputs
-            return VisionCollator(
-                self.data_pipeline.tokenizer, pad_token_id, by_position, flatten, args.pad_to_multiple_of
-            )
+            return VisionCollator(self.data_pipeline.tokenizer, pad_token_id, by_position, flatten, pad_to)
         if self.data_pipeline.skip:  # rows as given: TRL's collator also reads seq_lengths / loss masks
             return DataCollatorForLanguageModeling(
-                pad_token_id, padding_free=flatten, pad_to_multiple_of=args.pad_to_multiple_of
+                pad_token_id, padding_free=flatten, pad_to_multiple_of=pad_to
             )
         if not by_position:
-            return PaddedCollator(pad_token_id, args.pad_to_multiple_of)
-        return PositionCollator(pad_token_id, flatten=flatten, pad_to_multiple_of=args.pad_to_multiple_of)
+            return PaddedCollator(pad_token_id, pad_to)
+        return PositionCollator(pad_token_id, flatten=flatten, pad_to_multiple_of=pad_to)
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -413,6 +423,7 @@ class SFTTrainer(Trainer):
         ``overwrite_output_dir`` removes that run's checkpoints, ``metrics.jsonl`` and eval samples
         first (sftrainer.run_dir). ``sftrainer train`` refuses such a directory before any work.
         """
+        assert self.args.output_dir is not None  # TrainingArguments.__post_init__ defaults it
         resuming = resume_from_checkpoint is not None and resume_from_checkpoint is not False
         if resuming and self.args.overwrite_output_dir:
             raise ConfigError(OVERWRITE_AND_RESUME)
@@ -420,6 +431,7 @@ class SFTTrainer(Trainer):
             resume_from_checkpoint = checkpoint.resolve_checkpoint(
                 resume_from_checkpoint, self.args.output_dir
             )
+            assert resume_from_checkpoint is not None  # resuming: a checkpoint directory, or it raised
             checkpoint.check_resume_layout(resume_from_checkpoint, self.args)
         else:
             earlier = run_dir.earlier_run(self.args.output_dir)
@@ -448,11 +460,13 @@ class SFTTrainer(Trainer):
             flag = self.accelerator.reduce(flag, "sum")
         if flag.item():
             step = self.state.global_step
+            assert self.args.output_dir is not None  # TrainingArguments.__post_init__ defaults it
             nonfinite.refuse_nonfinite_weights(bad or "on another process", step, self.args.output_dir)
 
     def _overwrite_output_dir(self) -> None:
         """``overwrite_output_dir``: remove an earlier run's checkpoints, metrics and samples (main process)."""
         if self.args.overwrite_output_dir and self.args.should_save:
+            assert self.args.output_dir is not None  # TrainingArguments.__post_init__ defaults it
             run_dir.clear_earlier_run(self.args.output_dir)
 
     def _get_output_dir(self, trial: Any) -> str:
@@ -590,6 +604,7 @@ class SFTTrainer(Trainer):
             )
         finally:
             self._logits_needed = True
+        assert output.metrics is not None  # Trainer.evaluation_loop always returns a dict of metrics
         output.metrics.update(self._token_metrics.pop("eval", self._reduce, f"{metric_key_prefix}_"))
         loss = output.metrics.get(f"{metric_key_prefix}_loss")
         if loss is not None:

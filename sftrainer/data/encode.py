@@ -148,7 +148,9 @@ class SegmentEncoder:
             return []
         merged = [_merge_same(segs) for _, segs in rows]
         pieces = [self._pieces(segs) for segs in merged]
-        whole = self._whole(pieces) if self._is_fast else [None] * len(rows)
+        whole: list[tuple[list[int], list[int]] | None] = (
+            self._whole(pieces) if self._is_fast else [None] * len(rows)
+        )
         prompts = self._prompt_ids(pieces, whole)
         out = []
         for (chat, _), segs, row_pieces, got in zip(rows, merged, pieces, whole):
@@ -349,8 +351,8 @@ class SegmentEncoder:
                 spans.append((pos, pos + len(piece), closed))
             pos += len(piece)
         if not spans:
-            ids = self._ids(text)
-            return [(ids, [IGNORE_INDEX] * len(ids), False)]
+            untrained = self._ids(text)
+            return [(untrained, [IGNORE_INDEX] * len(untrained), False)]
         rows: list[tuple[list[int], list[int], bool]] = []
         ids: list[int] = []
         labels: list[int] = []
@@ -396,7 +398,7 @@ class SegmentEncoder:
             return whole[len(prompt) :]
         want = self._decode(whole)
         t = _first_clean(offsets, len(before)) if offsets is not None else None
-        if t is not None:
+        if t is not None and offsets is not None:  # t is found only in offsets
             gap = text[: offsets[t][0] - len(before)] if t < len(whole) else text
             for head in self._alone(gap) if gap else [[]]:
                 answer = head + whole[t:]
@@ -430,10 +432,10 @@ class SegmentEncoder:
             piece = self._ids(text) if k == 0 else self._ids(eos + text)[len(self._ids(eos)) :]
             ids += piece
             labels += piece if trained else [IGNORE_INDEX] * len(piece)
-        trained = [k for k, label in enumerate(labels) if label != IGNORE_INDEX]
-        if trained:
+        trained_at = [k for k, label in enumerate(labels) if label != IGNORE_INDEX]
+        if trained_at:
             closed = next(seg.closed for seg in reversed(segs) if seg.trained)
-            ids, labels, _ = self._closed(ids, labels, chat, closed, trained[-1])
+            ids, labels, _ = self._closed(ids, labels, chat, closed, trained_at[-1])
         return ids, labels
 
     # ---- tokenizer calls ----------------------------------------------------------------------

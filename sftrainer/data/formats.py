@@ -392,8 +392,8 @@ def normalise_row(row: Mapping[str, Any], fmt: Format, text_field: str | None, p
     if fmt is Format.ALPACA:
         instruction = _as_text(row.get("instruction"), "instruction")
         extra = row.get("input")
-        prompt = instruction if extra in (None, "") else f"{instruction}\n\n{_as_text(extra, 'input')}"
-        return _pair(row, prompt, _as_text(row.get("output"), "output", allow_empty=False), pair_as_chat)
+        prompt_text = instruction if extra in (None, "") else f"{instruction}\n\n{_as_text(extra, 'input')}"
+        return _pair(row, prompt_text, _as_text(row.get("output"), "output", allow_empty=False), pair_as_chat)
     if fmt in (Format.PROMPT_COMPLETION, Format.PROMPT_RESPONSE):
         answer_field = "completion" if fmt is Format.PROMPT_COMPLETION else "response"
         prompt, answer = row.get("prompt"), row.get(answer_field)

@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import datasets
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
@@ -27,7 +27,7 @@ from sftrainer.errors import DataError
 logger = logging.getLogger(__name__)
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-AnyDataset = Dataset | IterableDataset
+AnyDataset: TypeAlias = Dataset | IterableDataset
 # datasets >= 4.7 can hold a column of mixed types as JSON; older versions refuse such a list.
 _MIXED_TYPES = (
     {"on_mixed_types": "use_json"}
@@ -162,10 +162,10 @@ def _from_files(files: list[str], name: str, split: str = "train", streaming: bo
     missing = [f for f in files if not os.path.exists(f)]
     if missing:
         raise DataError(f"{name}: file not found: {missing[0]}{resolved_from(missing[0])}")
-    kinds = {BUILDERS.get(Path(f).suffix.lower()) for f in files}
-    if None in kinds:
-        bad = next(f for f in files if Path(f).suffix.lower() not in BUILDERS)
+    bad = next((f for f in files if Path(f).suffix.lower() not in BUILDERS), None)
+    if bad is not None:
         raise DataError(f"{name}: {bad}: unsupported file type; use {', '.join(BUILDERS)}")
+    kinds = {BUILDERS[Path(f).suffix.lower()] for f in files}
     if len(kinds) > 1:
         raise DataError(f"{name}: mixes file types {sorted(kinds)}; use one type per data set")
     for f in files:
@@ -187,8 +187,9 @@ def _from_files(files: list[str], name: str, split: str = "train", streaming: bo
         # The files are parsed once, by datasets (and then read from its cache); only when that
         # fails are they read line by line, for a message naming the file and line at fault.
         checker = {"json": check_json_file, "csv": check_csv_file}.get(builder)
-        for f in files if checker else ():
-            checker(f)
+        if checker is not None:
+            for f in files:
+                checker(f)
         if "corresponds to no data" in str(failure):  # datasets' words for zero rows (a CSV header only)
             raise DataError(f"{name}: {', '.join(files)} has no rows") from None
         raise DataError(f"{name}: could not read {', '.join(files)}: {_root_message(failure)}") from None

@@ -271,7 +271,9 @@ def prepare_mixture(
     repeats a source ``MIXTURE_REPEAT_WARNING`` times or more.
     """
     seed = seed if mixture.seed is None else mixture.seed
-    parts, plan, per_source = [], [], []
+    parts: list[Dataset] = []
+    plan: list[tuple[MixtureSource, int, int]] = []
+    per_source: list[PrepareStats] = []
     total = PrepareStats(name=name, format="mixture")
     counted = (
         "rows",

@@ -46,7 +46,8 @@ class Origin:
         if not self.files or not self.in_file_order:
             return {}
         asked = {i: self.rows(i) if self.rows is not None else i for i in indices}
-        wanted, at = set(asked.values()), {}
+        wanted = set(asked.values())
+        at: dict[int, str] = {}
         every_row = (place for path in self.files for place in _row_places(path))
         for index, place in enumerate(every_row):
             if len(at) == len(wanted):

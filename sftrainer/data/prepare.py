@@ -423,7 +423,7 @@ def prepare(
     if uses_chat and not getattr(tokenizer, "chat_template", None):
         # Otherwise every row would fail alone, and the message would blame the rows.
         raise DataError(
-            f"{name}: {fmt.value} rows are rendered with a chat template, and the tokenizer has none. "
+            f"{name}: {fmt_name} rows are rendered with a chat template, and the tokenizer has none. "
             "Set chat_template (sftrainer.model.prepare_tokenizer gives a tokenizer sftrainer's default), "
             "or pair_template='raw' to train prompt/response pairs as plain text."
         )

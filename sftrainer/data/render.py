@@ -17,19 +17,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from sftrainer.data.formats import ChatExample
+from sftrainer.errors import RowError
+
+_compiled_template: Callable[[str], Any] | None
 try:  # the compiled, cached template render_jinja_template renders with (private: used where present)
     from transformers.utils.chat_template_utils import _compile_jinja_template as _compiled_template
 except ImportError:  # pragma: no cover - another transformers
     _compiled_template = None
-
-from sftrainer.data.formats import ChatExample
-from sftrainer.errors import RowError
 
 logger = logging.getLogger(__name__)
 
@@ -120,13 +121,17 @@ class ChatRenderer:
                 add_generation_prompt=generation_prompt,
                 **variables,
             )
-        plain = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        rendered, _ = render_jinja_template(
-            conversations=[plain],
-            tools=tools,
-            chat_template=self._templates[key],
-            add_generation_prompt=generation_prompt,
-            **variables,
+        without_nulls = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        # Annotated as returning str; it returns (rendered conversations, generation indices).
+        rendered, _ = cast(
+            tuple[list[str], list[Any]],
+            render_jinja_template(
+                conversations=[without_nulls],
+                tools=tools,
+                chat_template=self._templates[key],
+                add_generation_prompt=generation_prompt,
+                **variables,
+            ),
         )
         return rendered[0]
 
@@ -230,6 +235,7 @@ class ChatRenderer:
         start = self._outside_special(text, at)
         if start == at:
             return at
+        assert self._special_pattern is not None  # _outside_special moves ``at`` only on a match
         found = self._special_pattern.match(text, start)
         return found.end() if found is not None else at
 

@@ -89,7 +89,7 @@ class TurnLocator(ChatRenderer):
         if self.train_on == "last_turn":
             turns = turns[-1:]
         if not turns:
-            return [(full, False)], 0
+            return [Segment(full, False)], 0
         spans = self._verbatim_spans(example, full, turns) or self._diff_turns_at_once(example, full, turns)
         counted = self.untrained_empty_reasoning
         if spans is not None:
