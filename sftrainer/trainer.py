@@ -1,8 +1,9 @@
 """``SFTTrainer``: a ``transformers.Trainer`` that prepares SFT data and models in its constructor.
 
 The constructor is the recipe, one named step a line, in the order they run: check the inputs and the
-machine, the processing class and the model for training (``sftrainer.setup``), the data (prepared by
-``trainer.data_pipeline``), the collator, the loss plan; then ``Trainer.__init__`` and the callbacks.
+machine (``sftrainer.trainer_args``), the processing class and the model for training (``sftrainer.setup``),
+the data (prepared by ``trainer.data_pipeline``), the collator (``sftrainer.trainer_data``), the loss plan;
+then ``Trainer.__init__`` and the callbacks.
 
 It accepts both call styles of TRL's ``SFTTrainer``:
 
@@ -58,24 +59,20 @@ from sftrainer import checkpoint, memory, nonfinite, run, run_dir, setup, shardi
 from sftrainer.config import OVERWRITE_AND_RESUME, SFTConfig
 from sftrainer.console import ConsoleCallback
 from sftrainer.constants import MODEL_TAGS
-from sftrainer.data.collate import DataCollatorForLanguageModeling, PositionCollator
 from sftrainer.data.pack import PackStats
 from sftrainer.data.prepare import PrepareStats
 from sftrainer.errors import ConfigError
 from sftrainer.generation_eval import GenerationEval, refuse_for_vision
-from sftrainer.isolation import check_row_isolation
 from sftrainer.loss import CHUNKED, TRAINER, sft_loss, token_stats, verify_chunked, without_chunking
-from sftrainer.metrics import TokenMetrics
+from sftrainer.metrics import TokenMetrics, input_tokens
 from sftrainer.pipeline import DataPipeline
 from sftrainer.tracking import MetricsFileCallback, SamplesCallback, place_tensorboard_logs
-from sftrainer.vision.collate import VisionCollator
-from sftrainer.vision.probe import check_isolation as check_vision_isolation
 
 logger = logging.getLogger(__name__)
 
 
 class SFTTrainer(Trainer):
-    # Narrower than Trainer's: __init__ always turns what it is given into an SFTConfig (_trainer_args)
+    # Narrower than Trainer's: __init__ always turns what it is given into an SFTConfig (trainer_args)
     # and loads a model (no model_init).
     args: SFTConfig
     model: PreTrainedModel | torch.nn.Module
@@ -158,7 +155,7 @@ class SFTTrainer(Trainer):
 
     def _finish_setup(self) -> None:
         """After ``Trainer.__init__``: the final loss plan (logged), run state, model-card tags, callbacks."""
-        engine = _parameter_sharding(self)
+        engine = sharding.parameter_sharding(self)
         if engine:
             self.loss_plan = without_chunking(self.loss_plan, f"{engine} shards the LM head's weight")
         logger.info("%s", self.loss_plan.describe())
@@ -187,27 +184,9 @@ class SFTTrainer(Trainer):
         when the model, device, autocast, attention implementation and layout are those it passed
         under last time (the evaluations before and after training of one run).
         """
-        collator = self.data_collator
-        vision_packed = isinstance(collator, VisionCollator) and collator.by_position
-        if not vision_packed and not isinstance(collator, PositionCollator | DataCollatorForLanguageModeling):
-            return
-        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-        check = check_vision_isolation if vision_packed else check_row_isolation
-        # What the probe's result depends on: a run checks (and logs) it once, not again at each
-        # evaluation before and after training, unless one of these changed in between.
-        conditions = (
-            id(self.model),
-            str(next(self.model.parameters()).device),
-            self.accelerator.mixed_precision,
-            getattr(self.model.config, "_attn_implementation", None),
-            getattr(collator, "flatten", None),
-            check,
+        self._isolation_checked = trainer_data.check_packed_isolation(
+            self.model, self.data_collator, self.accelerator, self._isolation_checked
         )
-        if conditions == self._isolation_checked:
-            return
-        with self.accelerator.autocast():
-            check(self.model, collator, dtypes.get(self.accelerator.mixed_precision))
-        self._isolation_checked = conditions
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -249,7 +228,7 @@ class SFTTrainer(Trainer):
                     loss = loss + plan.aux_coef * aux.to(loss.device) / (steps if accumulated else 1)
         if stats is not None:
             mode = "train" if model.training else "eval"
-            self._token_metrics.add(mode, stats, _input_tokens(inputs) if mode == "train" else None)
+            self._token_metrics.add(mode, stats, input_tokens(inputs) if mode == "train" else None)
         return (loss, outputs) if return_outputs else loss
 
     # ---- checkpoints (sftrainer/checkpoint.py) ----
@@ -479,12 +458,6 @@ class SFTTrainer(Trainer):
         return self.accelerator.reduce(tensor, "sum")
 
 
-def _input_tokens(inputs: dict[str, Any]) -> Any:
-    """Input tokens of a batch, padding excluded where an attention mask says where it is."""
-    mask = inputs.get("attention_mask")
-    return mask.sum() if mask is not None else inputs["input_ids"].numel()
-
-
 class _TrainingRunHooks(TrainerCallback):
     """What SFTTrainer does when a training run starts, once the model is placed and prepared and a
     resumed run's state is loaded, before the first optimizer step: check that packed rows are
@@ -516,16 +489,3 @@ class _TrainingRunHooks(TrainerCallback):
                     else logger.info
                 )
                 log(stats.summary(args.max_length))
-
-
-def _parameter_sharding(trainer: Trainer) -> str | None:
-    """The engine that shards parameters across processes (FSDP, DeepSpeed ZeRO-3, tensor
-    parallelism), if one is used."""
-    if getattr(trainer, "is_fsdp_enabled", False):
-        return "FSDP"
-    if trainer.get_tp_size() > 1:
-        return "tensor parallelism"
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
-        return "DeepSpeed ZeRO-3"
-    return None

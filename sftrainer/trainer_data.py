@@ -7,6 +7,7 @@ it (packing refused first where the model cannot keep packed rows apart: ``check
 ``check_packing_data`` says whether batches keep rows apart by position; ``collator`` returns the data
 collator for the prepared rows; ``keep_columns`` turns ``remove_unused_columns`` off on ``args`` (the
 trainer's copy) where the collator reads columns the model's forward does not name.
+``check_packed_isolation`` probes, where training runs, that the collator's packed rows stay apart.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, cast
 
+import torch
 from datasets import DatasetDict, IterableDatasetDict
 from transformers.trainer_utils import IntervalStrategy
 
@@ -28,6 +30,7 @@ from sftrainer.loss import LossPlan
 from sftrainer.pipeline import DataPipeline
 from sftrainer.vision.collate import VisionCollator
 from sftrainer.vision.model import packing_problem
+from sftrainer.vision.probe import check_isolation as check_vision_isolation
 from sftrainer.vision.processor import is_processor, text_tokenizer
 
 # The logger these lines were written under before this module existed: the CLI prints the name.
@@ -131,6 +134,35 @@ def keep_columns(args: SFTConfig, pipeline: DataPipeline, by_position: bool, los
         # Our prepared rows hold exactly what the model needs; PEFT's forward signature hides
         # position_ids, and dropping them would merge the rows of a packed sequence.
         args.remove_unused_columns = False
+
+
+def check_packed_isolation(
+    model: Any, collator: Any, accelerator: Any, checked: tuple | None
+) -> tuple | None:
+    """Refuse (``ContaminationError``) an attention backend that lets the rows ``collator`` packs see each
+    other, probing ``model`` as it runs (its device, ``accelerator``'s autocast, its attention
+    implementation); the conditions it passed under, or ``checked`` (those of the last pass) where they
+    are the same or ``collator`` does not pack."""
+    vision_packed = isinstance(collator, VisionCollator) and collator.by_position
+    if not vision_packed and not isinstance(collator, PositionCollator | DataCollatorForLanguageModeling):
+        return checked
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    check = check_vision_isolation if vision_packed else check_row_isolation
+    # What the probe's result depends on: a run checks (and logs) it once, not again at each
+    # evaluation before and after training, unless one of these changed in between.
+    conditions = (
+        id(model),
+        str(next(model.parameters()).device),
+        accelerator.mixed_precision,
+        getattr(model.config, "_attn_implementation", None),
+        getattr(collator, "flatten", None),
+        check,
+    )
+    if conditions == checked:
+        return checked
+    with accelerator.autocast():
+        check(model, collator, dtypes.get(accelerator.mixed_precision))
+    return conditions
 
 
 def flattens(model: Any, args: SFTConfig) -> bool:
