@@ -18,6 +18,7 @@ the model's (unweighted) auxiliary loss over the batches of the window, as TRL d
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -69,3 +70,9 @@ class TokenMetrics:
             count = float(reduce(self._num_tokens.clone()).item())
             out[f"{prefix}num_tokens"] = self._num_tokens_before + count
         return out
+
+
+def input_tokens(inputs: dict[str, Any]) -> Any:
+    """Input tokens of a batch, padding excluded where an attention mask says where it is."""
+    mask = inputs.get("attention_mask")
+    return mask.sum() if mask is not None else inputs["input_ids"].numel()

@@ -20,6 +20,8 @@ traceback, or not at all:
 - ``gathers_nothing_on_save(trainer)``: transformers 5.25 ``Trainer.save_model`` writes no weights
   at all for an FSDP run with ``state_dict_type: SHARDED_STATE_DICT``; ``SFTTrainer.save_model``
   gathers the full weights for the final model instead (checkpoints stay sharded).
+- ``parameter_sharding(trainer)``: the engine that shards a trainer's parameters, if one does
+  (``SFTTrainer`` then computes the loss unchunked: the chunked loss reads the LM head's whole weight).
 """
 
 from __future__ import annotations
@@ -242,6 +244,19 @@ def gathers_nothing_on_save(trainer: Any) -> bool:
     if not getattr(trainer, "is_fsdp_enabled", False):
         return False
     return "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type)
+
+
+def parameter_sharding(trainer: Any) -> str | None:
+    """The engine that shards parameters across processes (FSDP, DeepSpeed ZeRO-3, tensor
+    parallelism), if one is used."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return "FSDP"
+    if trainer.get_tp_size() > 1:
+        return "tensor parallelism"
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
+        return "DeepSpeed ZeRO-3"
+    return None
 
 
 # ---- helpers -------------------------------------------------------------------------------

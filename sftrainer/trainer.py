@@ -1,8 +1,9 @@
 """``SFTTrainer``: a ``transformers.Trainer`` that prepares SFT data and models in its constructor.
 
 The constructor is the recipe, one named step a line, in the order they run: check the inputs and the
-machine, the processing class and the model for training (``sftrainer.setup``), the data (prepared by
-``trainer.data_pipeline``), the collator, the loss plan; then ``Trainer.__init__`` and the callbacks.
+machine (``sftrainer.trainer_args``), the processing class and the model for training (``sftrainer.setup``),
+the data (prepared by ``trainer.data_pipeline``), the collator (``sftrainer.trainer_data``), the loss plan;
+then ``Trainer.__init__`` and the callbacks.
 
 It accepts both call styles of TRL's ``SFTTrainer``:
 
@@ -39,7 +40,6 @@ step-<global_step>.jsonl``, copied to ``OUTPUT_DIR/eval_samples.jsonl``), set be
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -47,57 +47,32 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
-from datasets import DatasetDict, IterableDatasetDict
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import IntervalStrategy, rotate_checkpoints
+from transformers.trainer_utils import rotate_checkpoints
 
-from sftrainer import checkpoint, memory, nonfinite, run, run_dir, setup, sharding
-from sftrainer.config import OVERWRITE_AND_RESUME, SFTConfig, to_sft_config
+from sftrainer import checkpoint, memory, nonfinite, run, run_dir, setup, sharding, trainer_args, trainer_data
+from sftrainer.config import OVERWRITE_AND_RESUME, SFTConfig
 from sftrainer.console import ConsoleCallback
 from sftrainer.constants import MODEL_TAGS
-from sftrainer.data import load as data_load
-from sftrainer.data.collate import DataCollatorForLanguageModeling, PaddedCollator, PositionCollator
 from sftrainer.data.pack import PackStats
 from sftrainer.data.prepare import PrepareStats
-from sftrainer.errors import ConfigError, did_you_mean, warn_caller
+from sftrainer.errors import ConfigError
 from sftrainer.generation_eval import GenerationEval, refuse_for_vision
-from sftrainer.isolation import check_row_isolation, stateful_layers
-from sftrainer.loss import (
-    CHUNKED,
-    TRAINER,
-    plan_loss,
-    sft_loss,
-    token_stats,
-    verify_chunked,
-    without_chunking,
-)
-from sftrainer.metrics import TokenMetrics
+from sftrainer.loss import CHUNKED, TRAINER, sft_loss, token_stats, verify_chunked, without_chunking
+from sftrainer.metrics import TokenMetrics, input_tokens
 from sftrainer.pipeline import DataPipeline
 from sftrainer.tracking import MetricsFileCallback, SamplesCallback, place_tensorboard_logs
-from sftrainer.vision.collate import VisionCollator
-from sftrainer.vision.model import packing_problem
-from sftrainer.vision.probe import check_isolation as check_vision_isolation
-from sftrainer.vision.processor import is_processor, text_tokenizer
 
 logger = logging.getLogger(__name__)
 
-# Older TRL keyword arguments of SFTTrainer itself -> the SFTConfig field that now holds them.
-LEGACY_KWARGS = {
-    "dataset_text_field": "dataset_text_field",
-    "max_seq_length": "max_length",
-    "packing": "packing",
-    "dataset_num_proc": "dataset_num_proc",
-    "model_init_kwargs": "model_init_kwargs",
-}
-
 
 class SFTTrainer(Trainer):
-    # Narrower than Trainer's: __init__ always turns what it is given into an SFTConfig (_trainer_args)
+    # Narrower than Trainer's: __init__ always turns what it is given into an SFTConfig (trainer_args)
     # and loads a model (no model_init).
     args: SFTConfig
     model: PreTrainedModel | torch.nn.Module
@@ -122,11 +97,11 @@ class SFTTrainer(Trainer):
         **legacy: Any,
     ):
         # The recipe, in the order it runs: settings and checks, processing class, model, data, loss.
-        _check_inputs(model, train_dataset, eval_dataset)
-        args = _trainer_args(model, args)  # a copy: the caller's is never written to
-        processing_class = self._apply_legacy(args, processing_class, legacy)
-        _check_machine(args)
-        self._resolve_checkpointing(args)
+        trainer_args.check_inputs(model, train_dataset, eval_dataset)
+        args = trainer_args.trainer_args(model, args)  # a copy: the caller's is never written to
+        processing_class = trainer_args.apply_legacy(args, processing_class, legacy)
+        trainer_args.check_machine(args)
+        trainer_args.resolve_checkpointing(args)
         callers_model = not isinstance(model, str)
         model = setup.load_training_model(model, args, quantization_config)
         processing_class, peft_config = setup.training_processing_class(
@@ -134,13 +109,16 @@ class SFTTrainer(Trainer):
         )
         refuse_for_vision(args, processing_class)  # images do not reach generation-based evaluation yet
         model = setup.model_for_training(model, args, peft_config, callers_model)
-        train_dataset, eval_dataset = self._prepare_datasets(
+        pipeline, train_dataset, eval_dataset = trainer_data.prepare_datasets(
             model, args, processing_class, data_collator, formatting_func, train_dataset, eval_dataset
         )
-        by_position = self._check_packing_data(model, args, train_dataset)
-        data_collator = self._collator(data_collator, model, processing_class, args, by_position)
-        self.loss_plan = _plan_loss(model, args, compute_loss_func)
-        self._keep_columns(args, by_position)
+        self._keep_pipeline(pipeline)
+        by_position = trainer_data.check_packing_data(model, args, train_dataset, pipeline)
+        data_collator = trainer_data.collator(
+            data_collator, model, processing_class, args, pipeline, by_position
+        )
+        self.loss_plan = trainer_args.loss_plan(model, args, compute_loss_func)
+        trainer_data.keep_columns(args, pipeline, by_position, self.loss_plan)
         self._start_metrics()
         super().__init__(
             model=model,
@@ -160,69 +138,13 @@ class SFTTrainer(Trainer):
 
     # ---- the constructor's steps, in the order it takes them ----
 
-    def _prepare_datasets(
-        self,
-        model: Any,
-        args: SFTConfig,
-        processing_class: Any,
-        data_collator: Any,
-        formatting_func: Callable[[dict[str, Any]], Any] | None,
-        train_dataset: Any,
-        eval_dataset: Any,
-    ) -> tuple[Any, Any]:
-        """The data pipeline, and the train and eval data prepared by it (a ``DatasetDict``'s test split
-        is the eval data unless one is given); packing refused first where the model cannot keep packed
-        rows apart."""
-        if isinstance(train_dataset, DatasetDict | IterableDatasetDict):
-            train_dataset, split_eval = data_load.split_dataset_dict(train_dataset)
-            eval_dataset = eval_dataset if eval_dataset is not None else split_eval
-        eval_pack = args.packing if args.eval_packing is None else args.eval_packing
-        if args.packing or args.padding_free or eval_pack or _has_positions(train_dataset):
-            self._check_packing_model(model, args, processing_class, data_collator)  # before preparing data
-        self.data_pipeline = DataPipeline(processing_class, args, formatting_func)
-        self.data_stats: dict[str, PrepareStats] = self.data_pipeline.data_stats
-        self.pack_stats: dict[str, PackStats] = self.data_pipeline.pack_stats
-        self.generation_eval = GenerationEval(self.data_pipeline)  # see the module docstring
-        if train_dataset is not None:
-            train_dataset = self.data_pipeline(train_dataset, "train data", args.packing)
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {
-                k: self.data_pipeline(ds, f"eval data '{k}'", eval_pack) for k, ds in eval_dataset.items()
-            }
-        elif eval_dataset is not None:
-            eval_dataset = self.data_pipeline(eval_dataset, "eval data", eval_pack)
-        elif "eval_strategy" in getattr(args, "_implied", ()):
-            # eval_steps alone set eval_strategy='steps' (config.resolve_intervals): with no eval data
-            # it does nothing, as in transformers, rather than stop at Trainer's "no eval_dataset".
-            logger.warning("eval_steps=%s has no effect: there is no eval_dataset", args.eval_steps)
-            args.eval_strategy = IntervalStrategy.NO
-        return train_dataset, eval_dataset
-
-    def _check_packing_data(self, model: Any, args: SFTConfig, train_dataset: Any) -> bool:
-        """Whether batches keep rows apart by position (packing, padding-free, or rows packed already);
-        refused for image rows of a family that cannot (``vision.packing_problem``)."""
-        # Also with eval_packing and no eval set yet: evaluate(raw rows) packs them later.
-        eval_pack = args.packing if args.eval_packing is None else args.eval_packing
-        by_position = args.packing or args.padding_free or bool(eval_pack) or _has_positions(train_dataset)
-        problem = packing_problem(model) if by_position and self.data_pipeline.vision else None
-        if problem:
-            raise ConfigError(f"packing / padding_free: {problem}; set packing=False and padding_free=False")
-        return by_position
-
-    def _keep_columns(self, args: SFTConfig, by_position: bool) -> None:
-        """``remove_unused_columns`` off where the collator reads columns the model's forward does not
-        name (images, position_ids); prompt tuning, which drops position_ids, refused with packing."""
-        if self.data_pipeline.vision:
-            args.remove_unused_columns = False  # the rows' images are read by the collator
-        if by_position:
-            if self.loss_plan.virtual_tokens:
-                raise ConfigError(
-                    "packing / padding_free: PEFT prompt tuning drops position_ids, which keep the rows of a "
-                    "packed or padding-free batch apart; set packing=False and padding_free=False"
-                )
-            # Our prepared rows hold exactly what the model needs; PEFT's forward signature hides
-            # position_ids, and dropping them would merge the rows of a packed sequence.
-            args.remove_unused_columns = False
+    def _keep_pipeline(self, pipeline: DataPipeline) -> None:
+        """The data pipeline (prepares raw data given to ``evaluate`` too), its counts, and the
+        generation-based evaluation that prepares its prompts with it (see the module docstring)."""
+        self.data_pipeline = pipeline
+        self.data_stats: dict[str, PrepareStats] = pipeline.data_stats
+        self.pack_stats: dict[str, PackStats] = pipeline.pack_stats
+        self.generation_eval = GenerationEval(pipeline)
 
     def _start_metrics(self) -> None:
         """What training and evaluation accumulate between logs: token metrics, tokens/s, the NaN flag."""
@@ -233,7 +155,7 @@ class SFTTrainer(Trainer):
 
     def _finish_setup(self) -> None:
         """After ``Trainer.__init__``: the final loss plan (logged), run state, model-card tags, callbacks."""
-        engine = _parameter_sharding(self)
+        engine = sharding.parameter_sharding(self)
         if engine:
             self.loss_plan = without_chunking(self.loss_plan, f"{engine} shards the LM head's weight")
         logger.info("%s", self.loss_plan.describe())
@@ -262,112 +184,9 @@ class SFTTrainer(Trainer):
         when the model, device, autocast, attention implementation and layout are those it passed
         under last time (the evaluations before and after training of one run).
         """
-        collator = self.data_collator
-        vision_packed = isinstance(collator, VisionCollator) and collator.by_position
-        if not vision_packed and not isinstance(collator, PositionCollator | DataCollatorForLanguageModeling):
-            return
-        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-        check = check_vision_isolation if vision_packed else check_row_isolation
-        # What the probe's result depends on: a run checks (and logs) it once, not again at each
-        # evaluation before and after training, unless one of these changed in between.
-        conditions = (
-            id(self.model),
-            str(next(self.model.parameters()).device),
-            self.accelerator.mixed_precision,
-            getattr(self.model.config, "_attn_implementation", None),
-            getattr(collator, "flatten", None),
-            check,
+        self._isolation_checked = trainer_data.check_packed_isolation(
+            self.model, self.data_collator, self.accelerator, self._isolation_checked
         )
-        if conditions == self._isolation_checked:
-            return
-        with self.accelerator.autocast():
-            check(self.model, collator, dtypes.get(self.accelerator.mixed_precision))
-        self._isolation_checked = conditions
-
-    @staticmethod
-    def _check_packing_model(model: Any, args: SFTConfig, processing_class: Any, data_collator: Any) -> None:
-        """Refuse packing / padding_free before the data is prepared where the model's family cannot keep
-        packed rows apart (``vision.packing_problem``) or its layers carry state along the sequence
-        (``isolation.stateful_layers``: the isolation probe runs now, on the model where it is).
-        ``train()`` checks again where training runs.
-        """
-        problem = packing_problem(model) if is_processor(processing_class) else None
-        if problem:
-            raise ConfigError(f"packing / padding_free: {problem}; set packing=False and padding_free=False")
-        ours = data_collator is None or isinstance(
-            data_collator, PositionCollator | DataCollatorForLanguageModeling | VisionCollator
-        )
-        if not ours or sharding.is_partitioned(model) or not stateful_layers(model):
-            return
-        pad_id = text_tokenizer(processing_class).pad_token_id
-        check_row_isolation(model, PositionCollator(pad_id, flatten=_flattens(model, args)))
-
-    @staticmethod
-    def _resolve_checkpointing(args: SFTConfig) -> None:
-        """Gradient checkpointing on ``args`` (the trainer's copy): non-reentrant unless the user says otherwise.
-
-        transformers 5.x reads ``activation_checkpointing``; ``gradient_checkpointing`` (TRL's name) mirrors
-        it once the config is built, so a script that sets either one afterwards gets checkpointing.
-        """
-        enabled = bool(args.activation_checkpointing or args.gradient_checkpointing)
-        # TrainingArguments reads a JSON string into a dict (another string fails in checkpointing_kwargs).
-        given = cast(
-            dict[str, Any] | None, args.activation_checkpointing_kwargs or args.gradient_checkpointing_kwargs
-        )
-        kwargs = memory.checkpointing_kwargs(enabled, given)  # a new dict: the caller's stays as it was
-        args.activation_checkpointing = args.gradient_checkpointing = enabled
-        args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = kwargs
-
-    @staticmethod
-    def _apply_legacy(args: SFTConfig, processing_class: Any, legacy: dict[str, Any]) -> Any:
-        """Move older-TRL keyword arguments onto ``args``, with one FutureWarning for all of them."""
-        known = {"tokenizer", *LEGACY_KWARGS}
-        unknown = [k for k in legacy if k not in known]
-        if unknown:
-            raise TypeError(
-                f"SFTTrainer got an unexpected keyword argument '{unknown[0]}'"
-                f"{did_you_mean(unknown[0], [*known, 'peft_config', 'formatting_func', 'processing_class'])}"
-            )
-        if not legacy:
-            return processing_class
-        renames = []
-        if "tokenizer" in legacy:
-            tokenizer = legacy.pop("tokenizer")
-            processing_class = processing_class if processing_class is not None else tokenizer
-            renames.append("tokenizer= -> processing_class=")
-        for key, value in legacy.items():
-            renames.append(f"{key}= -> SFTConfig({LEGACY_KWARGS[key]}=...)")
-            setattr(args, LEGACY_KWARGS[key], value)
-        problems = args.problems()
-        if problems:
-            raise ValueError("Invalid SFTTrainer arguments:\n" + "\n".join(f"  {p}" for p in problems))
-        warn_caller(
-            "SFTTrainer was called in the older TRL style, which still works. Current spelling: "
-            + "; ".join(renames),
-            FutureWarning,
-        )
-        return processing_class
-
-    def _collator(
-        self, given: Any, model: Any, processing_class: Any, args: SFTConfig, by_position: bool
-    ) -> Any:
-        """The data collator: ``given``, else the one for the prepared rows (images, rows as given,
-        padded, or kept apart by position)."""
-        if given is not None:
-            return given
-        pad_token_id = text_tokenizer(processing_class).pad_token_id
-        flatten = by_position and _flattens(model, args)
-        # SFTConfig turns TRL's 'auto' into None and refuses any other string.
-        pad_to = cast(int | None, args.pad_to_multiple_of)
-        if self.data_pipeline.vision:  # rows with images: the processor makes their pixel inputs
-            return VisionCollator(self.data_pipeline.tokenizer, pad_token_id, by_position, flatten, pad_to)
-        if self.data_pipeline.skip:  # rows as given: TRL's collator also reads seq_lengths / loss masks
-            return DataCollatorForLanguageModeling(
-                pad_token_id, padding_free=flatten, pad_to_multiple_of=pad_to
-            )
-        if not by_position:
-            return PaddedCollator(pad_token_id, pad_to)
-        return PositionCollator(pad_token_id, flatten=flatten, pad_to_multiple_of=pad_to)
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -409,7 +228,7 @@ class SFTTrainer(Trainer):
                     loss = loss + plan.aux_coef * aux.to(loss.device) / (steps if accumulated else 1)
         if stats is not None:
             mode = "train" if model.training else "eval"
-            self._token_metrics.add(mode, stats, _input_tokens(inputs) if mode == "train" else None)
+            self._token_metrics.add(mode, stats, input_tokens(inputs) if mode == "train" else None)
         return (loss, outputs) if return_outputs else loss
 
     # ---- checkpoints (sftrainer/checkpoint.py) ----
@@ -639,69 +458,6 @@ class SFTTrainer(Trainer):
         return self.accelerator.reduce(tensor, "sum")
 
 
-def _check_inputs(model: Any, train_dataset: Any, eval_dataset: Any) -> None:
-    if model is None:
-        raise ValueError("SFTTrainer needs a model: a PreTrainedModel, a PeftModel, or a path / hub id")
-    if train_dataset is None and eval_dataset is None:
-        raise ValueError(
-            "`train_dataset` is required: SFTTrainer was given no data (pass train_dataset=, the rows to "
-            "train on; to evaluate only, pass eval_dataset=)"
-        )
-
-
-def _trainer_args(model: Any, args: SFTConfig | TrainingArguments | None) -> SFTConfig:
-    """The trainer's own ``SFTConfig``: a copy, since the older keywords and remove_unused_columns are
-    written onto it, not the caller's; without ``args``, the defaults with an output_dir named after
-    the model."""
-    output_dir = f"{Path(model).name or 'model'}-sft" if isinstance(model, str) else "sftrainer_output"
-    return copy.copy(to_sft_config(args, output_dir))
-
-
-def _check_machine(args: SFTConfig) -> None:
-    """Refuse machines the settings cannot run on, before any work."""
-    sharding.check_machine(args)  # FSDP / DeepSpeed without GPUs, FSDP without a launcher
-    if args.n_gpu > 1:
-        # Trainer would wrap the model in nn.DataParallel, which splits every tensor argument
-        # (logits_to_keep too) across the GPUs of one process. TRL refuses it as well.
-        raise ConfigError(
-            f"{args.n_gpu} GPUs are visible to one process: launch with `torchrun --nproc_per_node "
-            f"{args.n_gpu}` or `accelerate launch` (one process per GPU), or make one GPU visible "
-            "with CUDA_VISIBLE_DEVICES"
-        )
-
-
-def _plan_loss(model: Any, args: SFTConfig, compute_loss_func: Callable | None) -> Any:
-    """How the loss is computed (``loss.plan_loss``), from the settings that choose it."""
-    return plan_loss(
-        model,
-        args.loss_type,
-        args.router_aux_loss_coef,
-        compute_loss_func,
-        args.label_smoothing_factor,
-        args.loss_chunk_size,
-    )
-
-
-def _input_tokens(inputs: dict[str, Any]) -> Any:
-    """Input tokens of a batch, padding excluded where an attention mask says where it is."""
-    mask = inputs.get("attention_mask")
-    return mask.sum() if mask is not None else inputs["input_ids"].numel()
-
-
-def _flattens(model: Any, args: SFTConfig) -> bool:
-    """Whether packed / padding-free batches are one flat row. Varlen FlashAttention reads row boundaries
-    from one flat row; backends that build a dense mask (eager, SDPA) keep packed sequences as separate
-    rows: B * L^2 attention, not (B * L)^2."""
-    impl = str(getattr(model.config, "_attn_implementation", "") or "")
-    return (args.padding_free and not args.packing) or "flash" in impl
-
-
-def _has_positions(dataset: Any) -> bool:
-    """Rows packed before they reached the trainer (given as is): sftrainer's or TRL's packing columns."""
-    columns = getattr(dataset, "column_names", None) or []
-    return "position_ids" in columns or "seq_lengths" in columns
-
-
 class _TrainingRunHooks(TrainerCallback):
     """What SFTTrainer does when a training run starts, once the model is placed and prepared and a
     resumed run's state is loaded, before the first optimizer step: check that packed rows are
@@ -733,16 +489,3 @@ class _TrainingRunHooks(TrainerCallback):
                     else logger.info
                 )
                 log(stats.summary(args.max_length))
-
-
-def _parameter_sharding(trainer: Trainer) -> str | None:
-    """The engine that shards parameters across processes (FSDP, DeepSpeed ZeRO-3, tensor
-    parallelism), if one is used."""
-    if getattr(trainer, "is_fsdp_enabled", False):
-        return "FSDP"
-    if trainer.get_tp_size() > 1:
-        return "tensor parallelism"
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
-        return "DeepSpeed ZeRO-3"
-    return None

@@ -268,7 +268,7 @@ def test_trainer_refuses_packing_lfm2_before_preparing_data(tokenizer, tmp_path,
     def prepare(*args, **kwargs):
         raise AssertionError("the data was prepared before the model was checked")
 
-    monkeypatch.setattr("sftrainer.trainer.DataPipeline.__call__", prepare)
+    monkeypatch.setattr("sftrainer.pipeline.DataPipeline.__call__", prepare)
     args = quick_args(tmp_path, **setting)
     with pytest.raises(ContaminationError, match=r"Lfm2ShortConv.*Set packing=False and padding_free=False"):
         SFTTrainer(model=model, args=args, train_dataset=ROWS, processing_class=tokenizer)

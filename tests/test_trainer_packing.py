@@ -171,7 +171,7 @@ def test_isolation_check_runs_on_the_training_device_under_the_training_autocast
             }
         )
 
-    monkeypatch.setattr("sftrainer.trainer.check_row_isolation", record)
+    monkeypatch.setattr("sftrainer.trainer_data.check_row_isolation", record)
     args = _args(tmp_path, packing=True, bf16=True, use_cpu=True)  # bf16 autocast on the CPU
     trainer = SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=_rows(8))
     assert seen == []  # not at construction
