@@ -50,6 +50,12 @@ def trl_field_problems(cfg: Any) -> list[str]:
             "loss_type: 'dft' weights the plain token losses; it cannot be combined with "
             "label_smoothing_factor (TRL ignores the smoothing silently)"
         )
+    if cfg.use_liger_kernel:
+        out.append(
+            "use_liger_kernel: not supported: Liger's kernels replace the model's forward and its loss, which "
+            "sftrainer computes itself (in chunks, never holding full-vocabulary logits: the memory Liger's "
+            "fused cross-entropy saves) and checks for packed-row isolation; set use_liger_kernel=false"
+        )
     return out
 
 

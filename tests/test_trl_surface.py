@@ -103,6 +103,14 @@ def test_activation_offloading_without_a_gpu_is_refused_with_the_reason(tmp_path
         SFTConfig(output_dir=str(tmp_path), activation_offloading=True)
 
 
+def test_liger_kernel_is_refused_with_the_reason(tmp_path):
+    """Liger patches the model's forward and loss, which sftrainer's chunked loss and isolation checks
+    replace: refused when the config is built, before any model loads (TRL applies it)."""
+    with pytest.raises(ConfigError, match=r"use_liger_kernel: not supported: .*set use_liger_kernel=false"):
+        SFTConfig(output_dir=str(tmp_path), use_liger_kernel=True)
+    assert not SFTConfig(output_dir=str(tmp_path)).use_liger_kernel  # the default still builds
+
+
 def test_dft_with_label_smoothing_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="label_smoothing_factor"):
         SFTConfig(output_dir=str(tmp_path), loss_type="dft", label_smoothing_factor=0.1)
