@@ -53,6 +53,14 @@ def optimizer_problems(optim: Any, installed: Callable[[str], bool] = is_install
     return []
 
 
+def describe_optimizer(optim: Any) -> str:
+    """``optim`` as the pre-flight block states it: the name, and what transformers' default is."""
+    name = str(getattr(optim, "value", optim))
+    if name == "adamw_torch_fused":  # TrainingArguments' default (transformers 5.25)
+        return f"{name} (transformers' default: torch's fused AdamW, one kernel per device and dtype a step)"
+    return name
+
+
 def offloading_problems(activation_offloading: bool, use_cpu: bool) -> list[str]:
     """Why activation offloading cannot help this run, as 'activation_offloading: problem'."""
     if not activation_offloading:

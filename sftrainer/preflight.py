@@ -31,6 +31,7 @@ import numpy as np
 from transformers import TrainerCallback
 
 from sftrainer.constants import FULL_LR_RANGE, LORA_LR_RANGE, TRUNCATED_WARN_FRACTION
+from sftrainer.memory import describe_optimizer
 from sftrainer.memory_estimate import (
     MemoryEstimate,
     ModelShape,
@@ -333,6 +334,7 @@ class Preflight:
     evaluations: tuple[int, bool] = (0, False)  # during training, and one after it (planned_evaluations)
     generation: bool = False  # evaluations also generate (exact_match_samples / generation_prompts)
     resumed_at: int = 0  # the step a resumed run starts from
+    optimizer: str = ""  # memory.describe_optimizer(args.optim)
 
     def _probe_time(self) -> str:
         """The probe's step time over the run, with its evaluations: the one before training, those
@@ -363,6 +365,8 @@ class Preflight:
                 else ""
             ),
         ]
+        if self.optimizer:
+            lines.append(f"  optimizer: {self.optimizer}")
         if self.probe is not None:
             lines.append(f"  time ({self.probe.device}): {self._probe_time()}")
         elif self.time_note:
@@ -445,6 +449,7 @@ def summarize(
         eval_rows,
         planned_evaluations(args, plan, eval_rows),
         bool(getattr(args, "generation_enabled", lambda: False)()),
+        optimizer=describe_optimizer(args.optim),
     )
 
 

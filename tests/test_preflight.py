@@ -299,6 +299,7 @@ def test_train_logs_the_preflight_and_the_measured_time(tmp_path, caplog, tiny_m
     assert code == 0
     text = caplog.text
     assert "Pre-flight:" in text and "optimizer steps: 5 (11 per epoch" in text
+    assert "optimizer: adamw_torch_fused (transformers' default: torch's fused AdamW" in text
     assert "time: measured on the first 4 optimizer steps and the evaluation before training" in text
     assert "Pre-flight: measured" in text and "per epoch, " in text and "for 5 steps" in text
 
