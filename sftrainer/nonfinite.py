@@ -3,7 +3,9 @@
 - ``NonFiniteFlag``: each micro-batch's loss is folded into a flag that stays on the device (no
   host-device sync per micro-batch); ``check`` reads it once, before the optimizer step, and raises
   ``NonFiniteLossError`` (``check_loss``) naming the step if any micro-batch of it, on any process,
-  had a NaN / inf loss.
+  had a NaN / inf loss. Under DeepSpeed, whose engine steps inside ``backward()``, the trainer reads it
+  after every micro-batch instead (as before the flag existed): the step of a NaN in the last micro-batch
+  is then already applied, and ``refuse_nonfinite_weights`` keeps it out of every checkpoint.
 - ``check_loss``: the error for a NaN or infinite loss, raised before the optimizer applies it.
 - ``first_nonfinite_parameter`` / ``refuse_nonfinite_weights``: weights that turned NaN / inf anyway
   are refused at the next save, so no checkpoint of a bad state is ever written.

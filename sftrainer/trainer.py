@@ -163,6 +163,9 @@ class SFTTrainer(Trainer):
         self._isolation_checked: tuple | None = None  # the conditions check_packed_isolation passed under
         self._checkpoint_staging: str | None = None  # set while _save_checkpoint writes
         self._output_dir_claimed = False  # this trainer has evaluated or trained into output_dir
+        # DeepSpeed's engine steps inside backward() on the last micro-batch of a step, before the
+        # optimizer-step hook: there the NaN flag is read after every micro-batch (a sync each), as before.
+        self._nonfinite_each_micro_batch = self.is_deepspeed_enabled
         add_model_tags = getattr(self.model, "add_model_tags", None)
         if add_model_tags is not None:  # model-card tags of what save_model / push_to_hub write
             add_model_tags(list(MODEL_TAGS))
@@ -269,6 +272,9 @@ class SFTTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Checked before the optimizer step (_TrainingRunHooks), not here: no host-device sync per micro-batch.
         self._nonfinite.add(loss)
+        if self._nonfinite_each_micro_batch:
+            assert self.args.output_dir is not None  # TrainingArguments.__post_init__ defaults it
+            self._nonfinite.check(self.accelerator, self.state.global_step + 1, self.args.output_dir)
         return loss
 
     def _refuse_nonfinite_weights(self) -> None:

@@ -84,6 +84,29 @@ def test_a_nan_in_a_later_micro_batch_stops_before_the_optimizer_step(tiny_model
     assert all(torch.equal(after[n], w) for n, w in poison.before.items() if n != poisoned)
 
 
+class CountingTrainer(SFTTrainer):
+    micro_batches = 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.micro_batches += 1
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+@pytest.mark.parametrize("each_micro_batch", [False, True])
+def test_where_the_flag_is_read(tiny_model_dir, tmp_path, each_micro_batch):
+    """Once per optimizer step; after every micro-batch where the optimizer steps inside backward()
+    (DeepSpeed), so a NaN in a middle micro-batch stops before the next one runs."""
+    args = quick_args(tmp_path, max_steps=3, gradient_accumulation_steps=3)
+    trainer = CountingTrainer(model=str(tiny_model_dir), args=args, train_dataset=ROWS * 6,
+                              callbacks=[PoisonMicroBatch(2)])  # fmt: skip
+    assert trainer._nonfinite_each_micro_batch is False  # no DeepSpeed here
+    trainer._nonfinite_each_micro_batch = each_micro_batch
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        trainer.train()
+    # step 1: 3 micro-batches; step 2: the poisoned weight makes micro-batch 2 NaN
+    assert trainer.micro_batches == (5 if each_micro_batch else 6)
+
+
 @pytest.mark.parametrize(
     ("losses", "message"),
     [
