@@ -150,7 +150,8 @@ class SFTTrainer(Trainer):
         """What training and evaluation accumulate between logs: token metrics, tokens/s, the NaN flag."""
         self._token_metrics = TokenMetrics()
         self._log_window = (time.perf_counter(), 0.0)  # (start, seconds spent evaluating since)
-        self._nonfinite = nonfinite.NonFiniteFlag()  # the micro-batches' losses since the last optimizer step
+        self._nonfinite = nonfinite.NonFiniteFlag()  # the micro-batches' losses since the flag was last read
+        self._nonfinite_on_device = False  # a fused optimizer skips a NaN step itself (set at train begin)
         self._logits_needed = True  # False inside a loss-only evaluation loop
 
     def _finish_setup(self) -> None:
@@ -166,6 +167,7 @@ class SFTTrainer(Trainer):
         # DeepSpeed's engine steps inside backward() on the last micro-batch of a step, before the
         # optimizer-step hook: there the NaN flag is read after every micro-batch (a sync each), as before.
         self._nonfinite_each_micro_batch = self.is_deepspeed_enabled
+        self._eval_nan_inf_filter = self.args.logging_nan_inf_filter  # the caller's (train() turns it off)
         add_model_tags = getattr(self.model, "add_model_tags", None)
         if add_model_tags is not None:  # model-card tags of what save_model / push_to_hub write
             add_model_tags(list(MODEL_TAGS))
@@ -262,7 +264,16 @@ class SFTTrainer(Trainer):
             elif earlier or not self._output_dir_claimed:  # else this trainer's evaluation cleared it
                 self._overwrite_output_dir()
         self._output_dir_claimed = True
-        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        # transformers' logging_nan_inf_filter reads every micro-batch's loss on the host (a sync each) to
+        # keep a NaN out of the logged loss; the NaN guard stops training on one instead, so training runs
+        # without it (evaluation keeps the caller's setting: evaluation_loop).
+        self._eval_nan_inf_filter = self.args.logging_nan_inf_filter
+        self.args.logging_nan_inf_filter = False
+        try:
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self.args.logging_nan_inf_filter = self._eval_nan_inf_filter
+        self._read_nonfinite()
         self._refuse_nonfinite_weights()  # the last update may have overflowed: never save such weights
         return output
 
@@ -270,12 +281,19 @@ class SFTTrainer(Trainer):
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
-        # Checked before the optimizer step (_TrainingRunHooks), not here: no host-device sync per micro-batch.
-        self._nonfinite.add(loss)
+        # Read at the optimizer step or at logging (_TrainingRunHooks), not here: no host-device sync
+        # per micro-batch.
+        self._nonfinite.add(loss, self.state.global_step + 1)
         if self._nonfinite_each_micro_batch:
-            assert self.args.output_dir is not None  # TrainingArguments.__post_init__ defaults it
-            self._nonfinite.check(self.accelerator, self.state.global_step + 1, self.args.output_dir)
+            self._read_nonfinite(self.state.global_step + 1)
         return loss
+
+    def _read_nonfinite(self, step: int | None = None) -> None:
+        """``NonFiniteLossError`` if a micro-batch loss since the flag was last read is NaN / inf (one sync);
+        ``step``: the optimizer step it is read at, the last one done by default."""
+        assert self.args.output_dir is not None  # TrainingArguments.__post_init__ defaults it
+        at = self.state.global_step if step is None else step
+        self._nonfinite.check(self.accelerator, at, self.args.output_dir)
 
     def _refuse_nonfinite_weights(self) -> None:
         """``NonFiniteLossError`` if a trainable weight holds NaN / inf (checked on every process)."""
@@ -307,6 +325,7 @@ class SFTTrainer(Trainer):
         """
         run_dir = super()._get_output_dir(trial)
         step = self.state.global_step
+        self._read_nonfinite()
         self._refuse_nonfinite_weights()
         name = f"{checkpoint.PREFIX_CHECKPOINT_DIR}-{step}"
         staging = checkpoint.staging_dir(run_dir, step)
@@ -366,6 +385,7 @@ class SFTTrainer(Trainer):
         return self.loss_plan.aux_coef != 0.0
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self._read_nonfinite()  # never log (or go on after) a step whose loss was NaN / inf
         if "train_loss" in logs:  # the end-of-training summary: the steps since the last log, as TRL
             logs.update(self._token_metrics.pop("train", self._reduce))
         if "loss" in logs:  # a training log: add the token metrics of its window
@@ -423,12 +443,15 @@ class SFTTrainer(Trainer):
         loss_only = self.args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
         self._logits_needed = not loss_only  # Trainer asks compute_loss for outputs even when it drops them
         self._token_metrics.pop("eval", lambda t: t)  # drop anything computed outside an evaluation
+        filter_in_training = self.args.logging_nan_inf_filter
+        self.args.logging_nan_inf_filter = self._eval_nan_inf_filter  # the caller's: off in training only
         try:
             output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
             )
         finally:
             self._logits_needed = True
+            self.args.logging_nan_inf_filter = filter_in_training
         assert output.metrics is not None  # Trainer.evaluation_loop always returns a dict of metrics
         output.metrics.update(self._token_metrics.pop("eval", self._reduce, f"{metric_key_prefix}_"))
         loss = output.metrics.get(f"{metric_key_prefix}_loss")
@@ -480,10 +503,21 @@ class _TrainingRunHooks(TrainerCallback):
         logged = [e["num_tokens"] for e in state.log_history if "num_tokens" in e and "loss" in e]
         self.trainer._token_metrics.start_count(logged[-1] if logged else 0.0)
         self.trainer._nonfinite = nonfinite.NonFiniteFlag()
+        on_device = nonfinite.on_device(self.trainer.optimizer, self.trainer.accelerator)
+        self.trainer._nonfinite_on_device = on_device and not self.trainer._nonfinite_each_micro_batch
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        # Stop before the optimizer applies a NaN / inf loss (every process, so none waits on the others).
-        self.trainer._nonfinite.check(self.trainer.accelerator, state.global_step + 1, args.output_dir)
+        # Keep a NaN / inf loss from the optimizer: the fused optimizer skips the step on the device, or
+        # the flag is read here (every process, so none waits on the others).
+        trainer = self.trainer
+        if trainer._nonfinite_on_device:
+            nonfinite.skip_on_device(trainer.optimizer, trainer._nonfinite.found_inf(trainer.accelerator))
+        elif not trainer._nonfinite_each_micro_batch:
+            trainer._read_nonfinite(state.global_step + 1)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer._nonfinite_on_device:
+            nonfinite.skip_on_device(self.trainer.optimizer, None)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._checked_for_training = False
