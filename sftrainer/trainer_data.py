@@ -85,7 +85,8 @@ def check_packing_model(model: Any, args: SFTConfig, processing_class: Any, data
     if not ours or sharding.is_partitioned(model) or not stateful_layers(model):
         return
     pad_id = text_tokenizer(processing_class).pad_token_id
-    check_row_isolation(model, PositionCollator(pad_id, flatten=flattens(model, args)))
+    flat = flattens(model, args)
+    check_row_isolation(model, PositionCollator(pad_id, flatten=flat, flash_kwargs=varlen_attention(model)))
 
 
 def check_packing_data(model: Any, args: SFTConfig, train_dataset: Any, pipeline: DataPipeline) -> bool:
@@ -117,7 +118,7 @@ def collator(
         return DataCollatorForLanguageModeling(pad_token_id, padding_free=flatten, pad_to_multiple_of=pad_to)
     if not by_position:
         return PaddedCollator(pad_token_id, pad_to)
-    return PositionCollator(pad_token_id, flatten=flatten, pad_to_multiple_of=pad_to)
+    return PositionCollator(pad_token_id, flatten, pad_to, flash_kwargs=varlen_attention(model))
 
 
 def keep_columns(args: SFTConfig, pipeline: DataPipeline, by_position: bool, loss_plan: LossPlan) -> None:
@@ -169,8 +170,21 @@ def flattens(model: Any, args: SFTConfig) -> bool:
     """Whether packed / padding-free batches are one flat row. Varlen FlashAttention reads row boundaries
     from one flat row; backends that build a dense mask (eager, SDPA) keep packed sequences as separate
     rows: B * L^2 attention, not (B * L)^2."""
+    return (args.padding_free and not args.packing) or varlen_attention(model)
+
+
+def varlen_attention(model: Any) -> bool:
+    """Whether the model's attention takes no mask and reads where packed sequences start from
+    ``position_ids`` / ``cu_seq_lens``: ``flash_attention_2`` / ``3``, a ``kernels`` hub FlashAttention
+    kernel, or any implementation registered with FlashAttention's mask function (transformers registers
+    hub kernels so)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
     impl = str(getattr(model.config, "_attn_implementation", "") or "")
-    return (args.padding_free and not args.packing) or "flash" in impl
+    try:
+        return ALL_MASK_ATTENTION_FUNCTIONS[impl] is flash_attention_mask
+    except KeyError:  # not registered (yet): by its name
+        return "flash" in impl
 
 
 def has_positions(dataset: Any) -> bool:

@@ -55,11 +55,18 @@ class PositionCollator:
 
     The first token of each row gets the label ``IGNORE_INDEX`` so nothing learns to follow the
     previous row.
+
+    ``flash_kwargs`` (with ``flatten``; for varlen FlashAttention): also ``cu_seq_lens_q`` /
+    ``cu_seq_lens_k`` (int32, the offsets where each sequence starts, then T) and ``max_length_q`` /
+    ``max_length_k`` (Python ints), the form ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``
+    documents. Computed here, on the CPU: given ``position_ids`` alone, transformers derives them on the
+    device in every attention layer, reading the maximum back to the host each time.
     """
 
     pad_token_id: int
     flatten: bool = True
     pad_to_multiple_of: int | None = None
+    flash_kwargs: bool = False
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
@@ -84,7 +91,24 @@ class PositionCollator:
         for row, (i, lab, pos) in enumerate(zip(ids, labels, positions)):
             n = len(i)
             out_ids[row, :n], out_labels[row, :n], out_pos[row, :n] = i, lab, pos
-        return {"input_ids": out_ids, "labels": out_labels, "position_ids": out_pos}
+        batch: dict[str, Any] = {"input_ids": out_ids, "labels": out_labels, "position_ids": out_pos}
+        if self.flatten and self.flash_kwargs:
+            batch.update(flash_attention_kwargs(out_pos[0]))
+        return batch
+
+
+def flash_attention_kwargs(positions: torch.Tensor) -> dict[str, Any]:
+    """Varlen FlashAttention's sequence boundaries for one flat row of ``position_ids`` (each sequence
+    starts at position 0; a padding token is a sequence of its own)."""
+    starts = torch.nonzero(positions == 0).flatten()
+    cu_seq_lens = torch.cat([starts, torch.tensor([len(positions)])]).to(torch.int32)
+    longest = int(cu_seq_lens.diff().max()) if len(positions) else 0
+    return {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
 
 
 @dataclass
