@@ -101,6 +101,7 @@ class SFTTrainer(Trainer):
         args = trainer_args.trainer_args(model, args)  # a copy: the caller's is never written to
         processing_class = trainer_args.apply_legacy(args, processing_class, legacy)
         trainer_args.check_machine(args)
+        trainer_args.device_transfers(args, torch.cuda.is_available())
         trainer_args.resolve_checkpointing(args)
         callers_model = not isinstance(model, str)
         model = setup.load_training_model(model, args, quantization_config)

@@ -10,6 +10,7 @@ is how the loss is computed, from the settings that choose it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -91,6 +92,18 @@ def check_machine(args: SFTConfig) -> None:
             f"{args.n_gpu}` or `accelerate launch` (one process per GPU), or make one GPU visible "
             "with CUDA_VISIBLE_DEVICES"
         )
+
+
+def device_transfers(args: SFTConfig, cuda: bool) -> None:
+    """Batches to the GPU without a stall: where CUDA is present and the dataloader pins its batches
+    (``dataloader_pin_memory``, transformers' default), they are copied with ``non_blocking`` (accelerate's
+    ``non_blocking``, off by default), so the copy overlaps the previous step's kernels. On ``args`` (the
+    trainer's copy), with a new ``accelerator_config``: the caller's is never written to.
+    ``dataloader_pin_memory=False`` keeps both off."""
+    config = args.accelerator_config
+    if not cuda or not args.dataloader_pin_memory or getattr(config, "non_blocking", True):
+        return
+    args.accelerator_config = dataclasses.replace(config, non_blocking=True)
 
 
 def resolve_checkpointing(args: SFTConfig) -> None:
