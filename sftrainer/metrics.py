@@ -31,18 +31,21 @@ class TokenMetrics:
         self._aux: dict[str, torch.Tensor | None] = {"train": None, "eval": None}  # [sum of means, batches]
         self._num_tokens: torch.Tensor | None = None  # this process's input tokens trained so far
         self._num_tokens_before = 0.0  # all processes' count when this run started (a resumed run's)
+        self._num_tokens_host = 0  # this process's input tokens counted on the host (batches without a mask)
         self.last_count: dict[str, float] = {}  # trained tokens (all processes) of the last pop, per mode
 
     def start_count(self, num_tokens: float) -> None:
         """A training run starts with ``num_tokens`` already trained (0, or the count a resumed run had)."""
-        self._num_tokens, self._num_tokens_before = None, float(num_tokens)
+        self._num_tokens, self._num_tokens_before, self._num_tokens_host = None, float(num_tokens), 0
 
     def add(self, mode: str, stats: torch.Tensor, num_tokens: torch.Tensor | int | None = None) -> None:
         """Add one batch: ``stats`` = [trained tokens, top-1 hits, summed entropy]; input tokens when training."""
         previous = self._sums[mode]
         self._sums[mode] = stats.detach() if previous is None else previous + stats.detach()
-        if num_tokens is not None:
-            count = torch.as_tensor(num_tokens, dtype=torch.float32, device=stats.device)
+        if isinstance(num_tokens, int):  # a batch's size, known on the host: no copy to the device
+            self._num_tokens_host += num_tokens
+        elif num_tokens is not None:
+            count = num_tokens.detach().float()
             self._num_tokens = count if self._num_tokens is None else self._num_tokens + count
 
     def add_aux_loss(self, mode: str, aux_loss: torch.Tensor) -> None:
@@ -66,8 +69,11 @@ class TokenMetrics:
         if aux is not None:
             total, batches = reduce(aux).tolist()
             out[f"{prefix}aux_loss"] = total / batches
-        if self._num_tokens is not None:
-            count = float(reduce(self._num_tokens.clone()).item())
+        if self._num_tokens is not None or self._num_tokens_host:
+            mine = sums.new_tensor(float(self._num_tokens_host))  # at logging only: one copy to the device
+            if self._num_tokens is not None:
+                mine = mine + self._num_tokens
+            count = float(reduce(mine).item())
             out[f"{prefix}num_tokens"] = self._num_tokens_before + count
         return out
 
