@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from transformers import TrainingArguments
+from transformers.trainer_pt_utils import AcceleratorConfig
 
 from sftrainer import memory, sharding
 from sftrainer.config import SFTConfig, to_sft_config
@@ -100,10 +101,11 @@ def device_transfers(args: SFTConfig, cuda: bool) -> None:
     ``non_blocking``, off by default), so the copy overlaps the previous step's kernels. On ``args`` (the
     trainer's copy), with a new ``accelerator_config``: the caller's is never written to.
     ``dataloader_pin_memory=False`` keeps both off."""
-    config = args.accelerator_config
-    if not cuda or not args.dataloader_pin_memory or getattr(config, "non_blocking", True):
+    config = args.accelerator_config  # an AcceleratorConfig once TrainingArguments.__post_init__ ran
+    if not cuda or not args.dataloader_pin_memory or not isinstance(config, AcceleratorConfig):
         return
-    args.accelerator_config = dataclasses.replace(config, non_blocking=True)
+    if not config.non_blocking:
+        args.accelerator_config = dataclasses.replace(config, non_blocking=True)
 
 
 def resolve_checkpointing(args: SFTConfig) -> None:

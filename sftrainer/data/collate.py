@@ -68,7 +68,7 @@ class PositionCollator:
     pad_to_multiple_of: int | None = None
     flash_kwargs: bool = False
 
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ids = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
         labels = [
             torch.as_tensor(f.get("labels", f["input_ids"]), dtype=torch.long).clone() for f in features
@@ -84,10 +84,10 @@ class PositionCollator:
         if self.flatten:  # one row; padding to a multiple is a separate block at its end
             ids, labels, positions = [torch.cat(ids)], [torch.cat(labels)], [torch.cat(positions)]
         width = _padded_width(max(len(t) for t in ids), self.pad_to_multiple_of)
-        batch = len(ids)
-        out_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        out_labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
-        out_pos = torch.zeros((batch, width), dtype=torch.long)
+        rows = len(ids)
+        out_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
+        out_labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
+        out_pos = torch.zeros((rows, width), dtype=torch.long)
         for row, (i, lab, pos) in enumerate(zip(ids, labels, positions)):
             n = len(i)
             out_ids[row, :n], out_labels[row, :n], out_pos[row, :n] = i, lab, pos
