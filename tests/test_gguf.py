@@ -348,3 +348,47 @@ def test_missing_gguf_names_the_extra(monkeypatch, builtin_model, tmp_path):
     model, tok = builtin_model
     with pytest.raises(ConfigError, match=r"pip install 'sftrainer\[gguf\]'"):
         write_gguf(model, tok, tmp_path / "m.gguf")
+
+
+# ---- the families, on tiny random models with the built-in vocabulary ----------------------------
+
+
+def family_model(model_type: str, vocab_size: int):
+    """A 2-layer model of ``model_type`` with grouped-query attention, random weights scaled up so
+    that the next-token argmax is decided (a random init's logits are nearly flat)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = {"qwen2": {}, "qwen3": {"head_dim": 32}, "mistral": {"sliding_window": None}}.get(model_type, {})
+    config = AutoConfig.for_model(
+        model_type, vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        rms_norm_eps=1e-6, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.normal_(1.0 if "norm" in name else 0.0, 0.3)  # biases and norms not trivial
+            else:
+                param.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_family_top1_and_logits_match_transformers(builtin_model, model_type, tmp_path):
+    _, tok = builtin_model
+    model = family_model(model_type, len(tok))
+    path = write_gguf(model, tok, tmp_path / "m.gguf", "f16")
+    rows = [
+        training_ids(tok, c) + tok("dog cat<|im_end|>", add_special_tokens=False)["input_ids"]
+        for c in CONVERSATIONS
+    ]
+    with llama(path, logits_all=True, n_ctx=128) as llm:
+        assert [top1_agreement(llm, model, ids) for ids in rows] == [1.0] * len(rows)
+        llm.reset()
+        llm.eval(rows[0])
+        ours = np.asarray(llm.scores[: len(rows[0])])
+    with torch.no_grad():
+        theirs = model(torch.tensor([rows[0]])).logits[0].numpy()
+    assert np.abs(ours - theirs).max() < 0.05 * np.abs(theirs).max()  # f16 weights: close, not equal
