@@ -122,7 +122,7 @@ def export(
         model, processing_class, out / f"model-{qtype}.gguf", qtype, name=Path(run_dir).resolve().name
     )
     made_by = f"sftrainer export {run_dir} {out_dir} --format {fmt} --type {qtype}"
-    serve = f"llama-cli -m {path.name}  |  llama-server -m {path.name}  |  LM Studio: lms import {path.name}"
+    serve = f"llama-cli -m {path.name}; llama-server -m {path.name}; lms import {path.name} (LM Studio)"
     export_card(run, out, base_path, made_by, [(path.name, serve)])
     logger.info("Wrote %s (%s) from %s", path, qtype, run_dir)
     return [path]
