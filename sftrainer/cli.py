@@ -13,7 +13,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-from sftrainer.constants import FIRST_ROWS
+from sftrainer.constants import EXPORT_FORMATS, FIRST_ROWS, GGUF_TYPES
 from sftrainer.errors import ConfigError, SFTrainerError
 from sftrainer.version import __version__
 
@@ -186,6 +186,20 @@ def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
     merge.add_argument(
         "--dtype", default="auto", help="dtype to save: auto (the base's), float32, bfloat16, float16"
     )
+    export = sub.add_parser(
+        "export",
+        help="write a run for another runtime: one GGUF file for llama.cpp / LM Studio",
+        description="Write the model of RUN_DIR (a LoRA adapter merged into its full-precision base first) "
+        "to OUT_DIR in a format another runtime loads, with the chat template and stop tokens training "
+        "used, and a model card listing each file with the command that serves it.",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="output_dir of a run, or a checkpoint-<step>")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="new (or empty) directory for the exported files")
+    export.add_argument(
+        "--format", required=True, choices=EXPORT_FORMATS, help="gguf: one GGUF file for llama.cpp"
+    )
+    export.add_argument("--type", default="f16", choices=GGUF_TYPES, help="GGUF weight type (default: f16)")
+    export.add_argument("--base", help="the base model, when the adapter's recorded base is not found")
     for name, help_text in (
         ("generate", "answer one prompt with a trained run (its chat template, greedy by default)"),
         ("chat", "chat with a trained run in the terminal (multi-turn, streaming)"),
@@ -352,6 +366,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from sftrainer.export import export
+
+    for path in export(args.run_dir, args.out_dir, args.format, qtype=args.type, base=args.base):
+        print(f"Wrote {path}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from sftrainer.generate import generate, load_for_inference
 
@@ -439,8 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_eval(args.target, args.items, args.output, args.base)
         if args.command == "report":
             return cmd_report(args.run_dir)
-        if args.command in ("merge", "generate", "chat"):
-            return {"merge": cmd_merge, "generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+        if args.command in ("merge", "export", "generate", "chat"):
+            commands = {"merge": cmd_merge, "export": cmd_export, "generate": cmd_generate, "chat": cmd_chat}
+            return commands[args.command](args)
     except SFTrainerError as err:
         print(f"sftrainer: error{_rank_label()}: {err}", file=sys.stderr)
         return 2

@@ -95,3 +95,6 @@ TRAINING_ARGUMENT_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("data loading", ("dataloader_*", "remove_unused_columns", "label_names", "length_column_name",
                       "train_sampling_strategy")),
 )  # fmt: skip
+# `sftrainer export --format`: what a run is written as (sftrainer.export), and the GGUF weight types
+EXPORT_FORMATS = ("gguf",)
+GGUF_TYPES = ("f16", "bf16", "q8_0")

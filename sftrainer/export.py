@@ -21,6 +21,7 @@ import yaml
 from transformers import AutoConfig
 
 from sftrainer import builtin
+from sftrainer.constants import EXPORT_FORMATS
 from sftrainer.errors import RunDirError
 from sftrainer.model import DTYPES
 from sftrainer.run import (
@@ -29,9 +30,10 @@ from sftrainer.run import (
     CONFIG_FILE,
     MODEL_CONFIG,
     RESULTS_FILE,
+    Run,
     load_run_model,
+    model_source,
     read_run,
-    resolve_base,
 )
 from sftrainer.setup import load_processing_class
 from sftrainer.vision.processor import is_processor
@@ -67,29 +69,14 @@ def merge(
             f"{run_dir} holds a full model ({MODEL_CONFIG}, no {ADAPTER_CONFIG}): there is no LoRA adapter "
             "to merge; load it as it is with AutoModelForCausalLM.from_pretrained"
         )
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RunDirError(f"{out_dir} already exists and is not empty; give a new or empty output directory")
     if dtype not in DTYPES:
         raise RunDirError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    base_path = resolve_base(run, base)
-    if _is_stored_quantized(base_path):
-        raise RunDirError(
-            f"the base model {base_path} is stored quantized; merging into dequantized weights loses the "
-            "adapter's precision. Give the full-precision base with --base PATH"
-        )
-    if run.was_quantized:
-        logger.info(
-            "The run trained on a quantized base (QLoRA); merging into the full-precision base weights "
-            "of %s instead (loaded unquantized, float32)",
-            base_path,
-        )
+    out = check_out_dir(out_dir)
+    model, base_path = load_merged(run, base, trust_remote_code)
+    out.mkdir(parents=True, exist_ok=True)
     saved_dtype = _checkpoint_dtype(base_path, trust_remote_code) if dtype == "auto" else DTYPES[dtype]
-    model = load_run_model(run, base_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    model = model.merge_and_unload()
     if saved_dtype is not None and saved_dtype != torch.float32:
         model = model.to(saved_dtype)
-    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processing_class = load_processing_class(str(run.path), trust_remote_code, model_path=base_path)
     processing_class.save_pretrained(out)  # a vision-language base: the run holds its processor
@@ -111,6 +98,83 @@ def merge(
     )
     logger.info("Merged the adapter of %s into %s; saved the full model to %s", run_dir, base_path, out)
     return out
+
+
+def export(
+    run_dir: str | Path, out_dir: str | Path, fmt: str, qtype: str = "f16", base: str | None = None
+) -> list[Path]:
+    """Write the run in ``run_dir`` to ``out_dir`` in format ``fmt`` (``EXPORT_FORMATS``); returns the
+    files written. 'gguf': ``sftrainer.gguf_export.export_gguf``."""
+    if fmt not in EXPORT_FORMATS:
+        raise RunDirError(f"--format must be one of {list(EXPORT_FORMATS)}, got {fmt!r}")
+    from sftrainer.gguf_export import check_type, family, write_gguf
+
+    check_type(qtype)
+    run = read_run(run_dir)
+    out = check_out_dir(out_dir)
+    processing_class = load_processing_class(str(run.path), model_path=model_source(run, base))
+    if is_processor(processing_class):
+        raise RunDirError(f"{run_dir} holds a vision-language model; GGUF export supports text models")
+    family(AutoConfig.from_pretrained(model_source(run, base)).model_type)  # refused before any loading
+    model, base_path = load_merged(run, base)
+    out.mkdir(parents=True, exist_ok=True)
+    path = write_gguf(
+        model, processing_class, out / f"model-{qtype}.gguf", qtype, name=Path(run_dir).resolve().name
+    )
+    made_by = f"sftrainer export {run_dir} {out_dir} --format {fmt} --type {qtype}"
+    serve = f"llama-cli -m {path.name}; llama-server -m {path.name}; lms import {path.name} (LM Studio)"
+    export_card(run, out, base_path, made_by, [(path.name, serve)])
+    logger.info("Wrote %s (%s) from %s", path, qtype, run_dir)
+    return [path]
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` where it is new or empty (an export never overwrites); the caller creates it."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RunDirError(f"{out_dir} already exists and is not empty; give a new or empty output directory")
+    return out
+
+
+def load_merged(run: Run, base: str | None = None, trust_remote_code: bool = False) -> tuple[Any, str]:
+    """(the run's model in float32 with any LoRA adapter merged in, where its weights came from). An
+    adapter is merged into the full-precision base, never a quantized one (a QLoRA run included)."""
+    base_path = model_source(run, base)
+    if run.is_adapter and _is_stored_quantized(base_path):
+        raise RunDirError(
+            f"the base model {base_path} is stored quantized; merging into dequantized weights loses the "
+            "adapter's precision. Give the full-precision base with --base PATH"
+        )
+    if run.was_quantized:
+        logger.info(
+            "The run trained on a quantized base (QLoRA); merging into the full-precision base weights "
+            "of %s instead (loaded unquantized, float32)",
+            base_path,
+        )
+    model = load_run_model(run, base_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if run.is_adapter:
+        model = model.merge_and_unload()
+    model.eval()
+    return model, base_path
+
+
+def export_card(run: Run, out: Path, base_path: str, made_by: str, artefacts: list[tuple[str, str]]) -> Path:
+    """The model card of an export in ``out``: the run's card, and each artefact (file, the command that
+    serves it) with ``made_by``, the command that made it."""
+    config = dict(run.config)
+    if run.is_adapter and not config.get("lora"):
+        adapter = json.loads((run.path / ADAPTER_CONFIG).read_text())
+        config["lora"] = {k: adapter.get(k) for k in ADAPTER_KEYS if adapter.get(k) is not None}
+    return write_model_card(
+        out,
+        base_model=(run.config.get("model") or {}).get("name_or_path") or run.adapter_base or base_path,
+        config=config,
+        metrics=run.metrics,
+        rows=run.card_facts.get("rows") or {},
+        kind="export",
+        commands=[*_train_commands(run.config_path), made_by],
+        artefacts=[(name, made_by, serve) for name, serve in artefacts],
+    )
 
 
 # ---- model card ---------------------------------------------------------------------------
@@ -158,19 +222,22 @@ def write_model_card(
     commands: list[str],
     settings: dict[str, Any] | None = None,
     vision: bool = False,
+    artefacts: list[tuple[str, str, str]] | None = None,
 ) -> Path:
     """Write ``directory/README.md``: YAML front matter (base_model, library_name, tags), then the base
     model, data, settings, metrics and the commands that reproduce the model. ``kind`` is 'adapter',
-    'full' or 'merged'; ``settings`` are resolved training settings (default: read from ``config``)."""
+    'full', 'merged' or 'export'; ``settings`` are resolved training settings (default: read from
+    ``config``); ``artefacts`` (file, the command that made it, the command that serves it): an export's
+    files."""
     lora = config.get("lora")
     data = config.get("data") or {}
     settings = settings if settings is not None else {k: config[k] for k in SETTING_KEYS if k in config}
     tags = ["sftrainer", "sft", "lora" if lora else "full-fine-tune"] + (
-        ["merged"] if kind == "merged" else []
+        ["merged"] if kind == "merged" else ["gguf"] if kind == "export" else []
     )
     front: dict[str, Any] = {
         "base_model": base_model,
-        "library_name": "peft" if kind == "adapter" else "transformers",
+        "library_name": {"adapter": "peft", "export": "gguf"}.get(kind, "transformers"),
         "pipeline_tag": "image-text-to-text" if vision else "text-generation",
         "tags": tags,
         "sftrainer": {"rows": {k: v for k, v in rows.items() if v is not None}},
@@ -179,6 +246,7 @@ def write_model_card(
         "adapter": "a LoRA adapter (load it on top of the base model)",
         "full": "a fully fine-tuned model",
         "merged": "a LoRA adapter merged into its base: a full model",
+        "export": "the model exported for other runtimes (files below)",
     }[kind]
     lines = [
         "---",
@@ -224,6 +292,9 @@ def write_model_card(
         lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())]
     else:
         lines.append("No metrics were recorded.")
+    if artefacts:
+        lines += ["", "## Files", "", "| file | made by | served by |", "|---|---|---|"]
+        lines += [f"| `{name}` | `{made}` | `{serve}` |" for name, made, serve in artefacts]
     lines += ["", "## Reproduce", "", "```bash", *commands, "```", ""]
     if kind == "merged" and vision:
         lines += [
