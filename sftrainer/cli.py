@@ -188,18 +188,27 @@ def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
     )
     export = sub.add_parser(
         "export",
-        help="write a run for another runtime: one GGUF file for llama.cpp / LM Studio",
-        description="Write the model of RUN_DIR (a LoRA adapter merged into its full-precision base first) "
-        "to OUT_DIR in a format another runtime loads, with the chat template and stop tokens training "
-        "used, and a model card listing each file with the command that serves it.",
+        help="write a run for another runtime: GGUF (llama.cpp, LM Studio), Ollama, a vLLM / SGLang adapter",
+        description="Write RUN_DIR to OUT_DIR in a format another runtime loads, with the chat template and "
+        "stop tokens training used, and a model card listing each file with the command that serves it. "
+        "gguf / ollama: the model (a LoRA adapter merged into its full-precision base first) as one GGUF "
+        "file, for ollama with a Modelfile; vllm / sglang: the LoRA adapter, checked first against what "
+        "that server loads, and the command that serves it.",
     )
     export.add_argument("run_dir", metavar="RUN_DIR", help="output_dir of a run, or a checkpoint-<step>")
     export.add_argument("out_dir", metavar="OUT_DIR", help="new (or empty) directory for the exported files")
     export.add_argument(
-        "--format", required=True, choices=EXPORT_FORMATS, help="gguf: one GGUF file for llama.cpp"
+        "--format",
+        required=True,
+        choices=EXPORT_FORMATS,
+        help="gguf: one GGUF file (llama.cpp, LM Studio); ollama: GGUF + Modelfile; vllm / sglang: the LoRA "
+        "adapter and the server command",
     )
     export.add_argument("--type", default="f16", choices=GGUF_TYPES, help="GGUF weight type (default: f16)")
     export.add_argument("--base", help="the base model, when the adapter's recorded base is not found")
+    export.add_argument(
+        "--name", help="the model's name in ollama / the adapter's on the server (default: OUT_DIR's)"
+    )
     for name, help_text in (
         ("generate", "answer one prompt with a trained run (its chat template, greedy by default)"),
         ("chat", "chat with a trained run in the terminal (multi-turn, streaming)"),
@@ -369,8 +378,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from sftrainer.export import export
 
-    for path in export(args.run_dir, args.out_dir, args.format, qtype=args.type, base=args.base):
+    exported = export(
+        args.run_dir, args.out_dir, args.format, qtype=args.type, base=args.base, name=args.name
+    )
+    for path in exported.files:
         print(f"Wrote {path}")
+    print(exported.message)
     return 0
 
 

@@ -100,13 +100,40 @@ def merge(
     return out
 
 
+@dataclasses.dataclass
+class Exported:
+    """What ``export`` wrote, and what to tell the user (how to serve it, notes)."""
+
+    files: list[Path]
+    message: str
+
+
 def export(
-    run_dir: str | Path, out_dir: str | Path, fmt: str, qtype: str = "f16", base: str | None = None
-) -> list[Path]:
-    """Write the run in ``run_dir`` to ``out_dir`` in format ``fmt`` (``EXPORT_FORMATS``); returns the
-    files written. 'gguf': ``sftrainer.gguf_export.export_gguf``."""
+    run_dir: str | Path,
+    out_dir: str | Path,
+    fmt: str,
+    qtype: str = "f16",
+    base: str | None = None,
+    name: str | None = None,
+) -> Exported:
+    """Write the run in ``run_dir`` to ``out_dir`` in format ``fmt`` (``EXPORT_FORMATS``), with a model card
+    listing each artefact, the command that made it and the command that serves it.
+
+    'gguf': one GGUF file (``sftrainer.gguf_export``); 'ollama': the GGUF and a ``Modelfile``
+    (``sftrainer.ollama``); 'vllm' / 'sglang': the LoRA adapter as those servers load it, checked first
+    (``sftrainer.serve_export``). ``name``: the model's name on the server (default: ``out_dir``'s)."""
     if fmt not in EXPORT_FORMATS:
         raise RunDirError(f"--format must be one of {list(EXPORT_FORMATS)}, got {fmt!r}")
+    made_by = f"sftrainer export {run_dir} {out_dir} --format {fmt}"
+    if fmt in ("vllm", "sglang"):
+        from sftrainer.serve_export import export_for_server
+
+        served = export_for_server(run_dir, out_dir, fmt, name=name, base=base)
+        files = sorted(p for p in served.out_dir.iterdir() if p.is_file())
+        card = export_card(
+            read_run(run_dir), served.out_dir, served.base, made_by, [(ADAPTER_DIR_NAME, served.command)]
+        )
+        return Exported([*files, card], served.text())
     from sftrainer.gguf_export import check_type, family, write_gguf
 
     check_type(qtype)
@@ -121,11 +148,26 @@ def export(
     path = write_gguf(
         model, processing_class, out / f"model-{qtype}.gguf", qtype, name=Path(run_dir).resolve().name
     )
-    made_by = f"sftrainer export {run_dir} {out_dir} --format {fmt} --type {qtype}"
+    made_by += f" --type {qtype}"
     serve = f"llama-cli -m {path.name}; llama-server -m {path.name}; lms import {path.name} (LM Studio)"
-    export_card(run, out, base_path, made_by, [(path.name, serve)])
+    artefacts, files, lines = [(path.name, serve)], [path], [f"Serve it: {serve}"]
+    if fmt == "ollama":
+        from sftrainer.ollama import modelfile_for_run
+
+        text, notes = modelfile_for_run(run_dir, path.name)
+        modelfile = out / "Modelfile"
+        modelfile.write_text(text, encoding="utf-8")
+        ollama_name = name or out.resolve().name
+        create = f"ollama create {ollama_name} -f Modelfile && ollama run {ollama_name}"
+        artefacts.append(("Modelfile", create))
+        files.append(modelfile)
+        lines = [f"Serve it: cd {out} && {create}", *(f"Note: {n}" for n in notes)]
+    files.append(export_card(run, out, base_path, made_by, artefacts))
     logger.info("Wrote %s (%s) from %s", path, qtype, run_dir)
-    return [path]
+    return Exported(files, "\n".join(lines))
+
+
+ADAPTER_DIR_NAME = "adapter (this directory)"
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
