@@ -11,7 +11,7 @@ tensor-name maps), pinned in the ``gguf`` extra; llama.cpp is never built or run
 transformers' layout, per family (``FAMILIES``):
 
 - Llama / Mistral (llama.cpp ``llama``): Q and K rows permuted from transformers' rotate-half RoPE
-  layout back to the interleaved one llama.cpp's ``llama`` graph applies (``_unpermute``); Llama 3.1's
+  layout back to the interleaved one llama.cpp's ``llama`` graph applies (``unpermute``); Llama 3.1's
   RoPE scaling as a ``rope_freqs`` tensor;
 - Qwen2 (``qwen2``): Q/K/V biases; Qwen3 (``qwen3``): per-head Q/K RMS norms. Both use rotate-half RoPE
   (NeoX) in llama.cpp too: no permutation.
@@ -121,9 +121,9 @@ def write_gguf(
             raise ConfigError(f"GGUF export: no llama.cpp tensor for {hf_name!r} ({config.model_type})")
         array = tensor.detach().float().cpu().numpy()
         if fam.unpermute_qk and hf_name.endswith("q_proj.weight"):
-            array = _unpermute(array, config.num_attention_heads)
+            array = unpermute(array, config.num_attention_heads)
         elif fam.unpermute_qk and hf_name.endswith("k_proj.weight"):
-            array = _unpermute(array, config.num_key_value_heads)
+            array = unpermute(array, config.num_key_value_heads)
         data, raw_dtype = _encode(gguf, array, qtype)
         writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
 
@@ -184,7 +184,7 @@ def _llama3_rope_factors(config: Any, head_dim: int) -> np.ndarray | None:
     return np.asarray(factors, dtype=np.float32)
 
 
-def _unpermute(weight: np.ndarray, n_head: int) -> np.ndarray:
+def unpermute(weight: np.ndarray, n_head: int) -> np.ndarray:
     """Q or K rows [n_head * head_dim, in]: transformers keeps each head's RoPE pairs as (first half,
     second half); llama.cpp's ``llama`` graph rotates adjacent pairs. Per head, row j of half h moves to
     row 2j + h."""
