@@ -18,7 +18,7 @@ L4  vision.model, vision.probe  — the model side of vision: adapting a VLM, it
 L5  config, run_config  — the typed configuration (SFTConfig, the YAML run), validated in one place
 L6  setup, pipeline, sources, generation_eval, trainer_args, trainer_data  — what the trainer is built from: processing class, model, the one data pipeline, the trainer's arguments and data inputs
 L7  trainer  — SFTTrainer: a constructor that is a list of named steps, and the overrides training needs
-L8  train, preflight, preview, generate, export, gguf_vocab, gguf_export, serve_export, ollama, eval_run, report, launch, config_help  — the commands: one library function each
+L8  train, preflight, preview, generate, export, gguf_vocab, gguf_export, gguf_lora, serve_export, ollama, eval_run, report, launch, config_help  — the commands: one library function each
 L9  cli, __main__, sftrainer  — entry points: parse arguments, call one command
 """
 
