@@ -192,8 +192,10 @@ def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
         description="Write RUN_DIR to OUT_DIR in a format another runtime loads, with the chat template and "
         "stop tokens training used, and a model card listing each file with the command that serves it. "
         "gguf / ollama: the model (a LoRA adapter merged into its full-precision base first) as one GGUF "
-        "file, for ollama with a Modelfile; vllm / sglang: the LoRA adapter, checked first against what "
-        "that server loads, and the command that serves it.",
+        "file, for ollama with a Modelfile; gguf-lora: the base model (unmerged) as a GGUF and the LoRA "
+        "adapter as a GGUF LoRA beside it (llama-cli -m base-f16.gguf --lora adapter-f16.gguf); vllm / "
+        "sglang: the LoRA adapter, checked first against what that server loads, and the command that "
+        "serves it.",
     )
     export.add_argument("run_dir", metavar="RUN_DIR", help="output_dir of a run, or a checkpoint-<step>")
     export.add_argument("out_dir", metavar="OUT_DIR", help="new (or empty) directory for the exported files")
@@ -201,10 +203,15 @@ def _add_use_parsers(sub: argparse._SubParsersAction) -> None:
         "--format",
         required=True,
         choices=EXPORT_FORMATS,
-        help="gguf: one GGUF file (llama.cpp, LM Studio); ollama: GGUF + Modelfile; vllm / sglang: the LoRA "
-        "adapter and the server command",
+        help="gguf: one GGUF file (llama.cpp, LM Studio); gguf-lora: base GGUF + GGUF LoRA adapter (llama.cpp "
+        "--lora); ollama: GGUF + Modelfile; vllm / sglang: the LoRA adapter and the server command",
     )
-    export.add_argument("--type", default="f16", choices=GGUF_TYPES, help="GGUF weight type (default: f16)")
+    export.add_argument(
+        "--type",
+        default="f16",
+        choices=GGUF_TYPES,
+        help="GGUF weight type (default: f16; gguf-lora: f16 or bf16)",
+    )
     export.add_argument("--base", help="the base model, when the adapter's recorded base is not found")
     export.add_argument(
         "--name", help="the model's name in ollama / the adapter's on the server (default: OUT_DIR's)"

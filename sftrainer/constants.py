@@ -96,5 +96,5 @@ TRAINING_ARGUMENT_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
                       "train_sampling_strategy")),
 )  # fmt: skip
 # `sftrainer export --format`: what a run is written as (sftrainer.export), and the GGUF weight types
-EXPORT_FORMATS = ("gguf", "ollama", "vllm", "sglang")
+EXPORT_FORMATS = ("gguf", "gguf-lora", "ollama", "vllm", "sglang")
 GGUF_TYPES = ("f16", "bf16", "q8_0")

@@ -119,12 +119,15 @@ def export(
     """Write the run in ``run_dir`` to ``out_dir`` in format ``fmt`` (``EXPORT_FORMATS``), with a model card
     listing each artefact, the command that made it and the command that serves it.
 
-    'gguf': one GGUF file (``sftrainer.gguf_export``); 'ollama': the GGUF and a ``Modelfile``
+    'gguf': one GGUF file (``sftrainer.gguf_export``); 'gguf-lora': the base GGUF and the LoRA adapter as
+    a GGUF LoRA beside it (``sftrainer.gguf_lora``); 'ollama': the GGUF and a ``Modelfile``
     (``sftrainer.ollama``); 'vllm' / 'sglang': the LoRA adapter as those servers load it, checked first
     (``sftrainer.serve_export``). ``name``: the model's name on the server (default: ``out_dir``'s)."""
     if fmt not in EXPORT_FORMATS:
         raise RunDirError(f"--format must be one of {list(EXPORT_FORMATS)}, got {fmt!r}")
     made_by = f"sftrainer export {run_dir} {out_dir} --format {fmt}"
+    if fmt == "gguf-lora":
+        return _export_gguf_lora(run_dir, out_dir, qtype, base, made_by)
     if fmt in ("vllm", "sglang"):
         from sftrainer.serve_export import export_for_server
 
@@ -167,6 +170,60 @@ def export(
     return Exported(files, "\n".join(lines))
 
 
+def _export_gguf_lora(
+    run_dir: str | Path, out_dir: str | Path, qtype: str, base: str | None, made_by: str
+) -> Exported:
+    """'gguf-lora': the run's base, unmerged, as ``base-<qtype>.gguf`` and its LoRA adapter as the GGUF
+    LoRA ``adapter-<qtype>.gguf`` that llama.cpp applies to it; every problem refused before writing."""
+    from safetensors import safe_open
+
+    from sftrainer.gguf_export import write_gguf
+    from sftrainer.gguf_lora import LORA_TYPES, MERGE_HINT, lora_problems, write_lora_gguf
+    from sftrainer.model import load_model
+    from sftrainer.run import load_adapter
+    from sftrainer.serve_export import ADAPTER_WEIGHTS
+
+    if qtype not in LORA_TYPES:
+        raise RunDirError(f"--format gguf-lora: --type must be one of {list(LORA_TYPES)}, got {qtype!r}")
+    run = read_run(run_dir)
+    if not run.is_adapter:
+        raise RunDirError(
+            f"{run_dir} holds a full model ({MODEL_CONFIG}, no {ADAPTER_CONFIG}): there is no LoRA adapter for "
+            "--format gguf-lora; use --format gguf"
+        )
+    out = check_out_dir(out_dir)
+    base_path = model_source(run, base)
+    processing_class = load_processing_class(str(run.path), model_path=base_path)
+    if is_processor(processing_class):
+        raise RunDirError(f"{run_dir} holds a vision-language model; GGUF export supports text models")
+    weights = run.path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise RunDirError(f"{run_dir}: no {ADAPTER_WEIGHTS}, the adapter's weights")
+    with safe_open(str(weights), framework="pt") as f:
+        names = list(f.keys())
+    adapter = json.loads((run.path / ADAPTER_CONFIG).read_text())
+    problems = lora_problems(adapter, names, AutoConfig.from_pretrained(base_path))
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise RunDirError(f"{run_dir}: the adapter cannot be written as a GGUF LoRA:\n{listed}\n{MERGE_HINT}")
+    _check_full_precision_base(run, base_path, use="writing the base GGUF from")
+    model = load_model(base_path, dtype=torch.float32).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    name = Path(run_dir).resolve().name
+    base_file = write_gguf(model, processing_class, out / f"base-{qtype}.gguf", qtype, name=f"{name} base")
+    adapter_file = write_lora_gguf(
+        load_adapter(model, run.path), out / f"adapter-{qtype}.gguf", qtype, name=name
+    )
+    serve = (
+        f"llama-cli -m {base_file.name} --lora {adapter_file.name}; "
+        f"llama-server -m {base_file.name} --lora {adapter_file.name}"
+    )
+    artefacts = [(base_file.name, serve), (adapter_file.name, serve)]
+    card = export_card(run, out, base_path, f"{made_by} --type {qtype}", artefacts)
+    logger.info("Wrote %s and %s (%s) from %s", base_file, adapter_file, qtype, run_dir)
+    return Exported([base_file, adapter_file, card], f"Serve it: {serve}")
+
+
 ADAPTER_DIR_NAME = "adapter (this directory)"
 
 
@@ -182,22 +239,29 @@ def load_merged(run: Run, base: str | None = None, trust_remote_code: bool = Fal
     """(the run's model in float32 with any LoRA adapter merged in, where its weights came from). An
     adapter is merged into the full-precision base, never a quantized one (a QLoRA run included)."""
     base_path = model_source(run, base)
-    if run.is_adapter and _is_stored_quantized(base_path):
-        raise RunDirError(
-            f"the base model {base_path} is stored quantized; merging into dequantized weights loses the "
-            "adapter's precision. Give the full-precision base with --base PATH"
-        )
-    if run.was_quantized:
-        logger.info(
-            "The run trained on a quantized base (QLoRA); merging into the full-precision base weights "
-            "of %s instead (loaded unquantized, float32)",
-            base_path,
-        )
+    _check_full_precision_base(run, base_path)
     model = load_run_model(run, base_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if run.is_adapter:
         model = model.merge_and_unload()
     model.eval()
     return model, base_path
+
+
+def _check_full_precision_base(run: Run, base_path: str, use: str = "merging into") -> None:
+    """Refuse an adapter run whose base is stored quantized; log that a QLoRA run's adapter goes onto
+    the full-precision base. ``use``: what is done with the base, as the messages say it."""
+    if run.is_adapter and _is_stored_quantized(base_path):
+        raise RunDirError(
+            f"the base model {base_path} is stored quantized; {use} dequantized weights loses the "
+            "adapter's precision. Give the full-precision base with --base PATH"
+        )
+    if run.was_quantized:
+        logger.info(
+            "The run trained on a quantized base (QLoRA); %s the full-precision base weights of %s "
+            "instead (loaded unquantized, float32)",
+            use,
+            base_path,
+        )
 
 
 def export_card(run: Run, out: Path, base_path: str, made_by: str, artefacts: list[tuple[str, str]]) -> Path:
