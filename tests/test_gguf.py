@@ -331,8 +331,29 @@ def test_unsupported_family_is_refused_by_name(builtin_model, tmp_path):
 
     _, tok = builtin_model
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tok)))
-    with pytest.raises(ConfigError, match=r"model_type 'gpt2'; supported: llama, mistral, qwen2, qwen3"):
+    supported = "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, gemma3, phi3"
+    with pytest.raises(ConfigError, match=rf"model_type 'gpt2'; supported: {supported}"):
         write_gguf(model, tok, tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides", "message"),
+    [
+        ("gemma2", {"tie_word_embeddings": False}, "lm_head is not tied"),
+        ("gemma2", {"attn_logit_softcapping": None}, "llama.cpp's gemma2 applies both"),
+        ("gemma3_text", {"attn_logit_softcapping": 50.0}, "gemma3 graph has none"),
+        ("gemma3_text", {"hidden_activation": "gelu"}, "hidden_activation 'gelu'"),
+        ("phi3", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ],
+)
+def test_what_llama_cpp_would_compute_differently_is_refused_by_name(
+    builtin_model, model_type, overrides, message, tmp_path
+):
+    _, tok = builtin_model
+    model = family_model(model_type, len(tok), **overrides)
+    with pytest.raises(ConfigError, match=message):
+        write_gguf(model, tok, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_unknown_split_pattern_is_refused_by_name():
@@ -352,43 +373,145 @@ def test_missing_gguf_names_the_extra(monkeypatch, builtin_model, tmp_path):
 
 # ---- the families, on tiny random models with the built-in vocabulary ----------------------------
 
+GEMMA_LAYERS = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+FAMILY_CONFIGS = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {"head_dim": 32},
+    # 4 layers with a window of 8 tokens (every row is longer), the soft-caps on, a query_pre_attn_scalar
+    # that is not the head size (llama.cpp's scale is fixed by model size: folded into Q)
+    # (tied: llama.cpp's gemma2 has no separate output matrix, and Gemma 2 ties it)
+    "gemma2": {
+        "num_hidden_layers": 4, "head_dim": 32, "sliding_window": 8, "query_pre_attn_scalar": 24,
+        "tie_word_embeddings": True,
+    },
+    # a layer pattern that is not llama.cpp's default (every 6th layer global), Gemma 3 4B's global
+    # RoPE (base 1e6, linear x8) against a local base of 1e4, a final soft-cap
+    "gemma3_text": {
+        "num_hidden_layers": 4, "head_dim": 32, "sliding_window": 8, "query_pre_attn_scalar": 24,
+        "layer_types": GEMMA_LAYERS, "final_logit_softcapping": 30.0,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+    },
+    # fused qkv_proj / gate_up_proj; half the head rotated (Phi-4-mini rotates 3/4)
+    "phi3": {
+        "num_hidden_layers": 3, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5},
+    },
+}  # fmt: skip
 
-def family_model(model_type: str, vocab_size: int):
-    """A 2-layer model of ``model_type`` with grouped-query attention, random weights scaled up so
-    that the next-token argmax is decided (a random init's logits are nearly flat)."""
+
+def family_model(model_type: str, vocab_size: int, **overrides):
+    """A model of ``model_type`` (2 layers unless FAMILY_CONFIGS says otherwise) with grouped-query
+    attention, random weights scaled up so that the next-token argmax is decided (a random init's logits
+    are nearly flat). ``gemma3``: the vision-language model, with a tiny vision tower."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    extra = {"qwen2": {}, "qwen3": {"head_dim": 32}, "mistral": {"sliding_window": None}}.get(model_type, {})
-    config = AutoConfig.for_model(
-        model_type, vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-        rms_norm_eps=1e-6, **extra,
-    )  # fmt: skip
+    text = {
+        "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
+    }  # fmt: skip
+    if model_type == "gemma3":
+        text |= FAMILY_CONFIGS["gemma3_text"] | overrides | {"tie_word_embeddings": True}  # as released
+        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "image_size": 28, "patch_size": 14}  # fmt: skip
+        config = AutoConfig.for_model(
+            "gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4, tie_word_embeddings=True
+        )
+    else:
+        config = AutoConfig.for_model(model_type, **(text | FAMILY_CONFIGS[model_type] | overrides))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
+    norm_mean = 0.0 if model_type.startswith("gemma") else 1.0  # Gemma's norms scale by 1 + w
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
-                param.normal_(1.0 if "norm" in name else 0.0, 0.3)  # biases and norms not trivial
+                param.normal_(norm_mean if "norm" in name else 0.0, 0.3)  # biases and norms not trivial
             else:
                 param.normal_(0.0, 0.2)
     return model
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
-def test_family_top1_and_logits_match_transformers(builtin_model, model_type, tmp_path):
-    _, tok = builtin_model
-    model = family_model(model_type, len(tok))
-    path = write_gguf(model, tok, tmp_path / "m.gguf", "f16")
-    rows = [
+def family_rows(tok) -> list[list[int]]:
+    return [
         training_ids(tok, c) + tok("dog cat<|im_end|>", add_special_tokens=False)["input_ids"]
         for c in CONVERSATIONS
     ]
-    with llama(path, logits_all=True, n_ctx=128) as llm:
-        assert [top1_agreement(llm, model, ids) for ids in rows] == [1.0] * len(rows)
-        llm.reset()
-        llm.eval(rows[0])
-        ours = np.asarray(llm.scores[: len(rows[0])])
-    with torch.no_grad():
-        theirs = model(torch.tensor([rows[0]])).logits[0].numpy()
-    assert np.abs(ours - theirs).max() < 0.05 * np.abs(theirs).max()  # f16 weights: close, not equal
+
+
+def compare(path: Path, model, rows: list[list[int]], n_ctx: int, **kwargs) -> tuple[list[float], float]:
+    """(top-1 agreement per row, max |logit difference| / logit range over the rows): llama.cpp on the
+    GGUF at ``path`` against transformers' ``model``."""
+    worst = 0.0
+    with llama(path, logits_all=True, n_ctx=n_ctx, **kwargs) as llm:
+        rates = [top1_agreement(llm, model, ids) for ids in rows]
+        for ids in rows:
+            llm.reset()
+            llm.eval(ids)
+            ours = np.asarray(llm.scores[: len(ids)])
+            with torch.no_grad():
+                theirs = model(torch.tensor([ids])).logits[0].float().numpy()
+            worst = max(worst, float(np.abs(ours - theirs).max() / (theirs.max() - theirs.min())))
+    return rates, worst
+
+
+@pytest.mark.parametrize(
+    "model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3"]
+)
+def test_family_top1_and_logits_match_transformers(builtin_model, model_type, tmp_path):
+    _, tok = builtin_model
+    model = family_model(model_type, len(tok))
+    rows = family_rows(tok)
+    rates, worst = compare(write_gguf(model, tok, tmp_path / "m.gguf", "f16"), model, rows, n_ctx=128)
+    print(model_type, "top-1", rates, "positions", sum(map(len, rows)), f"max |diff| / range {worst:.2e}")
+    assert rates == [1.0] * len(rows)
+    assert worst < 0.05  # f16 weights: close, not equal
+
+
+def test_gemma3_vision_language_checkpoint_is_written_as_its_text_model(builtin_model, tmp_path):
+    from gguf import GGUFReader
+
+    _, tok = builtin_model
+    path = write_gguf(family_model("gemma3", len(tok)), tok, tmp_path / "m.gguf", "f16")
+    names = {t.name for t in GGUFReader(path).tensors}
+    assert "blk.3.attn_q_norm.weight" in names and "output.weight" not in names  # tied, as Gemma 3 is
+    assert not [n for n in names if n.startswith(("v.", "mm."))]
+
+
+def test_phi3_longrope_short_and_long_factors(builtin_model, tmp_path, monkeypatch):
+    """LongRoPE: transformers takes the long factors for a sequence longer than the original context,
+    llama.cpp for a context (n_ctx, a multiple of 256) longer than it; both scale cos/sin by the same
+    attention factor. Original context 256 of 1024: rows under 256 tokens at n_ctx 256 (short factors),
+    one row of more than 256 at n_ctx 512 (long). Weights written float32 and an f32 KV cache, so that
+    only the order of arithmetic differs: a wrong factor shows far above the bound (f16 flips the
+    argmax of near-ties of this random model: 23/24 and 337/339 positions, max 5e-3 of the range)."""
+    from sftrainer import gguf_export
+
+    _, tok = builtin_model
+    generator = np.random.default_rng(0)
+    rope = {
+        "rope_type": "longrope", "rope_theta": 10_000.0, "original_max_position_embeddings": 256,
+        "short_factor": generator.uniform(1.0, 2.0, 8).tolist(), "long_factor": generator.uniform(1.0, 8.0, 8).tolist(),
+    }  # fmt: skip
+    model = family_model(
+        "phi3",
+        len(tok),
+        rope_parameters=rope,
+        max_position_embeddings=1024,
+        original_max_position_embeddings=256,
+    )
+    monkeypatch.setattr(gguf_export, "_encode", lambda gguf, array, qtype: (array.astype(np.float32), None))
+    path = write_gguf(model, tok, tmp_path / "m.gguf", "f16")
+    rows = family_rows(tok)
+    f32_cache = {"type_k": 0, "type_v": 0}  # GGML_TYPE_F32
+    short, short_diff = compare(path, model, rows, n_ctx=256, **f32_cache)
+    long_row = [t for row in rows for t in row] * 3
+    assert len(long_row) > 256
+    long, long_diff = compare(path, model, [long_row], n_ctx=512, **f32_cache)
+    print("phi3 longrope: short", short, f"{short_diff:.2e}", "long", long, len(long_row), f"{long_diff:.2e}")
+    assert short == [1.0] * len(rows) and long == [1.0]
+    assert max(short_diff, long_diff) < 1e-4  # measured 3.1e-6 and 3.7e-6
