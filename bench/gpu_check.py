@@ -1524,9 +1524,12 @@ def targets(report: dict[str, Any], scale: Scale) -> list[dict[str, Any]]:
             f"MFU, {first} full fine-tune packed (vs {basis})", None if mfu is None else 100 * mfu, 40, "%"
         )
     )
-    longest = [report["parts"].get(f"longest/{s}", {}).get("numbers", {}).get("longest") for s in SIDES]
-    ratio = longest[0] / longest[1] if all(longest) else None
-    out.append(target(f"longest sequence vs TRL's ({longest[0]} vs {longest[1]} tokens)", ratio, 2, "x"))
+    runs = [report["parts"].get(f"longest/{s}", {}).get("numbers", {}) for s in SIDES]
+    longest = [r.get("longest") for r in runs]
+    capped = all(str(r.get("stopped", "")).startswith("cap") for r in runs)  # then the ratio says nothing
+    ratio = longest[0] / longest[1] if all(longest) and not capped else None
+    what = f"longest sequence vs TRL's ({longest[0]} vs {longest[1]} tokens{', both at the cap' if capped else ''})"
+    out.append(target(what, ratio, 2, "x"))
     return out
 
 
