@@ -1259,6 +1259,8 @@ def install_wheels(scale: Scale, workdir: Path, deadline: float) -> dict[str, An
     fallback = sorted((WHEELS / "fallback").glob("datasets-*.whl"))
     if problem and fallback:
         numbers["datasets_problem"] = problem
+        for old in [site / "datasets", *site.glob("datasets-*.dist-info")]:
+            shutil.rmtree(old, ignore_errors=True)
         run_command(cmd + [str(w) for w in fallback], deadline)
         problem = smoke_datasets(deadline)
         numbers["datasets_fallback"] = fallback[0].name
