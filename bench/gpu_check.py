@@ -188,7 +188,7 @@ DRY = Scale(
     offload=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
     | dict(intermediate_size=64),
     offload_length=64,
-    budget_s=180,
+    budget_s=300,  # a cap, not a target (the parts' reserves are sized for the GPU run)
 )
 
 
@@ -1591,7 +1591,7 @@ def main() -> None:
         "--dry-run", action="store_true", help="on the CPU, tiny models: checks the script itself"
     )
     parser.add_argument(
-        "--budget-s", type=float, default=None, help="whole run, seconds (GPU 480, dry run 180)"
+        "--budget-s", type=float, default=None, help="whole run, seconds (GPU 480, dry run 300)"
     )
     parser.add_argument("--out", default=None, help="the JSON ($OUT/gpu-check.json wins where $OUT is set)")
     parser.add_argument(

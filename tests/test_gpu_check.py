@@ -34,7 +34,7 @@ def test_dry_run_runs_every_part_and_none_fails(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "OUT"}  # $OUT would take the JSON elsewhere
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--workdir", str(tmp_path / "work")]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
 
     report = json.loads(out.read_text())
