@@ -242,7 +242,8 @@ def sft_loss(
         hidden = captured["hidden"]  # [B, K, H]
         targets = labels[:, keep + 1]  # [B, K]: the token each kept position predicts
         trained = targets != IGNORE_INDEX
-        total, stats = linear_cross_entropy(head, hidden[trained], targets[trained], plan)
+        with _as_in_forward(captured):
+            total, stats = linear_cross_entropy(head, hidden[trained], targets[trained], plan)
     else:
         if plan.kind in (CHUNKED, LEAN) and not full_logits:
             keep = trained_positions(labels)
@@ -281,13 +282,18 @@ def _logits_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_type
 
 
 @contextlib.contextmanager
-def _head_input(head: torch.nn.Module, passthrough: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Capture the input of ``head`` during a forward pass; unless ``passthrough``, the head then
+def _head_input(head: torch.nn.Module, passthrough: bool = False) -> Iterator[dict[str, Any]]:
+    """Capture the input of ``head`` during a forward pass (``hidden``) and the autocast dtype the head
+    would compute in (``autocast``, None without autocast); unless ``passthrough``, the head then
     computes nothing (it is given zero positions), so no logits are built."""
-    box: dict[str, torch.Tensor] = {}
+    box: dict[str, Any] = {}
 
     def pre_hook(module: Any, args: tuple, kwargs: dict) -> Any:
+        device_type = args[0].device.type
         box["hidden"] = args[0]
+        box["autocast"] = (
+            torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        )
         return None if passthrough else ((args[0].narrow(-2, 0, 0), *args[1:]), kwargs)
 
     handle = head.register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -295,6 +301,19 @@ def _head_input(head: torch.nn.Module, passthrough: bool = False) -> Iterator[di
         yield box
     finally:
         handle.remove()
+
+
+def _as_in_forward(captured: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """The autocast the model's forward ran under, for computing its head outside the forward.
+
+    ``Trainer`` leaves mixed precision to accelerate, which autocasts the model's forward alone: the loss
+    (``compute_loss``) runs outside it (transformers 5.x, accelerate 1.x). The head then computes in the
+    dtype the model's own head would: bf16 matmuls (tensor cores) under bf16 autocast, not fp32 ones.
+    """
+    dtype = captured.get("autocast")
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(captured["hidden"].device.type, dtype=dtype)
 
 
 def chunk_positions(plan: LossPlan, vocab: int) -> int:
@@ -453,7 +472,8 @@ def verify_chunked(model: Any, input_ids: torch.Tensor, plan: LossPlan) -> LossP
         with torch.no_grad(), _head_input(head, passthrough=True) as captured:
             theirs = model(input_ids=probe, use_cache=False).logits.float()
             # In the model's dtype (as it computes), with the head as the loss calls it.
-            ours = plan.transform(_head_logits(head, captured["hidden"])).float().to(theirs.device)
+            with _as_in_forward(captured):
+                ours = plan.transform(_head_logits(head, captured["hidden"])).float().to(theirs.device)
     except Exception as error:  # a model that cannot run on a bare prompt: keep its own head
         problem = f"the probe forward failed ({type(error).__name__}: {error})"
     else:

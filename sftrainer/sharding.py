@@ -91,7 +91,7 @@ def settings_problems(args: Any) -> list[str]:
     if fsdp_config is not None:
         values, problem = _read_json(fsdp_config, "fsdp_config")
         out += [problem] if problem else fsdp_config_problems(values)
-        checkpointing = args.activation_checkpointing or args.gradient_checkpointing
+        checkpointing = getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing
         if values and _flag(_get(values, "activation_checkpointing")) and checkpointing:
             out.append(
                 "fsdp_config.activation_checkpointing: set it or activation_checkpointing "

@@ -113,15 +113,19 @@ def resolve_checkpointing(args: SFTConfig) -> None:
 
     transformers 5.x reads ``activation_checkpointing``; ``gradient_checkpointing`` (TRL's name) mirrors
     it once the config is built, so a script that sets either one afterwards gets checkpointing.
+    transformers before 5.2x has only ``gradient_checkpointing`` (5.17 has no ``activation_checkpointing``
+    field): then that is the one set.
     """
-    enabled = bool(args.activation_checkpointing or args.gradient_checkpointing)
+    enabled = bool(getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing)
     # TrainingArguments reads a JSON string into a dict (another string fails in checkpointing_kwargs).
     given = cast(
-        dict[str, Any] | None, args.activation_checkpointing_kwargs or args.gradient_checkpointing_kwargs
+        dict[str, Any] | None,
+        getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs,
     )
     kwargs = memory.checkpointing_kwargs(enabled, given)  # a new dict: the caller's stays as it was
-    args.activation_checkpointing = args.gradient_checkpointing = enabled
-    args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = kwargs
+    args.gradient_checkpointing, args.gradient_checkpointing_kwargs = enabled, kwargs
+    if hasattr(args, "activation_checkpointing"):
+        args.activation_checkpointing, args.activation_checkpointing_kwargs = enabled, kwargs
 
 
 def loss_plan(model: Any, args: SFTConfig, compute_loss_func: Callable | None) -> LossPlan:

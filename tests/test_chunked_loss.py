@@ -266,6 +266,38 @@ def test_trainer_training_and_evaluation_never_build_full_vocabulary_logits(tiny
     assert _positions_times_vocab(seen.shapes, vocab, hidden) <= 8
 
 
+def test_under_trainer_bf16_the_chunked_loss_runs_its_head_as_the_forward_ran(
+    tiny_model_dir, tmp_path, caplog
+):
+    """Trainer leaves autocast to accelerate, which wraps the model's forward alone: compute_loss runs
+    outside it. The chunked loss runs its head under the autocast the forward ran under (bf16 matmuls, as
+    the model's own head), so its check against the model's logits passes and training stays chunked;
+    before, the head ran in fp32, differed from the bf16 logits by ~3e-3 and fell back to `lean`."""
+    from tiny_models import ROWS, quick_args
+
+    import sftrainer.loss
+    from sftrainer import SFTTrainer
+
+    seen = []
+    real = sftrainer.loss.linear_cross_entropy
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return real(*args, **kwargs)
+
+    args = quick_args(tmp_path, max_steps=1, bf16=True, use_cpu=True)
+    trainer = SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=ROWS)
+    with caplog.at_level(logging.WARNING, logger="sftrainer.loss"):
+        sftrainer.loss.linear_cross_entropy = spy
+        try:
+            trainer.train()
+        finally:
+            sftrainer.loss.linear_cross_entropy = real
+    assert "does not reproduce" not in caplog.text
+    assert trainer.loss_plan.kind == CHUNKED and trainer.loss_plan.verified
+    assert seen and set(seen) == {torch.bfloat16}
+
+
 def test_several_gpus_in_one_process_are_refused_with_the_launch_to_use(
     tiny_model_dir, tmp_path, monkeypatch
 ):

@@ -132,6 +132,21 @@ def test_gradient_checkpointing_set_after_the_config_is_built_still_applies(tiny
     assert args.activation_checkpointing is False  # the caller's copy is not the trainer's
 
 
+def test_checkpointing_resolves_where_transformers_has_no_activation_checkpointing():
+    """transformers 5.17 (what the lent GPU machine has) has gradient_checkpointing alone; the trainer
+    used to read activation_checkpointing and stopped with an AttributeError (bench/gpu_check.py's dry run
+    with transformers 5.17 found it)."""
+    from types import SimpleNamespace
+
+    from sftrainer.trainer_args import resolve_checkpointing
+
+    args = SimpleNamespace(gradient_checkpointing=True, gradient_checkpointing_kwargs=None)
+    resolve_checkpointing(args)
+    assert args.gradient_checkpointing is True
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert not hasattr(args, "activation_checkpointing")
+
+
 def test_checkpointing_off_by_default(tiny_model, tmp_path):
     trainer = SFTTrainer(model=tiny_model, args=quick_args(tmp_path), train_dataset=ROWS)
     assert (
