@@ -111,9 +111,15 @@ args = SFTConfig(output_dir=out, max_length=512, packing=True, per_device_train_
 peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear") if lora else None
 trainer = SFTTrainer(model=model_dir, args=args, train_dataset=rows, peft_config=peft)
 report, _ = for_trainer(trainer, None, lora=None)
+
+def file_backed():  # resident pages of mapped files (library code), in bytes
+    line = next(l for l in open("/proc/self/status") if l.startswith("RssFile:"))
+    return int(line.split()[1]) * 1024
+
+files_before = file_backed()
 estimate, measured = memory_check(trainer)
 print(json.dumps({"estimate": estimate, "measured": measured, "baseline": report.memory.baseline,
-                  "text": report.format()}))
+                  "file_pages_added": file_backed() - files_before, "text": report.format()}))
 """
 
 
@@ -121,12 +127,12 @@ print(json.dumps({"estimate": estimate, "measured": measured, "baseline": report
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_the_estimate_holds_against_the_measured_peak_rss(tmp_path, tokenizer, lora):
     """What training adds to the process's resident memory (peak RSS after training less RSS before
-    it, in a fresh process) against what the estimate adds to its baseline, within [0.5, 2]. The model
-    (a Qwen2 of 17.8M parameters, 32k vocabulary, 2 x 512 tokens per batch) makes training add
-    300-500 MiB, far above what the allocator's and the libraries' noise can move. Measured on the
-    2-core CPU, three runs each, measured / estimated: LoRA 0.90, 0.89, 0.89 (292-296 MiB added); full
-    fine-tuning 0.84, 0.84, 0.84 (425-428 MiB). A 41.8M Qwen2-shaped LoRA run at 1 x 1024 (151,936-token
-    vocabulary), measured the same way: 1.17 (557 MiB added, 475 MiB estimated)."""
+    it, in a fresh process, less the library code paged in meanwhile) against what the estimate adds
+    to its baseline, within [0.5, 2]. The model (a Qwen2 of 17.8M parameters, 32k vocabulary, 2 x 512
+    tokens per batch) makes training add 200-450 MiB, far above what the allocator's noise can move.
+    Measured on the 2-core CPU, measured / estimated: LoRA 0.67, 0.68 (221 MiB added, 65 MiB of library
+    code paged in besides); full fine-tuning 0.82 (416 MiB, 10 MiB). Counting the library code, the ratio
+    once reached 2.4 in a CI run (file-backed huge pages) against 0.82-0.90 in reruns."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -146,6 +152,11 @@ def test_the_estimate_holds_against_the_measured_peak_rss(tmp_path, tokenizer, l
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "in use now (this process's RSS now: Python, libraries, model, data)" in result["text"]
-    added, estimated = result["measured"] - result["baseline"], result["estimate"] - result["baseline"]
-    assert added > 200 * 2**20, result  # training dominates the noise
+    # Library code paged in while training (RssFile) is not training's memory, and how much of it is
+    # resident depends on the page cache (file-backed huge pages here: one CI run measured 2.4x with it
+    # counted, reruns 0.82-0.90), so it is taken out: an upper bound on what was resident at the peak.
+    file_pages = result["file_pages_added"]
+    added = result["measured"] - result["baseline"] - file_pages
+    estimated = result["estimate"] - result["baseline"]
+    assert added > 150 * 2**20, result  # training dominates the noise
     assert 0.5 <= added / estimated <= 2, (added / estimated, result)
