@@ -7,8 +7,9 @@
     kernel skips the update on the device (``skip_on_device``). The flag stays set until it is read, so
     every later step is skipped too, and it is read (one sync) when the trainer logs, saves a checkpoint
     or ends training: no sync at all on the steps between (``on_device``);
-  - any other optimizer, or fp16 with its gradient scaler (which sets ``found_inf`` itself): the flag is
-    read once before each optimizer step;
+  - any other optimizer, fp16 with its gradient scaler (which sets ``found_inf`` itself), or parameters
+    sharded across processes (FSDP, tensor parallelism: the skip is checked on whole tensors only): the
+    flag is read once before each optimizer step;
   - DeepSpeed, whose engine steps inside ``backward()``: read after every micro-batch, as before the flag
     existed (the step of a NaN in the last micro-batch is then already applied, and
     ``refuse_nonfinite_weights`` keeps it out of every checkpoint).

@@ -504,8 +504,13 @@ class _TrainingRunHooks(TrainerCallback):
         logged = [e["num_tokens"] for e in state.log_history if "num_tokens" in e and "loss" in e]
         self.trainer._token_metrics.start_count(logged[-1] if logged else 0.0)
         self.trainer._nonfinite = nonfinite.NonFiniteFlag()
+        # Parameters sharded across processes (FSDP, tensor parallelism) read the flag each step instead:
+        # the device-side skip is checked here on whole tensors only.
         on_device = nonfinite.on_device(self.trainer.optimizer, self.trainer.accelerator)
-        self.trainer._nonfinite_on_device = on_device and not self.trainer._nonfinite_each_micro_batch
+        sharded = sharding.parameter_sharding(self.trainer) is not None
+        self.trainer._nonfinite_on_device = (
+            on_device and not sharded and not self.trainer._nonfinite_each_micro_batch
+        )
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # Keep a NaN / inf loss from the optimizer: the fused optimizer skips the step on the device, or
