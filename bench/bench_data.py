@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -146,7 +145,11 @@ def marked_template(template: str) -> str:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from sftrainer.memory_estimate import (
+        peak_process_memory,
+    )  # VmHWM, not ru_maxrss (the parent's RSS at fork)
+
+    return peak_process_memory() / 2**20
 
 
 def _tiny_model(tokenizer):

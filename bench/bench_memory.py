@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -164,7 +163,7 @@ def run_one(trainer_name: str, settings: dict, suite_name: str, args: argparse.N
     seconds = sum(step_times[1:])
     return {
         "trainer": trainer_name,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mb(),  # VmHWM: ru_maxrss carries the parent's RSS at fork
         "trained_tokens_per_s": sum(trained[1 : len(step_times)]) / seconds,
         "seconds_per_step": seconds / max(len(step_times) - 1, 1),
         "final_loss": losses[-1] if losses else float("nan"),
@@ -241,3 +240,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS in MB: VmHWM on Linux (``ru_maxrss`` carries the parent's RSS at fork)."""
+    from sftrainer.memory_estimate import peak_process_memory
+
+    return peak_process_memory() / 2**20

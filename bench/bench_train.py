@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -168,7 +167,7 @@ def run_one(trainer_name: str, batching: str, precision: str, args: argparse.Nam
         "trained_tokens_per_s": trained / seconds,
         "tokens_per_s": real / seconds,
         "padding_fraction": 1 - real / positions,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mb(),  # VmHWM: ru_maxrss carries the parent's RSS at fork
         "final_loss": losses[-1] if losses else float("nan"),
         "achieved_tflops": flops / seconds / 1e12,
         "steps_timed": len(timed),
@@ -262,3 +261,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS in MB: VmHWM on Linux (``ru_maxrss`` carries the parent's RSS at fork)."""
+    from sftrainer.memory_estimate import peak_process_memory
+
+    return peak_process_memory() / 2**20

@@ -247,9 +247,19 @@ def process_memory() -> int | None:
 
 
 def peak_process_memory() -> int:
-    """This process's peak resident memory so far (``ru_maxrss``), in bytes (POSIX only)."""
+    """This process's peak resident memory so far, in bytes (POSIX only): ``VmHWM`` on Linux, else
+    ``ru_maxrss``. Not ``ru_maxrss`` on Linux: it carries the parent's resident memory at ``fork`` across
+    ``exec``, so a fresh process started by a large one (a test runner, a launcher) would report the
+    parent's size as its own peak."""
     import resource
 
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 

@@ -477,8 +477,8 @@ def memory_baseline(
 def memory_check(trainer: Any) -> tuple[int, int]:
     """(estimated, measured) peak memory of training ``trainer`` (it trains): on CUDA, the pre-flight's
     peak against ``torch.cuda.max_memory_allocated`` (reset first); on the CPU, against the process's
-    peak RSS (``ru_maxrss``: call it in a fresh process, whose peak so far is below training's). Both
-    include the baseline (``memory_baseline``): subtract ``estimate.baseline`` for what training added.
+    peak RSS (``memory_estimate.peak_process_memory``: call it in a fresh process, whose peak so far is
+    below training's). Both include the baseline (``memory_baseline``): subtract ``estimate.baseline`` for what training added.
     Raises ValueError where the pre-flight cannot estimate (streamed data)."""
     import torch
 
