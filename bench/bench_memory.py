@@ -238,12 +238,12 @@ def main() -> None:
     out.write_text(json.dumps({"suite": SUITES[args.suite], "runs": rows}, indent=2) + "\n")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _peak_rss_mb() -> float:
     """This process's peak RSS in MB: VmHWM on Linux (``ru_maxrss`` carries the parent's RSS at fork)."""
     from sftrainer.memory_estimate import peak_process_memory
 
     return peak_process_memory() / 2**20
+
+
+if __name__ == "__main__":
+    main()

@@ -259,12 +259,12 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _peak_rss_mb() -> float:
     """This process's peak RSS in MB: VmHWM on Linux (``ru_maxrss`` carries the parent's RSS at fork)."""
     from sftrainer.memory_estimate import peak_process_memory
 
     return peak_process_memory() / 2**20
+
+
+if __name__ == "__main__":
+    main()
