@@ -26,6 +26,7 @@ from sftrainer.errors import RunDirError
 from sftrainer.model import DTYPES
 from sftrainer.run import (
     ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     CARD_FILE,
     CONFIG_FILE,
     MODEL_CONFIG,
@@ -181,7 +182,6 @@ def _export_gguf_lora(
     from sftrainer.gguf_lora import LORA_TYPES, MERGE_HINT, lora_problems, write_lora_gguf
     from sftrainer.model import load_model
     from sftrainer.run import load_adapter
-    from sftrainer.serve_export import ADAPTER_WEIGHTS
 
     if qtype not in LORA_TYPES:
         raise RunDirError(f"--format gguf-lora: --type must be one of {list(LORA_TYPES)}, got {qtype!r}")

@@ -66,6 +66,7 @@ REPORT_PNG, REPORT_HTML = "report.png", "report.html"
 EARLIER_RUNS_DIR = "earlier-runs"  # earlier-runs/<n>/: the records set_aside_earlier_run moved
 MODEL_CONFIG = "config.json"  # a full model's (or a base model's) config
 ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter's config
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # its weights (PEFT's SAFETENSORS_WEIGHTS_NAME)
 TOKENIZER_CONFIG = "tokenizer_config.json"  # present where a tokenizer was saved
 TRAINER_STATE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME: the run's and each checkpoint's
 CHECKPOINT_PREFIX = "checkpoint-"  # checkpoint-<step>/: transformers' PREFIX_CHECKPOINT_DIR, then "-"

@@ -45,12 +45,11 @@ from pathlib import Path
 from typing import Any
 
 from sftrainer.errors import RunDirError
-from sftrainer.run import ADAPTER_CONFIG, Run, read_run, resolve_base
+from sftrainer.run import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Run, read_run, resolve_base
 
 logger = logging.getLogger(__name__)
 
 SERVERS = ("vllm", "sglang")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's SAFETENSORS_WEIGHTS_NAME
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # written where the run's template is not the base's
 VLLM_DEFAULT_MAX_RANK = 16
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py, MaxLoRARanks
